@@ -1,0 +1,34 @@
+//! The SLIM 2.x wire format (see `../shared/spec/slim-wire.md` §1).
+//!
+//! * [`pb`] — the prost types of `dataplane.proto.v1`, generated at build time from `proto/`.
+//! * [`name`] — hierarchical names, component hashing and instance ids.
+//! * [`framing`] — the gRPC 5-byte length-prefixed message codec.
+//! * [`mac`] — the per-link header MAC (HMAC-SHA256 over the canonical header pre-image).
+//! * [`link`] — link negotiation payloads and the X25519/HKDF key derivation.
+//! * [`validate`] — the structural rules a node applies to every received message.
+//!
+//! Everything here is pure: no I/O, no clock, no global randomness.
+
+pub mod framing;
+pub mod link;
+pub mod mac;
+pub mod name;
+pub mod validate;
+
+/// Generated protobuf types (`package dataplane.proto.v1`).
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/dataplane.proto.v1.rs"));
+}
+
+pub use framing::{encode_frame, Deframer, FrameError, DEFAULT_MAX_MESSAGE_SIZE};
+pub use link::{LinkKeyPair, NegotiationError};
+pub use mac::{HeaderMacKey, MacError};
+pub use name::{Name, NameKey, NameParseError};
+pub use validate::{validate, ValidationError};
+
+/// gRPC path of the one bidirectional stream a SLIM node serves.
+pub const OPEN_CHANNEL_PATH: &str = "/dataplane.proto.v1.DataPlaneService/OpenChannel";
+
+/// TTL every SLIM sender sets on new messages.
+pub const DEFAULT_TTL: u32 = 8;
