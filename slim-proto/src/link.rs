@@ -38,6 +38,8 @@ pub enum NegotiationError {
     KemUnsupported,
     #[error("link negotiation timed out")]
     Timeout,
+    #[error("unknown link connection_type {0}")]
+    UnknownConnectionType(i32),
 }
 
 impl NegotiationError {
@@ -181,6 +183,11 @@ pub fn check_request(
     }
     if request.link_id.is_empty() {
         return Err(NegotiationError::EmptyLinkId);
+    }
+    if LinkConnectionType::try_from(request.connection_type).is_err() {
+        return Err(NegotiationError::UnknownConnectionType(
+            request.connection_type,
+        ));
     }
     check_version(&request.slim_version)?;
     if request

@@ -98,6 +98,11 @@ def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.TimeoutError) or "timeout" in text or "timed out" in text
 
 
+def mls_on(session) -> bool:
+    """Whether the session (as the local library sees it) runs MLS."""
+    return session.config().mls_settings is not None
+
+
 def session_config(group: bool, mls: bool):
     mls_settings = None
     if mls:
@@ -197,7 +202,8 @@ async def responder(args) -> None:
     tasks = set()
     while True:
         session = await client.app.listen_for_session_async(None)
-        emit("session", sid=session.session_id(), remote=show_name(session.source()))
+        emit("session", sid=session.session_id(), remote=show_name(session.destination()),
+             mls=mls_on(session))
         task = asyncio.create_task(serve(session))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -242,7 +248,7 @@ async def initiator(args) -> None:
                                                         parse_name(args.remote))
         await wait_done(created.completion, args.step_timeout, f"session {k} setup")
         sessions.append(created.session)
-        emit("session", k=k, sid=created.session.session_id(),
+        emit("session", k=k, sid=created.session.session_id(), mls=mls_on(created.session),
              setup_ms=round((time.monotonic() - t0) * 1e3, 1))
 
     async def exchange(k: int, session) -> dict:
@@ -292,7 +298,7 @@ async def moderator(args) -> None:
                                                     parse_name(args.channel))
     await wait_done(created.completion, args.step_timeout, "group session creation")
     session = created.session
-    emit("created", sid=session.session_id(), ms=round((time.monotonic() - t0) * 1e3, 1))
+    emit("created", sid=session.session_id(), mls=mls_on(session), ms=round((time.monotonic() - t0) * 1e3, 1))
 
     async def receive() -> None:
         while True:
@@ -348,7 +354,8 @@ async def member(args) -> None:
         while True:
             session = await client.app.listen_for_session_async(None)
             state["session"] = session
-            emit("joined", sid=session.session_id(), channel=show_name(session.destination()))
+            emit("joined", sid=session.session_id(), channel=show_name(session.destination()),
+                 mls=mls_on(session))
             while True:
                 try:
                     msg = await session.get_message_async(FOREVER)

@@ -1,0 +1,904 @@
+//! The Sans-IO routing core of a SLIM node (spec §0.1, §1.5–§1.9, §2).
+//!
+//! A [`Router`] owns the connections of one node, their link negotiation and header-MAC keys, and
+//! the subscription table. The driver (an adapter) reports connections opening and closing and
+//! hands in each received protobuf message; the router answers with [`Output`]s: messages to
+//! transmit on a connection (already gRPC-framed), connections to close with a gRPC status, and
+//! events. Usage, as for every core:
+//!
+//! ```
+//! use slim_core::router::{Router, RouterConfig, Output};
+//! use slim_core::Timestamp;
+//!
+//! let mut router = Router::new(RouterConfig::default(), [7; 32]);
+//! let conn = router.accept_connection(Timestamp::ZERO);
+//! // ... router.handle_frame(conn, body, now) for every received message ...
+//! while let Some(output) = router.poll_output() {
+//!     match output {
+//!         Output::Transmit { conn, frame } => { /* write `frame` on `conn` */ }
+//!         Output::Close { conn, code, reason } => { /* end `conn` with grpc-status `code` */ }
+//!         Output::Event(event) => { /* log it */ }
+//!     }
+//! }
+//! // ... and call router.handle_timeout(now) once router.poll_timeout() is due.
+//! assert!(router.poll_timeout().is_some()); // the negotiation deadline of `conn`
+//! ```
+
+mod stats;
+mod table;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rustc_hash::FxHashMap;
+use slim_proto::link::{self, LocalLinkInfo, NegotiationError};
+use slim_proto::pb::message::MessageType;
+use slim_proto::pb::{self, LinkConnectionType};
+use slim_proto::{encode_frame, HeaderMacKey, LinkKeyPair, MacError, NameKey};
+
+use crate::Timestamp;
+
+pub use stats::{DropReason, Stats};
+pub use table::{Change, MatchFilter, SubscriptionTable};
+
+/// A connection, numbered by the router. Local to this process, like the reference's indexes
+/// (it is what goes out in `incoming_conn`).
+pub type ConnId = u64;
+
+/// What a connection is to this node (spec §2.1). The order is the order `fanout == 1`
+/// matching prefers: in-process apps first, SDK clients last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConnectionKind {
+    /// An application in this process.
+    Local = 0,
+    /// An inter-domain link managed by the control plane.
+    Remote = 1,
+    /// Another node of the same deployment.
+    Peer = 2,
+    /// An SDK client (the default for `slim-bindings`).
+    Edge = 3,
+}
+
+impl ConnectionKind {
+    pub const MATCH_ORDER: [ConnectionKind; 4] = [
+        ConnectionKind::Local,
+        ConnectionKind::Remote,
+        ConnectionKind::Peer,
+        ConnectionKind::Edge,
+    ];
+
+    fn from_link_type(value: i32) -> Option<Self> {
+        match LinkConnectionType::try_from(value).ok()? {
+            LinkConnectionType::Remote => Some(ConnectionKind::Remote),
+            LinkConnectionType::Peer => Some(ConnectionKind::Peer),
+            LinkConnectionType::Edge => Some(ConnectionKind::Edge),
+        }
+    }
+
+    fn to_link_type(self) -> LinkConnectionType {
+        match self {
+            ConnectionKind::Remote | ConnectionKind::Local => LinkConnectionType::Remote,
+            ConnectionKind::Peer => LinkConnectionType::Peer,
+            ConnectionKind::Edge => LinkConnectionType::Edge,
+        }
+    }
+
+    /// Links whose routed messages carry a header MAC (spec §1.7: Remote and Edge only).
+    fn uses_header_mac(self) -> bool {
+        matches!(self, ConnectionKind::Remote | ConnectionKind::Edge)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionKind::Local => "local",
+            ConnectionKind::Remote => "remote",
+            ConnectionKind::Peer => "peer",
+            ConnectionKind::Edge => "edge",
+        }
+    }
+}
+
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Sent in link negotiations; peers use it to detect self-connections.
+    pub node_id: String,
+    /// Semantic version sent in link negotiations.
+    pub slim_version: String,
+    /// The deployment (`domain_name`); peers of another deployment are refused.
+    pub deployment_name: String,
+    /// Refuse links without an X25519 key, and subscriptions without a header MAC (the
+    /// reference's default, and what clients expect).
+    pub require_header_mac: bool,
+    /// How long a connection may take to negotiate its link.
+    pub negotiation_timeout: Duration,
+    /// How long to wait for the ack of a subscription forwarded to another connection.
+    pub forwarded_ack_timeout: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            node_id: "node-slim-rs".into(),
+            slim_version: "3.4.6".into(),
+            deployment_name: String::new(),
+            require_header_mac: true,
+            negotiation_timeout: Duration::from_secs(5),
+            forwarded_ack_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Write this gRPC-framed message on the connection.
+    Transmit {
+        conn: ConnId,
+        frame: Bytes,
+    },
+    /// End the connection's stream with this gRPC status (the router has already forgotten it).
+    Close {
+        conn: ConnId,
+        code: u32,
+        reason: String,
+    },
+    Event(RouterEvent),
+}
+
+/// Things worth telling the operator about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouterEvent {
+    LinkEstablished {
+        conn: ConnId,
+        kind: ConnectionKind,
+        link_id: String,
+        remote_node_id: String,
+        remote_version: String,
+        header_mac: bool,
+    },
+    ConnectionRemoved {
+        conn: ConnId,
+        routes_removed: usize,
+    },
+}
+
+/// Why the router wants to be woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Timer {
+    /// A connection's link negotiation deadline.
+    Negotiation,
+    /// The deadline for the ack of a forwarded subscription.
+    ForwardedAck,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKey {
+    Negotiation(ConnId),
+    ForwardedAck(ConnId, u64),
+}
+
+enum LinkState {
+    /// Accepted; the first message must be the peer's negotiation request.
+    AwaitingRequest {
+        deadline: Timestamp,
+    },
+    /// Dialed; we sent our request and wait for the reply.
+    AwaitingReply {
+        deadline: Timestamp,
+        link_id: String,
+        keys: LinkKeyPair,
+    },
+    Established {
+        mac: Option<HeaderMacKey>,
+    },
+}
+
+struct Connection {
+    kind: ConnectionKind,
+    link: LinkState,
+}
+
+impl Connection {
+    fn mac(&self) -> Option<&HeaderMacKey> {
+        match &self.link {
+            LinkState::Established { mac } if self.kind.uses_header_mac() => mac.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// A subscription forwarded to another connection, whose ack we relay to the requester.
+struct PendingAck {
+    requester: ConnId,
+    deadline: Timestamp,
+}
+
+/// The routing state machine of one node.
+pub struct Router {
+    config: RouterConfig,
+    link_info: LocalLinkInfo,
+    rng: ChaCha8Rng,
+    next_conn: ConnId,
+    conns: FxHashMap<ConnId, Connection>,
+    table: SubscriptionTable,
+    pending_acks: FxHashMap<(ConnId, u64), PendingAck>,
+    timers: BinaryHeap<Reverse<(Timestamp, TimerKey)>>,
+    out: VecDeque<Output>,
+    stats: Stats,
+    scratch: Vec<ConnId>,
+}
+
+impl Router {
+    /// A router whose every random choice (link keys) comes from `seed`.
+    pub fn new(config: RouterConfig, seed: [u8; 32]) -> Self {
+        let link_info = LocalLinkInfo {
+            slim_version: config.slim_version.clone(),
+            node_id: config.node_id.clone(),
+            deployment_name: config.deployment_name.clone(),
+        };
+        Self {
+            config,
+            link_info,
+            rng: ChaCha8Rng::from_seed(seed),
+            next_conn: 0,
+            conns: FxHashMap::default(),
+            table: SubscriptionTable::default(),
+            pending_acks: FxHashMap::default(),
+            timers: BinaryHeap::new(),
+            out: VecDeque::new(),
+            stats: Stats::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    /// Counters, with the gauges (connections, subscriptions) filled in.
+    pub fn stats(&self) -> Stats {
+        let mut stats = self.stats.clone();
+        stats.connections = self.conns.len() as u64;
+        stats.subscriptions = self.table.record_count() as u64;
+        stats
+    }
+
+    /// The subscription table (read-only), for inspection and tests.
+    pub fn table(&self) -> &SubscriptionTable {
+        &self.table
+    }
+
+    /// The kind of an open connection.
+    pub fn connection_kind(&self, conn: ConnId) -> Option<ConnectionKind> {
+        self.conns.get(&conn).map(|c| c.kind)
+    }
+
+    /// True once the connection's link is negotiated.
+    pub fn is_established(&self, conn: ConnId) -> bool {
+        matches!(
+            self.conns.get(&conn).map(|c| &c.link),
+            Some(LinkState::Established { .. })
+        )
+    }
+
+    fn allocate(&mut self, connection: Connection) -> ConnId {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(conn, connection);
+        conn
+    }
+
+    /// A peer connected to us; it must negotiate within the timeout. Until it does, it counts as
+    /// Remote, as in the reference.
+    pub fn accept_connection(&mut self, now: Timestamp) -> ConnId {
+        let deadline = now + self.config.negotiation_timeout;
+        let conn = self.allocate(Connection {
+            kind: ConnectionKind::Remote,
+            link: LinkState::AwaitingRequest { deadline },
+        });
+        self.timers
+            .push(Reverse((deadline, TimerKey::Negotiation(conn))));
+        conn
+    }
+
+    /// We connected to a peer: sends our negotiation request. `link_id` must not be empty.
+    pub fn dial_connection(
+        &mut self,
+        link_id: String,
+        kind: ConnectionKind,
+        now: Timestamp,
+    ) -> ConnId {
+        let keys = LinkKeyPair::from_seed(self.rng.random());
+        let request = link::request(
+            &self.link_info,
+            &link_id,
+            kind.to_link_type(),
+            keys.public_bytes(),
+        );
+        let deadline = now + self.config.negotiation_timeout;
+        let conn = self.allocate(Connection {
+            kind,
+            link: LinkState::AwaitingReply {
+                deadline,
+                link_id,
+                keys,
+            },
+        });
+        self.timers
+            .push(Reverse((deadline, TimerKey::Negotiation(conn))));
+        self.out.push_back(Output::Transmit {
+            conn,
+            frame: encode_frame(&link::negotiation_message(request)),
+        });
+        conn
+    }
+
+    /// An application in this process: no negotiation, no MAC, no TTL decrement.
+    pub fn attach_local(&mut self) -> ConnId {
+        self.allocate(Connection {
+            kind: ConnectionKind::Local,
+            link: LinkState::Established { mac: None },
+        })
+    }
+
+    /// The driver lost the connection (peer closed, I/O error). Unknown ids are ignored.
+    pub fn handle_connection_closed(&mut self, conn: ConnId, _now: Timestamp) {
+        self.remove_connection(conn);
+        self.prune_timers();
+    }
+
+    /// One received protobuf `Message` (the gRPC prefix already removed).
+    pub fn handle_frame(&mut self, conn: ConnId, body: Bytes, now: Timestamp) {
+        self.handle_message_bytes(conn, body, now);
+        self.prune_timers();
+    }
+
+    fn handle_message_bytes(&mut self, conn: ConnId, body: Bytes, now: Timestamp) {
+        self.stats.received += 1;
+        let Some(connection) = self.conns.get(&conn) else {
+            self.drop_message(
+                conn,
+                DropReason::UnknownConnection,
+                "connection is not open",
+            );
+            return;
+        };
+        let negotiated = matches!(connection.link, LinkState::Established { .. });
+        let message = match pb::Message::decode(body) {
+            Ok(message) => message,
+            Err(error) => {
+                if negotiated {
+                    self.drop_message(conn, DropReason::Malformed, &error.to_string());
+                } else {
+                    // Nothing but a negotiation may come first; garbage there ends the link.
+                    self.close(conn, 3, format!("malformed link negotiation: {error}"));
+                }
+                return;
+            }
+        };
+        match &self.conns[&conn].link {
+            LinkState::AwaitingRequest { .. } => self.on_negotiation_request(conn, &message),
+            LinkState::AwaitingReply { .. } => self.on_negotiation_reply(conn, &message),
+            LinkState::Established { .. } => self.on_message(conn, message, now),
+        }
+    }
+
+    /// Wake-up at or after a `poll_timeout` deadline. Early or repeated calls are harmless.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        while let Some(Reverse((deadline, key))) = self.timers.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            if !self.timer_is_live(deadline, key) {
+                continue;
+            }
+            match key {
+                TimerKey::Negotiation(conn) => {
+                    let error = NegotiationError::Timeout;
+                    self.close(conn, error.grpc_status(), error.to_string());
+                }
+                TimerKey::ForwardedAck(target, sub_id) => {
+                    if let Some(pending) = self.pending_acks.remove(&(target, sub_id)) {
+                        self.send_ack(
+                            pending.requester,
+                            sub_id,
+                            Err(format!("no acknowledgement from connection {target}")),
+                        );
+                    }
+                }
+            }
+        }
+        self.prune_timers();
+    }
+
+    /// Whether a timer entry still guards something (entries are not removed when what they
+    /// guard ends early; they are skipped here instead).
+    fn timer_is_live(&self, deadline: Timestamp, key: TimerKey) -> bool {
+        match key {
+            TimerKey::Negotiation(conn) => match self.conns.get(&conn).map(|c| &c.link) {
+                Some(LinkState::AwaitingRequest { deadline: d })
+                | Some(LinkState::AwaitingReply { deadline: d, .. }) => *d == deadline,
+                _ => false,
+            },
+            TimerKey::ForwardedAck(target, sub_id) => self
+                .pending_acks
+                .get(&(target, sub_id))
+                .is_some_and(|p| p.deadline == deadline),
+        }
+    }
+
+    /// Drops dead entries from the top of the timer heap so `poll_timeout` never reports a
+    /// deadline nothing waits for.
+    fn prune_timers(&mut self) {
+        while let Some(Reverse((deadline, key))) = self.timers.peek().copied() {
+            if self.timer_is_live(deadline, key) {
+                break;
+            }
+            self.timers.pop();
+        }
+    }
+
+    /// The next thing to do, `None` when drained.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When to call `handle_timeout` next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<(Timestamp, Timer)> {
+        self.timers.peek().map(|Reverse((at, key))| {
+            let timer = match key {
+                TimerKey::Negotiation(_) => Timer::Negotiation,
+                TimerKey::ForwardedAck(..) => Timer::ForwardedAck,
+            };
+            (*at, timer)
+        })
+    }
+
+    // ---------------------------------------------------------------- negotiation
+
+    fn on_negotiation_request(&mut self, conn: ConnId, message: &pb::Message) {
+        let Some(request) = link::as_negotiation(message) else {
+            let error = NegotiationError::NotNegotiation;
+            self.close(conn, error.grpc_status(), error.to_string());
+            return;
+        };
+        if let Err(error) = link::check_request(request, self.config.require_header_mac) {
+            self.close(conn, error.grpc_status(), error.to_string());
+            return;
+        }
+        let Some(kind) = ConnectionKind::from_link_type(request.connection_type) else {
+            let error = NegotiationError::UnknownConnectionType(request.connection_type);
+            self.close(conn, error.grpc_status(), error.to_string());
+            return;
+        };
+        let keys = LinkKeyPair::from_seed(self.rng.random());
+        let mac = match self.derive_mac(&keys, &request.link_ecdh_public_key, &request.link_id) {
+            Ok(mac) => mac,
+            Err(error) => {
+                self.close(conn, error.grpc_status(), error.to_string());
+                return;
+            }
+        };
+        let reply = link::reply(&self.link_info, request, keys.public_bytes());
+        self.out.push_back(Output::Transmit {
+            conn,
+            frame: encode_frame(&link::negotiation_message(reply)),
+        });
+        // The reference answers a refused peer's negotiation first, then ends the stream with
+        // PERMISSION_DENIED, so the peer learns why and does not retry blindly.
+        if kind == ConnectionKind::Peer {
+            if request.node_id == self.config.node_id {
+                self.close(conn, 7, "self-connection rejected: same node_id".into());
+                return;
+            }
+            if !self.config.deployment_name.is_empty()
+                && request.deployment_name != self.config.deployment_name
+            {
+                self.close(conn, 7, "deployment_name mismatch".into());
+                return;
+            }
+        }
+        self.establish(conn, kind, mac, request);
+    }
+
+    fn on_negotiation_reply(&mut self, conn: ConnId, message: &pb::Message) {
+        let Some(reply) = link::as_negotiation(message) else {
+            let error = NegotiationError::NotNegotiation;
+            self.close(conn, error.grpc_status(), error.to_string());
+            return;
+        };
+        let Some(Connection {
+            kind,
+            link: LinkState::AwaitingReply { link_id, keys, .. },
+        }) = self.conns.get(&conn)
+        else {
+            return;
+        };
+        let requested_kind = *kind;
+        let checked = link::check_reply(reply, link_id, self.config.require_header_mac)
+            .and_then(|()| self.derive_mac(keys, &reply.link_ecdh_public_key, link_id));
+        match checked {
+            Ok(mac) => {
+                let kind =
+                    ConnectionKind::from_link_type(reply.connection_type).unwrap_or(requested_kind);
+                self.establish(conn, kind, mac, reply);
+            }
+            Err(error) => self.close(conn, error.grpc_status(), error.to_string()),
+        }
+    }
+
+    fn derive_mac(
+        &self,
+        keys: &LinkKeyPair,
+        peer_public: &[u8],
+        link_id: &str,
+    ) -> Result<Option<HeaderMacKey>, NegotiationError> {
+        if peer_public.is_empty() {
+            // Only reachable when header MACs are optional (check_* refused it otherwise).
+            return Ok(None);
+        }
+        let key = keys.derive_mac_key(peer_public, link_id)?;
+        Ok(HeaderMacKey::new(&key, link_id))
+    }
+
+    fn establish(
+        &mut self,
+        conn: ConnId,
+        kind: ConnectionKind,
+        mac: Option<HeaderMacKey>,
+        remote: &pb::LinkNegotiationPayload,
+    ) {
+        let Some(connection) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        connection.kind = kind;
+        let header_mac = mac.is_some();
+        connection.link = LinkState::Established { mac };
+        self.stats.links_established += 1;
+        tracing::debug!(conn, kind = kind.as_str(), link_id = %remote.link_id, remote_node = %remote.node_id, "link established");
+        self.out
+            .push_back(Output::Event(RouterEvent::LinkEstablished {
+                conn,
+                kind,
+                link_id: remote.link_id.clone(),
+                remote_node_id: remote.node_id.clone(),
+                remote_version: remote.slim_version.clone(),
+                header_mac,
+            }));
+    }
+
+    // ---------------------------------------------------------------- routed messages
+
+    fn on_message(&mut self, conn: ConnId, mut message: pb::Message, now: Timestamp) {
+        if let Err(error) = slim_proto::validate(&message) {
+            self.drop_message(conn, DropReason::Invalid, &error.to_string());
+            return;
+        }
+        let kind = self.conns[&conn].kind;
+        match &message.message_type {
+            Some(MessageType::Link(_)) => {
+                self.drop_message(
+                    conn,
+                    DropReason::RepeatedNegotiation,
+                    "link already negotiated",
+                );
+                return;
+            }
+            Some(MessageType::SubscriptionAck(ack)) => {
+                let (sub_id, result) = (ack.subscription_id, ack_result(ack));
+                self.on_subscription_ack(conn, sub_id, result);
+                return;
+            }
+            _ => {}
+        }
+        let is_publish = matches!(message.message_type, Some(MessageType::Publish(_)));
+        let Some(header) = header_mut(&mut message) else {
+            return; // validate() guarantees a header for the remaining types
+        };
+        if let Some(mac) = self.conns[&conn].mac() {
+            let verdict = match (mac.verify(header), is_publish) {
+                (Ok(()), _) => None,
+                // Subscriptions without a tag pass on lenient links (spec §1.9).
+                (Err(MacError::Missing), false) if !self.config.require_header_mac => None,
+                (Err(MacError::Missing), _) => Some((DropReason::MacMissing, MacError::Missing)),
+                (Err(error), _) => Some((DropReason::MacInvalid, error)),
+            };
+            if let Some((reason, error)) = verdict {
+                self.drop_message(conn, reason, &error.to_string());
+                return;
+            }
+        }
+        if kind != ConnectionKind::Local {
+            header.ttl = header.ttl.saturating_sub(1);
+            if header.ttl == 0 {
+                self.drop_message(conn, DropReason::TtlExpired, "ttl reached 0");
+                return;
+            }
+        }
+        // Never trusted from the wire: receivers overwrite it with the ingress connection.
+        header.incoming_conn = Some(conn);
+        if is_publish {
+            self.on_publish(conn, kind, message);
+        } else {
+            self.on_subscription(conn, kind, message, now);
+        }
+    }
+
+    fn on_publish(&mut self, conn: ConnId, kind: ConnectionKind, mut message: pb::Message) {
+        let Some(header) = header_mut(&mut message) else {
+            return;
+        };
+        let mut targets = std::mem::take(&mut self.scratch);
+        targets.clear();
+        if let Some(forward_to) = header.forward_to {
+            if self.is_established(forward_to) {
+                targets.push(forward_to);
+            } else {
+                self.scratch = targets;
+                self.drop_message(
+                    conn,
+                    DropReason::UnknownForwardTo,
+                    "forward_to names no open connection",
+                );
+                return;
+            }
+        } else {
+            let Some(destination) = header.destination.as_ref().and_then(NameKey::from_pb) else {
+                self.scratch = targets;
+                return;
+            };
+            let filter = MatchFilter {
+                exclude_peers: kind == ConnectionKind::Peer,
+            };
+            if header.fanout == 1 {
+                targets.extend(self.table.match_one(&destination, conn, filter));
+            } else {
+                self.table
+                    .match_all(&destination, conn, filter, &mut targets);
+            }
+            if targets.is_empty() {
+                self.scratch = targets;
+                self.drop_message(
+                    conn,
+                    DropReason::NoRoute,
+                    "no subscriber for the destination",
+                );
+                return;
+            }
+        }
+        for target in &targets {
+            self.transmit_routed(*target, &mut message);
+            self.stats.forwarded += 1;
+        }
+        self.scratch = targets;
+    }
+
+    /// Sends a header-carrying message on `target`, signed for that link.
+    fn transmit_routed(&mut self, target: ConnId, message: &mut pb::Message) {
+        let Some(connection) = self.conns.get(&target) else {
+            return;
+        };
+        let mac = connection.mac();
+        if let Some(header) = header_mut(message) {
+            header.recv_from = None;
+            header.forward_to = None;
+            match mac {
+                Some(mac) => mac.sign(header),
+                None => header.header_mac = None,
+            }
+        }
+        self.out.push_back(Output::Transmit {
+            conn: target,
+            frame: encode_frame(message),
+        });
+    }
+
+    fn on_subscription(
+        &mut self,
+        conn: ConnId,
+        kind: ConnectionKind,
+        mut message: pb::Message,
+        now: Timestamp,
+    ) {
+        let (subscribe, sub_id) = match &message.message_type {
+            Some(MessageType::Subscribe(s)) => (true, s.subscription_id),
+            Some(MessageType::Unsubscribe(u)) => (false, u.subscription_id),
+            _ => return,
+        };
+        if subscribe {
+            self.stats.subscribes += 1;
+        } else {
+            self.stats.unsubscribes += 1;
+        }
+        let Some(header) = header_mut(&mut message) else {
+            return;
+        };
+        let Some(name) = header.destination.as_ref().and_then(NameKey::from_pb) else {
+            return;
+        };
+        let (recv_from, forward_to) = (header.recv_from, header.forward_to);
+        // recv_from (install a route on another connection) and forward_to (propagate the
+        // subscription) steer other connections' traffic: only in-process apps and the control
+        // plane may use them. SDK clients clear both before sending (spec §1.5).
+        if kind != ConnectionKind::Local && (recv_from.is_some() || forward_to.is_some()) {
+            self.send_ack(
+                conn,
+                sub_id,
+                Err("recv_from/forward_to are only accepted from local connections".into()),
+            );
+            return;
+        }
+        let route_conn = recv_from.unwrap_or(conn);
+        let Some(route_kind) = self.connection_kind(route_conn) else {
+            self.send_ack(
+                conn,
+                sub_id,
+                Err(format!("recv_from names unknown connection {route_conn}")),
+            );
+            return;
+        };
+        if subscribe {
+            self.table.add(route_conn, route_kind, name, sub_id);
+        } else if self
+            .table
+            .remove(route_conn, route_kind, name, sub_id)
+            .is_none()
+        {
+            self.send_ack(
+                conn,
+                sub_id,
+                Err(format!("subscription not found for {name}")),
+            );
+            return;
+        }
+        if let Some(target) = forward_to.filter(|t| *t != conn) {
+            if !self.is_established(target) {
+                self.send_ack(
+                    conn,
+                    sub_id,
+                    Err(format!("forward_to names unknown connection {target}")),
+                );
+                return;
+            }
+            self.transmit_routed(target, &mut message);
+            if sub_id != 0 {
+                let deadline = now + self.config.forwarded_ack_timeout;
+                self.pending_acks.insert(
+                    (target, sub_id),
+                    PendingAck {
+                        requester: conn,
+                        deadline,
+                    },
+                );
+                self.timers
+                    .push(Reverse((deadline, TimerKey::ForwardedAck(target, sub_id))));
+            }
+            return;
+        }
+        self.send_ack(conn, sub_id, Ok(()));
+    }
+
+    fn on_subscription_ack(&mut self, conn: ConnId, sub_id: u64, result: Result<(), String>) {
+        match self.pending_acks.remove(&(conn, sub_id)) {
+            Some(pending) => self.send_ack(pending.requester, sub_id, result),
+            None => self.drop_message(
+                conn,
+                DropReason::UnexpectedAck,
+                "no forwarded subscription waits for it",
+            ),
+        }
+    }
+
+    /// Acks a (un)subscription with a non-zero id; id 0 means the sender wants no ack.
+    fn send_ack(&mut self, conn: ConnId, sub_id: u64, result: Result<(), String>) {
+        if let Err(error) = &result {
+            self.stats.subscription_failures += 1;
+            tracing::debug!(conn, sub_id, %error, "subscription refused");
+        }
+        if sub_id == 0 || !self.conns.contains_key(&conn) {
+            return;
+        }
+        let (success, error) = match result {
+            Ok(()) => (true, String::new()),
+            Err(error) => (false, error),
+        };
+        let ack = pb::Message {
+            message_type: Some(MessageType::SubscriptionAck(pb::SubscriptionAck {
+                subscription_id: sub_id,
+                success,
+                error,
+            })),
+            metadata: Default::default(),
+        };
+        self.stats.acks_sent += 1;
+        self.out.push_back(Output::Transmit {
+            conn,
+            frame: encode_frame(&ack),
+        });
+    }
+
+    // ---------------------------------------------------------------- bookkeeping
+
+    fn drop_message(&mut self, conn: ConnId, reason: DropReason, detail: &str) {
+        let count = self.stats.count_drop(reason);
+        match reason {
+            // Routine in a live network: only at debug.
+            DropReason::NoRoute | DropReason::TtlExpired | DropReason::UnexpectedAck => {
+                tracing::debug!(conn, %reason, detail, count, "message dropped");
+            }
+            // Signs of a broken or hostile peer. Logged at the 1st, 2nd, 4th, 8th… occurrence so a
+            // flood cannot flood the log.
+            _ if count.is_power_of_two() => {
+                tracing::warn!(conn, %reason, detail, count, "message dropped");
+            }
+            _ => tracing::debug!(conn, %reason, detail, count, "message dropped"),
+        }
+    }
+
+    /// Ends a connection for a protocol violation.
+    fn close(&mut self, conn: ConnId, code: u32, reason: String) {
+        self.stats.connections_refused += 1;
+        tracing::warn!(conn, code, %reason, "closing connection");
+        self.remove_connection(conn);
+        self.out.push_back(Output::Close { conn, code, reason });
+    }
+
+    fn remove_connection(&mut self, conn: ConnId) {
+        let Some(connection) = self.conns.remove(&conn) else {
+            return;
+        };
+        let routes_removed = self.table.remove_connection(conn, connection.kind).len();
+        // Forwarded subscriptions waiting on this connection will never be acked by it; those
+        // this connection asked for have nobody left to tell.
+        let mut orphaned: Vec<(u64, ConnId)> = self
+            .pending_acks
+            .iter()
+            .filter(|((target, _), p)| *target == conn && p.requester != conn)
+            .map(|((_, sub_id), p)| (*sub_id, p.requester))
+            .collect();
+        orphaned.sort_unstable();
+        self.pending_acks
+            .retain(|(target, _), p| *target != conn && p.requester != conn);
+        for (sub_id, requester) in orphaned {
+            self.send_ack(
+                requester,
+                sub_id,
+                Err(format!("connection {conn} closed before acknowledging")),
+            );
+        }
+        self.out
+            .push_back(Output::Event(RouterEvent::ConnectionRemoved {
+                conn,
+                routes_removed,
+            }));
+    }
+}
+
+fn header_mut(message: &mut pb::Message) -> Option<&mut pb::SlimHeader> {
+    match message.message_type.as_mut()? {
+        MessageType::Publish(p) => p.header.as_mut(),
+        MessageType::Subscribe(s) => s.header.as_mut(),
+        MessageType::Unsubscribe(u) => u.header.as_mut(),
+        MessageType::Link(_) | MessageType::SubscriptionAck(_) => None,
+    }
+}
+
+fn ack_result(ack: &pb::SubscriptionAck) -> Result<(), String> {
+    if ack.success {
+        Ok(())
+    } else {
+        Err(ack.error.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,781 @@
+//! Router behaviour, driven the way an adapter drives it, with test clients that do their side of
+//! the protocol with the real slim-proto primitives (X25519, HKDF, HMAC).
+
+use super::*;
+use slim_proto::link::LocalLinkInfo;
+use slim_proto::name::ANY_INSTANCE;
+use slim_proto::{Deframer, Name};
+
+const T0: Timestamp = Timestamp::ZERO;
+
+fn decode_frame(frame: &Bytes) -> pb::Message {
+    let mut d = Deframer::default();
+    d.push(frame);
+    pb::Message::decode(d.next_frame().unwrap().unwrap()).unwrap()
+}
+
+/// An SDK client's side of one edge link.
+struct Client {
+    conn: ConnId,
+    mac: HeaderMacKey,
+    name: Name,
+}
+
+struct Harness {
+    router: Router,
+    /// Everything the router transmitted, per connection, decoded.
+    inbox: FxHashMap<ConnId, Vec<pb::Message>>,
+    closed: Vec<(ConnId, u32, String)>,
+    events: Vec<RouterEvent>,
+    next_seed: u8,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_config(RouterConfig::default())
+    }
+
+    fn with_config(config: RouterConfig) -> Self {
+        Self {
+            router: Router::new(config, [1; 32]),
+            inbox: FxHashMap::default(),
+            closed: Vec::new(),
+            events: Vec::new(),
+            next_seed: 10,
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(output) = self.router.poll_output() {
+            match output {
+                Output::Transmit { conn, frame } => self
+                    .inbox
+                    .entry(conn)
+                    .or_default()
+                    .push(decode_frame(&frame)),
+                Output::Close { conn, code, reason } => self.closed.push((conn, code, reason)),
+                Output::Event(e) => self.events.push(e),
+            }
+        }
+    }
+
+    fn take(&mut self, conn: ConnId) -> Vec<pb::Message> {
+        self.inbox.remove(&conn).unwrap_or_default()
+    }
+
+    fn send(&mut self, conn: ConnId, message: &pb::Message) {
+        self.router
+            .handle_frame(conn, Bytes::from(message.encode_to_vec()), T0);
+        self.drain();
+    }
+
+    /// Accepts a connection and negotiates it as an EDGE client would.
+    fn connect(&mut self, name: &Name) -> Client {
+        let conn = self.router.accept_connection(T0);
+        self.next_seed += 1;
+        let keys = LinkKeyPair::from_seed([self.next_seed; 32]);
+        let link_id = format!("link-{}", self.next_seed);
+        let info = LocalLinkInfo {
+            slim_version: "3.4.6".into(),
+            node_id: format!("node-client-{}", self.next_seed),
+            deployment_name: String::new(),
+        };
+        let request = link::request(
+            &info,
+            &link_id,
+            LinkConnectionType::Edge,
+            keys.public_bytes(),
+        );
+        self.send(conn, &link::negotiation_message(request));
+        let replies = self.take(conn);
+        assert_eq!(replies.len(), 1, "one negotiation reply");
+        let reply = link::as_negotiation(&replies[0])
+            .expect("negotiation reply")
+            .clone();
+        link::check_reply(&reply, &link_id, true).expect("reply acceptable to a strict client");
+        assert_eq!(reply.connection_type, LinkConnectionType::Edge as i32);
+        let key = keys
+            .derive_mac_key(&reply.link_ecdh_public_key, &link_id)
+            .unwrap();
+        Client {
+            conn,
+            mac: HeaderMacKey::new(&key, &link_id).unwrap(),
+            name: name.clone(),
+        }
+    }
+
+    fn subscribe(&mut self, client: &Client, sub_id: u64) -> pb::SubscriptionAck {
+        self.send(
+            client.conn,
+            &subscribe_msg(client, &client.name, sub_id, true),
+        );
+        let mut acks: Vec<_> = self
+            .take(client.conn)
+            .into_iter()
+            .filter_map(as_ack)
+            .collect();
+        assert_eq!(acks.len(), 1, "exactly one ack");
+        acks.remove(0)
+    }
+}
+
+fn as_ack(m: pb::Message) -> Option<pb::SubscriptionAck> {
+    match m.message_type {
+        Some(MessageType::SubscriptionAck(a)) => Some(a),
+        _ => None,
+    }
+}
+
+fn header(client: &Client, source: &Name, destination: &Name, fanout: u32) -> pb::SlimHeader {
+    let mut header = pb::SlimHeader {
+        source: Some(source.to_pb()),
+        destination: Some(destination.to_pb()),
+        identity: "token".into(),
+        fanout,
+        version: "3.4.6".into(),
+        ttl: 8,
+        incoming_conn: Some(1),
+        ..Default::default()
+    };
+    client.mac.sign(&mut header);
+    header
+}
+
+fn subscribe_msg(client: &Client, name: &Name, sub_id: u64, subscribe: bool) -> pb::Message {
+    let header = Some(header(client, &client.name, name, 1));
+    let message_type = if subscribe {
+        MessageType::Subscribe(pb::Subscribe {
+            header,
+            subscription_id: sub_id,
+        })
+    } else {
+        MessageType::Unsubscribe(pb::Unsubscribe {
+            header,
+            subscription_id: sub_id,
+        })
+    };
+    pb::Message {
+        message_type: Some(message_type),
+        metadata: Default::default(),
+    }
+}
+
+fn publish_msg(client: &Client, destination: &Name, fanout: u32, payload: &[u8]) -> pb::Message {
+    publish_with(header(client, &client.name, destination, fanout), payload)
+}
+
+fn publish_with(header: pb::SlimHeader, payload: &[u8]) -> pb::Message {
+    pb::Message {
+        message_type: Some(MessageType::Publish(pb::Publish {
+            header: Some(header),
+            session: Some(pb::SessionHeader {
+                session_type: pb::SessionType::PointToPoint as i32,
+                session_message_type: pb::SessionMessageType::Msg as i32,
+                session_id: 42,
+                message_id: 1,
+            }),
+            msg: Some(pb::Content {
+                content_type: Some(pb::content::ContentType::AppPayload(
+                    pb::ApplicationPayload {
+                        payload_type: "msg".into(),
+                        blob: Bytes::copy_from_slice(payload),
+                    },
+                )),
+            }),
+        })),
+        metadata: [("k".to_string(), "v".to_string())].into_iter().collect(),
+    }
+}
+
+fn publishes(messages: Vec<pb::Message>) -> Vec<pb::Publish> {
+    messages
+        .into_iter()
+        .filter_map(|m| match m.message_type {
+            Some(MessageType::Publish(p)) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+fn blob(p: &pb::Publish) -> &[u8] {
+    match p.msg.as_ref().and_then(|c| c.content_type.as_ref()) {
+        Some(pb::content::ContentType::AppPayload(a)) => &a.blob,
+        _ => panic!("no app payload"),
+    }
+}
+
+fn app(svc: &str, id: u128) -> Name {
+    Name::with_id("org", "ns", svc, id)
+}
+
+#[test]
+fn negotiation_reply_is_what_strict_clients_require() {
+    let mut h = Harness::new();
+    let alice = h.connect(&app("alice", 1));
+    assert!(h.router.is_established(alice.conn));
+    assert_eq!(
+        h.router.connection_kind(alice.conn),
+        Some(ConnectionKind::Edge)
+    );
+    assert!(matches!(
+        h.events.last(),
+        Some(RouterEvent::LinkEstablished {
+            kind: ConnectionKind::Edge,
+            header_mac: true,
+            ..
+        })
+    ));
+    assert_eq!(h.router.stats().links_established, 1);
+}
+
+#[test]
+fn message_before_negotiation_closes_the_connection() {
+    let mut h = Harness::new();
+    let good = h.connect(&app("alice", 1));
+    let conn = h.router.accept_connection(T0);
+    h.send(conn, &publish_msg(&good, &app("alice", 1), 1, b"x"));
+    assert_eq!(h.closed.len(), 1);
+    assert_eq!(h.closed[0].0, conn);
+    assert_eq!(h.closed[0].1, 3);
+    assert!(h.closed[0].2.contains("first message"), "{}", h.closed[0].2);
+    assert!(!h.router.is_established(conn));
+    // Garbage as the first message closes too; other links are unaffected.
+    let conn = h.router.accept_connection(T0);
+    h.router
+        .handle_frame(conn, Bytes::from_static(&[0xff, 0xff, 0xff]), T0);
+    h.drain();
+    assert_eq!(h.closed.len(), 2);
+    assert!(h.router.is_established(good.conn));
+}
+
+#[test]
+fn bad_negotiations_are_refused_with_a_reason() {
+    let mut h = Harness::new();
+    type Mutation = Box<dyn Fn(&mut pb::LinkNegotiationPayload)>;
+    let cases: Vec<(Mutation, &str)> = vec![
+        (Box::new(|p| p.link_id.clear()), "empty link_id"),
+        (
+            Box::new(|p| p.slim_version = "not-semver".into()),
+            "semantic version",
+        ),
+        (
+            Box::new(|p| p.link_ecdh_public_key = Bytes::from_static(&[1; 16])),
+            "16 bytes",
+        ),
+        (Box::new(|p| p.is_reply = true), "is_reply"),
+        (Box::new(|p| p.connection_type = 9), "connection_type"),
+    ];
+    for (i, (mutate, expected)) in cases.iter().enumerate() {
+        let conn = h.router.accept_connection(T0);
+        let info = LocalLinkInfo {
+            slim_version: "1.0.0".into(),
+            node_id: "n".into(),
+            deployment_name: String::new(),
+        };
+        let mut request = link::request(&info, "l", LinkConnectionType::Edge, [3; 32]);
+        mutate(&mut request);
+        h.send(conn, &link::negotiation_message(request));
+        assert_eq!(h.closed.len(), i + 1);
+        assert!(
+            h.closed[i].2.contains(expected),
+            "{} !~ {expected}",
+            h.closed[i].2
+        );
+        assert!(h.take(conn).is_empty(), "no reply to a refused negotiation");
+    }
+    assert_eq!(h.router.stats().connections, 0);
+}
+
+#[test]
+fn negotiation_times_out() {
+    let mut h = Harness::new();
+    let conn = h.router.accept_connection(T0);
+    let (deadline, timer) = h.router.poll_timeout().unwrap();
+    assert_eq!(timer, Timer::Negotiation);
+    assert_eq!(deadline, T0 + Duration::from_secs(5));
+    h.router.handle_timeout(Timestamp::from_micros(1)); // early: no-op
+    h.drain();
+    assert!(h.closed.is_empty());
+    h.router.handle_timeout(deadline);
+    h.drain();
+    assert_eq!(
+        h.closed,
+        vec![(conn, 4, "link negotiation timed out".to_string())]
+    );
+    assert_eq!(h.router.poll_timeout(), None);
+}
+
+#[test]
+fn established_links_do_not_time_out() {
+    let mut h = Harness::new();
+    let alice = h.connect(&app("alice", 1));
+    h.router.handle_timeout(T0 + Duration::from_secs(60));
+    h.drain();
+    assert!(h.closed.is_empty());
+    assert!(h.router.is_established(alice.conn));
+}
+
+#[test]
+fn subscribe_is_acked_idempotently_and_routes() {
+    let mut h = Harness::new();
+    let alice = h.connect(&app("alice", 1));
+    let bob = h.connect(&app("bob", 2));
+    let ack = h.subscribe(&bob, 77);
+    assert_eq!(
+        (ack.subscription_id, ack.success, ack.error.as_str()),
+        (77, true, "")
+    );
+    assert!(
+        h.subscribe(&bob, 77).success,
+        "re-sent subscribe is acked again"
+    );
+    // id 0 (replay after reconnect) gets no ack but is recorded.
+    h.send(bob.conn, &subscribe_msg(&bob, &bob.name, 0, true));
+    assert!(h.take(bob.conn).is_empty());
+    assert_eq!(h.router.stats().subscriptions, 2);
+
+    h.send(alice.conn, &publish_msg(&alice, &bob.name, 1, b"hello"));
+    let got = publishes(h.take(bob.conn));
+    assert_eq!(got.len(), 1);
+    let header = got[0].header.as_ref().unwrap();
+    assert_eq!(header.ttl, 7, "ttl decremented once");
+    assert_eq!(header.incoming_conn, Some(alice.conn));
+    assert_eq!(header.identity, "token");
+    bob.mac.verify(header).expect("re-signed for bob's link");
+    assert!(alice.mac.verify(header).is_err(), "not alice's key");
+    assert_eq!(blob(&got[0]), b"hello");
+    assert!(h.take(alice.conn).is_empty(), "never back to the sender");
+}
+
+#[test]
+fn forwarded_copy_is_byte_identical_but_for_ttl_mac_and_incoming_conn() {
+    let mut h = Harness::new();
+    let alice = h.connect(&app("alice", 1));
+    let bob = h.connect(&app("bob", 2));
+    h.subscribe(&bob, 1);
+    let original = publish_msg(&alice, &bob.name, 1, b"payload");
+    h.send(alice.conn, &original);
+    let mut copy = h.take(bob.conn).remove(0);
+    let mut expected = original.clone();
+    for m in [&mut copy, &mut expected] {
+        let h = header_mut(m).unwrap();
+        h.ttl = 0;
+        h.header_mac = None;
+        h.incoming_conn = None;
+    }
+    assert_eq!(copy, expected);
+}
+
+#[test]
+fn anycast_picks_one_instance_round_robin_and_fanout_reaches_all() {
+    let mut h = Harness::new();
+    let client = h.connect(&app("client", 9));
+    let s1 = h.connect(&app("svc", 1));
+    let s2 = h.connect(&app("svc", 2));
+    h.subscribe(&s1, 1);
+    h.subscribe(&s2, 2);
+    let any = app("svc", ANY_INSTANCE);
+    for _ in 0..4 {
+        h.send(client.conn, &publish_msg(&client, &any, 1, b"one"));
+    }
+    assert_eq!(publishes(h.take(s1.conn)).len(), 2);
+    assert_eq!(publishes(h.take(s2.conn)).len(), 2);
+    // Specific id: only that instance.
+    h.send(client.conn, &publish_msg(&client, &app("svc", 2), 1, b"x"));
+    assert!(h.take(s1.conn).is_empty());
+    assert_eq!(publishes(h.take(s2.conn)).len(), 1);
+    // fanout 256 to the NULL id: everyone under the prefix.
+    h.send(client.conn, &publish_msg(&client, &any, 256, b"all"));
+    assert_eq!(publishes(h.take(s1.conn)).len(), 1);
+    assert_eq!(publishes(h.take(s2.conn)).len(), 1);
+    assert_eq!(h.router.stats().forwarded, 7);
+}
+
+#[test]
+fn multicast_channel_excludes_the_sender() {
+    let mut h = Harness::new();
+    let channel = app("chan", 555);
+    let members: Vec<Client> = (0..3).map(|i| h.connect(&app("m", i))).collect();
+    for (i, m) in members.iter().enumerate() {
+        h.send(m.conn, &subscribe_msg(m, &channel, 100 + i as u64, true));
+        h.take(m.conn);
+    }
+    h.send(
+        members[0].conn,
+        &publish_msg(&members[0], &channel, 256, b"fan"),
+    );
+    assert!(h.take(members[0].conn).is_empty());
+    assert_eq!(publishes(h.take(members[1].conn)).len(), 1);
+    assert_eq!(publishes(h.take(members[2].conn)).len(), 1);
+}
+
+#[test]
+fn ttl_is_enforced() {
+    let mut h = Harness::new();
+    let alice = h.connect(&app("alice", 1));
+    let bob = h.connect(&app("bob", 2));
+    h.subscribe(&bob, 1);
+    for (ttl, delivered) in [(0, false), (1, false), (2, true)] {
+        let mut hdr = header(&alice, &alice.name, &bob.name, 1);
+        hdr.ttl = ttl;
+        alice.mac.sign(&mut hdr);
+        h.send(alice.conn, &publish_with(hdr, b"t"));
+        let got = publishes(h.take(bob.conn));
+        assert_eq!(!got.is_empty(), delivered, "ttl {ttl}");
+        if delivered {
+            assert_eq!(got[0].header.as_ref().unwrap().ttl, 1);
+        }
+    }
+    assert_eq!(h.router.stats().dropped(DropReason::TtlExpired), 2);
+}
+
+#[test]
+fn wrong_or_missing_mac_is_dropped_and_link_survives() {
+    let mut h = Harness::new();
+    let alice = h.connect(&app("alice", 1));
+    let bob = h.connect(&app("bob", 2));
+    h.subscribe(&bob, 1);
+    let mut bad = publish_msg(&alice, &bob.name, 1, b"x");
+    let hdr = header_mut(&mut bad).unwrap();
+    let mut tag = hdr.header_mac.clone().unwrap().to_vec();
+    tag[0] ^= 1;
+    hdr.header_mac = Some(tag.into());
+    h.send(alice.conn, &bad);
+    header_mut(&mut bad).unwrap().header_mac = None;
+    h.send(alice.conn, &bad);
+    // Signed with another link's key.
+    let mut foreign = publish_msg(&alice, &bob.name, 1, b"x");
+    bob.mac.sign(header_mut(&mut foreign).unwrap());
+    h.send(alice.conn, &foreign);
+    assert!(h.take(bob.conn).is_empty());
+    let stats = h.router.stats();
+    assert_eq!(stats.dropped(DropReason::MacInvalid), 2);
+    assert_eq!(stats.dropped(DropReason::MacMissing), 1);
+    // A subscribe with a bad MAC gets no reply at all (as the reference).
+    let mut sub = subscribe_msg(&alice, &alice.name, 5, true);
+    header_mut(&mut sub).unwrap().ttl = 3; // changes the pre-image after signing
+    h.send(alice.conn, &sub);
+    assert!(h.take(alice.conn).is_empty());
+    // The link still works.
+    h.send(alice.conn, &publish_msg(&alice, &bob.name, 1, b"ok"));
+    assert_eq!(publishes(h.take(bob.conn)).len(), 1);
+}
+
+#[test]
+fn malformed_and_invalid_messages_are_counted_not_fatal() {
+    let mut h = Harness::new();
+    let alice = h.connect(&app("alice", 1));
+    let bob = h.connect(&app("bob", 2));
+    h.subscribe(&bob, 1);
+    h.router.handle_frame(
+        alice.conn,
+        Bytes::from_static(&[0x0a, 0xff, 0xff, 0x01]),
+        T0,
+    );
+    h.send(alice.conn, &pb::Message::default());
+    let mut no_session = publish_msg(&alice, &bob.name, 1, b"x");
+    if let Some(MessageType::Publish(p)) = no_session.message_type.as_mut() {
+        p.session = None;
+    }
+    h.send(alice.conn, &no_session);
+    h.drain();
+    let stats = h.router.stats();
+    assert_eq!(stats.dropped(DropReason::Malformed), 1);
+    assert_eq!(stats.dropped(DropReason::Invalid), 2);
+    assert!(h.closed.is_empty());
+    h.send(alice.conn, &publish_msg(&alice, &bob.name, 1, b"ok"));
+    assert_eq!(publishes(h.take(bob.conn)).len(), 1);
+}
+
+#[test]
+fn repeated_negotiation_and_unknown_connections_are_dropped() {
+    let mut h = Harness::new();
+    let alice = h.connect(&app("alice", 1));
+    let info = LocalLinkInfo {
+        slim_version: "1.0.0".into(),
+        node_id: "n".into(),
+        deployment_name: String::new(),
+    };
+    h.send(
+        alice.conn,
+        &link::negotiation_message(link::request(
+            &info,
+            "again",
+            LinkConnectionType::Edge,
+            [5; 32],
+        )),
+    );
+    assert!(h.take(alice.conn).is_empty());
+    assert!(h.router.is_established(alice.conn));
+    h.router.handle_frame(999, Bytes::new(), T0);
+    let stats = h.router.stats();
+    assert_eq!(stats.dropped(DropReason::RepeatedNegotiation), 1);
+    assert_eq!(stats.dropped(DropReason::UnknownConnection), 1);
+}
+
+#[test]
+fn publish_to_nobody_is_counted() {
+    let mut h = Harness::new();
+    let alice = h.connect(&app("alice", 1));
+    h.send(alice.conn, &publish_msg(&alice, &app("nobody", 3), 1, b"x"));
+    h.send(
+        alice.conn,
+        &publish_msg(&alice, &app("nobody", ANY_INSTANCE), 256, b"x"),
+    );
+    assert_eq!(h.router.stats().dropped(DropReason::NoRoute), 2);
+}
+
+#[test]
+fn unsubscribe_and_connection_loss_remove_routes() {
+    let mut h = Harness::new();
+    let alice = h.connect(&app("alice", 1));
+    let bob = h.connect(&app("bob", 2));
+    h.subscribe(&bob, 1);
+    h.send(bob.conn, &subscribe_msg(&bob, &bob.name, 1, false));
+    let acks: Vec<_> = h.take(bob.conn).into_iter().filter_map(as_ack).collect();
+    assert!(acks[0].success);
+    h.send(bob.conn, &subscribe_msg(&bob, &bob.name, 1, false));
+    let acks: Vec<_> = h.take(bob.conn).into_iter().filter_map(as_ack).collect();
+    assert!(!acks[0].success);
+    assert!(acks[0].error.contains("not found"), "{}", acks[0].error);
+    h.subscribe(&bob, 2);
+    h.router.handle_connection_closed(bob.conn, T0);
+    h.drain();
+    assert!(h.events.contains(&RouterEvent::ConnectionRemoved {
+        conn: bob.conn,
+        routes_removed: 1
+    }));
+    assert_eq!(h.router.stats().subscriptions, 0);
+    h.send(alice.conn, &publish_msg(&alice, &bob.name, 1, b"x"));
+    assert!(h.take(bob.conn).is_empty());
+    assert_eq!(h.router.stats().dropped(DropReason::NoRoute), 1);
+}
+
+#[test]
+fn edge_clients_cannot_steer_other_connections() {
+    let mut h = Harness::new();
+    let alice = h.connect(&app("alice", 1));
+    let bob = h.connect(&app("bob", 2));
+    let mut sub = subscribe_msg(&alice, &app("stolen", 1), 9, true);
+    let hdr = header_mut(&mut sub).unwrap();
+    hdr.recv_from = Some(bob.conn);
+    alice.mac.sign(hdr);
+    h.send(alice.conn, &sub);
+    let acks: Vec<_> = h.take(alice.conn).into_iter().filter_map(as_ack).collect();
+    assert!(!acks[0].success);
+    assert_eq!(h.router.stats().subscriptions, 0);
+    // forward_to on a publish to an unknown connection.
+    let mut p = publish_msg(&alice, &bob.name, 1, b"x");
+    let hdr = header_mut(&mut p).unwrap();
+    hdr.forward_to = Some(4242);
+    alice.mac.sign(hdr);
+    h.send(alice.conn, &p);
+    assert_eq!(h.router.stats().dropped(DropReason::UnknownForwardTo), 1);
+    // forward_to to an open connection bypasses the table (how acks and replies travel).
+    let mut p = publish_msg(&alice, &app("unsubscribed", 1), 1, b"direct");
+    let hdr = header_mut(&mut p).unwrap();
+    hdr.forward_to = Some(bob.conn);
+    alice.mac.sign(hdr);
+    h.send(alice.conn, &p);
+    let got = publishes(h.take(bob.conn));
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].header.as_ref().unwrap().forward_to,
+        None,
+        "cleared before sending"
+    );
+}
+
+/// Shuttles frames between two routers, as two nodes linked by one connection.
+fn pump(
+    a: &mut Router,
+    a_conn: ConnId,
+    b: &mut Router,
+    b_conn: ConnId,
+    now: Timestamp,
+) -> (Vec<Output>, Vec<Output>) {
+    let (mut rest_a, mut rest_b) = (Vec::new(), Vec::new());
+    loop {
+        let mut moved = false;
+        while let Some(o) = a.poll_output() {
+            match o {
+                Output::Transmit { conn, frame } if conn == a_conn => {
+                    let mut d = Deframer::default();
+                    d.push(&frame);
+                    b.handle_frame(b_conn, d.next_frame().unwrap().unwrap(), now);
+                    moved = true;
+                }
+                other => rest_a.push(other),
+            }
+        }
+        while let Some(o) = b.poll_output() {
+            match o {
+                Output::Transmit { conn, frame } if conn == b_conn => {
+                    let mut d = Deframer::default();
+                    d.push(&frame);
+                    a.handle_frame(a_conn, d.next_frame().unwrap().unwrap(), now);
+                    moved = true;
+                }
+                other => rest_b.push(other),
+            }
+        }
+        if !moved {
+            return (rest_a, rest_b);
+        }
+    }
+}
+
+#[test]
+fn two_nodes_negotiate_and_relay_forwarded_subscription_acks() {
+    let mut a = Router::new(
+        RouterConfig {
+            node_id: "a".into(),
+            ..Default::default()
+        },
+        [2; 32],
+    );
+    let mut b = Router::new(
+        RouterConfig {
+            node_id: "b".into(),
+            ..Default::default()
+        },
+        [3; 32],
+    );
+    let a_link = a.dial_connection("a:b".into(), ConnectionKind::Remote, T0);
+    let b_link = b.accept_connection(T0);
+    pump(&mut a, a_link, &mut b, b_link, T0);
+    assert!(a.is_established(a_link) && b.is_established(b_link));
+    assert_eq!(b.connection_kind(b_link), Some(ConnectionKind::Remote));
+
+    // An app local to A subscribes and asks A to forward the subscription to B.
+    let app_conn = a.attach_local();
+    let name = app("local", 7);
+    let sub = pb::Message {
+        message_type: Some(MessageType::Subscribe(pb::Subscribe {
+            header: Some(pb::SlimHeader {
+                source: Some(name.to_pb()),
+                destination: Some(name.to_pb()),
+                fanout: 1,
+                ttl: 8,
+                forward_to: Some(a_link),
+                ..Default::default()
+            }),
+            subscription_id: 31,
+        })),
+        metadata: Default::default(),
+    };
+    a.handle_frame(app_conn, Bytes::from(sub.encode_to_vec()), T0);
+    let (rest_a, _) = pump(&mut a, a_link, &mut b, b_link, T0);
+    let acks: Vec<_> = rest_a
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Transmit { conn, frame } if conn == app_conn => as_ack(decode_frame(&frame)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks.len(), 1, "the app is acked once B acked");
+    assert!(acks[0].success);
+    assert_eq!(b.stats().subscriptions, 1, "B routes the name to the link");
+    assert_eq!(a.stats().subscriptions, 1);
+}
+
+#[test]
+fn forwarded_ack_times_out_with_an_error() {
+    let mut a = Router::new(RouterConfig::default(), [2; 32]);
+    let mut b = Router::new(RouterConfig::default(), [3; 32]);
+    let a_link = a.dial_connection("x".into(), ConnectionKind::Remote, T0);
+    let b_link = b.accept_connection(T0);
+    pump(&mut a, a_link, &mut b, b_link, T0);
+    let app_conn = a.attach_local();
+    let name = app("local", 7);
+    let sub = pb::Message {
+        message_type: Some(MessageType::Subscribe(pb::Subscribe {
+            header: Some(pb::SlimHeader {
+                source: Some(name.to_pb()),
+                destination: Some(name.to_pb()),
+                ttl: 8,
+                forward_to: Some(a_link),
+                ..Default::default()
+            }),
+            subscription_id: 5,
+        })),
+        metadata: Default::default(),
+    };
+    a.handle_frame(app_conn, Bytes::from(sub.encode_to_vec()), T0);
+    while a.poll_output().is_some() {} // B never hears of it
+    let (deadline, timer) = a.poll_timeout().unwrap();
+    assert_eq!(timer, Timer::ForwardedAck);
+    a.handle_timeout(deadline);
+    let acks: Vec<_> = std::iter::from_fn(|| a.poll_output())
+        .filter_map(|o| match o {
+            Output::Transmit { conn, frame } if conn == app_conn => as_ack(decode_frame(&frame)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks.len(), 1);
+    assert!(!acks[0].success);
+}
+
+#[test]
+fn peers_from_another_deployment_or_self_are_refused_after_the_reply() {
+    let config = RouterConfig {
+        node_id: "me".into(),
+        deployment_name: "dom1".into(),
+        ..Default::default()
+    };
+    for (node_id, deployment, reason) in [
+        ("me", "dom1", "same node_id"),
+        ("other", "dom2", "deployment_name"),
+    ] {
+        let mut h = Harness::with_config(config.clone());
+        let conn = h.router.accept_connection(T0);
+        let info = LocalLinkInfo {
+            slim_version: "3.4.6".into(),
+            node_id: node_id.into(),
+            deployment_name: deployment.into(),
+        };
+        h.send(
+            conn,
+            &link::negotiation_message(link::request(
+                &info,
+                "p",
+                LinkConnectionType::Peer,
+                [4; 32],
+            )),
+        );
+        assert_eq!(h.take(conn).len(), 1, "reply first");
+        assert_eq!(h.closed.len(), 1);
+        assert_eq!(h.closed[0].1, 7);
+        assert!(h.closed[0].2.contains(reason));
+    }
+}
+
+#[test]
+fn same_seed_same_outputs() {
+    fn run() -> Vec<Output> {
+        let mut r = Router::new(RouterConfig::default(), [9; 32]);
+        let mut all = Vec::new();
+        for i in 0..5 {
+            let c = r.accept_connection(Timestamp::from_micros(i));
+            let info = LocalLinkInfo {
+                slim_version: "1.0.0".into(),
+                node_id: "n".into(),
+                deployment_name: String::new(),
+            };
+            let req = link::request(
+                &info,
+                &format!("l{i}"),
+                LinkConnectionType::Edge,
+                [i as u8 + 1; 32],
+            );
+            r.handle_frame(
+                c,
+                Bytes::from(link::negotiation_message(req).encode_to_vec()),
+                Timestamp::from_micros(i),
+            );
+            all.extend(std::iter::from_fn(|| r.poll_output()));
+        }
+        all
+    }
+    assert_eq!(run(), run());
+}

@@ -1,0 +1,580 @@
+#!/usr/bin/env python3
+"""Interop suite: runner and case drivers (standard library only).
+
+    suite.py run  --endpoint URL --py VERSION=PYTHON ... --logs DIR [--only CASE[,CASE]] [--timeout S]
+    suite.py case NAME --endpoint URL --py VERSION=PYTHON ... --logs DIR --timeout S
+
+`run` (called by run.sh) starts every selected case as `suite.py case NAME` in
+its own process group, kills the whole group when the case exceeds its time
+budget, and prints one PASS/FAIL line per case plus the summary line.
+
+`case` drives one case: it starts every client role as a separate role.py
+process on the interpreter of the slim-bindings version the role needs,
+exchanges JSON lines with them and checks the results.  It writes
+<logs>/<case>/result.json ({"ok": bool, "detail": str}); the runner reads it.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from urllib.parse import urlparse
+
+sys.dont_write_bytecode = True
+
+HERE = os.path.dirname(os.path.realpath(__file__))
+ROLE_PY = os.path.join(HERE, "role.py")
+NEW, OLD = "3.3.8", "2.0.0"
+CASES = ["p2p_plain", "p2p_mls", "p2p_v200", "group_mls", "anycast"]
+P2P_EXCHANGES = 100
+GROUP_MEMBERS = 3
+GROUP_MSGS = 10
+REMOVED_GRACE_S = 4.0
+ANYCAST_INITIATORS = 2
+ANYCAST_SESSIONS_EACH = 3
+ANYCAST_MSGS = 10
+
+
+class CaseFailure(Exception):
+    pass
+
+
+# ================================================================ roles ==
+
+class Role:
+    """A role.py child process and the events it reported."""
+
+    def __init__(self, ctx, label, version, role, args):
+        self.ctx, self.label, self.version = ctx, label, version
+        self.role, self.args = role, args
+        self.events = []
+        self.proc = None
+        self.eof = False
+        self.log_path = os.path.join(ctx.logs, f"{label}.log")
+        self._changed = asyncio.Event()
+
+    async def start(self):
+        python = self.ctx.pythons[self.version]
+        cmd = [python, ROLE_PY, self.role, "--endpoint", self.ctx.endpoint,
+               "--step-timeout", str(self.ctx.step_timeout), *self.args]
+        env = dict(os.environ, SLIM_ITEST_SECRET=self.ctx.secret, PYTHONDONTWRITEBYTECODE="1",
+                   NO_COLOR="1")
+        with open(self.log_path, "ab") as log:
+            log.write(f"# {' '.join(cmd)}\n".encode())
+            log.flush()
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=log, env=env, limit=1 << 24)
+        self.ctx.note(f"started {self.label} ({self.role}, slim-bindings {self.version}) "
+                      f"pid {self.proc.pid}")
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self):
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                break
+            self.ctx.event_log.write(f"{self.label} {line.decode(errors='replace').rstrip()}\n")
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                pass
+            self._changed.set()
+        await self.proc.wait()
+        self.eof = True
+        self._changed.set()
+
+    def of(self, kind, **match):
+        return [e for e in self.events
+                if e.get("ev") == kind and all(e.get(k) == v for k, v in match.items())]
+
+    def _trouble(self):
+        for e in self.events:
+            if e.get("ev") == "error":
+                return f"{self.label}: {e.get('msg')}"
+            if e.get("ev") == "failed":
+                return f"{self.label}: {e.get('cmd')} failed: {e.get('msg')}"
+        if self.eof:
+            return f"{self.label} exited (rc={self.proc.returncode}){self._stderr_tail()}"
+        return None
+
+    def _stderr_tail(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - 4000))
+                lines = [l for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+            return f": {lines[-1].strip()[:160]}" if lines else ""
+        except OSError:
+            return ""
+
+    async def wait(self, cond, what, timeout=None):
+        """Wait until cond() holds; fail on timeout, role error or role exit."""
+        limit = self.ctx.left(timeout)
+        deadline = time.monotonic() + limit
+        while True:
+            if cond():
+                return
+            trouble = self._trouble()
+            if trouble:
+                raise CaseFailure(f"{what}: {trouble}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CaseFailure(f"{what}: nothing after {limit:.0f}s ({self.label})")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    async def event(self, kind, what, timeout=None, **match):
+        await self.wait(lambda: self.of(kind, **match), what, timeout)
+        return self.of(kind, **match)[-1]
+
+    async def ready(self):
+        ev = await self.event("ready", f"{self.label} start-up", timeout=60)
+        if ev.get("pkg") != self.version:
+            raise CaseFailure(f"{self.label}: runs slim-bindings {ev.get('pkg')}, "
+                              f"expected {self.version}")
+        return ev
+
+    def send(self, **cmd):
+        self.ctx.event_log.write(f"{self.label} <- {json.dumps(cmd)[:300]}\n")
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+
+    async def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            try:
+                self.proc.terminate()
+                await asyncio.wait_for(self.proc.wait(), 3)
+            except ProcessLookupError:
+                pass
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        try:
+            await asyncio.wait_for(self._reader, 2)
+        except Exception:
+            pass
+
+
+class Context:
+    def __init__(self, args):
+        self.case = args.name
+        self.endpoint = args.endpoint
+        self.pythons = dict(args.py)
+        self.logs = os.path.join(args.logs, args.name)
+        os.makedirs(self.logs, exist_ok=True)
+        self.deadline = time.monotonic() + args.timeout - 6  # report before the runner kills us
+        self.step_timeout = max(10.0, min(30.0, args.timeout / 4))
+        self.tag = os.urandom(4).hex()
+        self.seed = random.SystemRandom().randrange(1, 1 << 30)
+        self.secret = os.urandom(24).hex()  # 48 characters
+        self.rng = random.Random(self.seed)
+        self.roles = []
+        self.step = "start"
+        self.event_log = open(os.path.join(self.logs, "events.log"), "a", buffering=1)
+        self.note(f"case {self.case} endpoint {self.endpoint} tag {self.tag} seed {self.seed}")
+
+    def note(self, text):
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def left(self, cap=None):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise CaseFailure(f"case time budget exhausted during: {self.step}")
+        return left if cap is None else min(cap, left)
+
+    def name(self, role):
+        return f"itest/{self.case}/{role}-{self.tag}"
+
+    def set_step(self, step):
+        self.step = step
+        self.note(f"step: {step}")
+
+    async def spawn(self, label, version, role, *args):
+        r = Role(self, label, version, role, [str(a) for a in args])
+        self.roles.append(r)
+        return await r.start()
+
+    async def stop_all(self):
+        await asyncio.gather(*(r.stop() for r in self.roles), return_exceptions=True)
+
+
+def preflight(endpoint):
+    u = urlparse(endpoint)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise CaseFailure(f"bad endpoint {endpoint!r} (expected http://HOST:PORT)")
+    port = u.port or (443 if u.scheme == "https" else 80)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            with socket.create_connection((u.hostname, port), timeout=1):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise CaseFailure(f"no SLIM node reachable at {endpoint}: {e}")
+            time.sleep(0.2)
+
+
+# ================================================================ cases ==
+
+async def p2p_run(ctx, init_version, resp_version, mls, suffix=""):
+    """One responder and one initiator, P2P_EXCHANGES request/replies; returns a summary."""
+    resp_name, init_name = ctx.name(f"resp{suffix}"), ctx.name(f"init{suffix}")
+    ctx.set_step(f"start responder{suffix} ({resp_version})")
+    resp = await ctx.spawn(f"responder{suffix}", resp_version, "responder",
+                           "--local", resp_name, "--prefix", "reply")
+    await resp.ready()
+    ctx.set_step(f"initiator{suffix} ({init_version}) exchanges {P2P_EXCHANGES} messages")
+    init = await ctx.spawn(f"initiator{suffix}", init_version, "initiator",
+                           "--local", init_name, "--remote", resp_name,
+                           "--expect-prefix", "reply", "--count", P2P_EXCHANGES,
+                           "--max-size", 4096, "--seed", ctx.seed, *(["--mls"] if mls else []))
+    await init.ready()
+    result = await init.event("result", ctx.step)
+    rep = result["sessions"][0]
+    where = f"{init_version}->{resp_version}"
+    if rep["errors"]:
+        raise CaseFailure(f"{where}: {rep['ok']}/{P2P_EXCHANGES} ok; errors: {rep['errors'][0]}")
+    if rep["mismatches"] or rep["ok"] != P2P_EXCHANGES:
+        m = rep["mismatches"][:1]
+        raise CaseFailure(f"{where}: {rep['ok']}/{P2P_EXCHANGES} replies byte-exact; "
+                          f"{len(rep['mismatches'])} corrupted, first {m}")
+    sid = rep["sid"]
+    ctx.set_step(f"responder{suffix} accounting")
+    await resp.wait(lambda: any(e["count"] >= P2P_EXCHANGES for e in resp.of("served", sid=sid)),
+                    ctx.step, timeout=10)
+    sessions = [e["sid"] for e in resp.of("session")]
+    if sessions != [sid]:
+        raise CaseFailure(f"{where}: responder saw sessions {sessions}, expected only {sid}")
+    for side, ev in (("initiator", init.of("session")[0]), ("responder", resp.of("session")[0])):
+        if ev["mls"] != mls:
+            raise CaseFailure(f"{where}: {side} session has MLS {'on' if ev['mls'] else 'off'}")
+    if resp.of("session")[0]["remote"] != init_name:
+        raise CaseFailure(f"{where}: responder's session peer is {resp.of('session')[0]['remote']}"
+                          f", expected {init_name}")
+    served = resp.of("served", sid=sid)[-1]
+    if served["count"] != P2P_EXCHANGES or served["bytes"] != rep["sent_bytes"]:
+        raise CaseFailure(f"{where}: responder got {served['count']} msgs/{served['bytes']} B, "
+                          f"initiator sent {P2P_EXCHANGES}/{rep['sent_bytes']} B")
+    setup = init.of("session")[0].get("setup_ms")
+    return f"{where} {P2P_EXCHANGES}/{P2P_EXCHANGES} byte-exact ({rep['sent_bytes']} B, setup {setup:.0f}ms)"
+
+
+async def case_p2p_plain(ctx):
+    return await p2p_run(ctx, NEW, NEW, mls=False)
+
+
+async def case_p2p_mls(ctx):
+    return await p2p_run(ctx, NEW, NEW, mls=True) + " MLS"
+
+
+async def case_p2p_v200(ctx):
+    a = await p2p_run(ctx, NEW, OLD, mls=False, suffix="-a")
+    b = await p2p_run(ctx, OLD, NEW, mls=False, suffix="-b")
+    return f"{a}; {b}"
+
+
+def blobs(ctx, label, count, max_size):
+    """Distinct binary payloads: a readable header, then random bytes (some empty)."""
+    out = []
+    for i in range(count):
+        size = 0 if i == 1 else ctx.rng.randint(0, max_size)
+        out.append(f"{label}|{i}|".encode() + ctx.rng.randbytes(size))
+    return out
+
+
+def hexes(payloads):
+    return [p.hex() for p in payloads]
+
+
+async def case_group_mls(ctx):
+    labels = [f"member{i}" for i in range(GROUP_MEMBERS)]
+    names = {l: ctx.name(l) for l in labels}
+    ctx.set_step("start moderator and members")
+    members = [await ctx.spawn(l, NEW, "member", "--local", names[l]) for l in labels]
+    mod = await ctx.spawn("moderator", NEW, "moderator", "--local", ctx.name("moderator"),
+                          "--channel", ctx.name("chan"), "--mls")
+    for r in members + [mod]:
+        await r.ready()
+    created = await mod.event("created", "moderator creates the GROUP session")
+    if not created["mls"]:
+        raise CaseFailure("moderator's GROUP session does not run MLS")
+
+    ctx.set_step("invite")
+    mod.send(cmd="invite", names=[names[l] for l in labels])
+    await mod.event("done", "moderator invites all members", cmd="invite")
+    for m in members:
+        joined = await m.event("joined", f"{m.label} joins the group")
+        if not joined["mls"] or joined["sid"] != created["sid"]:
+            raise CaseFailure(f"{m.label} joined session {joined['sid']} (MLS {joined['mls']}), "
+                              f"expected {created['sid']} with MLS")
+
+    def got(role):
+        return [e["hex"] for e in role.of("msg")]
+
+    def check_sources(role, start, want):
+        bad = [e["src"] for e in role.of("msg")[start:] if e["src"] != want(e["hex"])]
+        if bad:
+            raise CaseFailure(f"{role.label} got messages with source {bad[0]!r}")
+
+    ctx.set_step(f"broadcast {GROUP_MSGS} messages")
+    phase1 = hexes(blobs(ctx, "g1", GROUP_MSGS, 2048))
+    mod.send(cmd="publish", hex=phase1)
+    await mod.event("done", "moderator broadcast", cmd="publish")
+    for m in members:
+        await m.wait(lambda m=m: len(got(m)) >= GROUP_MSGS, f"{m.label} receives the broadcast")
+        if got(m) != phase1:
+            raise CaseFailure(f"broadcast: {m.label} got {len(got(m))} msgs, "
+                              f"not the {GROUP_MSGS} sent (order/content differs)")
+        check_sources(m, 0, lambda h: ctx.name("moderator"))
+
+    ctx.set_step("fan-in: every member publishes once")
+    fan = {m.label: hexes(blobs(ctx, f"fan-{m.label}", 1, 1024))[0] for m in members}
+    for m in members:
+        m.send(cmd="publish", hex=[fan[m.label]])
+    for m in members:
+        await m.event("done", f"{m.label} publishes", cmd="publish")
+    await mod.wait(lambda: len(got(mod)) >= len(members), "moderator receives the fan-in")
+    if sorted(got(mod)) != sorted(fan.values()):
+        raise CaseFailure(f"fan-in: moderator got {len(got(mod))} msgs, "
+                          f"not exactly the {len(members)} published by the members")
+    author = {v: names[k] for k, v in fan.items()}
+    check_sources(mod, 0, author.get)
+    for m in members:
+        want = sorted(v for k, v in fan.items() if k != m.label)
+        await m.wait(lambda m=m: len(got(m)) >= GROUP_MSGS + len(want),
+                     f"{m.label} receives the other members' messages")
+        if sorted(got(m)[GROUP_MSGS:]) != want:
+            raise CaseFailure(f"fan-in: {m.label} did not get exactly the other members' "
+                              f"messages ({len(got(m)) - GROUP_MSGS} received)")
+        check_sources(m, GROUP_MSGS, author.get)
+
+    victim, rest = members[0], members[1:]
+    ctx.set_step(f"remove {victim.label}")
+    before = len(got(victim))
+    mod.send(cmd="remove", name=names[victim.label])
+    await mod.event("done", f"moderator removes {victim.label}", cmd="remove")
+    await victim.event("session_end", f"{victim.label} is notified that its session ended")
+
+    ctx.set_step(f"broadcast {GROUP_MSGS} messages after the removal")
+    phase3 = hexes(blobs(ctx, "g3", GROUP_MSGS, 2048))
+    mod.send(cmd="publish", hex=phase3)
+    await mod.wait(lambda: len(mod.of("done", cmd="publish")) >= 2, "moderator broadcast")
+    offset = GROUP_MSGS + len(members) - 1
+    for m in rest:
+        await m.wait(lambda m=m: len(got(m)) >= offset + GROUP_MSGS,
+                     f"{m.label} receives the post-removal broadcast")
+    ctx.set_step(f"grace period {REMOVED_GRACE_S:g}s: nothing more may arrive")
+    await asyncio.sleep(REMOVED_GRACE_S)
+    stray = len(got(victim)) - before
+    if stray:
+        raise CaseFailure(f"removed member {victim.label} received {stray} msgs after removal")
+    for m in rest:
+        if got(m)[offset:] != phase3:
+            raise CaseFailure(f"post-removal broadcast: {m.label} got {len(got(m)) - offset} "
+                              f"msgs, not the {GROUP_MSGS} sent (order/content differs)")
+        if got(m)[:GROUP_MSGS] != phase1:
+            raise CaseFailure(f"{m.label}: late/duplicate messages in the first broadcast")
+    if len(got(mod)) != len(members):
+        raise CaseFailure(f"moderator received {len(got(mod))} msgs, expected only the "
+                          f"{len(members)} fan-in messages")
+    return (f"MLS group: {len(members)} joined, {GROUP_MSGS} broadcast in order, fan-in ok, "
+            f"removed {victim.label} (0 msgs after removal), {GROUP_MSGS} more to {len(rest)}")
+
+
+async def case_anycast(ctx):
+    service = ctx.name("svc")
+    tags = {"A": f"inst-A-{ctx.tag}", "B": f"inst-B-{ctx.tag}"}
+    ctx.set_step("start two responder instances of one service")
+    resp = {k: await ctx.spawn(f"responder-{k}", NEW, "responder", "--local", service,
+                               "--prefix", tags[k]) for k in tags}
+    ids = {}
+    for k, r in resp.items():
+        ids[k] = (await r.ready())["app_id"]
+    if ids["A"] == ids["B"]:
+        raise CaseFailure(f"both responder instances got the same instance id {ids['A']}")
+    total = ANYCAST_INITIATORS * ANYCAST_SESSIONS_EACH
+    ctx.set_step(f"{total} sessions x {ANYCAST_MSGS} msgs to {service}")
+    inits = [await ctx.spawn(f"initiator{i}", NEW, "initiator", "--local", ctx.name(f"init{i}"),
+                             "--remote", service, "--sessions", ANYCAST_SESSIONS_EACH,
+                             "--count", ANYCAST_MSGS, "--max-size", 1024, "--seed", ctx.seed + i)
+             for i in range(ANYCAST_INITIATORS)]
+    for r in inits:
+        await r.ready()
+    reports = []
+    for r in inits:
+        reports += (await r.event("result", f"{r.label} sessions"))["sessions"]
+    owner = {}
+    for rep in reports:
+        sid = rep["sid"]
+        if rep["errors"]:
+            raise CaseFailure(f"session {sid}: {rep['ok']}/{ANYCAST_MSGS} ok; {rep['errors'][0]}")
+        if len(rep["prefixes"]) != 1:
+            raise CaseFailure(f"session {sid} not sticky: replies from {rep['prefixes']}")
+        inst = next((k for k, t in tags.items() if t == rep["prefixes"][0]), None)
+        if inst is None:
+            raise CaseFailure(f"session {sid}: reply label {rep['prefixes'][0]!r} is not an instance")
+        if rep["mismatches"] or rep["ok"] != ANYCAST_MSGS:
+            raise CaseFailure(f"session {sid}: {rep['ok']}/{ANYCAST_MSGS} replies byte-exact")
+        if sid in owner:
+            raise CaseFailure(f"duplicate session id {sid}")
+        owner[sid] = inst
+    ctx.set_step("cross-check with the responders")
+    for sid, inst in owner.items():
+        r = resp[inst]
+        await r.wait(lambda r=r, sid=sid: any(e["count"] >= ANYCAST_MSGS
+                                              for e in r.of("served", sid=sid)),
+                     f"responder-{inst} accounting for session {sid}", timeout=10)
+        if r.of("served", sid=sid)[-1]["count"] != ANYCAST_MSGS:
+            raise CaseFailure(f"responder-{inst} served {r.of('served', sid=sid)[-1]['count']} "
+                              f"msgs of session {sid}, expected {ANYCAST_MSGS}")
+    for k, r in resp.items():
+        mine = sorted(s for s, i in owner.items() if i == k)
+        seen = sorted(e["sid"] for e in r.of("session"))
+        if seen != mine:
+            raise CaseFailure(f"responder-{k} accepted sessions {seen}, "
+                              f"but served (per reply labels) {mine}")
+    split = {k: sum(1 for i in owner.values() if i == k) for k in tags}
+    return (f"{total} sessions x {ANYCAST_MSGS} msgs, each sticky to one instance; "
+            f"served A={split['A']} B={split['B']}")
+
+
+CASE_FUNCS = {"p2p_plain": case_p2p_plain, "p2p_mls": case_p2p_mls,
+              "p2p_v200": case_p2p_v200, "group_mls": case_group_mls, "anycast": case_anycast}
+
+
+async def drive(args):
+    ctx = Context(args)
+    ok, detail = False, "?"
+    try:
+        preflight(args.endpoint)
+        detail = await asyncio.wait_for(CASE_FUNCS[args.name](ctx), ctx.left())
+        ok = True
+    except CaseFailure as e:
+        detail = str(e)
+    except asyncio.TimeoutError:
+        detail = f"case time budget exhausted during: {ctx.step}"
+    except Exception as e:  # a bug in the suite itself still fails the case
+        import traceback
+        traceback.print_exc()
+        detail = f"driver error in step '{ctx.step}': {type(e).__name__}: {e}"
+    finally:
+        await ctx.stop_all()
+    ctx.note(("PASS " if ok else "FAIL ") + detail)
+    with open(os.path.join(ctx.logs, "result.json"), "w") as f:
+        json.dump({"ok": ok, "detail": detail}, f)
+    return 0 if ok else 1
+
+
+# =============================================================== runner ==
+
+def kill_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_case(args, name):
+    case_logs = os.path.join(args.logs, name)
+    os.makedirs(case_logs, exist_ok=True)
+    result_path = os.path.join(case_logs, "result.json")
+    if os.path.exists(result_path):
+        os.unlink(result_path)
+    cmd = [sys.executable, os.path.realpath(__file__), "case", name,
+           "--endpoint", args.endpoint, "--logs", args.logs, "--timeout", str(args.timeout)]
+    for version, python in args.py:
+        cmd += ["--py", f"{version}={python}"]
+    t0 = time.monotonic()
+    timed_out = False
+    with open(os.path.join(case_logs, "driver.log"), "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # own process group: killable as a whole
+        try:
+            proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_group(proc.pid, signal.SIGKILL)  # whatever of this case is still alive
+        proc.wait()
+    elapsed = time.monotonic() - t0
+    try:
+        with open(result_path) as f:
+            res = json.load(f)
+        ok, detail = bool(res["ok"]), str(res["detail"])
+    except (OSError, ValueError, KeyError):
+        ok = False
+        detail = (f"timed out after {args.timeout:g}s, process group killed"
+                  if timed_out else f"driver exited rc={proc.returncode} without a result")
+        detail += f" (see {case_logs}/driver.log)"
+    if ok and proc.returncode != 0:
+        ok, detail = False, f"driver rc={proc.returncode} despite result: {detail}"
+    return ok, elapsed, detail
+
+
+def run_all(args):
+    selected = CASES
+    if args.only:
+        wanted = [c.strip() for c in ",".join(args.only).split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in CASES]
+        selected = [c for c in CASES if c in wanted]
+        if unknown or not selected:
+            print(f"run: unknown case(s) {unknown}; cases: {' '.join(CASES)}", file=sys.stderr)
+            return 2
+    os.makedirs(args.logs, exist_ok=True)
+    print(f"interop: endpoint {args.endpoint}, logs {args.logs}", flush=True)
+    passed = failed = 0
+    for name in selected:
+        ok, elapsed, detail = run_case(args, name)
+        detail = " ".join(detail.split())[:400]
+        print(f"{'PASS' if ok else 'FAIL'} {name} {elapsed:.1f}s {detail}", flush=True)
+        passed += ok
+        failed += not ok
+    print(f"interop: {passed} passed, {failed} failed", flush=True)
+    return 0 if failed == 0 else 1
+
+
+def py_pair(text):
+    version, sep, python = text.partition("=")
+    if not sep or not python:
+        raise argparse.ArgumentTypeError("expected VERSION=PYTHON")
+    return version, python
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    for mode in ("run", "case"):
+        p = sub.add_parser(mode)
+        if mode == "case":
+            p.add_argument("name", choices=CASES)
+        else:
+            p.add_argument("--only", action="append", default=[])
+        p.add_argument("--endpoint", required=True)
+        p.add_argument("--py", type=py_pair, action="append", required=True)
+        p.add_argument("--logs", required=True)
+        p.add_argument("--timeout", type=float, default=120.0)
+    args = ap.parse_args()
+    if args.mode == "run":
+        sys.exit(run_all(args))
+    sys.exit(asyncio.run(drive(args)))
+
+
+if __name__ == "__main__":
+    main()
