@@ -126,6 +126,17 @@ async def wait_done(handle, timeout_s: float, what: str) -> None:
         raise RuntimeError(f"{what}: no completion within {timeout_s:g}s") from None
 
 
+def background(coro, what: str) -> asyncio.Task:
+    """Run coro as a task; if it dies with an exception, report it as an error event."""
+    def done(task):
+        if not task.cancelled() and task.exception() is not None:
+            e = task.exception()
+            emit("error", where=what, msg=f"{type(e).__name__}: {e}"[:300])
+    task = asyncio.create_task(coro)
+    task.add_done_callback(done)
+    return task
+
+
 class Client:
     """One app with a shared-secret identity, connected to the node."""
 
@@ -204,7 +215,7 @@ async def responder(args) -> None:
         session = await client.app.listen_for_session_async(None)
         emit("session", sid=session.session_id(), remote=show_name(session.destination()),
              mls=mls_on(session))
-        task = asyncio.create_task(serve(session))
+        task = background(serve(session), f"responder session {session.session_id()}")
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -260,13 +271,11 @@ async def initiator(args) -> None:
                 await session.publish_async(req, None, None)
                 rep["sent_bytes"] += len(req)
                 msg = await session.get_message_async(td(args.step_timeout))
-            except Exception as e:
-                rep["errors"].append(f"#{i} ({len(req)} B): {e}"[:200])
-                if len(rep["errors"]) >= 3:
-                    break
-                continue
+            except Exception as e:  # later replies could no longer be matched: stop here
+                rep["errors"].append(f"#{i} ({len(req)} B): {type(e).__name__}: {e}"[:200])
+                break
             reply = msg.payload
-            head, sep, tail = reply.partition(b"|")
+            head, sep, _ = reply.partition(b"|")
             label = head.decode(errors="replace") if sep else None
             if label not in rep["prefixes"]:
                 rep["prefixes"].append(label)
@@ -298,7 +307,8 @@ async def moderator(args) -> None:
                                                     parse_name(args.channel))
     await wait_done(created.completion, args.step_timeout, "group session creation")
     session = created.session
-    emit("created", sid=session.session_id(), mls=mls_on(session), ms=round((time.monotonic() - t0) * 1e3, 1))
+    emit("created", sid=session.session_id(), mls=mls_on(session),
+         ms=round((time.monotonic() - t0) * 1e3, 1))
 
     async def receive() -> None:
         while True:
@@ -311,7 +321,7 @@ async def moderator(args) -> None:
                 return
             emit("msg", hex=msg.payload.hex(), src=show_name(msg.context.source_name))
 
-    receiver = asyncio.create_task(receive())
+    receiver = background(receive(), f"{args.role} receiver")
     while True:
         cmd = await commands.next()
         op = cmd["cmd"]
@@ -331,10 +341,6 @@ async def moderator(args) -> None:
             elif op == "remove":
                 handle = await session.remove_async(parse_name(cmd["name"]))
                 await wait_done(handle, args.step_timeout, f"remove {cmd['name']}")
-            elif op == "participants":
-                names = [str(p) for p in await session.participants_list_async()]
-                emit("participants", names=names)
-                continue
             else:
                 raise ValueError(f"unknown command {op!r}")
             emit("done", cmd=op)
@@ -367,7 +373,7 @@ async def member(args) -> None:
                     break  # keep listening: anything delivered later must be reported
                 emit("msg", hex=msg.payload.hex(), src=show_name(msg.context.source_name))
 
-    receiver = asyncio.create_task(receive())
+    receiver = background(receive(), f"{args.role} receiver")
     while True:
         cmd = await commands.next()
         op = cmd["cmd"]
@@ -417,7 +423,8 @@ def main() -> None:
         asyncio.run(ROLES[args.role](args))
     except Exception as e:
         traceback.print_exc()
-        emit("error", where=args.role, msg=f"{type(e).__name__}: {e}"[:300])
+        text = " ".join(str(e).replace("\\n", " ").split())
+        emit("error", where=args.role, msg=f"{type(e).__name__}: {text}"[:300])
         rc = 1
     sys.stderr.flush()
     os._exit(rc)  # do not wait for the native runtime's threads

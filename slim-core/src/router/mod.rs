@@ -848,8 +848,10 @@ impl Router {
     fn close(&mut self, conn: ConnId, code: u32, reason: String) {
         self.stats.connections_refused += 1;
         tracing::warn!(conn, code, %reason, "closing connection");
-        self.remove_connection(conn);
+        // Close before ConnectionRemoved, so a driver that tears a stream down on the event has
+        // already been told which status to end it with.
         self.out.push_back(Output::Close { conn, code, reason });
+        self.remove_connection(conn);
     }
 
     fn remove_connection(&mut self, conn: ConnId) {

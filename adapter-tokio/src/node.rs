@@ -1,0 +1,242 @@
+//! The task that owns the [`Router`] core. Connection tasks send it what they read; it drives the
+//! core (drain → arm timer → wait for one input) and hands each output to the connection it is
+//! for. No protocol decision is taken here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use slim_core::router::{ConnId, ConnectionKind, Output, Router, RouterEvent, Stats};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::Clock;
+
+/// Frames queued per connection before the router drops instead of waiting (a connection that
+/// does not read must not stall the node). Same order as the reference's per-stream buffers.
+pub(crate) const CONNECTION_QUEUE: usize = 1024;
+/// Inputs queued towards the router; readers wait when it is full (backpressure to the peers).
+const ROUTER_QUEUE: usize = 4096;
+/// Inputs handled between two drains, to amortise the wake-ups under load.
+const INPUT_BATCH: usize = 256;
+
+/// How the router reaches one connection's writer task.
+pub(crate) struct ConnWriter {
+    pub frames: mpsc::Sender<Bytes>,
+    pub close: oneshot::Sender<(u32, String)>,
+}
+
+pub(crate) enum OpenKind {
+    Accepted,
+    Dialed { link_id: String, kind: ConnectionKind },
+}
+
+pub(crate) enum NodeInput {
+    Open {
+        kind: OpenKind,
+        writer: ConnWriter,
+        reply: oneshot::Sender<ConnId>,
+    },
+    Frame {
+        conn: ConnId,
+        body: Bytes,
+    },
+    Closed {
+        conn: ConnId,
+    },
+    Stats(oneshot::Sender<Stats>),
+    /// End every stream with grpc-status 0 and stop.
+    Shutdown,
+}
+
+/// Counters kept by the adapter itself (the router's are in [`Stats`]).
+#[derive(Debug, Default)]
+pub struct AdapterCounters {
+    /// Frames dropped because the connection's queue was full (it does not read).
+    pub slow_consumer_drops: AtomicU64,
+}
+
+/// A cheap handle for connection tasks.
+#[derive(Clone)]
+pub(crate) struct NodeHandle {
+    tx: mpsc::Sender<NodeInput>,
+}
+
+impl NodeHandle {
+    pub async fn open(&self, kind: OpenKind, writer: ConnWriter) -> Option<ConnId> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(NodeInput::Open {
+                kind,
+                writer,
+                reply,
+            })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+
+    /// Waits while the router is busy; false once it is gone.
+    pub async fn frame(&self, conn: ConnId, body: Bytes) -> bool {
+        self.tx.send(NodeInput::Frame { conn, body }).await.is_ok()
+    }
+
+    pub async fn closed(&self, conn: ConnId) {
+        let _ = self.tx.send(NodeInput::Closed { conn }).await;
+    }
+
+    pub async fn stats(&self) -> Option<Stats> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(NodeInput::Stats(reply)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(NodeInput::Shutdown).await;
+    }
+}
+
+pub(crate) fn spawn_router(
+    router: Router,
+    clock: Clock,
+    counters: Arc<AdapterCounters>,
+) -> (NodeHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
+    let task = tokio::spawn(run(router, rx, clock, counters));
+    (NodeHandle { tx }, task)
+}
+
+struct Driver {
+    router: Router,
+    writers: HashMap<ConnId, ConnWriter>,
+    clock: Clock,
+    counters: Arc<AdapterCounters>,
+}
+
+async fn run(
+    router: Router,
+    mut rx: mpsc::Receiver<NodeInput>,
+    clock: Clock,
+    counters: Arc<AdapterCounters>,
+) {
+    let mut driver = Driver {
+        router,
+        writers: HashMap::new(),
+        clock,
+        counters,
+    };
+    loop {
+        driver.drain();
+        let deadline = driver
+            .router
+            .poll_timeout()
+            .map(|(at, _)| tokio::time::Instant::from_std(driver.clock.to_instant(at)));
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            input = rx.recv() => {
+                let Some(input) = input else { break };
+                if !driver.handle(input) {
+                    break;
+                }
+                for _ in 0..INPUT_BATCH {
+                    match rx.try_recv() {
+                        Ok(input) => if !driver.handle(input) { return },
+                        Err(_) => break,
+                    }
+                }
+            }
+            () = timer => driver.router.handle_timeout(driver.clock.now()),
+        }
+    }
+}
+
+impl Driver {
+    /// False when the node must stop.
+    fn handle(&mut self, input: NodeInput) -> bool {
+        let now = self.clock.now();
+        match input {
+            NodeInput::Open {
+                kind,
+                writer,
+                reply,
+            } => {
+                // Outputs are drained only after this returns, so the writer is registered
+                // before the negotiation request of a dialed link goes out.
+                let conn = match kind {
+                    OpenKind::Accepted => self.router.accept_connection(now),
+                    OpenKind::Dialed { link_id, kind } => {
+                        self.router.dial_connection(link_id, kind, now)
+                    }
+                };
+                self.writers.insert(conn, writer);
+                if reply.send(conn).is_err() {
+                    self.writers.remove(&conn);
+                    self.router.handle_connection_closed(conn, now);
+                }
+            }
+            NodeInput::Frame { conn, body } => self.router.handle_frame(conn, body, now),
+            NodeInput::Closed { conn } => self.router.handle_connection_closed(conn, now),
+            NodeInput::Stats(reply) => {
+                let _ = reply.send(self.router.stats());
+            }
+            NodeInput::Shutdown => {
+                self.drain();
+                for (_, writer) in self.writers.drain() {
+                    let _ = writer.close.send((0, "node shutting down".into()));
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    fn drain(&mut self) {
+        while let Some(output) = self.router.poll_output() {
+            match output {
+                Output::Transmit { conn, frame } => {
+                    let Some(writer) = self.writers.get(&conn) else {
+                        continue;
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(_)) = writer.frames.try_send(frame) {
+                        let n = self
+                            .counters
+                            .slow_consumer_drops
+                            .fetch_add(1, Ordering::Relaxed)
+                            + 1;
+                        if n.is_power_of_two() {
+                            tracing::warn!(conn, dropped_total = n, "connection does not read fast enough: message dropped");
+                        }
+                    }
+                }
+                Output::Close { conn, code, reason } => {
+                    if let Some(writer) = self.writers.remove(&conn) {
+                        let _ = writer.close.send((code, reason));
+                    }
+                }
+                Output::Event(RouterEvent::LinkEstablished {
+                    conn,
+                    kind,
+                    link_id,
+                    remote_node_id,
+                    remote_version,
+                    header_mac,
+                }) => {
+                    tracing::info!(conn, kind = kind.as_str(), %link_id, %remote_node_id, %remote_version, header_mac, "link established");
+                }
+                Output::Event(RouterEvent::ConnectionRemoved {
+                    conn,
+                    routes_removed,
+                }) => {
+                    // Dropping the writer ends its stream (with the status the reader left, if any).
+                    self.writers.remove(&conn);
+                    tracing::info!(conn, routes_removed, "connection removed");
+                }
+            }
+        }
+    }
+}

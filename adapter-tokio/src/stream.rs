@@ -1,0 +1,248 @@
+//! One SLIM link over one HTTP/2 stream: a reader that deframes gRPC messages into the router
+//! and a writer that sends the router's frames within h2 flow control, then ends the stream with
+//! gRPC trailers carrying the status the link ended with.
+
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use slim_core::router::ConnId;
+use slim_proto::Deframer;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::node::{ConnWriter, NodeHandle, OpenKind, CONNECTION_QUEUE};
+
+/// Small frames queued together are sent in one DATA frame up to this size.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Status an ending link reports in its trailers, if not OK.
+type StatusSlot = Arc<Mutex<Option<(u32, String)>>>;
+
+/// Runs one link until either side ends it. `send` must already have sent response headers (a
+/// server) or be the request body (a client).
+pub(crate) async fn run_link(
+    node: NodeHandle,
+    kind: OpenKind,
+    recv: RecvStream,
+    send: SendStream<Bytes>,
+    max_message_size: usize,
+    trailers: bool,
+) {
+    let (frames_tx, frames_rx) = mpsc::channel(CONNECTION_QUEUE);
+    let (close_tx, close_rx) = oneshot::channel();
+    let Some(conn) = node
+        .open(
+            kind,
+            ConnWriter {
+                frames: frames_tx,
+                close: close_tx,
+            },
+        )
+        .await
+    else {
+        return;
+    };
+    let done = CancellationToken::new();
+    let status: StatusSlot = Arc::default();
+    let writer = tokio::spawn(write_loop(
+        conn,
+        send,
+        frames_rx,
+        close_rx,
+        done.clone(),
+        status.clone(),
+        trailers,
+    ));
+    read_loop(conn, &node, recv, max_message_size, &done, &status).await;
+    let _ = writer.await;
+}
+
+async fn read_loop(
+    conn: ConnId,
+    node: &NodeHandle,
+    mut recv: RecvStream,
+    max_message_size: usize,
+    done: &CancellationToken,
+    status: &StatusSlot,
+) {
+    let mut deframer = Deframer::new(max_message_size);
+    loop {
+        let chunk = tokio::select! {
+            () = done.cancelled() => return, // the router closed the link: it already forgot it
+            chunk = recv.data() => chunk,
+        };
+        match chunk {
+            None => {
+                if let Err(error) = deframer.finish() {
+                    tracing::info!(conn, %error, "stream ended mid-message");
+                }
+                break;
+            }
+            Some(Err(error)) => {
+                tracing::debug!(conn, %error, "stream failed");
+                break;
+            }
+            Some(Ok(bytes)) => {
+                let _ = recv.flow_control().release_capacity(bytes.len());
+                deframer.push(&bytes);
+                if let Some(error) = deliver_frames(conn, node, &mut deframer).await {
+                    tracing::warn!(conn, %error, "bad gRPC framing: closing stream");
+                    *status.lock().expect("status lock") = Some((error.grpc_status(), error.to_string()));
+                    break;
+                }
+            }
+        }
+    }
+    node.closed(conn).await;
+}
+
+/// Hands every complete message to the router; the framing error that ends the stream, if any.
+async fn deliver_frames(
+    conn: ConnId,
+    node: &NodeHandle,
+    deframer: &mut Deframer,
+) -> Option<slim_proto::FrameError> {
+    loop {
+        match deframer.next_frame() {
+            Ok(Some(body)) => {
+                if !node.frame(conn, body).await {
+                    return None;
+                }
+            }
+            Ok(None) => return None,
+            Err(error) => return Some(error),
+        }
+    }
+}
+
+enum WriteOutcome {
+    Sent(Result<(), h2::Error>),
+    Close(Option<(u32, String)>),
+}
+
+async fn write_loop(
+    conn: ConnId,
+    mut send: SendStream<Bytes>,
+    mut frames: mpsc::Receiver<Bytes>,
+    mut close: oneshot::Receiver<(u32, String)>,
+    done: CancellationToken,
+    status: StatusSlot,
+    trailers: bool,
+) {
+    let final_status = loop {
+        let outcome = tokio::select! {
+            biased;
+            closing = &mut close => WriteOutcome::Close(closing.ok()),
+            frame = frames.recv() => match frame {
+                None => WriteOutcome::Close(None),
+                Some(first) => {
+                    let batch = batch_frames(first, &mut frames);
+                    tokio::select! {
+                        sent = send_all(&mut send, batch) => WriteOutcome::Sent(sent),
+                        closing = &mut close => WriteOutcome::Close(closing.ok()),
+                    }
+                }
+            },
+        };
+        match outcome {
+            WriteOutcome::Sent(Ok(())) => {}
+            WriteOutcome::Sent(Err(error)) => {
+                tracing::debug!(conn, %error, "write failed");
+                done.cancel();
+                return;
+            }
+            WriteOutcome::Close(Some(code_reason)) => break code_reason,
+            WriteOutcome::Close(None) => {
+                break status
+                    .lock()
+                    .expect("status lock")
+                    .take()
+                    .unwrap_or((0, String::new()))
+            }
+        }
+    };
+    done.cancel();
+    if trailers {
+        let _ = send.send_trailers(grpc_trailers(final_status.0, &final_status.1));
+    } else {
+        let _ = send.send_data(Bytes::new(), true);
+    }
+}
+
+/// Joins queued small frames into one buffer (fewer DATA frames and syscalls under load).
+fn batch_frames(first: Bytes, frames: &mut mpsc::Receiver<Bytes>) -> Bytes {
+    if first.len() >= WRITE_BATCH {
+        return first;
+    }
+    let Ok(second) = frames.try_recv() else {
+        return first;
+    };
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH.max(first.len() + second.len()));
+    buf.extend_from_slice(&first);
+    buf.extend_from_slice(&second);
+    while buf.len() < WRITE_BATCH {
+        match frames.try_recv() {
+            Ok(next) => buf.extend_from_slice(&next),
+            Err(_) => break,
+        }
+    }
+    buf.freeze()
+}
+
+/// Sends within the peer's flow-control window, waiting for capacity instead of letting h2
+/// buffer without bound.
+async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let capacity = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            Some(Err(error)) => return Err(error),
+            None => return Err(h2::Error::from(h2::Reason::STREAM_CLOSED)),
+        };
+        if capacity == 0 {
+            continue;
+        }
+        let chunk = data.split_to(capacity.min(data.len()));
+        send.send_data(chunk, false)?;
+    }
+    Ok(())
+}
+
+/// gRPC trailers; the message is percent-encoded as the gRPC spec asks.
+pub(crate) fn grpc_trailers(code: u32, message: &str) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from(code));
+    if !message.is_empty() {
+        if let Ok(value) = http::HeaderValue::from_str(&percent_encode(message)) {
+            trailers.insert("grpc-message", value);
+        }
+    }
+    trailers
+}
+
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if (0x20..0x7f).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailers_encode_status_and_message() {
+        let t = grpc_trailers(8, "too big: 5 MiB ✗");
+        assert_eq!(t["grpc-status"], "8");
+        assert_eq!(t["grpc-message"], "too big: 5 MiB %E2%9C%97");
+        assert!(!grpc_trailers(0, "").contains_key("grpc-message"));
+    }
+}
