@@ -220,7 +220,11 @@ pub fn parse_listen_endpoint(endpoint: &str) -> Result<SocketAddr, ConfigError> 
         .rsplit_once(':')
         .ok_or_else(|| bad("expected host:port"))?;
     let port: u16 = port.parse().map_err(|_| bad("port is not a number"))?;
-    let host = if host == "localhost" { "127.0.0.1" } else { host };
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
     format!("{host}:{port}")
         .parse()
         .map_err(|_| bad("host must be an IP address or localhost"))
@@ -286,7 +290,9 @@ impl NodeConfig {
         let mut services = raw.services.into_iter();
         let (service_name, service) = services.next().ok_or(ConfigError::NoService)?;
         for (extra_service, _) in services {
-            unknown.push(format!("services.{extra_service} (only the first service is run)"));
+            unknown.push(format!(
+                "services.{extra_service} (only the first service is run)"
+            ));
         }
         let prefix = format!("services.{service_name}.");
         note_unknown(&prefix, &service.extra, unknown);
@@ -337,7 +343,9 @@ impl NodeConfig {
         for (i, client) in dataplane.clients.into_iter().enumerate() {
             let client_prefix = format!("{prefix}dataplane.clients[{i}].");
             note_unknown(&client_prefix, &client.extra, &mut config.unknown_keys);
-            let authority = strip_scheme(&client.endpoint).trim_end_matches('/').to_owned();
+            let authority = strip_scheme(&client.endpoint)
+                .trim_end_matches('/')
+                .to_owned();
             parse_listen_endpoint(&authority)?;
             use slim_core::router::ConnectionKind;
             let connection_type = match client.connection_type.as_deref() {
@@ -347,7 +355,9 @@ impl NodeConfig {
                 Some(other) => {
                     return Err(ConfigError::BadEndpoint {
                         endpoint: client.endpoint.clone(),
-                        reason: format!("connection_type {other:?} is not one of peer, remote, edge"),
+                        reason: format!(
+                            "connection_type {other:?} is not one of peer, remote, edge"
+                        ),
                     })
                 }
             };
@@ -436,8 +446,14 @@ services:
 
     #[test]
     fn endpoints() {
-        assert_eq!(parse_listen_endpoint("http://localhost:80").unwrap(), "127.0.0.1:80".parse().unwrap());
-        assert_eq!(parse_listen_endpoint("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
+        assert_eq!(
+            parse_listen_endpoint("http://localhost:80").unwrap(),
+            "127.0.0.1:80".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen_endpoint("[::1]:9").unwrap(),
+            "[::1]:9".parse().unwrap()
+        );
         assert!(parse_listen_endpoint("127.0.0.1").is_err());
         assert!(parse_listen_endpoint("127.0.0.1:x").is_err());
     }

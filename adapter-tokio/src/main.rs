@@ -84,7 +84,11 @@ fn main() -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
         let node = Node::start(node_config).await?;
-        tracing::info!(node_id = node.node_id(), version = slim_tokio::SLIM_VERSION, "node ready");
+        tracing::info!(
+            node_id = node.node_id(),
+            version = slim_tokio::SLIM_VERSION,
+            "node ready"
+        );
         let signal = wait_for_signal().await?;
         tracing::info!(signal, "shutting down");
         if let Some(stats) = node.stats().await {

@@ -28,7 +28,10 @@ pub(crate) struct ConnWriter {
 
 pub(crate) enum OpenKind {
     Accepted,
-    Dialed { link_id: String, kind: ConnectionKind },
+    Dialed {
+        link_id: String,
+        kind: ConnectionKind,
+    },
 }
 
 pub(crate) enum NodeInput {
@@ -209,7 +212,11 @@ impl Driver {
                             .fetch_add(1, Ordering::Relaxed)
                             + 1;
                         if n.is_power_of_two() {
-                            tracing::warn!(conn, dropped_total = n, "connection does not read fast enough: message dropped");
+                            tracing::warn!(
+                                conn,
+                                dropped_total = n,
+                                "connection does not read fast enough: message dropped"
+                            );
                         }
                     }
                 }

@@ -71,7 +71,9 @@ async fn serve_h2<T>(io: T, acceptor: &Acceptor) -> Result<(), String>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let max_frame = acceptor.max_message_size.clamp(16 * 1024, 16 * 1024 * 1024 - 1) as u32;
+    let max_frame = acceptor
+        .max_message_size
+        .clamp(16 * 1024, 16 * 1024 * 1024 - 1) as u32;
     let handshake = h2::server::Builder::new()
         .initial_window_size(INITIAL_WINDOW)
         .initial_connection_window_size(INITIAL_WINDOW)

@@ -89,7 +89,8 @@ async fn read_loop(
                 deframer.push(&bytes);
                 if let Some(error) = deliver_frames(conn, node, &mut deframer).await {
                     tracing::warn!(conn, %error, "bad gRPC framing: closing stream");
-                    *status.lock().expect("status lock") = Some((error.grpc_status(), error.to_string()));
+                    *status.lock().expect("status lock") =
+                        Some((error.grpc_status(), error.to_string()));
                     break;
                 }
             }

@@ -665,6 +665,9 @@ impl Router {
                 self.table
                     .match_all(&destination, conn, filter, &mut targets);
             }
+            if targets.is_empty() && kind == ConnectionKind::Local {
+                targets.extend(self.default_gateway());
+            }
             if targets.is_empty() {
                 self.scratch = targets;
                 self.drop_message(
@@ -680,6 +683,17 @@ impl Router {
             self.stats.forwarded += 1;
         }
         self.scratch = targets;
+    }
+
+    /// Where an in-process app's unmatched publish goes (spec §2.7, datapath ≥ 0.19): the one
+    /// established Edge link, when there is exactly one. A node with several uplinks routes by
+    /// subscriptions only.
+    fn default_gateway(&self) -> Option<ConnId> {
+        let mut edges = self.conns.iter().filter(|(_, c)| {
+            c.kind == ConnectionKind::Edge && matches!(c.link, LinkState::Established { .. })
+        });
+        let (first, _) = edges.next()?;
+        edges.next().is_none().then_some(*first)
     }
 
     /// Sends a header-carrying message on `target`, signed for that link.

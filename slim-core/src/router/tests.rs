@@ -779,3 +779,53 @@ fn same_seed_same_outputs() {
     }
     assert_eq!(run(), run());
 }
+
+#[test]
+fn local_app_publishes_fall_back_to_the_single_edge_uplink() {
+    // The client side of an SDK: a local app and one edge link to a node.
+    let mut client = Router::new(RouterConfig::default(), [5; 32]);
+    let mut node = Router::new(RouterConfig::default(), [6; 32]);
+    let uplink = client.dial_connection("up".into(), ConnectionKind::Edge, T0);
+    let node_side = node.accept_connection(T0);
+    pump(&mut client, uplink, &mut node, node_side, T0);
+    let app_conn = client.attach_local();
+    let me = app("me", 1);
+    let message = pb::Message {
+        message_type: Some(MessageType::Publish(pb::Publish {
+            header: Some(pb::SlimHeader {
+                source: Some(me.to_pb()),
+                destination: Some(app("elsewhere", 2).to_pb()),
+                fanout: 1,
+                ttl: 8,
+                ..Default::default()
+            }),
+            session: Some(pb::SessionHeader::default()),
+            msg: None,
+        })),
+        metadata: Default::default(),
+    };
+    client.handle_frame(app_conn, Bytes::from(message.encode_to_vec()), T0);
+    pump(&mut client, uplink, &mut node, node_side, T0);
+    let node_stats = node.stats();
+    assert_eq!(
+        node_stats.received, 2,
+        "negotiation + the publish reached the node"
+    );
+    assert_eq!(
+        node_stats.dropped(DropReason::NoRoute),
+        1,
+        "and was MAC-verified, then unroutable there"
+    );
+    assert_eq!(
+        node_stats.dropped(DropReason::MacInvalid) + node_stats.dropped(DropReason::MacMissing),
+        0
+    );
+    assert_eq!(client.stats().dropped(DropReason::NoRoute), 0);
+    // A second uplink makes the choice ambiguous: no fallback.
+    let _second = client.dial_connection("up2".into(), ConnectionKind::Edge, T0);
+    let mut other = Router::new(RouterConfig::default(), [8; 32]);
+    let other_side = other.accept_connection(T0);
+    pump(&mut client, _second, &mut other, other_side, T0);
+    client.handle_frame(app_conn, Bytes::from(message.encode_to_vec()), T0);
+    assert_eq!(client.stats().dropped(DropReason::NoRoute), 1);
+}
