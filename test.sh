@@ -25,7 +25,7 @@ cargo test --workspace
 
 step "sans-io dependency check"
 scripts/check-sansio.sh
-# The smol adapter must build on its own, without tokio's runtime pulled in by the workspace.
+# The smol adapter must build on its own (feature unification in a workspace build hides a missing dependency).
 if [ -d adapter-smol ] && grep -q adapter-smol Cargo.toml; then
   cargo build -q -p adapter-smol
 fi

@@ -14,4 +14,13 @@ for core in slim-proto slim-core; do
     echo "check-sansio: $core has no I/O crates in its dependency tree"
   fi
 done
+# adapter-smol may use tokio's I/O traits (h2 needs them) but never its runtime.
+runtime=$(cargo tree -q -p adapter-smol -e normal,features -i tokio --prefix none 2>/dev/null \
+  | grep -oE '^tokio feature "(rt|rt-multi-thread|net|time)"' | sort -u | tr '\n' ' ' || true)
+if [ -n "$runtime" ]; then
+  echo "check-sansio: adapter-smol pulls in the tokio runtime: $runtime" >&2
+  status=1
+else
+  echo "check-sansio: adapter-smol uses no tokio runtime"
+fi
 exit $status

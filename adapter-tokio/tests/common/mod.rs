@@ -1,0 +1,756 @@
+//! A hand-written SLIM test client for the integration tests: real sockets, a real `h2` client,
+//! real gRPC framing and a real link negotiation as an EDGE client (X25519 → HKDF → header MAC).
+//!
+//! It is deliberately low-level: every helper that sends something has a raw variant, so the
+//! hostile-input tests can send exactly the bytes they want.
+
+// Each test binary compiles this module on its own and uses a different part of it.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use prost::Message as _;
+use slim_core::router::Stats;
+use slim_proto::link::{self, LocalLinkInfo};
+use slim_proto::pb::{self, message::MessageType, LinkConnectionType};
+use slim_proto::{encode_frame, Deframer, HeaderMacKey, LinkKeyPair, Name};
+use slim_tokio::config::{NodeConfig, ServerConfig};
+use slim_tokio::Node;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+/// Upper bound for anything a test waits for. Generous: the tests must pass on a loaded machine,
+/// and nothing asserts on how long something took.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The version our clients announce (what slim-bindings 3.3.8 sends).
+pub const CLIENT_VERSION: &str = "3.4.6";
+
+/// Logs to the test output when `RUST_LOG` is set (e.g. `RUST_LOG=debug cargo test`).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// `fut`, or a panic naming `what` after [`TIMEOUT`].
+pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(TIMEOUT, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {TIMEOUT:?} waiting for {what}"),
+    }
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).expect("OS randomness");
+    bytes
+}
+
+pub fn random_id() -> String {
+    random_bytes::<8>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------ the node
+
+/// A node serving plaintext HTTP/2 on an ephemeral port of 127.0.0.1.
+pub async fn start_node() -> Node {
+    start_node_with(|_| {}).await
+}
+
+/// Same, after `tweak` adjusted the configuration.
+pub async fn start_node_with(tweak: impl FnOnce(&mut NodeConfig)) -> Node {
+    init_tracing();
+    let mut config = NodeConfig {
+        servers: vec![ServerConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            tls: None,
+        }],
+        ..NodeConfig::default()
+    };
+    tweak(&mut config);
+    Node::start(config).await.expect("node starts")
+}
+
+pub fn node_addr(node: &Node) -> SocketAddr {
+    node.local_addrs()[0]
+}
+
+/// The router counters; panics if the node has stopped.
+pub async fn stats(node: &Node) -> Stats {
+    within("node stats", node.stats())
+        .await
+        .expect("the node is running")
+        .router
+}
+
+/// Polls the node's counters until `pred` holds (bounded by [`TIMEOUT`]); returns them.
+pub async fn wait_for_stats(node: &Node, what: &str, pred: impl Fn(&Stats) -> bool) -> Stats {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let stats = stats(node).await;
+        if pred(&stats) {
+            return stats;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {TIMEOUT:?} waiting for {what}; stats: {stats:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------- messages
+
+/// A name with the component strings and hashes, as real clients send it.
+pub fn name(text: &str) -> Name {
+    Name::parse(text).expect("valid SLIM name")
+}
+
+/// A header as slim-bindings builds it (spec §1.5, captures §4): ttl 8, version, identity,
+/// `incoming_conn = 1` (the client's own index; the node overwrites it).
+pub fn header(source: &Name, destination: &Name, fanout: u32) -> pb::SlimHeader {
+    pb::SlimHeader {
+        source: Some(source.to_pb()),
+        destination: Some(destination.to_pb()),
+        identity: format!("identity-of-{}", source.components()[2]),
+        fanout,
+        version: CLIENT_VERSION.into(),
+        ttl: slim_proto::DEFAULT_TTL,
+        incoming_conn: Some(1),
+        ..Default::default()
+    }
+}
+
+/// An unsigned data publish (`MSG`, application payload `blob`).
+pub fn publish_message(
+    source: &Name,
+    destination: &Name,
+    fanout: u32,
+    blob: &[u8],
+) -> pb::Message {
+    pb::Message {
+        message_type: Some(MessageType::Publish(pb::Publish {
+            header: Some(header(source, destination, fanout)),
+            session: Some(pb::SessionHeader {
+                session_type: if fanout == 1 {
+                    pb::SessionType::PointToPoint as i32
+                } else {
+                    pb::SessionType::Multicast as i32
+                },
+                session_message_type: pb::SessionMessageType::Msg as i32,
+                session_id: 0x1234_5678,
+                message_id: 1,
+            }),
+            msg: Some(pb::Content {
+                content_type: Some(pb::content::ContentType::AppPayload(
+                    pb::ApplicationPayload {
+                        payload_type: "msg".into(),
+                        blob: Bytes::copy_from_slice(blob),
+                    },
+                )),
+            }),
+        })),
+        metadata: HashMap::new(),
+    }
+}
+
+pub fn subscribe_message(source: &Name, destination: &Name, sub_id: u64) -> pb::Message {
+    pb::Message {
+        message_type: Some(MessageType::Subscribe(pb::Subscribe {
+            header: Some(header(source, destination, 1)),
+            subscription_id: sub_id,
+        })),
+        metadata: HashMap::new(),
+    }
+}
+
+pub fn unsubscribe_message(source: &Name, destination: &Name, sub_id: u64) -> pb::Message {
+    pb::Message {
+        message_type: Some(MessageType::Unsubscribe(pb::Unsubscribe {
+            header: Some(header(source, destination, 1)),
+            subscription_id: sub_id,
+        })),
+        metadata: HashMap::new(),
+    }
+}
+
+pub fn header_of(message: &pb::Message) -> Option<&pb::SlimHeader> {
+    match message.message_type.as_ref()? {
+        MessageType::Publish(p) => p.header.as_ref(),
+        MessageType::Subscribe(s) => s.header.as_ref(),
+        MessageType::Unsubscribe(u) => u.header.as_ref(),
+        MessageType::Link(_) | MessageType::SubscriptionAck(_) => None,
+    }
+}
+
+pub fn header_of_mut(message: &mut pb::Message) -> Option<&mut pb::SlimHeader> {
+    match message.message_type.as_mut()? {
+        MessageType::Publish(p) => p.header.as_mut(),
+        MessageType::Subscribe(s) => s.header.as_mut(),
+        MessageType::Unsubscribe(u) => u.header.as_mut(),
+        MessageType::Link(_) | MessageType::SubscriptionAck(_) => None,
+    }
+}
+
+/// The application payload of a publish.
+pub fn blob_of(message: &pb::Message) -> Option<&[u8]> {
+    match message.message_type.as_ref()? {
+        MessageType::Publish(pb::Publish {
+            msg:
+                Some(pb::Content {
+                    content_type: Some(pb::content::ContentType::AppPayload(payload)),
+                }),
+            ..
+        }) => Some(&payload.blob),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------- the client
+
+/// How a gRPC stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcStatus {
+    pub code: u32,
+    pub message: String,
+}
+
+/// One received message: the exact protobuf bytes and their decoding.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub raw: Bytes,
+    pub message: pb::Message,
+}
+
+/// What [`Client::next`] saw.
+#[derive(Debug)]
+pub enum Next {
+    Message(Received),
+    /// The node ended the response stream (its status is read with [`Client::status`]).
+    End,
+}
+
+/// The negotiated link: its id and the header-MAC key both ends derived.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub link_id: String,
+    pub mac: HeaderMacKey,
+    /// What the node said about itself.
+    pub reply: pb::LinkNegotiationPayload,
+}
+
+/// One OpenChannel stream on its own HTTP/2 connection.
+pub struct Client {
+    pub label: String,
+    h2: SendRequest<Bytes>,
+    connection: JoinHandle<()>,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Set for a "Trailers-Only" response (status in the response headers).
+    header_status: Option<GrpcStatus>,
+    deframer: Deframer,
+    queue: VecDeque<Bytes>,
+    ended: bool,
+    pub link: Option<Link>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Dropping the client closes its TCP connection, like a process that goes away.
+        self.connection.abort();
+    }
+}
+
+/// HTTP/2 handshake on `io` (TCP, TLS…). The connection task is returned so callers can drop
+/// the transport at will.
+pub async fn h2_handshake<T>(io: T) -> Result<(SendRequest<Bytes>, JoinHandle<()>), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // The window sizes slim-bindings uses (captures/README.md §1).
+    let (h2, connection) = h2::client::Builder::new()
+        .initial_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(5 * 1024 * 1024)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((h2, connection))
+}
+
+/// Opens a gRPC stream on `path`, with the request headers of a tonic client.
+async fn open_stream(
+    h2: &SendRequest<Bytes>,
+    scheme: &str,
+    authority: &str,
+    path: &str,
+) -> Result<(SendStream<Bytes>, http::Response<RecvStream>), String> {
+    let request = http::Request::post(format!("{scheme}://{authority}{path}"))
+        .header("te", "trailers")
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::USER_AGENT, "tonic/0.14.6")
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let mut h2 = h2.clone().ready().await.map_err(|e| e.to_string())?;
+    let (response, send) = h2
+        .send_request(request, false)
+        .map_err(|e| format!("send_request: {e}"))?;
+    let response = response.await.map_err(|e| format!("response: {e}"))?;
+    Ok((send, response))
+}
+
+fn status_from_headers(headers: &http::HeaderMap) -> Option<GrpcStatus> {
+    let code = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(percent_decode)
+        .unwrap_or_default();
+    Some(GrpcStatus { code, message })
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            if let Some(byte) = text
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Client {
+    /// TCP to `addr`, HTTP/2, OpenChannel.
+    pub async fn connect(addr: SocketAddr, label: &str) -> Client {
+        let tcp = within("TCP connect", TcpStream::connect(addr))
+            .await
+            .expect("TCP connect to the node");
+        tcp.set_nodelay(true).unwrap();
+        Client::open(tcp, "http", &addr.to_string(), label).await
+    }
+
+    /// TCP to `addr` and a link negotiated as EDGE.
+    pub async fn connect_negotiated(addr: SocketAddr, label: &str) -> Client {
+        let mut client = Client::connect(addr, label).await;
+        client.negotiate().await;
+        client
+    }
+
+    /// HTTP/2 and OpenChannel over an already connected transport.
+    pub async fn open<T>(io: T, scheme: &str, authority: &str, label: &str) -> Client
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let opened = within(
+            "HTTP/2 handshake and OpenChannel",
+            Client::try_open(io, scheme, authority, slim_proto::OPEN_CHANNEL_PATH, label),
+        )
+        .await;
+        match opened {
+            Ok(client) => {
+                assert_eq!(
+                    client.header_status, None,
+                    "{label}: OpenChannel was refused in the response headers"
+                );
+                client
+            }
+            Err(error) => panic!("{label}: cannot open the channel: {error}"),
+        }
+    }
+
+    /// HTTP/2 and a POST to `path`; fails if the transport or HTTP/2 does.
+    pub async fn try_open<T>(
+        io: T,
+        scheme: &str,
+        authority: &str,
+        path: &str,
+        label: &str,
+    ) -> Result<Client, String>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (h2, connection) = h2_handshake(io)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        let opened = open_stream(&h2, scheme, authority, path).await;
+        let (send, response) = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                connection.abort();
+                return Err(error);
+            }
+        };
+        let (parts, recv) = response.into_parts();
+        if parts.status != http::StatusCode::OK {
+            connection.abort();
+            return Err(format!("HTTP status {}", parts.status));
+        }
+        assert_eq!(
+            parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .map(|v| v.as_bytes()),
+            Some(&b"application/grpc"[..]),
+            "{label}: response content-type"
+        );
+        let header_status = status_from_headers(&parts.headers);
+        Ok(Client {
+            label: label.to_owned(),
+            h2,
+            connection,
+            send,
+            ended: header_status.is_some() && recv.is_end_stream(),
+            recv,
+            header_status,
+            deframer: Deframer::new(64 * 1024 * 1024),
+            queue: VecDeque::new(),
+            link: None,
+        })
+    }
+
+    /// Another gRPC request on this client's HTTP/2 connection; the response's status, which must
+    /// come as a Trailers-Only response (for refused methods).
+    pub async fn request_status(&self, path: &str) -> GrpcStatus {
+        let (_send, response) = within(
+            "a response",
+            open_stream(&self.h2, "http", "127.0.0.1", path),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: request to {path}: {e}", self.label));
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let status = status_from_headers(response.headers())
+            .unwrap_or_else(|| panic!("{}: no grpc-status in the response to {path}", self.label));
+        assert!(
+            response.body().is_end_stream(),
+            "a Trailers-Only response ends the stream"
+        );
+        status
+    }
+
+    // ------------------------------------------------------------------------------ sending
+
+    /// Sends raw bytes on the request stream (no gRPC framing added).
+    pub fn send_raw(&mut self, bytes: Bytes) {
+        self.send
+            .send_data(bytes, false)
+            .unwrap_or_else(|e| panic!("{}: send failed: {e}", self.label));
+    }
+
+    /// Sends one message, gRPC-framed, exactly as given (no signing).
+    pub fn send(&mut self, message: &pb::Message) {
+        self.send_raw(encode_frame(message));
+    }
+
+    /// Ends the request stream (a clean client-side close).
+    pub fn finish(&mut self) {
+        self.send
+            .send_data(Bytes::new(), true)
+            .unwrap_or_else(|e| panic!("{}: cannot end the stream: {e}", self.label));
+    }
+
+    /// Drops the TCP connection without any HTTP/2 goodbye.
+    pub fn vanish(self) {
+        drop(self);
+    }
+
+    pub fn mac(&self) -> &HeaderMacKey {
+        &self
+            .link
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: link not negotiated", self.label))
+            .mac
+    }
+
+    /// Signs the message's header for this client's link.
+    pub fn sign(&self, message: &mut pb::Message) {
+        let mac = self.mac().clone();
+        mac.sign(header_of_mut(message).expect("a message with a SLIM header"));
+    }
+
+    /// Signs and sends.
+    pub fn send_signed(&mut self, mut message: pb::Message) -> pb::Message {
+        self.sign(&mut message);
+        self.send(&message);
+        message
+    }
+
+    /// A signed publish from `source` to `destination`; returns exactly what was sent.
+    pub fn publish(
+        &mut self,
+        source: &Name,
+        destination: &Name,
+        fanout: u32,
+        blob: &[u8],
+    ) -> pb::Message {
+        self.send_signed(publish_message(source, destination, fanout, blob))
+    }
+
+    // ------------------------------------------------------------------------------ negotiation
+
+    /// Sends an EDGE negotiation request as slim-bindings does; returns the link id and key pair.
+    pub fn send_negotiation(&mut self) -> (String, LinkKeyPair) {
+        let link_id = format!("test-{}-{}", self.label, random_id());
+        let keys = LinkKeyPair::from_seed(random_bytes());
+        let info = LocalLinkInfo {
+            slim_version: CLIENT_VERSION.into(),
+            node_id: format!("node-test-{}", random_id()),
+            deployment_name: String::new(),
+        };
+        let request = link::request(
+            &info,
+            &link_id,
+            LinkConnectionType::Edge,
+            keys.public_bytes(),
+        );
+        self.send(&link::negotiation_message(request));
+        (link_id, keys)
+    }
+
+    /// Negotiates the link (strict, as default clients are) and installs the header-MAC key.
+    pub async fn negotiate(&mut self) -> &Link {
+        let (link_id, keys) = self.send_negotiation();
+        let reply = self.recv().await;
+        let payload = link::as_negotiation(&reply.message)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: expected a negotiation reply, got {:?}",
+                    self.label, reply.message
+                )
+            })
+            .clone();
+        link::check_reply(&payload, &link_id, true)
+            .unwrap_or_else(|e| panic!("{}: bad negotiation reply: {e}", self.label));
+        assert_eq!(
+            payload.connection_type,
+            LinkConnectionType::Edge as i32,
+            "the node echoes the connection type"
+        );
+        let key = keys
+            .derive_mac_key(&payload.link_ecdh_public_key, &link_id)
+            .expect("32-byte node key");
+        self.link = Some(Link {
+            mac: HeaderMacKey::new(&key, &link_id).expect("32-byte MAC key"),
+            link_id,
+            reply: payload,
+        });
+        self.link.as_ref().unwrap()
+    }
+
+    // ------------------------------------------------------------------------------ receiving
+
+    /// The next message or the end of the response stream, `None` after `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Next> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(raw) = self.queue.pop_front() {
+                let message = pb::Message::decode(raw.clone()).unwrap_or_else(|e| {
+                    panic!("{}: the node sent an undecodable message: {e}", self.label)
+                });
+                return Some(Next::Message(Received { raw, message }));
+            }
+            if self.ended {
+                return Some(Next::End);
+            }
+            let chunk = match tokio::time::timeout_at(deadline, self.recv.data()).await {
+                Err(_) => return None,
+                Ok(chunk) => chunk,
+            };
+            match chunk {
+                None => {
+                    self.ended = true;
+                    assert!(
+                        self.deframer.finish().is_ok(),
+                        "{}: the node ended the stream inside a message",
+                        self.label
+                    );
+                }
+                Some(Err(error)) => panic!("{}: response stream failed: {error}", self.label),
+                Some(Ok(bytes)) => {
+                    let _ = self.recv.flow_control().release_capacity(bytes.len());
+                    self.deframer.push(&bytes);
+                    while let Some(body) = self
+                        .deframer
+                        .next_frame()
+                        .unwrap_or_else(|e| panic!("{}: bad framing from the node: {e}", self.label))
+                    {
+                        self.queue.push_back(body);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next message; panics on end of stream or after [`TIMEOUT`].
+    pub async fn recv(&mut self) -> Received {
+        match self.next_within(TIMEOUT).await {
+            Some(Next::Message(received)) => received,
+            Some(Next::End) => {
+                let status = self.status().await;
+                panic!(
+                    "{}: stream ended while a message was expected: {status:?}",
+                    self.label
+                )
+            }
+            None => panic!(
+                "{}: no message within {TIMEOUT:?} while one was expected",
+                self.label
+            ),
+        }
+    }
+
+    /// The next message, which must be a SubscriptionAck.
+    pub async fn recv_ack(&mut self) -> pb::SubscriptionAck {
+        let received = self.recv().await;
+        match received.message.message_type {
+            Some(MessageType::SubscriptionAck(ack)) => ack,
+            other => panic!("{}: expected a SubscriptionAck, got {other:?}", self.label),
+        }
+    }
+
+    /// Reads to the end of the response stream; the final gRPC status (from the trailers, or from
+    /// the headers of a Trailers-Only response) and the messages received before it.
+    pub async fn status_and_messages(&mut self) -> (GrpcStatus, Vec<Received>) {
+        let mut messages = Vec::new();
+        loop {
+            match self.next_within(TIMEOUT).await {
+                Some(Next::Message(received)) => messages.push(received),
+                Some(Next::End) => break,
+                None => panic!(
+                    "{}: the stream did not end within {TIMEOUT:?}",
+                    self.label
+                ),
+            }
+        }
+        if let Some(status) = &self.header_status {
+            return (status.clone(), messages);
+        }
+        let trailers = within("trailers", self.recv.trailers())
+            .await
+            .unwrap_or_else(|e| panic!("{}: reading trailers failed: {e}", self.label))
+            .unwrap_or_else(|| panic!("{}: the stream ended without trailers", self.label));
+        let status = status_from_headers(&trailers)
+            .unwrap_or_else(|| panic!("{}: no grpc-status in trailers {trailers:?}", self.label));
+        (status, messages)
+    }
+
+    /// The final gRPC status; panics if a message arrives first.
+    pub async fn status(&mut self) -> GrpcStatus {
+        let (status, messages) = self.status_and_messages().await;
+        assert!(
+            messages.is_empty(),
+            "{}: unexpected messages before the end of the stream: {:?}",
+            self.label,
+            messages.iter().map(|m| &m.message).collect::<Vec<_>>()
+        );
+        status
+    }
+
+    // ------------------------------------------------------------------------------ subscriptions
+
+    /// Subscribes `name` (source = destination, as an app subscribing its own name) and waits for
+    /// the successful ack.
+    pub async fn subscribe(&mut self, name: &Name, sub_id: u64) {
+        self.subscribe_as(name, name, sub_id).await;
+    }
+
+    /// Subscribes `destination` on behalf of `source` (e.g. a member joining a channel).
+    pub async fn subscribe_as(&mut self, source: &Name, destination: &Name, sub_id: u64) {
+        self.send_signed(subscribe_message(source, destination, sub_id));
+        let ack = self.recv_ack().await;
+        assert_eq!(
+            ack,
+            pb::SubscriptionAck {
+                subscription_id: sub_id,
+                success: true,
+                error: String::new(),
+            },
+            "{}: subscribe of {destination}",
+            self.label
+        );
+    }
+
+    /// Unsubscribes and returns the ack.
+    pub async fn unsubscribe_as(
+        &mut self,
+        source: &Name,
+        destination: &Name,
+        sub_id: u64,
+    ) -> pb::SubscriptionAck {
+        self.send_signed(unsubscribe_message(source, destination, sub_id));
+        self.recv_ack().await
+    }
+
+    // ------------------------------------------------------------------------------ checks
+
+    /// Asserts that `received` is the copy of `sent` the node must forward on this client's link:
+    /// the same bytes, except `ttl` (one less), `header_mac` (valid for this link) and
+    /// `incoming_conn` (the node's index of the ingress connection). Returns that index.
+    pub fn assert_forwarded_copy(&self, sent: &pb::Message, received: &Received) -> u64 {
+        let got_header = header_of(&received.message)
+            .unwrap_or_else(|| panic!("{}: received {:?}", self.label, received.message));
+        let incoming_conn = got_header
+            .incoming_conn
+            .unwrap_or_else(|| panic!("{}: the node did not set incoming_conn", self.label));
+        self.mac()
+            .verify(got_header)
+            .unwrap_or_else(|e| panic!("{}: forwarded header MAC: {e}", self.label));
+        let mut expected = sent.clone();
+        let header = header_of_mut(&mut expected).expect("sent a message with a header");
+        header.ttl -= 1;
+        header.incoming_conn = Some(incoming_conn);
+        header.recv_from = None;
+        header.forward_to = None;
+        self.mac().sign(header);
+        let expected_bytes = expected.encode_to_vec();
+        if expected_bytes != received.raw {
+            panic!(
+                "{}: forwarded copy differs from what was sent\n  expected {:?}\n  received {:?}",
+                self.label, expected, received.message
+            );
+        }
+        incoming_conn
+    }
+
+    /// Waits for the next message and checks it is the forwarded copy of `sent`.
+    pub async fn expect_copy_of(&mut self, sent: &pb::Message) -> u64 {
+        let received = self.recv().await;
+        self.assert_forwarded_copy(sent, &received)
+    }
+}
+
+/// Publishes from `from` (as `source`) to `to` (subscribed to `destination`) and checks that `to`'s
+/// next message is the byte-exact forwarded copy.
+pub async fn assert_delivers(
+    from: &mut Client,
+    source: &Name,
+    to: &mut Client,
+    destination: &Name,
+    blob: &[u8],
+) {
+    let sent = from.publish(source, destination, 1, blob);
+    let received = to.recv().await;
+    to.assert_forwarded_copy(&sent, &received);
+}
