@@ -44,7 +44,28 @@ async fn dial_once(
     node: &NodeHandle,
     max_message_size: usize,
 ) -> Result<(), String> {
-    let tcp = TcpStream::connect(&config.authority)
+    let (recv, send) = open_channel(&config.authority).await?;
+    run_link(
+        node.clone(),
+        OpenKind::Dialed {
+            link_id: link_id.to_owned(),
+            kind: config.connection_type,
+        },
+        recv,
+        send,
+        max_message_size,
+        false,
+        None,
+    )
+    .await;
+    Ok(())
+}
+
+/// Dials `authority` (host:port, plaintext HTTP/2) and opens the OpenChannel stream.
+pub(crate) async fn open_channel(
+    authority: &str,
+) -> Result<(h2::RecvStream, h2::SendStream<Bytes>), String> {
+    let tcp = TcpStream::connect(authority)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
@@ -58,8 +79,7 @@ async fn dial_once(
         let _ = connection.await;
     });
     let request = Request::post(format!(
-        "http://{}{}",
-        config.authority,
+        "http://{authority}{}",
         slim_proto::OPEN_CHANNEL_PATH
     ))
     .header(http::header::CONTENT_TYPE, "application/grpc")
@@ -77,17 +97,5 @@ async fn dial_once(
     if let Some(status) = response.headers().get("grpc-status") {
         return Err(format!("OpenChannel refused with grpc-status {status:?}"));
     }
-    run_link(
-        node.clone(),
-        OpenKind::Dialed {
-            link_id: link_id.to_owned(),
-            kind: config.connection_type,
-        },
-        response.into_body(),
-        send,
-        max_message_size,
-        false,
-    )
-    .await;
-    Ok(())
+    Ok((response.into_body(), send))
 }

@@ -12,6 +12,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod app;
+pub mod bench;
 pub mod clock;
 pub mod config;
 

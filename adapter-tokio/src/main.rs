@@ -39,6 +39,88 @@ struct Cli {
     /// Listen on this address instead of the configured servers (e.g. 0.0.0.0:46357).
     #[arg(long, value_name = "HOST:PORT")]
     endpoint: Option<String>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Measure a running SLIM node (ours or the reference) from two clients on this machine.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// The node to measure.
+    #[arg(long, default_value = "http://127.0.0.1:46357")]
+    endpoint: String,
+    /// publish: raw data-plane messages, 1 publisher -> node -> 1 subscriber.
+    #[arg(long, value_enum, default_value = "publish")]
+    mode: BenchMode,
+    /// Payload bytes per message (min 8).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Seconds of the throughput phase.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Round trips measured after the throughput phase.
+    #[arg(long, default_value_t = 2000)]
+    round_trips: u64,
+    /// Messages in flight at most during the throughput phase.
+    #[arg(long, default_value_t = 1000)]
+    window: usize,
+    /// Print one JSON line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum BenchMode {
+    Publish,
+}
+
+fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    init_logging(Some("warn"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let config = slim_tokio::bench::BenchConfig {
+        endpoint: args.endpoint.clone(),
+        size: args.size.max(8),
+        duration: std::time::Duration::from_secs_f64(args.duration.max(0.1)),
+        round_trips: args.round_trips,
+        window: args.window,
+    };
+    let report = match args.mode {
+        BenchMode::Publish => runtime.block_on(slim_tokio::bench::run_publish(&config)),
+    }
+    .with_context(|| format!("benchmark against {}", args.endpoint))?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!(
+            "mode {}  size {} B  endpoint {}",
+            report.mode, report.size, args.endpoint
+        );
+        println!(
+            "throughput  {:>12.0} msgs/s  {:>8.2} MB/s   ({} sent, {} received, {} out of order, {:.2} s)",
+            report.msgs_per_s, report.mb_per_s, report.sent, report.received, report.out_of_order, report.seconds
+        );
+        println!(
+            "round trip  p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us  ({} samples)",
+            report.p50_us, report.p90_us, report.p99_us, report.p999_us, report.max_us, report.round_trips
+        );
+    }
+    if report.received < report.sent {
+        anyhow::bail!(
+            "{} of {} messages were lost",
+            report.sent - report.received,
+            report.sent
+        );
+    }
+    Ok(())
 }
 
 fn init_logging(level: Option<&str>) {
@@ -64,6 +146,9 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Bench(args)) = cli.command {
+        return run_bench(args);
+    }
     let mut node_config = match &cli.config {
         Some(path) => NodeConfig::from_file(path)
             .with_context(|| format!("invalid configuration {}", path.display()))?,

@@ -32,6 +32,8 @@ pub(crate) enum OpenKind {
         link_id: String,
         kind: ConnectionKind,
     },
+    /// An application in this process (the client side of an SDK).
+    Local,
 }
 
 pub(crate) enum NodeInput {
@@ -48,6 +50,11 @@ pub(crate) enum NodeInput {
         conn: ConnId,
     },
     Stats(oneshot::Sender<Stats>),
+    /// Answer once the connection's link is negotiated (or failed / is gone).
+    AwaitLink {
+        conn: ConnId,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// End every stream with grpc-status 0 and stop.
     Shutdown,
 }
@@ -88,6 +95,16 @@ impl NodeHandle {
         let _ = self.tx.send(NodeInput::Closed { conn }).await;
     }
 
+    /// Waits until the link of `conn` is negotiated.
+    pub async fn await_link(&self, conn: ConnId) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(NodeInput::AwaitLink { conn, reply })
+            .await
+            .map_err(|_| "node stopped".to_string())?;
+        rx.await.map_err(|_| "node stopped".to_string())?
+    }
+
     pub async fn stats(&self) -> Option<Stats> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(NodeInput::Stats(reply)).await.ok()?;
@@ -112,6 +129,7 @@ pub(crate) fn spawn_router(
 struct Driver {
     router: Router,
     writers: HashMap<ConnId, ConnWriter>,
+    link_waiters: HashMap<ConnId, Vec<oneshot::Sender<Result<(), String>>>>,
     clock: Clock,
     counters: Arc<AdapterCounters>,
 }
@@ -125,6 +143,7 @@ async fn run(
     let mut driver = Driver {
         router,
         writers: HashMap::new(),
+        link_waiters: HashMap::new(),
         clock,
         counters,
     };
@@ -175,6 +194,7 @@ impl Driver {
                     OpenKind::Dialed { link_id, kind } => {
                         self.router.dial_connection(link_id, kind, now)
                     }
+                    OpenKind::Local => self.router.attach_local(),
                 };
                 self.writers.insert(conn, writer);
                 if reply.send(conn).is_err() {
@@ -186,6 +206,15 @@ impl Driver {
             NodeInput::Closed { conn } => self.router.handle_connection_closed(conn, now),
             NodeInput::Stats(reply) => {
                 let _ = reply.send(self.router.stats());
+            }
+            NodeInput::AwaitLink { conn, reply } => {
+                if self.router.is_established(conn) {
+                    let _ = reply.send(Ok(()));
+                } else if self.router.connection_kind(conn).is_none() {
+                    let _ = reply.send(Err(format!("connection {conn} is closed")));
+                } else {
+                    self.link_waiters.entry(conn).or_default().push(reply);
+                }
             }
             NodeInput::Shutdown => {
                 self.drain();
@@ -221,6 +250,7 @@ impl Driver {
                     }
                 }
                 Output::Close { conn, code, reason } => {
+                    self.notify_link(conn, Err(reason.clone()));
                     if let Some(writer) = self.writers.remove(&conn) {
                         let _ = writer.close.send((code, reason));
                     }
@@ -234,6 +264,7 @@ impl Driver {
                     header_mac,
                 }) => {
                     tracing::info!(conn, kind = kind.as_str(), %link_id, %remote_node_id, %remote_version, header_mac, "link established");
+                    self.notify_link(conn, Ok(()));
                 }
                 Output::Event(RouterEvent::ConnectionRemoved {
                     conn,
@@ -241,9 +272,16 @@ impl Driver {
                 }) => {
                     // Dropping the writer ends its stream (with the status the reader left, if any).
                     self.writers.remove(&conn);
+                    self.notify_link(conn, Err(format!("connection {conn} closed")));
                     tracing::info!(conn, routes_removed, "connection removed");
                 }
             }
+        }
+    }
+
+    fn notify_link(&mut self, conn: ConnId, result: Result<(), String>) {
+        for waiter in self.link_waiters.remove(&conn).unwrap_or_default() {
+            let _ = waiter.send(result.clone());
         }
     }
 }

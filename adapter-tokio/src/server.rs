@@ -132,6 +132,7 @@ async fn serve_stream(
         send,
         acceptor.max_message_size,
         true,
+        None,
     )
     .await;
 }

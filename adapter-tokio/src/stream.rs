@@ -29,6 +29,7 @@ pub(crate) async fn run_link(
     send: SendStream<Bytes>,
     max_message_size: usize,
     trailers: bool,
+    opened: Option<oneshot::Sender<ConnId>>,
 ) {
     let (frames_tx, frames_rx) = mpsc::channel(CONNECTION_QUEUE);
     let (close_tx, close_rx) = oneshot::channel();
@@ -44,6 +45,9 @@ pub(crate) async fn run_link(
     else {
         return;
     };
+    if let Some(opened) = opened {
+        let _ = opened.send(conn);
+    }
     let done = CancellationToken::new();
     let status: StatusSlot = Arc::default();
     let writer = tokio::spawn(write_loop(

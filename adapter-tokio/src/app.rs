@@ -1,0 +1,328 @@
+//! A client's link to a SLIM node, on tokio: raw data-plane messaging (subscribe, publish,
+//! receive). The session layer builds on it.
+//!
+//! Like the reference SDK, a client runs its own router core: the application is a local
+//! connection of it and the node is reached over one negotiated, header-MAC-signed Edge link, so
+//! the node sees exactly what it sees from a `slim-bindings` client.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), slim_tokio::app::ClientError> {
+//! use slim_proto::Name;
+//! let me = Name::with_id("org", "ns", "alice", 1);
+//! let client = slim_tokio::app::Client::connect("127.0.0.1:46357", me.clone()).await?;
+//! client.subscribe(&me).await?;
+//! client.publish(&Name::new("org", "ns", "bob"), b"hello".to_vec()).await?;
+//! let message = client.recv().await?;
+//! println!("{} sent {} bytes", message.source, message.payload.len());
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+use slim_core::router::{ConnId, ConnectionKind, Router, RouterConfig};
+use slim_proto::pb::message::MessageType;
+use slim_proto::{pb, Deframer, Name};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::clock::Clock;
+use crate::node::{self, AdapterCounters, ConnWriter, NodeHandle, OpenKind};
+
+const LINK_WAIT: Duration = Duration::from_secs(10);
+const ACK_WAIT: Duration = Duration::from_secs(10);
+const INBOX: usize = 4096;
+
+/// Errors of the client API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect { endpoint: String, reason: String },
+    #[error("the node refused the link: {0}")]
+    Refused(String),
+    #[error("the link to the node is closed")]
+    Closed,
+    #[error("the node refused the subscription: {0}")]
+    Subscription(String),
+    #[error("no answer from the node within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A message delivered to this client.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub source: Name,
+    pub payload: Bytes,
+}
+
+type PendingAcks = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>>;
+
+/// A connected client. Dropping it closes the link.
+pub struct Client {
+    name: Name,
+    node: NodeHandle,
+    app: ConnId,
+    uplink: ConnId,
+    pending_acks: PendingAcks,
+    next_sub_id: AtomicU64,
+    inbox: tokio::sync::Mutex<mpsc::Receiver<Received>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.name.to_string())
+            .field("uplink", &self.uplink)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Client {
+    /// Connects to a node at `endpoint` (`host:port` or `http://host:port`, plaintext HTTP/2)
+    /// and negotiates the link. `name` is this client's name, with its instance id.
+    pub async fn connect(endpoint: &str, name: Name) -> Result<Client, ClientError> {
+        let authority = endpoint
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let connect_error = |reason: String| ClientError::Connect {
+            endpoint: endpoint.to_owned(),
+            reason,
+        };
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| connect_error(format!("no OS randomness: {e}")))?;
+        let router = Router::new(
+            RouterConfig {
+                node_id: format!("client-{name}"),
+                slim_version: crate::SLIM_VERSION.to_owned(),
+                ..RouterConfig::default()
+            },
+            seed,
+        );
+        let (node, router_task) =
+            node::spawn_router(router, Clock::new(), Arc::new(AdapterCounters::default()));
+        let mut tasks = vec![router_task];
+
+        let (recv, send) = crate::client::open_channel(&authority)
+            .await
+            .map_err(connect_error)?;
+        let (opened_tx, opened_rx) = oneshot::channel();
+        let link_id = format!(
+            "{:032x}",
+            u128::from_le_bytes(seed[..16].try_into().unwrap_or_default())
+        );
+        tasks.push(tokio::spawn(crate::stream::run_link(
+            node.clone(),
+            OpenKind::Dialed {
+                link_id,
+                kind: ConnectionKind::Edge,
+            },
+            recv,
+            send,
+            slim_proto::DEFAULT_MAX_MESSAGE_SIZE,
+            false,
+            Some(opened_tx),
+        )));
+        let uplink = opened_rx.await.map_err(|_| ClientError::Closed)?;
+        match tokio::time::timeout(LINK_WAIT, node.await_link(uplink)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return Err(ClientError::Refused(reason)),
+            Err(_) => return Err(ClientError::Timeout(LINK_WAIT)),
+        }
+
+        let (frames_tx, frames_rx) = mpsc::channel(node::CONNECTION_QUEUE);
+        let (close_tx, _close_rx) = oneshot::channel();
+        let app = node
+            .open(
+                OpenKind::Local,
+                ConnWriter {
+                    frames: frames_tx,
+                    close: close_tx,
+                },
+            )
+            .await
+            .ok_or(ClientError::Closed)?;
+        let pending_acks = PendingAcks::default();
+        let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
+        tasks.push(tokio::spawn(dispatch(
+            frames_rx,
+            pending_acks.clone(),
+            inbox_tx,
+        )));
+        Ok(Client {
+            name,
+            node,
+            app,
+            uplink,
+            pending_acks,
+            next_sub_id: AtomicU64::new(
+                u64::from_le_bytes(seed[16..24].try_into().unwrap_or_default()) | 1,
+            ),
+            inbox: tokio::sync::Mutex::new(inbox_rx),
+            tasks,
+        })
+    }
+
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// Makes `name` reachable through the node; returns once the node acknowledged it.
+    pub async fn subscribe(&self, name: &Name) -> Result<(), ClientError> {
+        let sub_id = self.next_sub_id.fetch_add(2, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        self.pending_acks
+            .lock()
+            .expect("pending acks lock")
+            .insert(sub_id, reply);
+        let message = pb::Message {
+            message_type: Some(MessageType::Subscribe(pb::Subscribe {
+                header: Some(self.header(name, 1, Some(self.uplink))),
+                subscription_id: sub_id,
+            })),
+            metadata: Default::default(),
+        };
+        self.send(&message).await?;
+        match tokio::time::timeout(ACK_WAIT, answer).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(error))) => Err(ClientError::Subscription(error)),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => {
+                self.pending_acks
+                    .lock()
+                    .expect("pending acks lock")
+                    .remove(&sub_id);
+                Err(ClientError::Timeout(ACK_WAIT))
+            }
+        }
+    }
+
+    /// Sends `payload` to one receiver of `to` (any instance when `to` has no instance id).
+    pub async fn publish(&self, to: &Name, payload: impl Into<Bytes>) -> Result<(), ClientError> {
+        self.publish_fanout(to, 1, payload).await
+    }
+
+    /// Sends `payload` with an explicit fanout: 1 reaches one receiver, anything else all of them.
+    pub async fn publish_fanout(
+        &self,
+        to: &Name,
+        fanout: u32,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), ClientError> {
+        let message = pb::Message {
+            message_type: Some(MessageType::Publish(pb::Publish {
+                header: Some(self.header(to, fanout, None)),
+                session: Some(pb::SessionHeader::default()),
+                msg: Some(pb::Content {
+                    content_type: Some(pb::content::ContentType::AppPayload(
+                        pb::ApplicationPayload {
+                            payload_type: "msg".into(),
+                            blob: payload.into(),
+                        },
+                    )),
+                }),
+            })),
+            metadata: Default::default(),
+        };
+        self.send(&message).await
+    }
+
+    /// The next message for this client.
+    pub async fn recv(&self) -> Result<Received, ClientError> {
+        self.inbox
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or(ClientError::Closed)
+    }
+
+    async fn send(&self, message: &pb::Message) -> Result<(), ClientError> {
+        if self
+            .node
+            .frame(self.app, Bytes::from(message.encode_to_vec()))
+            .await
+        {
+            Ok(())
+        } else {
+            Err(ClientError::Closed)
+        }
+    }
+
+    fn header(
+        &self,
+        destination: &Name,
+        fanout: u32,
+        forward_to: Option<ConnId>,
+    ) -> pb::SlimHeader {
+        pb::SlimHeader {
+            source: Some(self.name.to_pb()),
+            destination: Some(destination.to_pb()),
+            fanout,
+            version: crate::SLIM_VERSION.into(),
+            ttl: slim_proto::DEFAULT_TTL,
+            forward_to,
+            ..Default::default()
+        }
+    }
+}
+
+/// Splits what the client's router delivers to the application: acks to their waiters,
+/// messages to the inbox.
+async fn dispatch(
+    mut frames: mpsc::Receiver<Bytes>,
+    pending_acks: PendingAcks,
+    inbox: mpsc::Sender<Received>,
+) {
+    while let Some(frame) = frames.recv().await {
+        let mut deframer = Deframer::default();
+        deframer.push(&frame);
+        while let Ok(Some(body)) = deframer.next_frame() {
+            let Ok(message) = pb::Message::decode(body) else {
+                continue;
+            };
+            match message.message_type {
+                Some(MessageType::SubscriptionAck(ack)) => {
+                    let waiter = pending_acks
+                        .lock()
+                        .expect("pending acks lock")
+                        .remove(&ack.subscription_id);
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(if ack.success { Ok(()) } else { Err(ack.error) });
+                    }
+                }
+                Some(MessageType::Publish(publish)) => {
+                    let source = publish
+                        .header
+                        .as_ref()
+                        .and_then(|h| h.source.as_ref())
+                        .and_then(Name::from_pb);
+                    let payload = match publish.msg.and_then(|c| c.content_type) {
+                        Some(pb::content::ContentType::AppPayload(app)) => app.blob,
+                        _ => continue,
+                    };
+                    if let Some(source) = source {
+                        if inbox.send(Received { source, payload }).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}

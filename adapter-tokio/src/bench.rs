@@ -1,0 +1,222 @@
+//! `slim-tokio bench`: measures any SLIM node (ours or the reference) from the outside, with two
+//! clients on loopback: one-way throughput of raw publishes (1 publisher → node → 1 subscriber)
+//! and the round trip of a publish answered by a publish.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use slim_proto::Name;
+use tokio::sync::Semaphore;
+
+use crate::app::{Client, ClientError};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub endpoint: String,
+    /// Payload bytes per message (at least 8: a sequence number leads each payload).
+    pub size: usize,
+    /// How long the throughput phase sends.
+    pub duration: Duration,
+    /// Sequential round trips measured (after a warm-up of a tenth of them, at least 10).
+    pub round_trips: u64,
+    /// Messages in flight at most during the throughput phase (the publisher waits beyond it).
+    pub window: usize,
+}
+
+/// Results, medians and percentiles in microseconds.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    pub mode: &'static str,
+    pub size: usize,
+    pub sent: u64,
+    pub received: u64,
+    pub out_of_order: u64,
+    pub seconds: f64,
+    pub msgs_per_s: f64,
+    pub mb_per_s: f64,
+    pub round_trips: u64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+impl BenchReport {
+    /// One JSON line (no serde needed for flat numbers).
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"mode\":\"{}\",\"size\":{},\"sent\":{},\"received\":{},\"lost\":{},\"out_of_order\":{},\"seconds\":{:.3},\"msgs_per_s\":{:.0},\"mb_per_s\":{:.2},\"round_trips\":{},\"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1}}}",
+            self.mode,
+            self.size,
+            self.sent,
+            self.received,
+            self.sent.saturating_sub(self.received),
+            self.out_of_order,
+            self.seconds,
+            self.msgs_per_s,
+            self.mb_per_s,
+            self.round_trips,
+            self.p50_us,
+            self.p90_us,
+            self.p99_us,
+            self.p999_us,
+            self.max_us
+        )
+    }
+}
+
+fn payload(seq: u64, size: usize) -> Bytes {
+    let mut buf = vec![0u8; size.max(8)];
+    buf[..8].copy_from_slice(&seq.to_be_bytes());
+    Bytes::from(buf)
+}
+
+fn seq_of(payload: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(payload.get(..8)?.try_into().ok()?))
+}
+
+/// Raw data-plane publish: throughput, then round trips.
+pub async fn run_publish(config: &BenchConfig) -> Result<BenchReport, ClientError> {
+    let mut tag = [0u8; 8];
+    let _ = getrandom::fill(&mut tag);
+    let tag = u64::from_le_bytes(tag);
+    let pub_name = Name::with_id(
+        "bench",
+        "publish",
+        &format!("pub-{tag:x}"),
+        u128::from(tag) << 1,
+    );
+    let sub_name = Name::with_id(
+        "bench",
+        "publish",
+        &format!("sub-{tag:x}"),
+        (u128::from(tag) << 1) | 1,
+    );
+    let publisher = Arc::new(Client::connect(&config.endpoint, pub_name.clone()).await?);
+    let subscriber = Arc::new(Client::connect(&config.endpoint, sub_name.clone()).await?);
+    publisher.subscribe(&pub_name).await?;
+    subscriber.subscribe(&sub_name).await?;
+
+    // Throughput: the publisher keeps `window` messages in flight.
+    let window = Arc::new(Semaphore::new(config.window.max(1)));
+    let received = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let done_sending = Arc::new(tokio::sync::Notify::new());
+    let receiver = {
+        let (subscriber, window, received, sent, done_sending) = (
+            subscriber.clone(),
+            window.clone(),
+            received.clone(),
+            sent.clone(),
+            done_sending.clone(),
+        );
+        tokio::spawn(async move {
+            let mut expected = 0u64;
+            let mut out_of_order = 0u64;
+            let mut last = Instant::now();
+            let sender_finished = done_sending.notified();
+            tokio::pin!(sender_finished);
+            let mut finished = false;
+            loop {
+                let idle = if finished {
+                    Duration::from_millis(500)
+                } else {
+                    Duration::from_secs(10)
+                };
+                let message = tokio::select! {
+                    () = &mut sender_finished, if !finished => { finished = true; continue; }
+                    m = tokio::time::timeout(idle, subscriber.recv()) => m,
+                };
+                let Ok(Ok(message)) = message else { break };
+                if seq_of(&message.payload) != Some(expected) {
+                    out_of_order += 1;
+                }
+                expected = seq_of(&message.payload).map_or(expected + 1, |s| s + 1);
+                last = Instant::now();
+                window.add_permits(1);
+                let count = received.fetch_add(1, Ordering::Relaxed) + 1;
+                if finished && count >= sent.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            (last, out_of_order)
+        })
+    };
+    let start = Instant::now();
+    let mut seq = 0u64;
+    while start.elapsed() < config.duration {
+        match tokio::time::timeout(Duration::from_secs(2), window.acquire()).await {
+            Ok(Ok(permit)) => permit.forget(),
+            _ => break, // messages were lost: stop instead of waiting forever
+        }
+        publisher
+            .publish(&sub_name, payload(seq, config.size))
+            .await?;
+        seq += 1;
+        sent.store(seq, Ordering::Relaxed);
+    }
+    done_sending.notify_one();
+    let (last, out_of_order) = receiver.await.map_err(|_| ClientError::Closed)?;
+    let received = received.load(Ordering::Relaxed);
+    let seconds = last
+        .saturating_duration_since(start)
+        .as_secs_f64()
+        .max(1e-9);
+
+    // Round trips: the subscriber echoes, the publisher waits for each answer.
+    let echo = {
+        let (subscriber, pub_name) = (subscriber.clone(), pub_name.clone());
+        tokio::spawn(async move {
+            while let Ok(message) = subscriber.recv().await {
+                if subscriber
+                    .publish(&pub_name, message.payload)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    };
+    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .expect("valid histogram bounds");
+    let warm_up = (config.round_trips / 10).max(10);
+    let mut measured = 0;
+    for i in 0..warm_up + config.round_trips {
+        let t0 = Instant::now();
+        publisher
+            .publish(&sub_name, payload(i, config.size))
+            .await?;
+        match tokio::time::timeout(Duration::from_secs(5), publisher.recv()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => continue, // lost: not a sample
+        }
+        if i >= warm_up {
+            let _ = histogram.record(t0.elapsed().as_micros().max(1) as u64);
+            measured += 1;
+        }
+    }
+    echo.abort();
+    let q = |p: f64| histogram.value_at_quantile(p) as f64;
+    Ok(BenchReport {
+        mode: "publish",
+        size: config.size,
+        sent: seq,
+        received,
+        out_of_order,
+        seconds,
+        msgs_per_s: received as f64 / seconds,
+        mb_per_s: (received as f64 * config.size as f64) / seconds / 1e6,
+        round_trips: measured,
+        p50_us: q(0.5),
+        p90_us: q(0.9),
+        p99_us: q(0.99),
+        p999_us: q(0.999),
+        max_us: histogram.max() as f64,
+    })
+}

@@ -1,0 +1,75 @@
+//! The tokio client API and the bench tool against an in-process node over real loopback h2.
+
+use slim_proto::Name;
+use slim_tokio::app::{Client, ClientError};
+use slim_tokio::config::{NodeConfig, ServerConfig};
+use slim_tokio::Node;
+
+async fn node() -> Node {
+    Node::start(NodeConfig {
+        servers: vec![ServerConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            tls: None,
+        }],
+        ..NodeConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn clients_exchange_byte_exact_messages() {
+    let node = node().await;
+    let endpoint = format!("http://{}", node.local_addrs()[0]);
+    let alice_name = Name::with_id("org", "ns", "alice", 1);
+    let bob_name = Name::with_id("org", "ns", "bob", 2);
+    let alice = Client::connect(&endpoint, alice_name.clone())
+        .await
+        .unwrap();
+    let bob = Client::connect(&endpoint, bob_name.clone()).await.unwrap();
+    alice.subscribe(&alice_name).await.unwrap();
+    bob.subscribe(&bob_name).await.unwrap();
+    for i in 0..100u32 {
+        let payload: Vec<u8> = (0..(i * 53) % 5000).map(|b| (b ^ i) as u8).collect();
+        alice.publish(&bob_name, payload.clone()).await.unwrap();
+        let got = bob.recv().await.unwrap();
+        assert_eq!(got.payload.as_ref(), payload.as_slice());
+        assert_eq!(got.source, alice_name);
+    }
+    let stats = node.stats().await.unwrap();
+    assert_eq!(stats.router.forwarded, 100);
+    assert_eq!(stats.router.dropped_total(), 0, "{:?}", stats.router);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_to_nothing_is_a_clear_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let result = Client::connect(&addr.to_string(), Name::with_id("a", "b", "c", 1)).await;
+    assert!(
+        matches!(result, Err(ClientError::Connect { .. })),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn bench_publish_loses_nothing() {
+    let node = node().await;
+    let config = slim_tokio::bench::BenchConfig {
+        endpoint: node.local_addrs()[0].to_string(),
+        size: 100,
+        duration: std::time::Duration::from_millis(300),
+        round_trips: 50,
+        window: 64,
+    };
+    let report = slim_tokio::bench::run_publish(&config).await.unwrap();
+    assert!(report.sent > 0);
+    assert_eq!(report.received, report.sent);
+    assert_eq!(report.out_of_order, 0);
+    assert_eq!(report.round_trips, 50);
+    assert!(report.p50_us > 0.0 && report.p50_us <= report.p99_us);
+    assert!(report.to_json().contains("\"msgs_per_s\":"));
+    node.shutdown().await;
+}
