@@ -9,7 +9,10 @@
 //! Input from a peer never makes a core fail or panic: bad input is dropped, counted in
 //! `stats()` with a reason, and traced.
 
+pub mod fuzzing;
+pub mod identity;
 pub mod router;
+pub mod session;
 pub mod time;
 
 pub use time::Timestamp;

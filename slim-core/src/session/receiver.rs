@@ -1,0 +1,398 @@
+//! The receiving half of a reliable session (spec §4.3, captures/flows f1–f9).
+//!
+//! Per source, messages are released in sequence order. The first id seen from a source starts
+//! its stream; later ids above the next expected one are held back and every missing id is asked
+//! for again (RTX_REQUEST) every `interval`, up to `max_retries` times; after that the id is
+//! reported lost and the stream moves on — the session is not torn down. Duplicates and ids
+//! already released are dropped; ids absurdly far ahead are refused (a window bounds the memory
+//! a peer can make us hold).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::time::Duration;
+
+use rustc_hash::FxHashMap;
+use slim_proto::{Name, NameKey};
+
+use crate::Timestamp;
+
+/// How far ahead of the next expected id a message may be and still be held.
+pub const REORDER_WINDOW: u32 = 4096;
+
+/// A received data message, as the session will hand it to the application.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    pub payload: bytes::Bytes,
+    pub payload_type: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReceiverEvent {
+    Deliver {
+        source: Name,
+        id: u32,
+        message: Incoming,
+    },
+    /// Ask `source` for `id` again.
+    RequestRtx { source: Name, id: u32 },
+    /// `id` from `source` cannot be recovered; later messages go on.
+    Lost { source: Name, id: u32 },
+}
+
+/// What became of one received message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Delivered now or held for ordering.
+    Accepted,
+    /// Already delivered or already held.
+    Duplicate,
+    /// Too far ahead of the stream: dropped.
+    OutOfWindow,
+}
+
+#[derive(Debug)]
+struct Rtx {
+    retries_left: u32,
+    deadline: Timestamp,
+}
+
+#[derive(Debug)]
+struct Stream {
+    source: Name,
+    next: u32,
+    held: BTreeMap<u32, Incoming>,
+    missing: BTreeMap<u32, Rtx>,
+}
+
+#[derive(Debug)]
+pub struct ReliableReceiver {
+    interval: Duration,
+    max_retries: u32,
+    streams: FxHashMap<NameKey, Stream>,
+    timers: BinaryHeap<Reverse<(Timestamp, NameKey, u32)>>,
+}
+
+impl ReliableReceiver {
+    pub fn new(interval: Duration, max_retries: u32) -> Self {
+        Self {
+            interval,
+            max_retries,
+            streams: FxHashMap::default(),
+            timers: BinaryHeap::new(),
+        }
+    }
+
+    /// A data message (MSG, or a successful RTX_REPLY) with sequence id `id`.
+    pub fn on_message(
+        &mut self,
+        source: &Name,
+        id: u32,
+        message: Incoming,
+        now: Timestamp,
+        events: &mut Vec<ReceiverEvent>,
+    ) -> Verdict {
+        let key = source.key();
+        let stream = self.streams.entry(key).or_insert_with(|| Stream {
+            source: source.clone(),
+            next: id,
+            held: BTreeMap::new(),
+            missing: BTreeMap::new(),
+        });
+        if id < stream.next || stream.held.contains_key(&id) {
+            return Verdict::Duplicate;
+        }
+        if id - stream.next > REORDER_WINDOW {
+            return Verdict::OutOfWindow;
+        }
+        stream.missing.remove(&id);
+        if id > stream.next {
+            // Every id between what we expect and this one that is neither held nor already
+            // asked for gets asked for now.
+            for gap in stream.next..id {
+                if stream.held.contains_key(&gap) || stream.missing.contains_key(&gap) {
+                    continue;
+                }
+                let deadline = now + self.interval;
+                stream.missing.insert(
+                    gap,
+                    Rtx {
+                        retries_left: self.max_retries,
+                        deadline,
+                    },
+                );
+                self.timers.push(Reverse((deadline, key, gap)));
+                events.push(ReceiverEvent::RequestRtx {
+                    source: stream.source.clone(),
+                    id: gap,
+                });
+            }
+        }
+        stream.held.insert(id, message);
+        Self::release(stream, events);
+        Verdict::Accepted
+    }
+
+    /// The sender answered an RTX_REQUEST with "no longer available".
+    pub fn on_unavailable(&mut self, source: &NameKey, id: u32, events: &mut Vec<ReceiverEvent>) {
+        let Some(stream) = self.streams.get_mut(source) else {
+            return;
+        };
+        if stream.missing.remove(&id).is_some() {
+            events.push(ReceiverEvent::Lost {
+                source: stream.source.clone(),
+                id,
+            });
+            Self::skip_to_next_available(stream, events);
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Timestamp, events: &mut Vec<ReceiverEvent>) {
+        while let Some(Reverse((deadline, key, id))) = self.timers.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(stream) = self.streams.get_mut(&key) else {
+                continue;
+            };
+            let Some(rtx) = stream.missing.get_mut(&id) else {
+                continue;
+            };
+            if rtx.deadline != deadline {
+                continue;
+            }
+            if rtx.retries_left == 0 {
+                stream.missing.remove(&id);
+                events.push(ReceiverEvent::Lost {
+                    source: stream.source.clone(),
+                    id,
+                });
+                Self::skip_to_next_available(stream, events);
+                continue;
+            }
+            rtx.retries_left -= 1;
+            rtx.deadline = now + self.interval;
+            self.timers.push(Reverse((rtx.deadline, key, id)));
+            events.push(ReceiverEvent::RequestRtx {
+                source: stream.source.clone(),
+                id,
+            });
+        }
+        while let Some(Reverse((deadline, key, id))) = self.timers.peek().copied() {
+            let live = self
+                .streams
+                .get(&key)
+                .and_then(|s| s.missing.get(&id))
+                .is_some_and(|r| r.deadline == deadline);
+            if live {
+                break;
+            }
+            self.timers.pop();
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.timers.peek().map(|Reverse((at, ..))| *at)
+    }
+
+    /// Forgets a source (it left the session).
+    pub fn remove_source(&mut self, source: &NameKey) {
+        self.streams.remove(source);
+    }
+
+    /// Messages held back waiting for a gap to fill, over all sources.
+    pub fn held(&self) -> usize {
+        self.streams.values().map(|s| s.held.len()).sum()
+    }
+
+    /// Releases the in-order prefix of what is held.
+    fn release(stream: &mut Stream, events: &mut Vec<ReceiverEvent>) {
+        while let Some(message) = stream.held.remove(&stream.next) {
+            events.push(ReceiverEvent::Deliver {
+                source: stream.source.clone(),
+                id: stream.next,
+                message,
+            });
+            stream.next += 1;
+        }
+    }
+
+    /// After a loss: moves past ids that are lost for good, up to the first one still awaited.
+    fn skip_to_next_available(stream: &mut Stream, events: &mut Vec<ReceiverEvent>) {
+        loop {
+            Self::release(stream, events);
+            if stream.held.is_empty() || stream.missing.contains_key(&stream.next) {
+                return;
+            }
+            // `next` is neither held nor awaited: it was declared lost.
+            stream.next += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn src() -> Name {
+        Name::with_id("o", "n", "src", 1)
+    }
+
+    fn m(i: u8) -> Incoming {
+        Incoming {
+            payload: bytes::Bytes::from(vec![i]),
+            payload_type: "msg".into(),
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    fn delivered(events: &[ReceiverEvent]) -> Vec<u32> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                ReceiverEvent::Deliver { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn in_order_and_duplicates() {
+        let mut r = ReliableReceiver::new(SEC, 3);
+        let mut ev = Vec::new();
+        assert_eq!(
+            r.on_message(&src(), 1, m(1), Timestamp::ZERO, &mut ev),
+            Verdict::Accepted
+        );
+        assert_eq!(
+            r.on_message(&src(), 2, m(2), Timestamp::ZERO, &mut ev),
+            Verdict::Accepted
+        );
+        assert_eq!(
+            r.on_message(&src(), 2, m(2), Timestamp::ZERO, &mut ev),
+            Verdict::Duplicate
+        );
+        assert_eq!(
+            r.on_message(&src(), 1, m(1), Timestamp::ZERO, &mut ev),
+            Verdict::Duplicate
+        );
+        assert_eq!(delivered(&ev), vec![1, 2]);
+    }
+
+    #[test]
+    fn gap_is_requested_and_filled_in_order() {
+        let mut r = ReliableReceiver::new(SEC, 3);
+        let mut ev = Vec::new();
+        r.on_message(&src(), 1, m(1), Timestamp::ZERO, &mut ev);
+        r.on_message(&src(), 4, m(4), Timestamp::ZERO, &mut ev);
+        r.on_message(&src(), 5, m(5), Timestamp::ZERO, &mut ev);
+        assert_eq!(delivered(&ev), vec![1]);
+        let requests: Vec<_> = ev
+            .iter()
+            .filter_map(|e| match e {
+                ReceiverEvent::RequestRtx { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(requests, vec![2, 3], "each gap asked for once");
+        ev.clear();
+        r.on_message(&src(), 3, m(3), Timestamp::ZERO, &mut ev);
+        assert!(delivered(&ev).is_empty());
+        r.on_message(&src(), 2, m(2), Timestamp::ZERO, &mut ev);
+        assert_eq!(delivered(&ev), vec![2, 3, 4, 5]);
+        assert_eq!(r.held(), 0);
+        r.handle_timeout(Timestamp::ZERO + SEC * 10, &mut ev);
+        assert_eq!(r.poll_timeout(), None);
+    }
+
+    #[test]
+    fn unrecoverable_gap_is_lost_and_the_stream_goes_on() {
+        let mut r = ReliableReceiver::new(SEC, 2);
+        let mut ev = Vec::new();
+        r.on_message(&src(), 1, m(1), Timestamp::ZERO, &mut ev);
+        r.on_message(&src(), 3, m(3), Timestamp::ZERO, &mut ev);
+        ev.clear();
+        let mut requests = 0;
+        while let Some(at) = r.poll_timeout() {
+            r.handle_timeout(at, &mut ev);
+            requests += ev
+                .iter()
+                .filter(|e| matches!(e, ReceiverEvent::RequestRtx { .. }))
+                .count();
+            if ev.iter().any(|e| matches!(e, ReceiverEvent::Lost { .. })) {
+                assert_eq!(
+                    at,
+                    Timestamp::ZERO + SEC * 3,
+                    "(max_retries + 1) x interval"
+                );
+                break;
+            }
+            ev.clear();
+        }
+        assert_eq!(requests, 2);
+        assert!(ev.contains(&ReceiverEvent::Lost {
+            source: src(),
+            id: 2
+        }));
+        assert_eq!(delivered(&ev), vec![3]);
+        ev.clear();
+        r.on_message(&src(), 4, m(4), Timestamp::ZERO, &mut ev);
+        assert_eq!(delivered(&ev), vec![4]);
+    }
+
+    #[test]
+    fn unavailable_reply_loses_the_id_at_once() {
+        let mut r = ReliableReceiver::new(SEC, 5);
+        let mut ev = Vec::new();
+        r.on_message(&src(), 1, m(1), Timestamp::ZERO, &mut ev);
+        r.on_message(&src(), 3, m(3), Timestamp::ZERO, &mut ev);
+        ev.clear();
+        r.on_unavailable(&src().key(), 2, &mut ev);
+        assert_eq!(
+            ev,
+            vec![
+                ReceiverEvent::Lost {
+                    source: src(),
+                    id: 2
+                },
+                ReceiverEvent::Deliver {
+                    source: src(),
+                    id: 3,
+                    message: m(3)
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn far_ahead_ids_are_refused() {
+        let mut r = ReliableReceiver::new(SEC, 5);
+        let mut ev = Vec::new();
+        r.on_message(&src(), 1, m(1), Timestamp::ZERO, &mut ev);
+        ev.clear();
+        assert_eq!(
+            r.on_message(
+                &src(),
+                2 + REORDER_WINDOW + 1,
+                m(9),
+                Timestamp::ZERO,
+                &mut ev
+            ),
+            Verdict::OutOfWindow
+        );
+        assert!(ev.is_empty(), "no RTX storm for a bogus id");
+    }
+
+    #[test]
+    fn sources_are_independent() {
+        let other = Name::with_id("o", "n", "src", 2);
+        let mut r = ReliableReceiver::new(SEC, 3);
+        let mut ev = Vec::new();
+        r.on_message(&src(), 7, m(7), Timestamp::ZERO, &mut ev);
+        r.on_message(&other, 1, m(1), Timestamp::ZERO, &mut ev);
+        assert_eq!(delivered(&ev), vec![7, 1]);
+    }
+}
