@@ -1,8 +1,14 @@
-//! Session layer building blocks (spec §4). The reliability halves are complete; the session
-//! controllers (p2p and group flows) build on them.
+//! The session layer (spec §4): [`SessionLayer`] runs an application's point-to-point sessions on
+//! top of the reliability halves ([`ReliableSender`], [`ReliableReceiver`]). Group sessions are next.
 
+pub mod layer;
 pub mod receiver;
 pub mod sender;
+
+pub use layer::{
+    CloseReason, LayerConfig, LayerError, Output, Reliability, SessionConfig, SessionDrop,
+    SessionError, SessionEvent, SessionId, SessionLayer, SessionStats,
+};
 
 pub use receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 pub use sender::{Outgoing, ReliableSender, SenderEvent};

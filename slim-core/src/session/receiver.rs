@@ -83,6 +83,17 @@ impl ReliableReceiver {
         }
     }
 
+    /// Declares where `source`'s stream starts (a p2p peer always starts at 1), so that a first
+    /// message that is lost is asked for, and a bogus first id cannot move the stream.
+    pub fn expect(&mut self, source: &Name, first_id: u32) {
+        self.streams.entry(source.key()).or_insert_with(|| Stream {
+            source: source.clone(),
+            next: first_id,
+            held: BTreeMap::new(),
+            missing: BTreeMap::new(),
+        });
+    }
+
     /// A data message (MSG, or a successful RTX_REPLY) with sequence id `id`.
     pub fn on_message(
         &mut self,
@@ -384,6 +395,21 @@ mod tests {
             Verdict::OutOfWindow
         );
         assert!(ev.is_empty(), "no RTX storm for a bogus id");
+    }
+
+    #[test]
+    fn an_expected_stream_requests_a_lost_first_message() {
+        let mut r = ReliableReceiver::new(SEC, 3);
+        r.expect(&src(), 1);
+        let mut ev = Vec::new();
+        r.on_message(&src(), 2, m(2), Timestamp::ZERO, &mut ev);
+        assert_eq!(
+            ev,
+            vec![ReceiverEvent::RequestRtx {
+                source: src(),
+                id: 1
+            }]
+        );
     }
 
     #[test]

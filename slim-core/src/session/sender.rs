@@ -246,9 +246,8 @@ mod tests {
         s.sent(msg(1), vec![peer(1), peer(2)], Timestamp::ZERO);
         s.on_ack(1, &peer(1).key());
         let mut events = Vec::new();
-        let mut now = Timestamp::ZERO;
         for _ in 0..2 {
-            now = s.poll_timeout().unwrap();
+            let now = s.poll_timeout().unwrap();
             s.handle_timeout(now, &mut events);
         }
         assert_eq!(
@@ -259,7 +258,7 @@ mod tests {
             ]
         );
         events.clear();
-        now = s.poll_timeout().unwrap();
+        let now = s.poll_timeout().unwrap();
         assert_eq!(
             now,
             Timestamp::ZERO + SEC * 3,

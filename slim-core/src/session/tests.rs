@@ -1,0 +1,538 @@
+//! Two session layers wired back to back (no router in between), with a test wire that can
+//! drop chosen messages.
+
+use super::*;
+
+const SECRET: &str = "interop-shared-secret-0123456789abcdef-0123456789";
+const UNIX0: u64 = 1_795_600_000;
+
+fn layer(service: &str, seed: u8) -> SessionLayer {
+    SessionLayer::new(
+        LayerConfig {
+            name: Name::new("org", "ns", service),
+            secret: SECRET.into(),
+            unix_at_zero: UNIX0,
+        },
+        [seed; 32],
+    )
+    .unwrap()
+}
+
+fn reliable() -> SessionConfig {
+    SessionConfig {
+        reliability: Some(Reliability {
+            interval: Duration::from_secs(1),
+            max_retries: 3,
+        }),
+        metadata: BTreeMap::new(),
+    }
+}
+
+fn kind(m: &pb::Message) -> Mt {
+    match &m.message_type {
+        Some(pb::message::MessageType::Publish(p)) => {
+            Mt::try_from(p.session.as_ref().unwrap().session_message_type).unwrap()
+        }
+        _ => panic!("not a publish"),
+    }
+}
+
+fn mid(m: &pb::Message) -> u32 {
+    match &m.message_type {
+        Some(pb::message::MessageType::Publish(p)) => p.session.as_ref().unwrap().message_id,
+        _ => panic!("not a publish"),
+    }
+}
+
+/// A, B and the wire between them.
+struct Pair {
+    a: SessionLayer,
+    b: SessionLayer,
+    now: Timestamp,
+    events_a: Vec<SessionEvent>,
+    events_b: Vec<SessionEvent>,
+    /// Return false to drop a message (sender is A when the bool is true).
+    filter: Box<dyn FnMut(bool, &pb::Message) -> bool>,
+    wire_log: Vec<(bool, Mt, u32)>,
+}
+
+impl Pair {
+    fn new() -> Self {
+        Self {
+            a: layer("alice", 1),
+            b: layer("bob", 2),
+            now: Timestamp::ZERO,
+            events_a: Vec::new(),
+            events_b: Vec::new(),
+            filter: Box::new(|_, _| true),
+            wire_log: Vec::new(),
+        }
+    }
+
+    /// Delivers everything in flight until both sides are quiet.
+    fn run(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(o) = self.a.poll_output() {
+                match o {
+                    Output::Send(m) => {
+                        self.wire_log.push((true, kind(&m), mid(&m)));
+                        if (self.filter)(true, &m) {
+                            self.b.handle_message(m, self.now);
+                        }
+                        moved = true;
+                    }
+                    Output::Event(e) => self.events_a.push(e),
+                }
+            }
+            while let Some(o) = self.b.poll_output() {
+                match o {
+                    Output::Send(m) => {
+                        self.wire_log.push((false, kind(&m), mid(&m)));
+                        if (self.filter)(false, &m) {
+                            self.a.handle_message(m, self.now);
+                        }
+                        moved = true;
+                    }
+                    Output::Event(e) => self.events_b.push(e),
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Advances time to the next deadline of either side (bounded).
+    fn step_time(&mut self) -> bool {
+        let next = [self.a.poll_timeout(), self.b.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min();
+        let Some(at) = next else { return false };
+        assert!(
+            at >= self.now,
+            "deadline in the past: {at:?} < {:?}",
+            self.now
+        );
+        self.now = at;
+        self.a.handle_timeout(self.now);
+        self.b.handle_timeout(self.now);
+        self.run();
+        true
+    }
+
+    fn open(&mut self, config: SessionConfig) -> SessionId {
+        let sid = self
+            .a
+            .create_session(&Name::new("org", "ns", "bob"), config, self.now);
+        self.run();
+        sid
+    }
+
+    fn messages_b(&self) -> Vec<(u32, Vec<u8>)> {
+        self.events_b
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::Message { id, payload, .. } => Some((*id, payload.to_vec())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn p2p_handshake_matches_the_reference_sequence() {
+    let mut p = Pair::new();
+    let mut config = reliable();
+    config.metadata.insert("purpose".into(), "test".into());
+    let sid = p.open(config);
+    let sequence: Vec<(bool, Mt)> = p.wire_log.iter().map(|(a, k, _)| (*a, *k)).collect();
+    assert_eq!(
+        sequence,
+        vec![
+            (true, Mt::DiscoveryRequest),
+            (false, Mt::DiscoveryReply),
+            (true, Mt::JoinRequest),
+            (false, Mt::JoinReply),
+            (true, Mt::GroupWelcome),
+            (false, Mt::GroupAck),
+        ]
+    );
+    // Replies reuse the request's message id.
+    assert_eq!(p.wire_log[0].2, p.wire_log[1].2);
+    assert_eq!(p.wire_log[2].2, p.wire_log[3].2);
+    assert_eq!(p.wire_log[4].2, p.wire_log[5].2);
+    assert_eq!(
+        p.events_a,
+        vec![SessionEvent::Established {
+            session: sid,
+            peer: p.b.name().clone()
+        }]
+    );
+    assert_eq!(
+        p.events_b,
+        vec![SessionEvent::Incoming {
+            session: sid,
+            peer: p.a.name().clone(),
+            metadata: [("purpose".to_string(), "test".to_string())]
+                .into_iter()
+                .collect()
+        }]
+    );
+    assert_eq!(p.a.stats().dropped_total() + p.b.stats().dropped_total(), 0);
+    assert_eq!(
+        p.b.stats().unsigned_payloads,
+        0,
+        "control messages carry slim-payload-sig"
+    );
+}
+
+#[test]
+fn reliable_data_is_acked_and_delivered_in_order() {
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    for i in 0..5u8 {
+        assert_eq!(
+            p.a.publish(sid, Bytes::from(vec![i; i as usize + 1]), p.now)
+                .unwrap(),
+            u32::from(i) + 1
+        );
+    }
+    p.run();
+    assert_eq!(
+        p.messages_b(),
+        (1..=5)
+            .map(|i| (i, vec![(i - 1) as u8; i as usize]))
+            .collect::<Vec<_>>()
+    );
+    let delivered = p
+        .events_a
+        .iter()
+        .filter(|e| matches!(e, SessionEvent::Delivered { .. }))
+        .count();
+    assert_eq!(delivered, 5);
+    assert_eq!(
+        p.a.poll_timeout().map(|t| t > p.now),
+        Some(true),
+        "only heartbeats left"
+    );
+}
+
+#[test]
+fn a_lost_message_is_requested_and_recovered_in_order() {
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    let mut dropped = false;
+    p.filter = Box::new(move |from_a, m| {
+        if from_a && kind(m) == Mt::Msg && mid(m) == 2 && !dropped {
+            dropped = true;
+            return false;
+        }
+        true
+    });
+    for i in 1..=4u8 {
+        p.a.publish(sid, Bytes::from(vec![i]), p.now).unwrap();
+    }
+    p.run();
+    assert!(p
+        .wire_log
+        .iter()
+        .any(|(from_a, k, id)| !from_a && *k == Mt::RtxRequest && *id == 2));
+    assert!(p
+        .wire_log
+        .iter()
+        .any(|(from_a, k, id)| *from_a && *k == Mt::RtxReply && *id == 2));
+    assert_eq!(
+        p.messages_b().iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+}
+
+#[test]
+fn a_lost_last_message_is_retransmitted_after_the_interval() {
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    let mut dropped = false;
+    p.filter = Box::new(move |from_a, m| {
+        if from_a && kind(m) == Mt::Msg && !dropped {
+            dropped = true;
+            return false;
+        }
+        true
+    });
+    p.a.publish(sid, Bytes::from_static(b"last"), p.now)
+        .unwrap();
+    p.run();
+    assert!(p.messages_b().is_empty());
+    let sent_at = p.now;
+    p.step_time();
+    assert_eq!(p.now, sent_at + Duration::from_secs(1));
+    assert_eq!(p.messages_b(), vec![(1, b"last".to_vec())]);
+}
+
+#[test]
+fn unrecoverable_loss_is_reported_on_both_sides_and_the_session_goes_on() {
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    // Every copy of message 2 and every answer to a request for it is lost.
+    p.filter =
+        Box::new(|from_a, m| !(from_a && matches!(kind(m), Mt::Msg | Mt::RtxReply) && mid(m) == 2));
+    for i in 1..=3u8 {
+        p.a.publish(sid, Bytes::from(vec![i]), p.now).unwrap();
+    }
+    p.run();
+    for _ in 0..20 {
+        if !p.step_time() || p.now > Timestamp::ZERO + Duration::from_secs(9) {
+            break;
+        }
+    }
+    assert!(p
+        .events_b
+        .iter()
+        .any(|e| matches!(e, SessionEvent::MessageLost { id: 2, .. })));
+    assert_eq!(
+        p.messages_b().iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![1, 3]
+    );
+    // The RTX request counted as the ack, so the sender does not report a failure for 2.
+    p.filter = Box::new(|_, _| true);
+    p.a.publish(sid, Bytes::from_static(b"after"), p.now)
+        .unwrap();
+    p.run();
+    assert_eq!(p.messages_b().last().unwrap(), &(4, b"after".to_vec()));
+}
+
+#[test]
+fn sender_reports_when_the_peer_never_acks() {
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    p.filter = Box::new(|from_a, m| !(from_a && kind(m) == Mt::Msg));
+    p.a.publish(sid, Bytes::from_static(b"x"), p.now).unwrap();
+    p.run();
+    while p.step_time() && p.now < Timestamp::ZERO + Duration::from_secs(6) {}
+    assert!(p
+        .events_a
+        .iter()
+        .any(|e| matches!(e, SessionEvent::SendFailed { id: 1, .. })));
+    assert!(
+        p.events_a
+            .iter()
+            .all(|e| !matches!(e, SessionEvent::Closed { .. })),
+        "session survives"
+    );
+}
+
+#[test]
+fn unreliable_sessions_deliver_without_acks() {
+    let mut p = Pair::new();
+    let sid = p.open(SessionConfig::default());
+    p.a.publish(sid, Bytes::from_static(b"fire"), p.now)
+        .unwrap();
+    p.run();
+    assert_eq!(p.messages_b(), vec![(1, b"fire".to_vec())]);
+    assert!(!p.wire_log.iter().any(|(_, k, _)| *k == Mt::MsgAck));
+}
+
+#[test]
+fn publishes_before_the_handshake_are_queued() {
+    let mut p = Pair::new();
+    let sid =
+        p.a.create_session(&Name::new("org", "ns", "bob"), reliable(), p.now);
+    assert_eq!(p.a.publish(sid, Bytes::from_static(b"early"), p.now), Ok(0));
+    p.run();
+    assert_eq!(p.messages_b(), vec![(1, b"early".to_vec())]);
+}
+
+#[test]
+fn close_is_acknowledged_and_ends_both_sides() {
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    p.a.close(sid, p.now).unwrap();
+    p.run();
+    assert!(p.events_a.contains(&SessionEvent::Closed {
+        session: sid,
+        reason: CloseReason::Local
+    }));
+    assert!(p.events_b.contains(&SessionEvent::Closed {
+        session: sid,
+        reason: CloseReason::Peer
+    }));
+    assert_eq!(p.a.session_count() + p.b.session_count(), 0);
+    assert_eq!(
+        p.a.publish(sid, Bytes::new(), p.now),
+        Err(SessionError::UnknownSession(sid))
+    );
+}
+
+#[test]
+fn lost_control_messages_are_retried_and_duplicates_answered_once() {
+    let mut p = Pair::new();
+    let mut dropped_ack = false;
+    p.filter = Box::new(move |from_a, m| {
+        if !from_a && kind(m) == Mt::GroupAck && !dropped_ack {
+            dropped_ack = true;
+            return false;
+        }
+        true
+    });
+    let sid =
+        p.a.create_session(&Name::new("org", "ns", "bob"), reliable(), p.now);
+    p.run();
+    assert!(p.events_a.is_empty(), "the ack of the welcome was lost");
+    p.step_time(); // welcome re-sent, acked again
+    assert_eq!(
+        p.events_a,
+        vec![SessionEvent::Established {
+            session: sid,
+            peer: p.b.name().clone()
+        }]
+    );
+    let incoming = p
+        .events_b
+        .iter()
+        .filter(|e| matches!(e, SessionEvent::Incoming { .. }))
+        .count();
+    assert_eq!(
+        incoming, 1,
+        "duplicate welcome does not open a second session"
+    );
+    assert_eq!(p.b.stats().dropped(SessionDrop::Duplicate), 1);
+}
+
+#[test]
+fn handshake_without_a_peer_gives_up() {
+    let mut p = Pair::new();
+    p.filter = Box::new(|_, _| false);
+    let sid = p.a.create_session(
+        &Name::new("org", "ns", "bob"),
+        SessionConfig::default(),
+        p.now,
+    );
+    p.run();
+    while p.step_time() {}
+    assert_eq!(
+        p.now,
+        Timestamp::ZERO + DEFAULT_CONTROL_INTERVAL * (DEFAULT_CONTROL_RETRIES + 1)
+    );
+    assert_eq!(
+        p.events_a,
+        vec![SessionEvent::Closed {
+            session: sid,
+            reason: CloseReason::NoAnswer("discovery")
+        }]
+    );
+}
+
+fn tamper(mut m: pb::Message, f: impl FnOnce(&mut pb::Publish)) -> pb::Message {
+    if let Some(pb::message::MessageType::Publish(p)) = &mut m.message_type {
+        f(p);
+    }
+    m
+}
+
+#[test]
+fn bad_input_is_dropped_and_counted() {
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    p.a.publish(sid, Bytes::from_static(b"x"), p.now).unwrap();
+    let Some(Output::Send(msg)) = p.a.poll_output() else {
+        panic!("a message")
+    };
+
+    // A token from an app with another secret.
+    let mut forger = SessionLayer::new(
+        LayerConfig {
+            name: Name::new("org", "ns", "alice"),
+            secret: "another-secret-another-secret-another".into(),
+            unix_at_zero: UNIX0,
+        },
+        [3; 32],
+    )
+    .unwrap();
+    forger.create_session(
+        &Name::new("org", "ns", "bob"),
+        SessionConfig::default(),
+        p.now,
+    );
+    let Some(Output::Send(forged)) = forger.poll_output() else {
+        panic!("a discovery")
+    };
+    p.b.handle_message(forged, p.now);
+    assert_eq!(p.b.stats().dropped(SessionDrop::BadToken), 1);
+
+    // An expired token: the same message an hour and a minute later.
+    p.b.handle_message(msg.clone(), p.now + Duration::from_secs(3661));
+    assert_eq!(p.b.stats().dropped(SessionDrop::BadToken), 2);
+
+    // Unknown session id.
+    p.b.handle_message(
+        tamper(msg.clone(), |pb| {
+            pb.session.as_mut().unwrap().session_id ^= 1
+        }),
+        p.now,
+    );
+    assert_eq!(p.b.stats().dropped(SessionDrop::UnknownSession), 1);
+
+    // Far out of window.
+    p.b.handle_message(
+        tamper(msg.clone(), |pb| {
+            pb.session.as_mut().unwrap().message_id = 1_000_000
+        }),
+        p.now,
+    );
+    assert_eq!(p.b.stats().dropped(SessionDrop::OutOfWindow), 1);
+
+    // A signed control message with a changed field: the signature no longer verifies.
+    let sid2 =
+        p.a.create_session(&Name::new("org", "ns", "bob"), reliable(), p.now);
+    let Some(Output::Send(discovery)) = p.a.poll_output() else {
+        panic!("a discovery")
+    };
+    p.b.handle_message(
+        tamper(discovery.clone(), |pb| {
+            pb.session.as_mut().unwrap().session_id = sid2 ^ 7
+        }),
+        p.now,
+    );
+    assert_eq!(p.b.stats().dropped(SessionDrop::BadSignature), 1);
+
+    // A truncated command payload: a join request without its payload.
+    let mut join = discovery;
+    if let Some(pb::message::MessageType::Publish(pb)) = &mut join.message_type {
+        pb.session.as_mut().unwrap().session_message_type = Mt::JoinRequest as i32;
+        pb.msg = None;
+    }
+    join.metadata.clear();
+    let key = SigningKey::from_secret_scalar(&p.a.key.secret_scalar()).unwrap();
+    sign_control_message(&mut join, &key).unwrap();
+    p.b.handle_message(join, p.now);
+    assert_eq!(p.b.stats().dropped(SessionDrop::Malformed), 1);
+
+    // Not even a publish.
+    p.b.handle_message(pb::Message::default(), p.now);
+    assert_eq!(p.b.stats().dropped(SessionDrop::Malformed), 2);
+
+    // The session still works.
+    p.b.handle_message(msg, p.now);
+    p.run();
+    assert_eq!(p.messages_b(), vec![(1, b"x".to_vec())]);
+}
+
+#[test]
+fn same_seeds_same_outputs() {
+    fn run() -> Vec<pb::Message> {
+        let mut a = layer("alice", 1);
+        let sid = a.create_session(&Name::new("org", "ns", "bob"), reliable(), Timestamp::ZERO);
+        a.publish(sid, Bytes::from_static(b"q"), Timestamp::ZERO)
+            .unwrap();
+        a.handle_timeout(Timestamp::ZERO + Duration::from_secs(1));
+        std::iter::from_fn(|| a.poll_output())
+            .filter_map(|o| match o {
+                Output::Send(m) => Some(m),
+                Output::Event(_) => None,
+            })
+            .collect()
+    }
+    assert_eq!(run(), run());
+}
