@@ -145,8 +145,9 @@ pub enum SessionEvent {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    /// Hand this message to the application's router.
-    Send(pb::Message),
+    /// Hand this message to the application's router. Boxed: messages are large and events
+    /// small, and outputs sit in a queue.
+    Send(Box<pb::Message>),
     Event(SessionEvent),
 }
 
@@ -1147,7 +1148,7 @@ impl SessionLayer {
 
     fn emit_send(&mut self, message: pb::Message) {
         self.stats.sent += 1;
-        self.out.push_back(Output::Send(message));
+        self.out.push_back(Output::Send(Box::new(message)));
     }
 
     fn drop_message(&mut self, reason: SessionDrop, detail: &str) {

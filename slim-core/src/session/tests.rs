@@ -44,6 +44,8 @@ fn mid(m: &pb::Message) -> u32 {
     }
 }
 
+type Filter = Box<dyn FnMut(bool, &pb::Message) -> bool>;
+
 /// A, B and the wire between them.
 struct Pair {
     a: SessionLayer,
@@ -52,7 +54,7 @@ struct Pair {
     events_a: Vec<SessionEvent>,
     events_b: Vec<SessionEvent>,
     /// Return false to drop a message (sender is A when the bool is true).
-    filter: Box<dyn FnMut(bool, &pb::Message) -> bool>,
+    filter: Filter,
     wire_log: Vec<(bool, Mt, u32)>,
 }
 
@@ -78,7 +80,7 @@ impl Pair {
                     Output::Send(m) => {
                         self.wire_log.push((true, kind(&m), mid(&m)));
                         if (self.filter)(true, &m) {
-                            self.b.handle_message(m, self.now);
+                            self.b.handle_message(*m, self.now);
                         }
                         moved = true;
                     }
@@ -90,7 +92,7 @@ impl Pair {
                     Output::Send(m) => {
                         self.wire_log.push((false, kind(&m), mid(&m)));
                         if (self.filter)(false, &m) {
-                            self.a.handle_message(m, self.now);
+                            self.a.handle_message(*m, self.now);
                         }
                         moved = true;
                     }
@@ -439,6 +441,7 @@ fn bad_input_is_dropped_and_counted() {
     let Some(Output::Send(msg)) = p.a.poll_output() else {
         panic!("a message")
     };
+    let msg = *msg;
 
     // A token from an app with another secret.
     let mut forger = SessionLayer::new(
@@ -458,7 +461,7 @@ fn bad_input_is_dropped_and_counted() {
     let Some(Output::Send(forged)) = forger.poll_output() else {
         panic!("a discovery")
     };
-    p.b.handle_message(forged, p.now);
+    p.b.handle_message(*forged, p.now);
     assert_eq!(p.b.stats().dropped(SessionDrop::BadToken), 1);
 
     // An expired token: the same message an hour and a minute later.
@@ -489,6 +492,7 @@ fn bad_input_is_dropped_and_counted() {
     let Some(Output::Send(discovery)) = p.a.poll_output() else {
         panic!("a discovery")
     };
+    let discovery = *discovery;
     p.b.handle_message(
         tamper(discovery.clone(), |pb| {
             pb.session.as_mut().unwrap().session_id = sid2 ^ 7
@@ -529,7 +533,7 @@ fn same_seeds_same_outputs() {
         a.handle_timeout(Timestamp::ZERO + Duration::from_secs(1));
         std::iter::from_fn(|| a.poll_output())
             .filter_map(|o| match o {
-                Output::Send(m) => Some(m),
+                Output::Send(m) => Some(*m),
                 Output::Event(_) => None,
             })
             .collect()
