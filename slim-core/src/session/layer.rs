@@ -144,9 +144,9 @@ pub enum SessionEvent {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // outputs are queued briefly; boxing events buys nothing
 pub enum Output {
-    /// Hand this message to the application's router. Boxed: messages are large and events
-    /// small, and outputs sit in a queue.
+    /// Hand this message to the application's router (boxed: a message is three times an event).
     Send(Box<pb::Message>),
     Event(SessionEvent),
 }
