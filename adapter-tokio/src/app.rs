@@ -70,7 +70,7 @@ pub struct Client {
     uplink: ConnId,
     pending_acks: PendingAcks,
     next_sub_id: AtomicU64,
-    inbox: tokio::sync::Mutex<mpsc::Receiver<Received>>,
+    inbox: tokio::sync::Mutex<mpsc::Receiver<pb::Message>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -241,14 +241,43 @@ impl Client {
         self.send(&message).await
     }
 
-    /// The next message for this client.
+    /// The next application message for this client (messages without an application payload,
+    /// e.g. session control messages, are skipped: use [`Client::recv_message`] for those).
     pub async fn recv(&self) -> Result<Received, ClientError> {
+        loop {
+            let message = self.recv_message().await?;
+            let Some(MessageType::Publish(publish)) = message.message_type else {
+                continue;
+            };
+            let source = publish
+                .header
+                .as_ref()
+                .and_then(|h| h.source.as_ref())
+                .and_then(Name::from_pb);
+            if let (Some(source), Some(pb::content::ContentType::AppPayload(app))) =
+                (source, publish.msg.and_then(|c| c.content_type))
+            {
+                return Ok(Received {
+                    source,
+                    payload: app.blob,
+                });
+            }
+        }
+    }
+
+    /// The next publish delivered to this client, as it came off the wire.
+    pub async fn recv_message(&self) -> Result<pb::Message, ClientError> {
         self.inbox
             .lock()
             .await
             .recv()
             .await
             .ok_or(ClientError::Closed)
+    }
+
+    /// Sends a complete message (e.g. one built by a session layer) through the node.
+    pub async fn send_message(&self, message: &pb::Message) -> Result<(), ClientError> {
+        self.send(message).await
     }
 
     async fn send(&self, message: &pb::Message) -> Result<(), ClientError> {
@@ -286,7 +315,7 @@ impl Client {
 async fn dispatch(
     mut frames: mpsc::Receiver<Bytes>,
     pending_acks: PendingAcks,
-    inbox: mpsc::Sender<Received>,
+    inbox: mpsc::Sender<pb::Message>,
 ) {
     while let Some(frame) = frames.recv().await {
         let mut deframer = Deframer::default();
@@ -295,30 +324,23 @@ async fn dispatch(
             let Ok(message) = pb::Message::decode(body) else {
                 continue;
             };
-            match message.message_type {
+            match &message.message_type {
                 Some(MessageType::SubscriptionAck(ack)) => {
                     let waiter = pending_acks
                         .lock()
                         .expect("pending acks lock")
                         .remove(&ack.subscription_id);
                     if let Some(waiter) = waiter {
-                        let _ = waiter.send(if ack.success { Ok(()) } else { Err(ack.error) });
+                        let _ = waiter.send(if ack.success {
+                            Ok(())
+                        } else {
+                            Err(ack.error.clone())
+                        });
                     }
                 }
-                Some(MessageType::Publish(publish)) => {
-                    let source = publish
-                        .header
-                        .as_ref()
-                        .and_then(|h| h.source.as_ref())
-                        .and_then(Name::from_pb);
-                    let payload = match publish.msg.and_then(|c| c.content_type) {
-                        Some(pb::content::ContentType::AppPayload(app)) => app.blob,
-                        _ => continue,
-                    };
-                    if let Some(source) = source {
-                        if inbox.send(Received { source, payload }).await.is_err() {
-                            return;
-                        }
+                Some(MessageType::Publish(_)) => {
+                    if inbox.send(message).await.is_err() {
+                        return;
                     }
                 }
                 _ => {}

@@ -16,6 +16,8 @@ pub mod app;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub mod session;
+pub mod tools;
 
 mod client;
 mod node;

@@ -48,6 +48,143 @@ struct Cli {
 enum Command {
     /// Measure a running SLIM node (ours or the reference) from two clients on this machine.
     Bench(BenchArgs),
+    /// Serve a name: accept every session and answer each message with `reply|` + the message.
+    Reply(ReplyArgs),
+    /// Open a point-to-point session to a service, send requests and check every reply.
+    Request(RequestArgs),
+}
+
+/// Used when --secret is not given; every app of a deployment must share one secret.
+const DEFAULT_SECRET: &str = "slim-tokio-default-secret-change-me-0123456789";
+
+#[derive(clap::Args, Debug)]
+struct AppArgs {
+    /// The node to connect to.
+    #[arg(long, default_value = "http://127.0.0.1:46357")]
+    endpoint: String,
+    /// This application's name, org/namespace/service.
+    #[arg(long, value_name = "ORG/NS/SVC")]
+    name: String,
+    /// Shared secret of the deployment (at least 32 bytes), for identity tokens.
+    #[arg(long, env = "SLIM_SECRET")]
+    secret: Option<String>,
+    /// End-to-end encryption with MLS (not available yet: refused with an error).
+    #[arg(long)]
+    mls: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplyArgs {
+    #[command(flatten)]
+    app: AppArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct RequestArgs {
+    #[command(flatten)]
+    app: AppArgs,
+    /// The service to ask, org/namespace/service (any instance).
+    #[arg(long, value_name = "ORG/NS/SVC")]
+    to: String,
+    #[arg(long, default_value_t = 10)]
+    count: u64,
+    /// Request size in bytes (min 8).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Seconds to wait for each reply.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Print one JSON line: {"sent","received","mismatched","p50_us","p99_us"}.
+    #[arg(long)]
+    json: bool,
+}
+
+impl AppArgs {
+    fn resolve(&self) -> anyhow::Result<(slim_proto::Name, String)> {
+        if self.mls {
+            anyhow::bail!("--mls: MLS sessions are not implemented in slim-tokio yet");
+        }
+        let name =
+            slim_proto::Name::parse(&self.name).with_context(|| format!("--name {}", self.name))?;
+        let secret = match &self.secret {
+            Some(secret) => secret.clone(),
+            None => {
+                tracing::warn!(
+                    "no --secret given: using the built-in default, which every peer must share"
+                );
+                DEFAULT_SECRET.to_owned()
+            }
+        };
+        Ok((name, secret))
+    }
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+fn run_reply(args: ReplyArgs) -> anyhow::Result<()> {
+    init_logging(Some("info"));
+    let (name, secret) = args.app.resolve()?;
+    let runtime = client_runtime()?;
+    let stats = runtime.block_on(async {
+        slim_tokio::tools::run_reply(
+            &args.app.endpoint,
+            name,
+            &secret,
+            |full| tracing::info!(name = %full, "ready: answering sessions"),
+            async {
+                let _ = wait_for_signal().await;
+            },
+        )
+        .await
+    })?;
+    tracing::info!(
+        sessions = stats.sessions,
+        replies = stats.replies,
+        "stopped"
+    );
+    Ok(())
+}
+
+fn run_request(args: RequestArgs) -> anyhow::Result<()> {
+    init_logging(Some("warn"));
+    let (name, secret) = args.app.resolve()?;
+    let to = slim_proto::Name::parse(&args.to).with_context(|| format!("--to {}", args.to))?;
+    let config = slim_tokio::tools::RequestConfig {
+        endpoint: args.app.endpoint.clone(),
+        name,
+        to,
+        secret,
+        count: args.count,
+        size: args.size.max(8),
+        timeout: std::time::Duration::from_secs_f64(args.timeout.max(0.1)),
+        reliability: Some(slim_tokio::session::Reliability {
+            interval: std::time::Duration::from_secs(1),
+            max_retries: 10,
+        }),
+    };
+    let runtime = client_runtime()?;
+    let report = runtime.block_on(slim_tokio::tools::run_request(&config))?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!(
+            "sent {}  received {}  mismatched {}  p50 {:.1} us  p99 {:.1} us",
+            report.sent, report.received, report.mismatched, report.p50_us, report.p99_us
+        );
+    }
+    if report.received != report.sent || report.mismatched > 0 || report.sent != args.count {
+        anyhow::bail!(
+            "{} of {} requests answered correctly",
+            report.received - report.mismatched,
+            args.count
+        );
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -146,8 +283,11 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Bench(args)) = cli.command {
-        return run_bench(args);
+    match cli.command {
+        Some(Command::Bench(args)) => return run_bench(args),
+        Some(Command::Reply(args)) => return run_reply(args),
+        Some(Command::Request(args)) => return run_request(args),
+        None => {}
     }
     let mut node_config = match &cli.config {
         Some(path) => NodeConfig::from_file(path)

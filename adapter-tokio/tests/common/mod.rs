@@ -7,7 +7,7 @@
 // Each test binary compiles this module on its own and uses a different part of it.
 #![allow(dead_code)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use slim_proto::link::{self, LocalLinkInfo};
 use slim_proto::pb::{self, message::MessageType, LinkConnectionType};
 use slim_proto::{encode_frame, Deframer, HeaderMacKey, LinkKeyPair, Name};
 use slim_tokio::config::{NodeConfig, ServerConfig};
-use slim_tokio::Node;
+use slim_tokio::{Node, NodeStats};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -95,11 +95,24 @@ pub async fn stats(node: &Node) -> Stats {
         .router
 }
 
-/// Polls the node's counters until `pred` holds (bounded by [`TIMEOUT`]); returns them.
+/// Polls the node's router counters until `pred` holds (bounded by [`TIMEOUT`]); returns them.
 pub async fn wait_for_stats(node: &Node, what: &str, pred: impl Fn(&Stats) -> bool) -> Stats {
+    wait_for_node_stats(node, what, |s| pred(&s.router))
+        .await
+        .router
+}
+
+/// Polls all the node's counters (router and adapter) until `pred` holds.
+pub async fn wait_for_node_stats(
+    node: &Node,
+    what: &str,
+    pred: impl Fn(&NodeStats) -> bool,
+) -> NodeStats {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        let stats = stats(node).await;
+        let stats = within("node stats", node.stats())
+            .await
+            .expect("the node is running");
         if pred(&stats) {
             return stats;
         }
@@ -133,12 +146,7 @@ pub fn header(source: &Name, destination: &Name, fanout: u32) -> pb::SlimHeader 
 }
 
 /// An unsigned data publish (`MSG`, application payload `blob`).
-pub fn publish_message(
-    source: &Name,
-    destination: &Name,
-    fanout: u32,
-    blob: &[u8],
-) -> pb::Message {
+pub fn publish_message(source: &Name, destination: &Name, fanout: u32, blob: &[u8]) -> pb::Message {
     pb::Message {
         message_type: Some(MessageType::Publish(pb::Publish {
             header: Some(header(source, destination, fanout)),
@@ -161,7 +169,7 @@ pub fn publish_message(
                 )),
             }),
         })),
-        metadata: HashMap::new(),
+        metadata: Default::default(),
     }
 }
 
@@ -171,7 +179,7 @@ pub fn subscribe_message(source: &Name, destination: &Name, sub_id: u64) -> pb::
             header: Some(header(source, destination, 1)),
             subscription_id: sub_id,
         })),
-        metadata: HashMap::new(),
+        metadata: Default::default(),
     }
 }
 
@@ -181,7 +189,7 @@ pub fn unsubscribe_message(source: &Name, destination: &Name, sub_id: u64) -> pb
             header: Some(header(source, destination, 1)),
             subscription_id: sub_id,
         })),
-        metadata: HashMap::new(),
+        metadata: Default::default(),
     }
 }
 
@@ -233,10 +241,10 @@ pub struct Received {
     pub message: pb::Message,
 }
 
-/// What [`Client::next`] saw.
+/// What [`Client::next_within`] saw.
 #[derive(Debug)]
 pub enum Next {
-    Message(Received),
+    Message(Box<Received>),
     /// The node ended the response stream (its status is read with [`Client::status`]).
     End,
 }
@@ -471,6 +479,12 @@ impl Client {
             .unwrap_or_else(|e| panic!("{}: cannot end the stream: {e}", self.label));
     }
 
+    /// Resets the stream with CANCEL, keeping the HTTP/2 connection open: what slim-bindings'
+    /// `disconnect` does (captures/README.md §1).
+    pub fn cancel(&mut self) {
+        self.send.send_reset(h2::Reason::CANCEL);
+    }
+
     /// Drops the TCP connection without any HTTP/2 goodbye.
     pub fn vanish(self) {
         drop(self);
@@ -569,7 +583,7 @@ impl Client {
                 let message = pb::Message::decode(raw.clone()).unwrap_or_else(|e| {
                     panic!("{}: the node sent an undecodable message: {e}", self.label)
                 });
-                return Some(Next::Message(Received { raw, message }));
+                return Some(Next::Message(Box::new(Received { raw, message })));
             }
             if self.ended {
                 return Some(Next::End);
@@ -591,11 +605,9 @@ impl Client {
                 Some(Ok(bytes)) => {
                     let _ = self.recv.flow_control().release_capacity(bytes.len());
                     self.deframer.push(&bytes);
-                    while let Some(body) = self
-                        .deframer
-                        .next_frame()
-                        .unwrap_or_else(|e| panic!("{}: bad framing from the node: {e}", self.label))
-                    {
+                    while let Some(body) = self.deframer.next_frame().unwrap_or_else(|e| {
+                        panic!("{}: bad framing from the node: {e}", self.label)
+                    }) {
                         self.queue.push_back(body);
                     }
                 }
@@ -606,7 +618,7 @@ impl Client {
     /// The next message; panics on end of stream or after [`TIMEOUT`].
     pub async fn recv(&mut self) -> Received {
         match self.next_within(TIMEOUT).await {
-            Some(Next::Message(received)) => received,
+            Some(Next::Message(received)) => *received,
             Some(Next::End) => {
                 let status = self.status().await;
                 panic!(
@@ -636,12 +648,9 @@ impl Client {
         let mut messages = Vec::new();
         loop {
             match self.next_within(TIMEOUT).await {
-                Some(Next::Message(received)) => messages.push(received),
+                Some(Next::Message(received)) => messages.push(*received),
                 Some(Next::End) => break,
-                None => panic!(
-                    "{}: the stream did not end within {TIMEOUT:?}",
-                    self.label
-                ),
+                None => panic!("{}: the stream did not end within {TIMEOUT:?}", self.label),
             }
         }
         if let Some(status) = &self.header_status {

@@ -1,0 +1,256 @@
+//! Sessions for applications, on tokio: an [`App`] drives a [`SessionLayer`] core over a
+//! [`Client`] link. The core decides everything (handshakes, acks, retransmissions, signatures);
+//! this module only moves messages, commands, events and time.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), slim_tokio::session::AppError> {
+//! use slim_proto::Name;
+//! use slim_tokio::session::{App, SessionConfig};
+//! let app = App::connect("http://127.0.0.1:46357", Name::new("org", "ns", "alice"),
+//!                        "a-shared-secret-of-at-least-32-bytes!").await?;
+//! let session = app.open_session(&Name::new("org", "ns", "bob"), SessionConfig::default()).await?;
+//! app.publish(session, b"hello".to_vec()).await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use slim_core::session::{self, Output, SessionEvent, SessionId, SessionLayer};
+use slim_proto::Name;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::app::{Client, ClientError};
+use crate::clock::Clock;
+
+pub use slim_core::session::{CloseReason, Reliability, SessionConfig};
+
+/// How long `open_session` waits for the handshake at most (the core gives up on its own
+/// after its control retries; this only bounds the wait).
+const OPEN_WAIT: Duration = Duration::from_secs(60);
+
+/// Errors of the session API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Layer(#[from] session::LayerError),
+    #[error(transparent)]
+    Session(#[from] session::SessionError),
+    #[error("the session could not be opened: {0:?}")]
+    NotOpened(CloseReason),
+    #[error("the application stopped")]
+    Stopped,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+enum Command {
+    Open {
+        peer: Name,
+        config: SessionConfig,
+        reply: oneshot::Sender<Result<SessionId, CloseReason>>,
+    },
+    Publish {
+        session: SessionId,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<u32, session::SessionError>>,
+    },
+    Close {
+        session: SessionId,
+        reply: oneshot::Sender<Result<(), session::SessionError>>,
+    },
+}
+
+/// An application with sessions. Dropping it stops it.
+pub struct App {
+    name: Name,
+    commands: mpsc::Sender<Command>,
+    events: tokio::sync::Mutex<mpsc::Receiver<SessionEvent>>,
+    driver: JoinHandle<()>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl App {
+    /// Connects to a node as `name` (`org/ns/service`; the instance id comes from the identity
+    /// derived from `secret`), and makes the app reachable there.
+    pub async fn connect(endpoint: &str, name: Name, secret: &str) -> Result<App, AppError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| ClientError::Connect {
+            endpoint: endpoint.to_owned(),
+            reason: format!("no OS randomness: {e}"),
+        })?;
+        let unix_at_zero = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let clock = Clock::new();
+        let layer = SessionLayer::new(
+            session::LayerConfig {
+                name,
+                secret: secret.to_owned(),
+                unix_at_zero,
+            },
+            seed,
+        )?;
+        let name = layer.name().clone();
+        let client = Client::connect(endpoint, name.clone()).await?;
+        client.subscribe(&name).await?;
+        let (commands, command_rx) = mpsc::channel(1024);
+        let (event_tx, events) = mpsc::channel(4096);
+        let driver = tokio::spawn(drive(layer, client, clock, command_rx, event_tx));
+        Ok(App {
+            name,
+            commands,
+            events: tokio::sync::Mutex::new(events),
+            driver,
+        })
+    }
+
+    /// This app's full name (with its instance id).
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// Opens a point-to-point session with any instance of `peer`; returns once the peer
+    /// joined.
+    pub async fn open_session(
+        &self,
+        peer: &Name,
+        config: SessionConfig,
+    ) -> Result<SessionId, AppError> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Open {
+            peer: peer.clone(),
+            config,
+            reply,
+        })
+        .await?;
+        match tokio::time::timeout(OPEN_WAIT, answer).await {
+            Ok(Ok(Ok(session))) => Ok(session),
+            Ok(Ok(Err(reason))) => Err(AppError::NotOpened(reason)),
+            Ok(Err(_)) => Err(AppError::Stopped),
+            Err(_) => Err(AppError::Timeout(OPEN_WAIT)),
+        }
+    }
+
+    /// Sends `payload` on a session; returns its sequence id.
+    pub async fn publish(
+        &self,
+        session: SessionId,
+        payload: impl Into<Bytes>,
+    ) -> Result<u32, AppError> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Publish {
+            session,
+            payload: payload.into(),
+            reply,
+        })
+        .await?;
+        Ok(answer.await.map_err(|_| AppError::Stopped)??)
+    }
+
+    /// Closes a session (the peer acknowledges; a `Closed` event follows).
+    pub async fn close(&self, session: SessionId) -> Result<(), AppError> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Close { session, reply }).await?;
+        Ok(answer.await.map_err(|_| AppError::Stopped)??)
+    }
+
+    /// The next session event: incoming sessions, messages, losses, closes.
+    pub async fn next_event(&self) -> Result<SessionEvent, AppError> {
+        self.events
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or(AppError::Stopped)
+    }
+
+    async fn command(&self, command: Command) -> Result<(), AppError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| AppError::Stopped)
+    }
+}
+
+/// drain → arm the timer → wait for one input (a message, a command or the timer).
+async fn drive(
+    mut layer: SessionLayer,
+    client: Client,
+    clock: Clock,
+    mut commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<SessionEvent>,
+) {
+    let mut opening: HashMap<SessionId, oneshot::Sender<Result<SessionId, CloseReason>>> =
+        HashMap::new();
+    loop {
+        while let Some(output) = layer.poll_output() {
+            match output {
+                Output::Send(message) => {
+                    if let Err(error) = client.send_message(&message).await {
+                        tracing::warn!(%error, "link to the node lost");
+                        return;
+                    }
+                }
+                Output::Event(SessionEvent::Established { session, .. })
+                    if opening.contains_key(&session) =>
+                {
+                    if let Some(reply) = opening.remove(&session) {
+                        let _ = reply.send(Ok(session));
+                    }
+                }
+                Output::Event(SessionEvent::Closed { session, reason })
+                    if opening.contains_key(&session) =>
+                {
+                    if let Some(reply) = opening.remove(&session) {
+                        let _ = reply.send(Err(reason));
+                    }
+                }
+                Output::Event(event) => {
+                    if events.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let deadline = layer
+            .poll_timeout()
+            .map(|at| tokio::time::Instant::from_std(clock.to_instant(at)));
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            message = client.recv_message() => match message {
+                Ok(message) => layer.handle_message(message, clock.now()),
+                Err(_) => return,
+            },
+            command = commands.recv() => match command {
+                None => return,
+                Some(Command::Open { peer, config, reply }) => {
+                    let session = layer.create_session(&peer, config, clock.now());
+                    opening.insert(session, reply);
+                }
+                Some(Command::Publish { session, payload, reply }) => {
+                    let _ = reply.send(layer.publish(session, payload, clock.now()));
+                }
+                Some(Command::Close { session, reply }) => {
+                    let _ = reply.send(layer.close(session, clock.now()));
+                }
+            },
+            () = timer => layer.handle_timeout(clock.now()),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The `request` and `reply` subcommands of `slim-tokio`: a point-to-point requester and an
+//! answering service, on the session API, interoperable with `slim-bindings` peers.
+
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use slim_core::session::SessionEvent;
+use slim_proto::Name;
+
+use crate::session::{App, AppError, Reliability, SessionConfig};
+
+/// What the reply service puts before every payload it echoes.
+pub const REPLY_PREFIX: &[u8] = b"reply|";
+
+/// A p2p requester's run.
+#[derive(Debug, Clone)]
+pub struct RequestConfig {
+    pub endpoint: String,
+    pub name: Name,
+    pub to: Name,
+    pub secret: String,
+    pub count: u64,
+    pub size: usize,
+    /// How long to wait for each reply.
+    pub timeout: Duration,
+    pub reliability: Option<Reliability>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RequestReport {
+    pub sent: u64,
+    pub received: u64,
+    /// Replies that were not `reply|` + the request.
+    pub mismatched: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+impl RequestReport {
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"sent\":{},\"received\":{},\"mismatched\":{},\"p50_us\":{:.1},\"p99_us\":{:.1}}}",
+            self.sent, self.received, self.mismatched, self.p50_us, self.p99_us
+        )
+    }
+}
+
+/// Request `i`: its index, then bytes that vary with it (every byte value appears).
+fn request_payload(i: u64, size: usize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(size.max(8));
+    buf.put_u64(i);
+    while buf.len() < size {
+        buf.put_u8((buf.len() as u64 * 31 + i) as u8);
+    }
+    buf.freeze()
+}
+
+/// Opens a session to `to`, sends `count` requests one after the other and checks each reply.
+pub async fn run_request(config: &RequestConfig) -> Result<RequestReport, AppError> {
+    let app = App::connect(&config.endpoint, config.name.clone(), &config.secret).await?;
+    let session_config = SessionConfig {
+        reliability: config.reliability,
+        ..SessionConfig::default()
+    };
+    let session = app.open_session(&config.to, session_config).await?;
+    let mut report = RequestReport::default();
+    let mut latencies = Vec::with_capacity(config.count as usize);
+    for i in 0..config.count {
+        let request = request_payload(i, config.size);
+        let started = Instant::now();
+        app.publish(session, request.clone()).await?;
+        report.sent += 1;
+        let deadline = tokio::time::Instant::now() + config.timeout;
+        let reply = loop {
+            match tokio::time::timeout_at(deadline, app.next_event()).await {
+                Err(_) => break None,
+                Ok(Err(error)) => return Err(error),
+                Ok(Ok(SessionEvent::Message {
+                    session: s,
+                    payload,
+                    ..
+                })) if s == session => break Some(payload),
+                Ok(Ok(SessionEvent::Closed { session: s, reason })) if s == session => {
+                    tracing::warn!(?reason, "session closed by the peer");
+                    return Ok(finish(report, latencies));
+                }
+                Ok(Ok(_)) => continue,
+            }
+        };
+        let Some(reply) = reply else {
+            tracing::warn!(request = i, "no reply in time");
+            continue;
+        };
+        latencies.push(started.elapsed());
+        report.received += 1;
+        let matches = reply.len() == REPLY_PREFIX.len() + request.len()
+            && reply.starts_with(REPLY_PREFIX)
+            && reply[REPLY_PREFIX.len()..] == request[..];
+        if !matches {
+            report.mismatched += 1;
+        }
+    }
+    let _ = app.close(session).await;
+    // Give the close a moment to reach the peer before the link goes.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(event) = app.next_event().await {
+            if matches!(event, SessionEvent::Closed { session: s, .. } if s == session) {
+                return;
+            }
+        }
+    })
+    .await;
+    Ok(finish(report, latencies))
+}
+
+fn finish(mut report: RequestReport, mut latencies: Vec<Duration>) -> RequestReport {
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let index = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[index].as_secs_f64() * 1e6
+    };
+    report.p50_us = at(0.5);
+    report.p99_us = at(0.99);
+    report
+}
+
+/// Counters of a reply service.
+#[derive(Debug, Clone, Default)]
+pub struct ReplyStats {
+    pub sessions: u64,
+    pub replies: u64,
+}
+
+/// Accepts every session and answers each message with `reply|` + the message, until
+/// `stop` resolves.
+pub async fn run_reply(
+    endpoint: &str,
+    name: Name,
+    secret: &str,
+    ready: impl FnOnce(&Name),
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<ReplyStats, AppError> {
+    let app = App::connect(endpoint, name, secret).await?;
+    ready(app.name());
+    let mut stats = ReplyStats::default();
+    tokio::pin!(stop);
+    loop {
+        let event = tokio::select! {
+            () = &mut stop => return Ok(stats),
+            event = app.next_event() => event?,
+        };
+        match event {
+            SessionEvent::Incoming { session, peer, .. } => {
+                stats.sessions += 1;
+                tracing::info!(session, %peer, "session opened");
+            }
+            SessionEvent::Message {
+                session, payload, ..
+            } => {
+                let mut reply = BytesMut::with_capacity(REPLY_PREFIX.len() + payload.len());
+                reply.put_slice(REPLY_PREFIX);
+                reply.put_slice(&payload);
+                match app.publish(session, reply.freeze()).await {
+                    Ok(_) => stats.replies += 1,
+                    Err(error) => tracing::warn!(session, %error, "cannot reply"),
+                }
+            }
+            SessionEvent::Closed { session, reason } => {
+                tracing::info!(session, ?reason, "session closed")
+            }
+            SessionEvent::MessageLost {
+                session,
+                source,
+                id,
+            } => {
+                tracing::warn!(session, %source, id, "message lost")
+            }
+            _ => {}
+        }
+    }
+}
