@@ -60,6 +60,9 @@ pub struct NodeConfig {
     pub max_message_size: usize,
     /// Time given to open streams to finish after SIGINT/SIGTERM.
     pub drain_timeout: Duration,
+    /// An HTTP/2 connection without any open stream for this long is closed (reference
+    /// `keepalive.max_connection_idle`, 3600 s).
+    pub max_connection_idle: Duration,
     /// Dotted paths of keys we ignored.
     pub unknown_keys: Vec<String>,
 }
@@ -100,6 +103,7 @@ impl Default for NodeConfig {
             negotiation_timeout: Duration::from_secs(5),
             max_message_size: slim_proto::DEFAULT_MAX_MESSAGE_SIZE,
             drain_timeout: Duration::from_secs(5),
+            max_connection_idle: Duration::from_secs(3600),
             unknown_keys: Vec::new(),
         }
     }
@@ -160,6 +164,14 @@ struct RawServer {
     negotiation_timeout_secs: Option<u64>,
     /// MiB, as in the reference.
     max_frame_size: Option<u64>,
+    keepalive: Option<RawKeepalive>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Deserialize)]
+struct RawKeepalive {
+    max_connection_idle: Option<String>,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -329,6 +341,22 @@ impl NodeConfig {
             }
             if let Some(secs) = server.negotiation_timeout_secs {
                 config.negotiation_timeout = Duration::from_secs(secs.max(1));
+            }
+            if let Some(keepalive) = &server.keepalive {
+                note_unknown(
+                    &format!("{server_prefix}keepalive."),
+                    &keepalive.extra,
+                    unknown,
+                );
+                if let Some(text) = &keepalive.max_connection_idle {
+                    config.max_connection_idle =
+                        parse_duration(text).ok_or_else(|| ConfigError::BadEndpoint {
+                            endpoint: server.endpoint.clone(),
+                            reason: format!(
+                                "keepalive.max_connection_idle {text:?} is not a duration"
+                            ),
+                        })?;
+                }
             }
             if let Some(mib) = server.max_frame_size {
                 config.max_message_size = (mib.clamp(1, 64) as usize) * 1024 * 1024;

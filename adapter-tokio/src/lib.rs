@@ -152,6 +152,7 @@ impl Node {
                     node: handle.clone(),
                     tls,
                     max_message_size: config.max_message_size,
+                    max_connection_idle: config.max_connection_idle,
                     shutdown: shutdown.clone(),
                 },
             ));

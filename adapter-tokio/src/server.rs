@@ -20,12 +20,16 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 settings the reference node advertises (captures/README.md §1).
 const INITIAL_WINDOW: u32 = 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
+const MAX_STREAMS: u32 = 100;
+/// How often an idle connection is looked at.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub(crate) struct Acceptor {
     pub node: NodeHandle,
     pub tls: Option<TlsAcceptor>,
     pub max_message_size: usize,
+    pub max_connection_idle: Duration,
     pub shutdown: CancellationToken,
 }
 
@@ -79,6 +83,8 @@ where
         .initial_connection_window_size(INITIAL_WINDOW)
         .max_frame_size(max_frame.min(4 * 1024 * 1024))
         .max_header_list_size(MAX_HEADER_LIST)
+        // Clients use one stream; a bound keeps a hostile one from opening thousands.
+        .max_concurrent_streams(MAX_STREAMS)
         .max_send_buffer_size(1024 * 1024)
         .handshake::<_, Bytes>(io);
     let mut connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
@@ -86,11 +92,28 @@ where
         .map_err(|_| "HTTP/2 handshake timed out".to_string())?
         .map_err(|e| format!("not an HTTP/2 client: {e}"))?;
     let mut shutting_down = false;
+    let open_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut idle_since = Some(tokio::time::Instant::now());
+    let mut idle_check = tokio::time::interval(IDLE_CHECK.min(acceptor.max_connection_idle));
     loop {
         let next = tokio::select! {
             () = acceptor.shutdown.cancelled(), if !shutting_down => {
                 shutting_down = true;
                 connection.graceful_shutdown();
+                continue;
+            }
+            _ = idle_check.tick(), if !shutting_down => {
+                let open = open_streams.load(std::sync::atomic::Ordering::Relaxed);
+                match (open, idle_since) {
+                    (0, None) => idle_since = Some(tokio::time::Instant::now()),
+                    (0, Some(since)) if since.elapsed() >= acceptor.max_connection_idle => {
+                        tracing::info!("closing a connection without streams (idle)");
+                        shutting_down = true;
+                        connection.graceful_shutdown();
+                    }
+                    (0, Some(_)) => {}
+                    _ => idle_since = None,
+                }
                 continue;
             }
             next = connection.accept() => next,
@@ -100,7 +123,13 @@ where
             Some(Err(error)) => return Err(format!("HTTP/2 error: {error}")),
             Some(Ok((request, respond))) => {
                 let acceptor = acceptor.clone();
-                tokio::spawn(async move { serve_stream(request, respond, acceptor).await });
+                let open_streams = open_streams.clone();
+                open_streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                idle_since = None;
+                tokio::spawn(async move {
+                    serve_stream(request, respond, acceptor).await;
+                    open_streams.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                });
             }
         }
     }

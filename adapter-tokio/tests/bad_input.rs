@@ -510,3 +510,32 @@ async fn subscriber_that_does_not_read_stalls_nobody() {
     );
     f.shutdown().await;
 }
+
+#[tokio::test]
+async fn connection_without_streams_is_closed_when_idle() {
+    let mut f = Fixture::with(|c| c.max_connection_idle = Duration::from_secs(1)).await;
+    // An HTTP/2 connection that never opens a stream.
+    let tcp = TcpStream::connect(node_addr(&f.node)).await.unwrap();
+    let (send_request, connection) = h2_handshake(tcp).await.unwrap();
+    within("the node closes the idle connection", connection)
+        .await
+        .unwrap();
+    drop(send_request);
+    // The good clients have streams open: they were not touched.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    f.assert_still_routes().await;
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn forward_to_from_a_client_is_refused() {
+    let mut f = Fixture::new().await;
+    // A tries to push a message straight onto B's connection, bypassing subscriptions.
+    let stolen = Name::with_id("org", "ns", "nobody-subscribed", 1);
+    let mut message = publish_message(&f.a_name, &stolen, 1, b"sneaky");
+    header_of_mut(&mut message).unwrap().forward_to = Some(1);
+    f.a.send_signed(message);
+    f.wait_for_drops(DropReason::ForwardToRefused, 1).await;
+    f.assert_still_routes().await;
+    f.shutdown().await;
+}

@@ -107,7 +107,8 @@ impl Deframer {
             return Err(FrameError::TooLarge { len, max: self.max });
         }
         if self.buf.len() < PREFIX_LEN + len {
-            self.buf.reserve(PREFIX_LEN + len - self.buf.len());
+            // No reservation of the declared size: a 5-byte prefix must not make us allocate
+            // megabytes before the peer has sent them.
             return Ok(None);
         }
         self.buf.advance(PREFIX_LEN);

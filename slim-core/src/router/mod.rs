@@ -640,6 +640,18 @@ impl Router {
         let mut targets = std::mem::take(&mut self.scratch);
         targets.clear();
         if let Some(forward_to) = header.forward_to {
+            // forward_to bypasses the subscription table: only in-process apps and the control
+            // plane may use it (SDK clients clear it before sending, spec §1.5). From anyone else
+            // it would let a client reach connections that never subscribed to it.
+            if kind != ConnectionKind::Local {
+                self.scratch = targets;
+                self.drop_message(
+                    conn,
+                    DropReason::ForwardToRefused,
+                    "forward_to is only accepted from local connections",
+                );
+                return;
+            }
             if self.is_established(forward_to) {
                 targets.push(forward_to);
             } else {

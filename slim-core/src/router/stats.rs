@@ -24,12 +24,14 @@ pub enum DropReason {
     NoRoute,
     /// `forward_to` names a connection that does not exist.
     UnknownForwardTo,
+    /// `forward_to` on a publish from a connection that may not steer traffic.
+    ForwardToRefused,
     /// A SubscriptionAck nobody was waiting for.
     UnexpectedAck,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::Invalid,
         DropReason::UnknownConnection,
@@ -39,6 +41,7 @@ impl DropReason {
         DropReason::TtlExpired,
         DropReason::NoRoute,
         DropReason::UnknownForwardTo,
+        DropReason::ForwardToRefused,
         DropReason::UnexpectedAck,
     ];
 
@@ -53,6 +56,7 @@ impl DropReason {
             DropReason::TtlExpired => "ttl_expired",
             DropReason::NoRoute => "no_route",
             DropReason::UnknownForwardTo => "unknown_forward_to",
+            DropReason::ForwardToRefused => "forward_to_refused",
             DropReason::UnexpectedAck => "unexpected_ack",
         }
     }

@@ -564,26 +564,45 @@ fn edge_clients_cannot_steer_other_connections() {
     let acks: Vec<_> = h.take(alice.conn).into_iter().filter_map(as_ack).collect();
     assert!(!acks[0].success);
     assert_eq!(h.router.stats().subscriptions, 0);
-    // forward_to on a publish to an unknown connection.
-    let mut p = publish_msg(&alice, &bob.name, 1, b"x");
-    let hdr = header_mut(&mut p).unwrap();
-    hdr.forward_to = Some(4242);
-    alice.mac.sign(hdr);
-    h.send(alice.conn, &p);
+    // forward_to on a publish from an edge client is refused, whatever it names.
+    for target in [bob.conn, 4242] {
+        let mut p = publish_msg(&alice, &app("unsubscribed", 1), 1, b"direct");
+        let hdr = header_mut(&mut p).unwrap();
+        hdr.forward_to = Some(target);
+        alice.mac.sign(hdr);
+        h.send(alice.conn, &p);
+    }
+    assert!(h.take(bob.conn).is_empty());
+    assert_eq!(h.router.stats().dropped(DropReason::ForwardToRefused), 2);
+}
+
+#[test]
+fn local_apps_may_forward_directly() {
+    let mut h = Harness::new();
+    let bob = h.connect(&app("bob", 2));
+    let local = h.router.attach_local();
+    let direct = |to: ConnId| {
+        publish_with(
+            pb::SlimHeader {
+                source: Some(app("local", 1).to_pb()),
+                destination: Some(app("unsubscribed", 1).to_pb()),
+                fanout: 1,
+                ttl: 8,
+                forward_to: Some(to),
+                ..Default::default()
+            },
+            b"direct",
+        )
+    };
+    h.send(local, &direct(4242));
     assert_eq!(h.router.stats().dropped(DropReason::UnknownForwardTo), 1);
-    // forward_to to an open connection bypasses the table (how acks and replies travel).
-    let mut p = publish_msg(&alice, &app("unsubscribed", 1), 1, b"direct");
-    let hdr = header_mut(&mut p).unwrap();
-    hdr.forward_to = Some(bob.conn);
-    alice.mac.sign(hdr);
-    h.send(alice.conn, &p);
+    // To an open connection it bypasses the table (how acks and replies travel).
+    h.send(local, &direct(bob.conn));
     let got = publishes(h.take(bob.conn));
     assert_eq!(got.len(), 1);
-    assert_eq!(
-        got[0].header.as_ref().unwrap().forward_to,
-        None,
-        "cleared before sending"
-    );
+    let header = got[0].header.as_ref().unwrap();
+    assert_eq!(header.forward_to, None, "cleared before sending");
+    bob.mac.verify(header).expect("signed for bob's link");
 }
 
 /// Shuttles frames between two routers, as two nodes linked by one connection.
