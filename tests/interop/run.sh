@@ -3,8 +3,11 @@
 #
 #   tests/interop/run.sh --endpoint http://127.0.0.1:PORT [--only CASE[,CASE]] [--timeout S]
 #
-# Cases: p2p_plain p2p_mls p2p_v200 group_mls anycast (see tests/interop/README.md).
+# Cases: p2p_plain p2p_mls p2p_v200 group_mls anycast rust_request rust_reply
+# (see tests/interop/README.md).
 #   --endpoint URL   the node under test (required; h2c, e.g. http://127.0.0.1:46357)
+#   --slim-bin PATH  the slim-tokio binary for the rust_* cases (our session layer against
+#                    slim-bindings peers); default $SLIM_TOKIO_BIN, else <repo>/target/debug/slim-tokio
 #   --only CASE      run only these cases (repeatable or comma-separated)
 #   --timeout S      time budget per case in seconds (default 120); on expiry the
 #                    case's whole process group is killed and the case FAILs
@@ -30,11 +33,13 @@ while [ $# -gt 0 ]; do
     --endpoint) [ $# -ge 2 ] || { echo "run.sh: --endpoint needs a URL" >&2; exit 2; }; ENDPOINT="$2"; shift 2;;
     --only) [ $# -ge 2 ] || { echo "run.sh: --only needs a case" >&2; exit 2; }; ONLY+=(--only "$2"); shift 2;;
     --timeout) [ $# -ge 2 ] || { echo "run.sh: --timeout needs seconds" >&2; exit 2; }; TIMEOUT="$2"; shift 2;;
+    --slim-bin) [ $# -ge 2 ] || { echo "run.sh: --slim-bin needs a path" >&2; exit 2; }; SLIM_TOKIO_BIN="$2"; shift 2;;
     -h|--help) usage; exit 0;;
     *) echo "run.sh: unknown argument '$1' (see --help)" >&2; exit 2;;
   esac
 done
 [ -n "$ENDPOINT" ] || { echo "run.sh: --endpoint URL is required (see --help)" >&2; exit 2; }
+export SLIM_TOKIO_BIN="${SLIM_TOKIO_BIN:-$REPO/target/debug/slim-tokio}"
 case "$TIMEOUT" in ''|*[!0-9.]*) echo "run.sh: --timeout must be a number of seconds" >&2; exit 2;; esac
 
 VENVS="${SLIM_INTEROP_VENVS:-$REPO/target/interop}"

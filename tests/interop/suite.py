@@ -31,7 +31,7 @@ sys.dont_write_bytecode = True
 HERE = os.path.dirname(os.path.realpath(__file__))
 ROLE_PY = os.path.join(HERE, "role.py")
 NEW, OLD = "3.3.8", "2.0.0"
-CASES = ["p2p_plain", "p2p_mls", "p2p_v200", "group_mls", "anycast"]
+CASES = ["p2p_plain", "p2p_mls", "p2p_v200", "group_mls", "anycast", "rust_request", "rust_reply"]
 P2P_EXCHANGES = 100
 GROUP_MEMBERS = 3
 GROUP_MSGS = 10
@@ -450,8 +450,101 @@ async def case_anycast(ctx):
             f"served A={split['A']} B={split['B']}")
 
 
+# ------------------------------------------------ our sessions vs theirs --
+# Our own session layer (slim-tokio request/reply, Rust) against slim-bindings peers: the
+# binary comes from $SLIM_TOKIO_BIN (run.sh --slim-bin); without it these cases fail.
+
+def slim_bin():
+    path = os.environ.get("SLIM_TOKIO_BIN", "")
+    if not path or not os.access(path, os.X_OK):
+        raise CaseFailure("SLIM_TOKIO_BIN is not an executable slim-tokio (run.sh --slim-bin PATH)")
+    return path
+
+
+async def run_rust(ctx, label, *args, wait=True):
+    """Starts `slim-tokio ARGS`; with wait=True returns (exit code, stdout) when it ends."""
+    log = open(os.path.join(ctx.logs, f"{label}.log"), "ab")
+    proc = await asyncio.create_subprocess_exec(
+        slim_bin(), *[str(a) for a in args], stdout=asyncio.subprocess.PIPE, stderr=log,
+        env=dict(os.environ, NO_COLOR="1"))
+    ctx.note(f"started {label} (slim-tokio {args[0]}) pid {proc.pid}")
+    if not wait:
+        return proc, log
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), ctx.left())
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def case_rust_request(ctx):
+    """slim-tokio request (ours) -> slim-bindings 3.3.8 responder, 100 requests byte-exact."""
+    resp_name = ctx.name("resp")
+    ctx.set_step("start the slim-bindings responder")
+    resp = await ctx.spawn("responder", NEW, "responder", "--local", resp_name, "--prefix", "reply")
+    await resp.ready()
+    ctx.set_step("slim-tokio request sends 100 requests")
+    code, out = await run_rust(ctx, "rust-request", "request", "--endpoint", ctx.endpoint,
+                               "--name", ctx.name("rust-init"), "--to", resp_name,
+                               "--count", P2P_EXCHANGES, "--size", 1000, "--secret", ctx.secret,
+                               "--json")
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    if not lines:
+        raise CaseFailure(f"slim-tokio request exited {code} without a JSON summary")
+    rep = json.loads(lines[-1])
+    if code != 0 or rep["received"] != P2P_EXCHANGES or rep["mismatched"]:
+        raise CaseFailure(f"slim-tokio request exited {code}: {rep}")
+    ctx.set_step("responder accounting")
+    await resp.wait(lambda: any(e["count"] >= P2P_EXCHANGES for e in resp.of("served")),
+                    ctx.step, timeout=10)
+    return f"rust->3.3.8 {rep['received']}/{P2P_EXCHANGES} byte-exact, p50 {rep['p50_us']:.0f}us"
+
+
+async def case_rust_reply(ctx):
+    """slim-bindings 3.3.8 and 2.0.0 initiators -> slim-tokio reply (ours)."""
+    rust_name = ctx.name("rust-resp")
+    ctx.set_step("start slim-tokio reply")
+    proc, log = await run_rust(ctx, "rust-reply", "reply", "--endpoint", ctx.endpoint,
+                               "--name", rust_name, "--secret", ctx.secret, wait=False)
+    try:
+        log_path = os.path.join(ctx.logs, "rust-reply.log")
+        while True:
+            with open(log_path, "rb") as f:
+                if b"ready: answering sessions" in f.read():
+                    break
+            if proc.returncode is not None:
+                raise CaseFailure(f"slim-tokio reply exited {proc.returncode} (log {log_path})")
+            if ctx.left() < 1:
+                raise CaseFailure("slim-tokio reply did not get ready")
+            await asyncio.sleep(0.1)
+        results = []
+        for version in (NEW, OLD):
+            ctx.set_step(f"{version} initiator exchanges {P2P_EXCHANGES} messages with slim-tokio")
+            init = await ctx.spawn(f"initiator-{version}", version, "initiator",
+                                   "--local", ctx.name(f"init{version.replace('.', '')}"),
+                                   "--remote", rust_name, "--expect-prefix", "reply",
+                                   "--count", P2P_EXCHANGES, "--max-size", 4096, "--seed", ctx.seed)
+            await init.ready()
+            rep = (await init.event("result", ctx.step))["sessions"][0]
+            if rep["errors"] or rep["mismatches"] or rep["ok"] != P2P_EXCHANGES:
+                raise CaseFailure(f"{version}->rust: {rep['ok']}/{P2P_EXCHANGES} ok; "
+                                  f"errors {rep['errors'][:1]} mismatches {rep['mismatches'][:1]}")
+            results.append(f"{version}->rust {rep['ok']}/{P2P_EXCHANGES} byte-exact")
+        return "; ".join(results)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except asyncio.TimeoutError:
+                proc.kill()
+        log.close()
+
+
 CASE_FUNCS = {"p2p_plain": case_p2p_plain, "p2p_mls": case_p2p_mls,
-              "p2p_v200": case_p2p_v200, "group_mls": case_group_mls, "anycast": case_anycast}
+              "p2p_v200": case_p2p_v200, "group_mls": case_group_mls, "anycast": case_anycast,
+              "rust_request": case_rust_request, "rust_reply": case_rust_reply}
 
 
 async def drive(args):
