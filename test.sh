@@ -4,8 +4,11 @@
 #   2. all Rust tests (unit, integration over real h2 sockets, doc tests);
 #   3. the Sans-IO check: no I/O crate in the cores' dependency trees;
 #   4. the interop suite: real PyPI slim-bindings clients (3.3.8 and 2.0.0, installed into
-#      target/interop by the suite itself) talking through our slim-tokio node;
-#   5. the node stops cleanly on SIGTERM.
+#      target/interop by the suite itself) talking through our slim-tokio node, including our
+#      own session layer (slim-tokio request/reply) against theirs;
+#   5. the node stops cleanly on SIGTERM;
+#   6. our session layer against slim-bindings peers through the reference node (the server
+#      built into the slim-bindings wheel).
 # Needs: cargo, python3 with venv, access to crates.io and PyPI. Exit 0 iff everything passed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -46,7 +49,7 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 interop_status=0
-tests/interop/run.sh --endpoint "http://127.0.0.1:$PORT" || interop_status=$?
+tests/interop/run.sh --endpoint "http://127.0.0.1:$PORT" --slim-bin "$NODE_BIN" || interop_status=$?
 
 step "graceful shutdown"
 kill -TERM "$NODE_PID"
@@ -65,8 +68,31 @@ else
 fi
 trap - EXIT
 
-if [ "$interop_status" -ne 0 ] || [ "$shutdown_status" -ne 0 ]; then
-  echo "FAILED: interop=$interop_status shutdown=$shutdown_status" >&2
+step "interop: our session layer through the reference node"
+REF_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+REF_LOG="$ROOT/target/interop/logs/refnode-$REF_PORT.log"
+target/interop/venv-3.3.8/bin/python tests/interop/refnode.py --port "$REF_PORT" >"$REF_LOG" 2>&1 &
+REF_PID=$!
+trap 'kill -KILL "$REF_PID" 2>/dev/null || true' EXIT
+reference_status=0
+for _ in $(seq 1 150); do
+  grep -q "^ready" "$REF_LOG" && break
+  kill -0 "$REF_PID" 2>/dev/null || break
+  sleep 0.1
+done
+if grep -q "^ready" "$REF_LOG"; then
+  tests/interop/run.sh --endpoint "http://127.0.0.1:$REF_PORT" --slim-bin "$NODE_BIN" \
+    --only rust_request,rust_reply || reference_status=$?
+else
+  echo "the reference node did not start (log: $REF_LOG)" >&2
+  reference_status=1
+fi
+kill -TERM "$REF_PID" 2>/dev/null || true
+wait "$REF_PID" 2>/dev/null || true
+trap - EXIT
+
+if [ "$interop_status" -ne 0 ] || [ "$shutdown_status" -ne 0 ] || [ "$reference_status" -ne 0 ]; then
+  echo "FAILED: interop=$interop_status shutdown=$shutdown_status reference=$reference_status" >&2
   exit 1
 fi
 echo
