@@ -32,6 +32,30 @@ pub fn app_instance_id(identity_id: &str) -> u128 {
     }
 }
 
+/// The data and control channel ids of a group session (spec §1.4): XXH3-128 with seed `salt`
+/// over `"<moderator token id>/<org>/<ns>/<svc>/data"` (and `…/control`), folded out of the
+/// reserved range; the salt grows until the two differ.
+pub fn channel_ids(moderator_id: &str, channel: &Name) -> (u128, u128) {
+    let [org, namespace, service] = channel.components();
+    let derive = |suffix: &str, salt: u64| {
+        let text = format!("{moderator_id}/{org}/{namespace}/{service}/{suffix}");
+        let id = xxhash_rust::xxh3::xxh3_128_with_seed(text.as_bytes(), salt);
+        if is_reserved_id(id) {
+            (id % (FIRST_RESERVED_ID - 1)) + 1
+        } else {
+            id
+        }
+    };
+    let mut salt = 0;
+    loop {
+        let (data, control) = (derive("data", salt), derive("control", salt));
+        if data != control || salt >= 10 {
+            return (data, control);
+        }
+        salt += 1;
+    }
+}
+
 /// True for ids in the reserved range (including [`ANY_INSTANCE`]).
 pub fn is_reserved_id(id: u128) -> bool {
     id >= FIRST_RESERVED_ID
@@ -273,6 +297,16 @@ mod tests {
             0x48b1da600caab75fa73e4fe334bf1482
         );
         assert_eq!(app_instance_id("alice"), 0x48bb949a3dd26afac9a1342ad0e35dd2);
+    }
+
+    /// captures/c_group_mls: the moderator `interop/grp/mod-474d5b37_XzACSocx` created the
+    /// channel `interop/grp/chan-474d5b37`; its MSGs went to the data id, updates to the control id.
+    #[test]
+    fn channel_ids_match_the_capture() {
+        let channel = Name::new("interop", "grp", "chan-474d5b37");
+        let (data, control) = channel_ids("interop/grp/mod-474d5b37_XzACSocx", &channel);
+        assert_eq!(data, 0x400247fbbce906f57f0236f6c5d70030);
+        assert_eq!(control, 0xdbd807a77336fa0433cf86ac533416b3);
     }
 
     #[test]
