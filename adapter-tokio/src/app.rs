@@ -70,6 +70,8 @@ pub struct Client {
     uplink: ConnId,
     pending_acks: PendingAcks,
     next_sub_id: AtomicU64,
+    /// Subscription ids by name, to unsubscribe with the id the subscription was made with.
+    subscriptions: Mutex<HashMap<slim_proto::NameKey, u64>>,
     inbox: tokio::sync::Mutex<mpsc::Receiver<pb::Message>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -169,6 +171,7 @@ impl Client {
             app,
             uplink,
             pending_acks,
+            subscriptions: Mutex::default(),
             next_sub_id: AtomicU64::new(
                 u64::from_le_bytes(seed[16..24].try_into().unwrap_or_default()) | 1,
             ),
@@ -184,16 +187,50 @@ impl Client {
     /// Makes `name` reachable through the node; returns once the node acknowledged it.
     pub async fn subscribe(&self, name: &Name) -> Result<(), ClientError> {
         let sub_id = self.next_sub_id.fetch_add(2, Ordering::Relaxed);
+        self.subscription_request(name, sub_id, true).await?;
+        self.subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .insert(name.key(), sub_id);
+        Ok(())
+    }
+
+    /// Drops a subscription made with [`Client::subscribe`]; returns once the node acknowledged.
+    pub async fn unsubscribe(&self, name: &Name) -> Result<(), ClientError> {
+        let sub_id = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .remove(&name.key())
+            .ok_or_else(|| ClientError::Subscription(format!("{name} is not subscribed")))?;
+        self.subscription_request(name, sub_id, false).await
+    }
+
+    async fn subscription_request(
+        &self,
+        name: &Name,
+        sub_id: u64,
+        subscribe: bool,
+    ) -> Result<(), ClientError> {
         let (reply, answer) = oneshot::channel();
         self.pending_acks
             .lock()
             .expect("pending acks lock")
             .insert(sub_id, reply);
-        let message = pb::Message {
-            message_type: Some(MessageType::Subscribe(pb::Subscribe {
-                header: Some(self.header(name, 1, Some(self.uplink))),
+        let header = Some(self.header(name, 1, Some(self.uplink)));
+        let message_type = if subscribe {
+            MessageType::Subscribe(pb::Subscribe {
+                header,
                 subscription_id: sub_id,
-            })),
+            })
+        } else {
+            MessageType::Unsubscribe(pb::Unsubscribe {
+                header,
+                subscription_id: sub_id,
+            })
+        };
+        let message = pb::Message {
+            message_type: Some(message_type),
             metadata: Default::default(),
         };
         self.send(&message).await?;

@@ -52,6 +52,78 @@ enum Command {
     Reply(ReplyArgs),
     /// Open a point-to-point session to a service, send requests and check every reply.
     Request(RequestArgs),
+    /// Moderate a group: invite members, broadcast, optionally remove one and broadcast again.
+    Group(GroupArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GroupArgs {
+    #[command(flatten)]
+    app: AppArgs,
+    /// The group channel, org/namespace/channel.
+    #[arg(long, value_name = "ORG/NS/CHAN")]
+    channel: String,
+    /// A member to invite (any instance of that service); repeat for more.
+    #[arg(long = "invite", value_name = "ORG/NS/SVC", required = true)]
+    invite: Vec<String>,
+    /// Broadcasts per round.
+    #[arg(long, default_value_t = 10)]
+    count: u64,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Remove this member after the first round, then broadcast another round.
+    #[arg(long, value_name = "ORG/NS/SVC")]
+    remove: Option<String>,
+    /// Seconds to wait for the acknowledgements of a round.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Print one JSON line: {"members","sent","delivered","failed","removed"}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_group(args: GroupArgs) -> anyhow::Result<()> {
+    init_logging(Some("warn"));
+    let (name, secret) = args.app.resolve()?;
+    let parse =
+        |text: &String| slim_proto::Name::parse(text).with_context(|| format!("name {text}"));
+    let config = slim_tokio::tools::GroupConfig {
+        endpoint: args.app.endpoint.clone(),
+        name,
+        channel: parse(&args.channel)?,
+        secret,
+        invite: args
+            .invite
+            .iter()
+            .map(parse)
+            .collect::<anyhow::Result<_>>()?,
+        count: args.count,
+        size: args.size.max(8),
+        remove: args.remove.as_ref().map(parse).transpose()?,
+        reliability: slim_tokio::session::Reliability {
+            interval: std::time::Duration::from_secs(1),
+            max_retries: 10,
+        },
+        timeout: std::time::Duration::from_secs_f64(args.timeout.max(1.0)),
+    };
+    let runtime = client_runtime()?;
+    let report = runtime.block_on(slim_tokio::tools::run_group(&config))?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!(
+            "members {}  sent {}  delivered {}  failed {}  removed {}",
+            report.members, report.sent, report.delivered, report.failed, report.removed
+        );
+    }
+    if !report.complete() {
+        anyhow::bail!(
+            "{} of {} broadcasts were acknowledged by every member",
+            report.delivered,
+            report.sent
+        );
+    }
+    Ok(())
 }
 
 /// Used when --secret is not given; every app of a deployment must share one secret.
@@ -287,6 +359,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Bench(args)) => return run_bench(args),
         Some(Command::Reply(args)) => return run_reply(args),
         Some(Command::Request(args)) => return run_request(args),
+        Some(Command::Group(args)) => return run_group(args),
         None => {}
     }
     let mut node_config = match &cli.config {

@@ -47,13 +47,37 @@ pub enum AppError {
     Stopped,
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("the membership change failed: {0}")]
+    Membership(String),
 }
+
+/// How a membership change ended.
+type MembershipReply = oneshot::Sender<Result<(), String>>;
 
 enum Command {
     Open {
         peer: Name,
         config: SessionConfig,
         reply: oneshot::Sender<Result<SessionId, CloseReason>>,
+    },
+    CreateGroup {
+        channel: Name,
+        config: SessionConfig,
+        reply: oneshot::Sender<SessionId>,
+    },
+    Invite {
+        session: SessionId,
+        invitee: Name,
+        reply: MembershipReply,
+    },
+    Remove {
+        session: SessionId,
+        member: Name,
+        reply: MembershipReply,
+    },
+    Members {
+        session: SessionId,
+        reply: oneshot::Sender<Option<Vec<Name>>>,
     },
     Publish {
         session: SessionId,
@@ -142,7 +166,61 @@ impl App {
         }
     }
 
-    /// Sends `payload` on a session; returns its sequence id.
+    /// Creates a group session on `channel` (`org/ns/chan`) moderated by this app.
+    pub async fn create_group(
+        &self,
+        channel: &Name,
+        config: SessionConfig,
+    ) -> Result<SessionId, AppError> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::CreateGroup {
+            channel: channel.clone(),
+            config,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| AppError::Stopped)
+    }
+
+    /// Invites any instance of `invitee` into a group this app moderates; returns once it joined.
+    pub async fn invite(&self, session: SessionId, invitee: &Name) -> Result<(), AppError> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Invite {
+            session,
+            invitee: invitee.clone(),
+            reply,
+        })
+        .await?;
+        membership_answer(answer).await
+    }
+
+    /// Removes a member (full name, or service name) from a group this app moderates; returns
+    /// once it left.
+    pub async fn remove(&self, session: SessionId, member: &Name) -> Result<(), AppError> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Remove {
+            session,
+            member: member.clone(),
+            reply,
+        })
+        .await?;
+        membership_answer(answer).await
+    }
+
+    /// The members of a group session (everyone, this app included).
+    pub async fn members(&self, session: SessionId) -> Result<Vec<Name>, AppError> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Members { session, reply }).await?;
+        answer
+            .await
+            .map_err(|_| AppError::Stopped)?
+            .ok_or(AppError::Session(session::SessionError::UnknownSession(
+                session,
+            )))
+    }
+
+    /// Sends `payload` on a session (to the peer, or to every group member); returns its
+    /// sequence id.
     pub async fn publish(
         &self,
         session: SessionId,
@@ -158,14 +236,15 @@ impl App {
         Ok(answer.await.map_err(|_| AppError::Stopped)??)
     }
 
-    /// Closes a session (the peer acknowledges; a `Closed` event follows).
+    /// Closes a session: p2p peers are told, a moderator closes the group, a member leaves it.
+    /// A `Closed` event follows.
     pub async fn close(&self, session: SessionId) -> Result<(), AppError> {
         let (reply, answer) = oneshot::channel();
         self.command(Command::Close { session, reply }).await?;
         Ok(answer.await.map_err(|_| AppError::Stopped)??)
     }
 
-    /// The next session event: incoming sessions, messages, losses, closes.
+    /// The next session event: incoming sessions, messages, membership, losses, closes.
     pub async fn next_event(&self) -> Result<SessionEvent, AppError> {
         self.events
             .lock()
@@ -183,6 +262,65 @@ impl App {
     }
 }
 
+async fn membership_answer(answer: oneshot::Receiver<Result<(), String>>) -> Result<(), AppError> {
+    match tokio::time::timeout(OPEN_WAIT, answer).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(reason))) => Err(AppError::Membership(reason)),
+        Ok(Err(_)) => Err(AppError::Stopped),
+        Err(_) => Err(AppError::Timeout(OPEN_WAIT)),
+    }
+}
+
+/// Application commands waiting for an outcome the core reports as an event.
+#[derive(Default)]
+struct Waiters {
+    opening: HashMap<SessionId, oneshot::Sender<Result<SessionId, CloseReason>>>,
+    /// By session and the member's service (the invitee is named without instance).
+    joining: HashMap<(SessionId, [u64; 3]), MembershipReply>,
+    leaving: HashMap<(SessionId, [u64; 3]), MembershipReply>,
+}
+
+impl Waiters {
+    /// Resolves what `event` completes; false when the event only concerned a waiter.
+    fn resolve(&mut self, event: &SessionEvent) -> bool {
+        match event {
+            SessionEvent::Established { session, .. } => {
+                if let Some(reply) = self.opening.remove(session) {
+                    let _ = reply.send(Ok(*session));
+                    return false;
+                }
+            }
+            SessionEvent::Closed { session, reason } => {
+                if let Some(reply) = self.opening.remove(session) {
+                    let _ = reply.send(Err(reason.clone()));
+                    return false;
+                }
+            }
+            SessionEvent::MemberJoined { session, member } => {
+                if let Some(reply) = self.joining.remove(&(*session, member.key().components)) {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            SessionEvent::InviteFailed {
+                session,
+                invitee,
+                reason,
+            } => {
+                if let Some(reply) = self.joining.remove(&(*session, invitee.key().components)) {
+                    let _ = reply.send(Err((*reason).to_owned()));
+                }
+            }
+            SessionEvent::MemberLeft { session, member } => {
+                if let Some(reply) = self.leaving.remove(&(*session, member.key().components)) {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+}
+
 /// drain → arm the timer → wait for one input (a message, a command or the timer).
 async fn drive(
     mut layer: SessionLayer,
@@ -191,8 +329,7 @@ async fn drive(
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<SessionEvent>,
 ) {
-    let mut opening: HashMap<SessionId, oneshot::Sender<Result<SessionId, CloseReason>>> =
-        HashMap::new();
+    let mut waiters = Waiters::default();
     loop {
         while let Some(output) = layer.poll_output() {
             match output {
@@ -202,22 +339,20 @@ async fn drive(
                         return;
                     }
                 }
-                Output::Event(SessionEvent::Established { session, .. })
-                    if opening.contains_key(&session) =>
-                {
-                    if let Some(reply) = opening.remove(&session) {
-                        let _ = reply.send(Ok(session));
+                // Carried out in order: the core relies on a subscription being in place
+                // before what follows it.
+                Output::Subscribe(channel) => {
+                    if let Err(error) = client.subscribe(&channel).await {
+                        tracing::warn!(%channel, %error, "channel subscription failed");
                     }
                 }
-                Output::Event(SessionEvent::Closed { session, reason })
-                    if opening.contains_key(&session) =>
-                {
-                    if let Some(reply) = opening.remove(&session) {
-                        let _ = reply.send(Err(reason));
+                Output::Unsubscribe(channel) => {
+                    if let Err(error) = client.unsubscribe(&channel).await {
+                        tracing::debug!(%channel, %error, "channel unsubscription failed");
                     }
                 }
                 Output::Event(event) => {
-                    if events.send(event).await.is_err() {
+                    if waiters.resolve(&event) && events.send(event).await.is_err() {
                         return;
                     }
                 }
@@ -239,18 +374,75 @@ async fn drive(
             },
             command = commands.recv() => match command {
                 None => return,
-                Some(Command::Open { peer, config, reply }) => {
-                    let session = layer.create_session(&peer, config, clock.now());
-                    opening.insert(session, reply);
-                }
-                Some(Command::Publish { session, payload, reply }) => {
-                    let _ = reply.send(layer.publish(session, payload, clock.now()));
-                }
-                Some(Command::Close { session, reply }) => {
-                    let _ = reply.send(layer.close(session, clock.now()));
-                }
+                Some(command) => run_command(&mut layer, &mut waiters, command, clock.now()),
             },
             () = timer => layer.handle_timeout(clock.now()),
+        }
+    }
+}
+
+fn run_command(
+    layer: &mut SessionLayer,
+    waiters: &mut Waiters,
+    command: Command,
+    now: slim_core::Timestamp,
+) {
+    match command {
+        Command::Open {
+            peer,
+            config,
+            reply,
+        } => {
+            let session = layer.create_session(&peer, config, now);
+            waiters.opening.insert(session, reply);
+        }
+        Command::CreateGroup {
+            channel,
+            config,
+            reply,
+        } => {
+            let _ = reply.send(layer.create_group(&channel, config, now));
+        }
+        Command::Invite {
+            session,
+            invitee,
+            reply,
+        } => match layer.invite(session, &invitee, now) {
+            Ok(()) => {
+                waiters
+                    .joining
+                    .insert((session, invitee.key().components), reply);
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error.to_string()));
+            }
+        },
+        Command::Remove {
+            session,
+            member,
+            reply,
+        } => match layer.remove(session, &member, now) {
+            Ok(()) => {
+                waiters
+                    .leaving
+                    .insert((session, member.key().components), reply);
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error.to_string()));
+            }
+        },
+        Command::Members { session, reply } => {
+            let _ = reply.send(layer.members(session));
+        }
+        Command::Publish {
+            session,
+            payload,
+            reply,
+        } => {
+            let _ = reply.send(layer.publish(session, payload, now));
+        }
+        Command::Close { session, reply } => {
+            let _ = reply.send(layer.close(session, now));
         }
     }
 }

@@ -127,6 +127,129 @@ fn finish(mut report: RequestReport, mut latencies: Vec<Duration>) -> RequestRep
     report
 }
 
+/// A moderated group run.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    pub endpoint: String,
+    pub name: Name,
+    pub channel: Name,
+    pub secret: String,
+    pub invite: Vec<Name>,
+    pub count: u64,
+    pub size: usize,
+    pub remove: Option<Name>,
+    pub reliability: Reliability,
+    /// How long to wait for all acknowledgements of one round of broadcasts.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GroupReport {
+    pub members: usize,
+    pub sent: u64,
+    /// Broadcasts every member then in the group acknowledged.
+    pub delivered: u64,
+    /// Broadcasts some member never acknowledged.
+    pub failed: u64,
+    pub removed: bool,
+}
+
+impl GroupReport {
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"members\":{},\"sent\":{},\"delivered\":{},\"failed\":{},\"removed\":{}}}",
+            self.members, self.sent, self.delivered, self.failed, self.removed
+        )
+    }
+
+    /// Every broadcast acknowledged by every member present.
+    pub fn complete(&self) -> bool {
+        self.delivered == self.sent && self.failed == 0
+    }
+}
+
+/// Creates a group, invites every `invite`, broadcasts `count` messages and waits until every
+/// member acknowledged each; with `remove`, removes that member and broadcasts `count` more.
+pub async fn run_group(config: &GroupConfig) -> Result<GroupReport, AppError> {
+    let app = App::connect(&config.endpoint, config.name.clone(), &config.secret).await?;
+    let session = app
+        .create_group(
+            &config.channel,
+            SessionConfig {
+                reliability: Some(config.reliability),
+                ..SessionConfig::default()
+            },
+        )
+        .await?;
+    for invitee in &config.invite {
+        app.invite(session, invitee).await?;
+        tracing::info!(%invitee, "joined");
+    }
+    let mut report = GroupReport {
+        members: app.members(session).await?.len(),
+        ..GroupReport::default()
+    };
+    broadcast_round(&app, session, config, &mut report, 0).await?;
+    if let Some(member) = &config.remove {
+        app.remove(session, member).await?;
+        report.removed = true;
+        report.members = app.members(session).await?.len();
+        broadcast_round(&app, session, config, &mut report, config.count).await?;
+    }
+    let _ = app.close(session).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(event) = app.next_event().await {
+            if matches!(event, SessionEvent::Closed { session: s, .. } if s == session) {
+                return;
+            }
+        }
+    })
+    .await;
+    Ok(report)
+}
+
+async fn broadcast_round(
+    app: &App,
+    session: u32,
+    config: &GroupConfig,
+    report: &mut GroupReport,
+    first: u64,
+) -> Result<(), AppError> {
+    let mut outstanding = std::collections::BTreeSet::new();
+    for i in first..first + config.count {
+        let id = app
+            .publish(session, request_payload(i, config.size))
+            .await?;
+        outstanding.insert(id);
+        report.sent += 1;
+    }
+    let deadline = tokio::time::Instant::now() + config.timeout;
+    while !outstanding.is_empty() {
+        match tokio::time::timeout_at(deadline, app.next_event()).await {
+            Err(_) => break,
+            Ok(Err(error)) => return Err(error),
+            Ok(Ok(SessionEvent::Delivered { session: s, id })) if s == session => {
+                if outstanding.remove(&id) {
+                    report.delivered += 1;
+                }
+            }
+            Ok(Ok(SessionEvent::SendFailed {
+                session: s,
+                id,
+                missing,
+            })) if s == session => {
+                if outstanding.remove(&id) {
+                    tracing::warn!(id, ?missing, "broadcast not acknowledged by every member");
+                    report.failed += 1;
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    report.failed += outstanding.len() as u64;
+    Ok(())
+}
+
 /// Counters of a reply service.
 #[derive(Debug, Clone, Default)]
 pub struct ReplyStats {
@@ -146,6 +269,7 @@ pub async fn run_reply(
     let app = App::connect(endpoint, name, secret).await?;
     ready(app.name());
     let mut stats = ReplyStats::default();
+    let mut groups: std::collections::HashSet<u32> = std::collections::HashSet::new();
     tokio::pin!(stop);
     loop {
         let event = tokio::select! {
@@ -153,9 +277,23 @@ pub async fn run_reply(
             event = app.next_event() => event?,
         };
         match event {
-            SessionEvent::Incoming { session, peer, .. } => {
+            SessionEvent::Incoming {
+                session,
+                peer,
+                group,
+                ..
+            } => {
                 stats.sessions += 1;
-                tracing::info!(session, %peer, "session opened");
+                if group {
+                    groups.insert(session);
+                }
+                tracing::info!(session, %peer, group, "session opened");
+            }
+            SessionEvent::Message {
+                session, source, ..
+            } if groups.contains(&session) => {
+                // Group messages are received (and acknowledged by the session layer), not answered.
+                tracing::debug!(session, %source, "group message");
             }
             SessionEvent::Message {
                 session, payload, ..
@@ -169,6 +307,7 @@ pub async fn run_reply(
                 }
             }
             SessionEvent::Closed { session, reason } => {
+                groups.remove(&session);
                 tracing::info!(session, ?reason, "session closed")
             }
             SessionEvent::MessageLost {

@@ -1,24 +1,32 @@
-//! The session layer of one application (spec §4): point-to-point sessions with their
-//! discovery → join → welcome → ack handshake, reliable or best-effort data, heartbeats and
-//! close, wire-compatible with the published SLIM clients.
+//! The session layer of one application (spec §4), wire-compatible with the published SLIM
+//! clients:
+//!
+//! * point-to-point sessions: discovery → join → welcome → ack, then data, heartbeats, close;
+//! * group sessions: a moderator creates a data and a control channel, invites members
+//!   (discovery, join, welcome, and a group update to the members already there), removes them
+//!   (update, then leave), and closes the group; members join, receive updates, leave;
+//! * reliable data (acks, retransmission, gap requests, loss reported without ending the session)
+//!   or best-effort data.
 //!
 //! Sans-IO like every core: the driver hands in the messages the application's local router
-//! delivered ([`SessionLayer::handle_message`]) and the application's commands
-//! ([`SessionLayer::create_session`], [`SessionLayer::publish`], [`SessionLayer::close`]);
-//! it sends every [`Output::Send`] to that router and passes [`Output::Event`]s to the
-//! application; it wakes the layer at [`SessionLayer::poll_timeout`].
+//! delivered ([`SessionLayer::handle_message`]) and the application's commands; it carries out
+//! every [`Output`] in order — messages to send, channel subscriptions to make or drop (a
+//! subscription must be in place before the outputs after it are carried out), events for the
+//! application — and wakes the layer at [`SessionLayer::poll_timeout`].
 //!
-//! Every message carries a fresh identity token; control messages are signed
-//! (`e2e_header_sig` and `slim-payload-sig`), as 3.x clients expect. Received messages must
-//! carry a valid token from an app sharing our secret; control messages must be signed by it.
+//! Every message carries a fresh identity token; control messages are signed (`e2e_header_sig`
+//! and `slim-payload-sig`), as 3.x clients expect. Received messages must carry a valid token of
+//! an app sharing our secret, and control messages must be signed by it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rustc_hash::FxHashMap;
+use slim_proto::name::ANY_INSTANCE;
+use slim_proto::pb::command_payload::CommandPayloadType as Cmd;
 use slim_proto::pb::{self, SessionMessageType as Mt, SessionType};
 use slim_proto::Name;
 
@@ -35,15 +43,21 @@ pub type SessionId = u32;
 
 /// Fanout for messages to every member of a group or for a broadcast close.
 pub const MAX_FANOUT: u32 = 256;
-/// Control messages are retried this often by default (reference 1 s × 10).
+/// Control messages are retried this often when the session has no timers (reference 1 s × 10).
 pub const DEFAULT_CONTROL_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_CONTROL_RETRIES: u32 = 10;
 /// Heartbeat period (spec §4.6).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// Session ids are drawn below this (reference `0..u32::MAX-1000`).
 const MAX_SESSION_ID: u32 = u32::MAX - 1000;
-/// Queued publishes before a session is established.
+/// Publishes queued before a session is established.
 const MAX_QUEUED: usize = 1024;
+/// Group updates remembered to recognise retransmissions.
+const SEEN_UPDATES: usize = 64;
+/// Metadata a member puts on its leave request (spec §1.3).
+const LEAVING_SESSION: &str = "LEAVING_SESSION";
+/// The version string in the headers we send (the reference puts its own version there).
+const HEADER_VERSION: &str = "3.4.6";
 
 /// Data reliability: acks and retransmission (on iff both are set, as in the reference).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +70,7 @@ pub struct Reliability {
 #[derive(Debug, Clone, Default)]
 pub struct SessionConfig {
     pub reliability: Option<Reliability>,
-    /// Copied onto the join request; becomes the peer's session metadata.
+    /// Copied onto join requests; becomes the peers' session metadata.
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -91,16 +105,22 @@ pub enum SessionError {
     Closing(SessionId),
     #[error("session {0} has {1} messages queued before its handshake finished")]
     QueueFull(SessionId, usize),
+    #[error("session {0} is not a group this application moderates")]
+    NotModerator(SessionId),
+    #[error("{1} is not a member of session {0}")]
+    NotAMember(SessionId, String),
 }
 
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
-    /// We closed it.
+    /// We closed it (or left the group).
     Local,
-    /// The peer closed or left it.
+    /// The peer or the moderator closed it.
     Peer,
-    /// The handshake or the close did not get an answer.
+    /// The moderator removed us from the group.
+    Removed,
+    /// The handshake did not get an answer.
     NoAnswer(&'static str),
 }
 
@@ -109,10 +129,11 @@ pub enum CloseReason {
 pub enum SessionEvent {
     /// A session we opened is ready (the peer acknowledged our welcome).
     Established { session: SessionId, peer: Name },
-    /// A peer opened a session with us.
+    /// We joined a session someone else opened (a p2p peer, or a group moderator).
     Incoming {
         session: SessionId,
         peer: Name,
+        group: bool,
         metadata: BTreeMap<String, String>,
     },
     Message {
@@ -137,6 +158,16 @@ pub enum SessionEvent {
         source: Name,
         id: u32,
     },
+    /// A member joined a group (for the moderator: the invite completed).
+    MemberJoined { session: SessionId, member: Name },
+    /// A member left or was removed from a group.
+    MemberLeft { session: SessionId, member: Name },
+    /// An invite did not complete.
+    InviteFailed {
+        session: SessionId,
+        invitee: Name,
+        reason: &'static str,
+    },
     Closed {
         session: SessionId,
         reason: CloseReason,
@@ -148,6 +179,10 @@ pub enum SessionEvent {
 pub enum Output {
     /// Hand this message to the application's router (boxed: a message is three times an event).
     Send(Box<pb::Message>),
+    /// Make this channel reachable through the node (and wait for its ack) before going on.
+    Subscribe(Name),
+    /// Drop a channel subscription.
+    Unsubscribe(Name),
     Event(SessionEvent),
 }
 
@@ -155,14 +190,14 @@ pub enum Output {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum SessionDrop {
-    /// Not a publish with header, session header and content.
+    /// Not a publish with header, session header and the payload its type needs.
     Malformed,
     /// Missing, forged or expired identity token.
     BadToken,
     /// A control message whose signatures do not verify.
     BadSignature,
     UnknownSession,
-    /// A message the session's state does not expect (stale reply, wrong peer, …).
+    /// A message the session's state does not expect (stale reply, stranger, …).
     Unexpected,
     Duplicate,
     /// A sequence id far beyond what the session can hold.
@@ -206,53 +241,129 @@ impl SessionStats {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
+    /// Opened the p2p session, or moderates the group.
     Initiator,
     Participant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Initiator: waiting for a DISCOVERY_REPLY.
-    Discovering,
-    /// Initiator: waiting for the JOIN_REPLY.
-    Joining,
-    /// Initiator: waiting for the GROUP_ACK of our welcome.
-    Welcoming,
+    /// Initiator: the handshake is under way.
+    Opening,
     /// Participant: joined, waiting for the welcome.
     AwaitingWelcome,
     Established,
-    /// Waiting for the GROUP_ACK of our close.
+    /// Waiting for the close (or our leave) to be acknowledged.
     Closing,
 }
 
-/// A control message waiting for its reply, re-sent (with a fresh token) until it comes.
+/// What a control message is for: decides what happens once it is answered (or is not).
+#[derive(Debug, Clone, PartialEq)]
+enum Purpose {
+    Discovery,
+    Join,
+    Welcome,
+    Close,
+    Leave,
+    InviteDiscovery(Name),
+    InviteJoin(Name),
+    InviteWelcome(Name),
+    InviteUpdate(Name),
+    RemoveUpdate(Name),
+    RemoveLeave(Name),
+    /// The update telling the others that a member left on its own.
+    DepartureUpdate(Name),
+}
+
+/// Who must answer a control message.
+#[derive(Debug, Clone, PartialEq)]
+enum Awaiting {
+    /// Any instance of this service (discovery).
+    AnyOf(Name),
+    /// Each of these.
+    Each(Vec<Name>),
+}
+
+/// A control message waiting for its replies, re-sent (with a fresh token) until they come.
 #[derive(Debug, Clone)]
 struct PendingControl {
+    purpose: Purpose,
     message_type: Mt,
     message_id: u32,
     destination: Name,
     fanout: u32,
-    payload: pb::command_payload::CommandPayloadType,
+    payload: Cmd,
     metadata: BTreeMap<String, String>,
+    awaiting: Awaiting,
     retries_left: u32,
     deadline: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+enum Task {
+    Invite(Name),
+    Remove(Name),
+    Departed(Name),
+}
+
+#[derive(Debug)]
+struct Group {
+    data: Name,
+    control: Name,
+    /// Every member, the moderator and us included, in the reference's order.
+    members: Vec<Name>,
+    subscribed: bool,
+    /// Moderator: membership changes, one at a time.
+    tasks: VecDeque<Task>,
+    busy: bool,
+    /// Participant: updates already applied (retransmissions are acked again, not re-applied).
+    seen_updates: VecDeque<u32>,
 }
 
 struct Session {
     role: Role,
     state: State,
-    /// The peer; for an initiator before discovery, a name without instance id.
+    session_type: SessionType,
+    /// p2p: the peer (before discovery, a name without instance id); group participant: the
+    /// moderator; group moderator: ourselves.
     peer: Name,
+    group: Option<Group>,
     reliability: Option<Reliability>,
     control_interval: Duration,
     control_retries: u32,
-    pending: Option<PendingControl>,
+    pending: Vec<PendingControl>,
     sender: ReliableSender,
     receiver: ReliableReceiver,
     queued: Vec<(Bytes, String, BTreeMap<String, String>)>,
     metadata: BTreeMap<String, String>,
     next_heartbeat: Timestamp,
     sent_since_heartbeat: bool,
+}
+
+impl Session {
+    /// Who must acknowledge our data messages.
+    fn receivers(&self, me: &Name) -> Vec<Name> {
+        match &self.group {
+            None => vec![self.peer.clone()],
+            Some(g) => g
+                .members
+                .iter()
+                .filter(|m| m.key() != me.key())
+                .cloned()
+                .collect(),
+        }
+    }
+
+    fn data_destination(&self) -> (Name, u32) {
+        match &self.group {
+            None => (self.peer.clone(), 1),
+            Some(g) => (g.data.clone(), MAX_FANOUT),
+        }
+    }
+
+    fn is_moderator(&self) -> bool {
+        self.group.is_some() && self.role == Role::Initiator
+    }
 }
 
 /// All sessions of one application.
@@ -265,7 +376,7 @@ pub struct SessionLayer {
     unix_at_zero: u64,
     rng: ChaCha8Rng,
     sessions: FxHashMap<SessionId, Session>,
-    out: std::collections::VecDeque<Output>,
+    out: VecDeque<Output>,
     stats: SessionStats,
 }
 
@@ -289,7 +400,7 @@ impl SessionLayer {
             unix_at_zero: config.unix_at_zero,
             rng,
             sessions: FxHashMap::default(),
-            out: Default::default(),
+            out: VecDeque::new(),
             stats: SessionStats::default(),
         })
     }
@@ -308,6 +419,11 @@ impl SessionLayer {
         self.sessions.len()
     }
 
+    /// The members of a group session (everyone, us included), if it is one.
+    pub fn members(&self, session: SessionId) -> Option<Vec<Name>> {
+        Some(self.sessions.get(&session)?.group.as_ref()?.members.clone())
+    }
+
     /// Opens a point-to-point session with any instance of `peer` (or the given instance).
     pub fn create_session(
         &mut self,
@@ -315,30 +431,109 @@ impl SessionLayer {
         config: SessionConfig,
         now: Timestamp,
     ) -> SessionId {
-        let id = loop {
-            let id = self.rng.random_range(0..MAX_SESSION_ID);
-            if !self.sessions.contains_key(&id) {
-                break id;
-            }
-        };
-        let mut session = self.new_session(Role::Initiator, peer.clone(), config.reliability, now);
-        session.state = State::Discovering;
+        let id = self.new_session_id();
+        let mut session = self.new_session(
+            Role::Initiator,
+            SessionType::PointToPoint,
+            peer.clone(),
+            config.reliability,
+            now,
+        );
+        session.state = State::Opening;
         session.metadata = config.metadata;
-        // Discovery goes to any instance; the reply tells us which one answered.
-        let anycast = peer.with_instance(slim_proto::name::ANY_INSTANCE);
         self.sessions.insert(id, session);
+        // Discovery goes to any instance; the reply tells us which one answered.
         self.send_control(
             id,
+            Purpose::Discovery,
             Mt::DiscoveryRequest,
-            anycast,
+            peer.with_instance(ANY_INSTANCE),
             1,
-            pb::command_payload::CommandPayloadType::DiscoveryRequest(
-                pb::DiscoveryRequestPayload {},
-            ),
+            Cmd::DiscoveryRequest(pb::DiscoveryRequestPayload {}),
             BTreeMap::new(),
+            Awaiting::AnyOf(peer.clone()),
             now,
         );
         id
+    }
+
+    /// Creates a group session on `channel` (`org/ns/chan`) that this application moderates.
+    /// Members are added with [`invite`](Self::invite).
+    pub fn create_group(
+        &mut self,
+        channel: &Name,
+        config: SessionConfig,
+        now: Timestamp,
+    ) -> SessionId {
+        let id = self.new_session_id();
+        let (data_id, control_id) = slim_proto::name::channel_ids(&self.identity_id, channel);
+        let (data, control) = (
+            channel.with_instance(data_id),
+            channel.with_instance(control_id),
+        );
+        let mut session = self.new_session(
+            Role::Initiator,
+            SessionType::Multicast,
+            self.name.clone(),
+            config.reliability,
+            now,
+        );
+        session.state = State::Established;
+        session.metadata = config.metadata;
+        session.group = Some(Group {
+            data: data.clone(),
+            control: control.clone(),
+            members: vec![self.name.clone()],
+            subscribed: true,
+            tasks: VecDeque::new(),
+            busy: false,
+            seen_updates: VecDeque::new(),
+        });
+        self.sessions.insert(id, session);
+        self.out.push_back(Output::Subscribe(data));
+        self.out.push_back(Output::Subscribe(control));
+        id
+    }
+
+    /// Invites any instance of `invitee` into a group this application moderates. Completion
+    /// is reported as `MemberJoined` or `InviteFailed`.
+    pub fn invite(
+        &mut self,
+        session: SessionId,
+        invitee: &Name,
+        now: Timestamp,
+    ) -> Result<(), SessionError> {
+        self.moderated(session)?
+            .tasks
+            .push_back(Task::Invite(invitee.clone()));
+        self.start_next_task(session, now);
+        Ok(())
+    }
+
+    /// Removes a member (matched by its full name, or by service when it has no instance id).
+    /// Completion is reported as `MemberLeft`.
+    pub fn remove(
+        &mut self,
+        session: SessionId,
+        member: &Name,
+        now: Timestamp,
+    ) -> Result<(), SessionError> {
+        let me = self.name.key();
+        let group = self.moderated(session)?;
+        let found = group
+            .members
+            .iter()
+            .find(|m| {
+                m.key() != me
+                    && (m.key() == member.key()
+                        || (member.id() == ANY_INSTANCE
+                            && m.key().components == member.key().components))
+            })
+            .cloned()
+            .ok_or_else(|| SessionError::NotAMember(session, member.to_string()))?;
+        group.tasks.push_back(Task::Remove(found));
+        self.start_next_task(session, now);
+        Ok(())
     }
 
     /// Sends application data on a session. Before the handshake finishes it is queued.
@@ -368,7 +563,7 @@ impl SessionLayer {
         match s.state {
             State::Established => {}
             State::Closing => return Err(SessionError::Closing(session)),
-            _ => {
+            State::Opening | State::AwaitingWelcome => {
                 if s.queued.len() >= MAX_QUEUED {
                     return Err(SessionError::QueueFull(session, s.queued.len()));
                 }
@@ -379,8 +574,10 @@ impl SessionLayer {
         Ok(self.send_data(session, payload, payload_type, metadata, now))
     }
 
-    /// Closes a session: the peer is told and acknowledges; `Closed` follows.
+    /// Closes a session. p2p: the peer is told; a moderator closes the whole group; a member
+    /// leaves it. `Closed` follows once acknowledged.
     pub fn close(&mut self, session: SessionId, now: Timestamp) -> Result<(), SessionError> {
+        let me = self.name.clone();
         let s = self
             .sessions
             .get_mut(&session)
@@ -388,26 +585,78 @@ impl SessionLayer {
         if s.state == State::Closing {
             return Err(SessionError::Closing(session));
         }
-        if !matches!(s.state, State::Established | State::AwaitingWelcome) {
+        if matches!(s.state, State::Opening | State::AwaitingWelcome) && s.group.is_none() {
             // Nothing agreed with a peer yet: just forget it.
             self.finish(session, CloseReason::Local);
             return Ok(());
         }
         s.state = State::Closing;
+        s.pending.clear();
+        let is_moderator = s.is_moderator();
         let peer = s.peer.clone();
-        let me = self.name.clone();
-        // As the reference: a p2p close goes to the peer's service name, fanout 256.
-        self.send_control(
-            session,
-            Mt::GroupClose,
-            peer.with_instance(slim_proto::name::ANY_INSTANCE),
-            MAX_FANOUT,
-            pb::command_payload::CommandPayloadType::GroupClose(pb::GroupClosePayload {
-                participants: vec![peer.to_pb(), me.to_pb()],
-            }),
-            BTreeMap::new(),
-            now,
-        );
+        match &mut s.group {
+            None => {
+                // As the reference: a p2p close goes to the peer's service name, fanout 256.
+                self.send_control(
+                    session,
+                    Purpose::Close,
+                    Mt::GroupClose,
+                    peer.with_instance(ANY_INSTANCE),
+                    MAX_FANOUT,
+                    Cmd::GroupClose(pb::GroupClosePayload {
+                        participants: vec![peer.to_pb(), me.to_pb()],
+                    }),
+                    BTreeMap::new(),
+                    Awaiting::Each(vec![peer]),
+                    now,
+                );
+            }
+            Some(group) if is_moderator => {
+                let others: Vec<Name> = group
+                    .members
+                    .iter()
+                    .filter(|m| m.key() != me.key())
+                    .cloned()
+                    .collect();
+                if others.is_empty() {
+                    self.finish(session, CloseReason::Local);
+                    return Ok(());
+                }
+                let participants = group.members.iter().map(Name::to_pb).collect();
+                let control = group.control.clone();
+                self.send_control(
+                    session,
+                    Purpose::Close,
+                    Mt::GroupClose,
+                    control,
+                    MAX_FANOUT,
+                    Cmd::GroupClose(pb::GroupClosePayload { participants }),
+                    BTreeMap::new(),
+                    Awaiting::Each(others),
+                    now,
+                );
+            }
+            Some(group) => {
+                // A member leaving: off the channels first, then tell the moderator (captures h1).
+                group.subscribed = false;
+                let (data, control) = (group.data.clone(), group.control.clone());
+                self.out.push_back(Output::Unsubscribe(data));
+                self.out.push_back(Output::Unsubscribe(control));
+                self.send_control(
+                    session,
+                    Purpose::Leave,
+                    Mt::LeaveRequest,
+                    peer.clone(),
+                    1,
+                    Cmd::LeaveRequest(pb::LeaveRequestPayload {}),
+                    [(LEAVING_SESSION.to_string(), "TRUE".to_string())]
+                        .into_iter()
+                        .collect(),
+                    Awaiting::Each(vec![peer]),
+                    now,
+                );
+            }
+        }
         Ok(())
     }
 
@@ -421,14 +670,13 @@ impl SessionLayer {
         self.sessions
             .values()
             .flat_map(|s| {
-                [
-                    s.pending.as_ref().map(|p| p.deadline),
-                    s.sender.poll_timeout(),
-                    s.receiver.poll_timeout(),
-                    (s.state == State::Established).then_some(s.next_heartbeat),
-                ]
+                s.pending
+                    .iter()
+                    .map(|p| p.deadline)
+                    .chain(s.sender.poll_timeout())
+                    .chain(s.receiver.poll_timeout())
+                    .chain((s.state == State::Established).then_some(s.next_heartbeat))
             })
-            .flatten()
             .min()
     }
 
@@ -455,8 +703,11 @@ impl SessionLayer {
             self.drop_message(SessionDrop::Malformed, "no source name");
             return;
         };
-        let Ok(message_type) = Mt::try_from(session_header.session_message_type) else {
-            self.drop_message(SessionDrop::Malformed, "unknown session message type");
+        let (Ok(message_type), Ok(session_type)) = (
+            Mt::try_from(session_header.session_message_type),
+            SessionType::try_from(session_header.session_type),
+        ) else {
+            self.drop_message(SessionDrop::Malformed, "unknown session or message type");
             return;
         };
         let token = match self.secret.verify(&header.identity, self.unix_now(now)) {
@@ -485,7 +736,7 @@ impl SessionLayer {
         }
         let received = Received {
             source,
-            session_type: session_header.session_type,
+            session_type,
             message_type,
             session_id: session_header.session_id,
             message_id: session_header.message_id,
@@ -502,19 +753,10 @@ impl SessionLayer {
         match m.message_type {
             // Stateless: anyone may ask who serves our name.
             Mt::DiscoveryRequest => {
-                let me = self.name.clone();
-                let reply = self.build(
-                    m.session_type,
+                let reply = self.reply(
+                    &m,
                     Mt::DiscoveryReply,
-                    m.session_id,
-                    m.message_id,
-                    &me,
-                    &m.source,
-                    1,
-                    command(pb::command_payload::CommandPayloadType::DiscoveryReply(
-                        pb::DiscoveryReplyPayload {},
-                    )),
-                    BTreeMap::new(),
+                    command(Cmd::DiscoveryReply(pb::DiscoveryReplyPayload {})),
                     now,
                 );
                 self.emit_send(reply);
@@ -524,59 +766,61 @@ impl SessionLayer {
                 self.on_join_request(m, now);
                 return;
             }
+            Mt::DiscoveryReply | Mt::JoinReply | Mt::GroupAck | Mt::LeaveReply => {
+                self.on_reply(m, now);
+                return;
+            }
             _ => {}
         }
         let Some(session) = self.sessions.get(&m.session_id) else {
             self.drop_message(SessionDrop::UnknownSession, "no such session");
             return;
         };
-        let (state, role) = (session.state, session.role);
+        let state = session.state;
         let from_peer = session.peer.key() == m.source.key();
-        let answers_pending = session.pending.as_ref().is_some_and(|p| {
-            p.message_id == m.message_id && reply_to(p.message_type) == Some(m.message_type)
-        });
+        let is_moderator = session.is_moderator();
+        let from_member = session
+            .group
+            .as_ref()
+            .is_some_and(|g| g.members.iter().any(|n| n.key() == m.source.key()));
         match (m.message_type, state) {
-            (Mt::DiscoveryReply, State::Discovering)
-                if answers_pending && same_service(&session.peer, &m.source) =>
-            {
-                self.on_discovery_reply(m, now)
-            }
-            (Mt::JoinReply, State::Joining) if answers_pending && from_peer => {
-                self.on_join_reply(m.session_id, now)
-            }
-            (Mt::GroupAck, State::Welcoming) if answers_pending && from_peer => {
-                self.on_established(m.session_id, now)
-            }
-            (Mt::GroupAck, State::Closing) if answers_pending => {
-                self.finish(m.session_id, CloseReason::Local)
-            }
             (Mt::JoinRequest, State::AwaitingWelcome | State::Established) if from_peer => {
                 // Our reply was lost: answer again.
-                self.send_join_reply(m.session_id, &m.source, m.message_id, now)
+                self.send_join_reply(&m, now)
             }
-            (Mt::GroupWelcome, State::AwaitingWelcome) if from_peer => {
-                self.ack(&m, now);
-                self.on_established(m.session_id, now);
-            }
+            (Mt::GroupWelcome, State::AwaitingWelcome) if from_peer => self.on_welcome(m, now),
             (Mt::GroupWelcome, State::Established) if from_peer => {
                 self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
                 self.ack(&m, now); // our ack was lost
             }
-            (Mt::GroupClose, _) if from_peer || role == Role::Participant => {
+            (Mt::GroupUpdate, State::Established | State::AwaitingWelcome)
+                if from_peer && !is_moderator =>
+            {
+                self.on_group_update(m, now)
+            }
+            (Mt::GroupClose, _) if from_peer && !is_moderator => {
                 self.ack(&m, now);
                 self.finish(m.session_id, CloseReason::Peer);
             }
+            (Mt::LeaveRequest, _) if is_moderator && from_member => self.on_member_leaving(m, now),
             (Mt::LeaveRequest, _) if from_peer => {
                 let reply = self.reply(
                     &m,
                     Mt::LeaveReply,
-                    command(pb::command_payload::CommandPayloadType::LeaveReply(
-                        pb::LeaveReplyPayload {},
-                    )),
+                    command(Cmd::LeaveReply(pb::LeaveReplyPayload {})),
                     now,
                 );
                 self.emit_send(reply);
-                self.finish(m.session_id, CloseReason::Peer);
+                let reason = if self
+                    .sessions
+                    .get(&m.session_id)
+                    .is_some_and(|s| s.group.is_some())
+                {
+                    CloseReason::Removed
+                } else {
+                    CloseReason::Peer
+                };
+                self.finish(m.session_id, reason);
             }
             (Mt::Msg, State::Established | State::Closing) => self.on_data(m, now),
             (Mt::MsgAck, State::Established | State::Closing) => {
@@ -597,27 +841,152 @@ impl SessionLayer {
         }
     }
 
+    /// A reply to one of our control messages.
+    fn on_reply(&mut self, m: Received, now: Timestamp) {
+        let Some(s) = self.sessions.get_mut(&m.session_id) else {
+            self.drop_message(SessionDrop::UnknownSession, "reply for no session");
+            return;
+        };
+        let Some(index) = s.pending.iter().position(|p| {
+            p.message_id == m.message_id
+                && reply_to(p.message_type) == Some(m.message_type)
+                && match &p.awaiting {
+                    Awaiting::AnyOf(service) => {
+                        service.key().components == m.source.key().components
+                    }
+                    Awaiting::Each(names) => names.iter().any(|n| n.key() == m.source.key()),
+                }
+        }) else {
+            // A late duplicate of a reply already counted, or a stranger's.
+            self.drop_message(SessionDrop::Unexpected, "reply to nothing we wait for");
+            return;
+        };
+        let done = match &mut s.pending[index].awaiting {
+            Awaiting::AnyOf(_) => true,
+            Awaiting::Each(names) => {
+                names.retain(|n| n.key() != m.source.key());
+                names.is_empty()
+            }
+        };
+        if done {
+            let pending = s.pending.remove(index);
+            self.on_control_done(m.session_id, pending.purpose, Some(m), now);
+        }
+    }
+
+    /// A control message got all its replies (`reply` is the last one), or ran out of retries
+    /// (`reply` is `None`).
+    fn on_control_done(
+        &mut self,
+        session: SessionId,
+        purpose: Purpose,
+        reply: Option<Received>,
+        now: Timestamp,
+    ) {
+        let answered = reply.is_some();
+        match purpose {
+            Purpose::Discovery => match reply {
+                Some(r) => self.p2p_join(session, r.source, now),
+                None => self.finish(session, CloseReason::NoAnswer("discovery")),
+            },
+            Purpose::Join if answered => self.p2p_welcome(session, now),
+            Purpose::Join => self.finish(session, CloseReason::NoAnswer("join")),
+            Purpose::Welcome if answered => self.on_established(session, now),
+            Purpose::Welcome => self.finish(session, CloseReason::NoAnswer("welcome")),
+            // A close or a leave nobody acknowledges still ends the session.
+            Purpose::Close | Purpose::Leave => self.finish(session, CloseReason::Local),
+            Purpose::InviteDiscovery(invitee) => match reply {
+                Some(r) => self.invite_join(session, r.source, now),
+                None => {
+                    self.invite_failed(session, invitee, "no instance answered the discovery", now)
+                }
+            },
+            Purpose::InviteJoin(invitee) if answered => self.invite_welcome(session, invitee, now),
+            Purpose::InviteJoin(invitee) => {
+                self.invite_failed(session, invitee, "no join reply", now)
+            }
+            Purpose::InviteWelcome(invitee) if !answered => {
+                if let Some(g) = self
+                    .sessions
+                    .get_mut(&session)
+                    .and_then(|s| s.group.as_mut())
+                {
+                    g.members.retain(|n| n.key() != invitee.key());
+                }
+                self.invite_failed(session, invitee, "the welcome was not acknowledged", now);
+            }
+            // Members that never acked an update are left as they are: the reference goes on too.
+            Purpose::InviteWelcome(invitee) | Purpose::InviteUpdate(invitee) => {
+                let still_pending = self.sessions.get(&session).is_some_and(|s| {
+                    s.pending.iter().any(|p| {
+                        matches!(&p.purpose, Purpose::InviteWelcome(n) | Purpose::InviteUpdate(n) if n.key() == invitee.key())
+                    })
+                });
+                if !still_pending {
+                    self.out
+                        .push_back(Output::Event(SessionEvent::MemberJoined {
+                            session,
+                            member: invitee,
+                        }));
+                    self.task_done(session, now);
+                }
+            }
+            Purpose::RemoveUpdate(member) => self.remove_leave(session, member, now),
+            Purpose::RemoveLeave(member) => {
+                self.forget_member(session, &member, now);
+                self.task_done(session, now);
+            }
+            Purpose::DepartureUpdate(_) => self.task_done(session, now),
+        }
+    }
+
     fn on_join_request(&mut self, m: Received, now: Timestamp) {
-        let Some(pb::command_payload::CommandPayloadType::JoinRequest(join)) =
-            command_of(&m.content)
-        else {
+        let Some(Cmd::JoinRequest(join)) = command_of(&m.content) else {
             self.drop_message(SessionDrop::Malformed, "join request without payload");
             return;
         };
-        if SessionType::try_from(m.session_type) != Ok(SessionType::PointToPoint) {
-            // Group sessions come with the group session controller.
-            self.drop_message(
-                SessionDrop::Unexpected,
-                "group sessions are not supported yet",
-            );
-            return;
-        }
         let reliability = join.timer_settings.map(|t| Reliability {
             interval: Duration::from_millis(u64::from(t.timeout.max(1))),
             max_retries: t.max_retries,
         });
-        let mut session = self.new_session(Role::Participant, m.source.clone(), reliability, now);
+        let group = match m.session_type {
+            SessionType::Multicast => {
+                let (Some(data), Some(control)) = (
+                    join.channel.as_ref().and_then(Name::from_pb),
+                    join.control.as_ref().and_then(Name::from_pb),
+                ) else {
+                    self.drop_message(
+                        SessionDrop::Malformed,
+                        "group join request without channels",
+                    );
+                    return;
+                };
+                Some(Group {
+                    data,
+                    control,
+                    members: Vec::new(),
+                    subscribed: false,
+                    tasks: VecDeque::new(),
+                    busy: false,
+                    seen_updates: VecDeque::new(),
+                })
+            }
+            _ => None,
+        };
+        let session_type = if group.is_some() {
+            SessionType::Multicast
+        } else {
+            SessionType::PointToPoint
+        };
+        let mut session = self.new_session(
+            Role::Participant,
+            session_type,
+            m.source.clone(),
+            reliability,
+            now,
+        );
         session.state = State::AwaitingWelcome;
+        session.group = group;
         session.metadata = m
             .metadata
             .iter()
@@ -625,97 +994,140 @@ impl SessionLayer {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         self.sessions.insert(m.session_id, session);
-        self.send_join_reply(m.session_id, &m.source, m.message_id, now);
+        self.send_join_reply(&m, now);
     }
 
-    fn send_join_reply(&mut self, session: SessionId, to: &Name, message_id: u32, now: Timestamp) {
+    fn send_join_reply(&mut self, m: &Received, now: Timestamp) {
         let me = self.name.clone();
-        let reply = self.build(
-            SessionType::PointToPoint as i32,
+        let reply = self.reply(
+            m,
             Mt::JoinReply,
-            session,
-            message_id,
-            &me,
-            to,
-            1,
-            command(pb::command_payload::CommandPayloadType::JoinReply(
-                pb::JoinReplyPayload {
-                    key_package: None,
-                    participant: Some(pb::Participant {
-                        name: Some(me.to_pb()),
-                        settings: Some(pb::ParticipantSettings {
-                            sends_data: true,
-                            receives_data: true,
-                        }),
-                        status: pb::ParticipantState::Online as i32,
-                    }),
-                },
-            )),
-            BTreeMap::new(),
+            command(Cmd::JoinReply(pb::JoinReplyPayload {
+                key_package: None,
+                participant: Some(participant(&me)),
+            })),
             now,
         );
         self.emit_send(reply);
     }
 
-    fn on_discovery_reply(&mut self, m: Received, now: Timestamp) {
+    fn on_welcome(&mut self, m: Received, now: Timestamp) {
+        let Some(Cmd::GroupWelcome(welcome)) = command_of(&m.content) else {
+            self.drop_message(SessionDrop::Malformed, "welcome without payload");
+            return;
+        };
         let Some(s) = self.sessions.get_mut(&m.session_id) else {
             return;
         };
-        s.pending = None;
-        s.peer = m.source.clone();
-        s.state = State::Joining;
-        let timer_settings = s.reliability.map(|r| pb::TimerSettings {
-            timeout: u32::try_from(r.interval.as_millis()).unwrap_or(u32::MAX),
-            max_retries: r.max_retries,
-        });
-        let metadata = s.metadata.clone();
-        self.send_control(
-            m.session_id,
-            Mt::JoinRequest,
-            m.source,
-            1,
-            pb::command_payload::CommandPayloadType::JoinRequest(pb::JoinRequestPayload {
-                timer_settings,
-                channel: None,
-                control: None,
-                mls_settings: None,
-            }),
-            metadata,
-            now,
-        );
+        if let Some(group) = &mut s.group {
+            group.members = welcome
+                .participants
+                .iter()
+                .filter_map(|p| p.name.as_ref().and_then(Name::from_pb))
+                .collect();
+            group.subscribed = true;
+            let (data, control) = (group.data.clone(), group.control.clone());
+            // On the channels before acknowledging, so nothing sent after our ack misses us.
+            self.out.push_back(Output::Subscribe(data));
+            self.out.push_back(Output::Subscribe(control));
+        }
+        self.ack(&m, now);
+        self.on_established(m.session_id, now);
     }
 
-    fn on_join_reply(&mut self, session: SessionId, now: Timestamp) {
-        let Some(s) = self.sessions.get_mut(&session) else {
+    fn on_group_update(&mut self, m: Received, now: Timestamp) {
+        let Some(Cmd::GroupUpdate(update)) = command_of(&m.content) else {
+            self.drop_message(SessionDrop::Malformed, "group update without payload");
             return;
         };
-        s.pending = None;
-        s.state = State::Welcoming;
-        let peer = s.peer.clone();
-        let me = self.name.clone();
-        self.send_control(
-            session,
-            Mt::GroupWelcome,
-            peer.clone(),
-            1,
-            pb::command_payload::CommandPayloadType::GroupWelcome(pb::GroupWelcomePayload {
-                participants: vec![participant(&peer), participant(&me)],
-                mls: None,
-            }),
-            BTreeMap::new(),
+        let Some(group) = self
+            .sessions
+            .get_mut(&m.session_id)
+            .and_then(|s| s.group.as_mut())
+        else {
+            self.drop_message(SessionDrop::Unexpected, "group update for a p2p session");
+            return;
+        };
+        if group.seen_updates.contains(&m.message_id) {
+            self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
+            self.ack(&m, now);
+            return;
+        }
+        if group.seen_updates.len() == SEEN_UPDATES {
+            group.seen_updates.pop_front();
+        }
+        group.seen_updates.push_back(m.message_id);
+        let subject = update
+            .participant
+            .as_ref()
+            .and_then(|p| p.name.as_ref())
+            .and_then(Name::from_pb);
+        let before: Vec<Name> = group.members.clone();
+        match pb::GroupUpdateOp::try_from(update.op) {
+            Ok(pb::GroupUpdateOp::Remove) => {
+                if let Some(subject) = &subject {
+                    group.members.retain(|n| n.key() != subject.key());
+                }
+            }
+            _ => {
+                group.members = update
+                    .participants
+                    .iter()
+                    .filter_map(|p| p.name.as_ref().and_then(Name::from_pb))
+                    .collect();
+            }
+        }
+        let after = group.members.clone();
+        self.ack(&m, now);
+        for joined in after
+            .iter()
+            .filter(|n| !before.iter().any(|b| b.key() == n.key()))
+        {
+            self.out
+                .push_back(Output::Event(SessionEvent::MemberJoined {
+                    session: m.session_id,
+                    member: joined.clone(),
+                }));
+        }
+        for left in before
+            .iter()
+            .filter(|n| !after.iter().any(|a| a.key() == n.key()))
+        {
+            if left.key() != self.name.key() {
+                self.forget_member_announcing(m.session_id, left, true, now);
+            }
+        }
+    }
+
+    /// A member asked the moderator to let it go.
+    fn on_member_leaving(&mut self, m: Received, now: Timestamp) {
+        let reply = self.reply(
+            &m,
+            Mt::LeaveReply,
+            command(Cmd::LeaveReply(pb::LeaveReplyPayload {})),
             now,
         );
+        self.emit_send(reply);
+        if let Some(group) = self
+            .sessions
+            .get_mut(&m.session_id)
+            .and_then(|s| s.group.as_mut())
+        {
+            group.tasks.push_back(Task::Departed(m.source));
+        }
+        self.start_next_task(m.session_id, now);
     }
 
     fn on_established(&mut self, session: SessionId, now: Timestamp) {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
-        s.pending = None;
         s.state = State::Established;
         s.next_heartbeat = now + HEARTBEAT_INTERVAL;
-        // A p2p peer's data starts at 1.
-        s.receiver.expect(&s.peer, 1);
+        if s.group.is_none() {
+            // A p2p peer's data starts at 1.
+            s.receiver.expect(&s.peer, 1);
+        }
         let event = match s.role {
             Role::Initiator => SessionEvent::Established {
                 session,
@@ -724,6 +1136,7 @@ impl SessionLayer {
             Role::Participant => SessionEvent::Incoming {
                 session,
                 peer: s.peer.clone(),
+                group: s.group.is_some(),
                 metadata: s.metadata.clone(),
             },
         };
@@ -736,7 +1149,7 @@ impl SessionLayer {
 
     fn on_data(&mut self, m: Received, now: Timestamp) {
         let Some(pb::content::ContentType::AppPayload(app)) =
-            m.content.and_then(|c| c.content_type)
+            m.content.clone().and_then(|c| c.content_type)
         else {
             self.drop_message(
                 SessionDrop::Malformed,
@@ -757,18 +1170,6 @@ impl SessionLayer {
             self.deliver(m.session_id, m.source, m.message_id, incoming);
             return;
         }
-        let mut ack = self.build(
-            m.session_type,
-            Mt::MsgAck,
-            m.session_id,
-            m.message_id,
-            &self.name.clone(),
-            &m.source,
-            1,
-            empty_app_payload(),
-            publish_to_echo(&m.metadata),
-            now,
-        );
         let mut events = Vec::new();
         let verdict = match self.sessions.get_mut(&m.session_id) {
             Some(s) => s
@@ -788,53 +1189,54 @@ impl SessionLayer {
                 return;
             }
         }
-        if let Some(pb::message::MessageType::Publish(p)) = &mut ack.message_type {
-            if let Some(h) = p.header.as_mut() {
-                h.fanout = 1;
-            }
-        }
+        let me = self.name.clone();
+        let ack = self.build(
+            m.session_type,
+            Mt::MsgAck,
+            m.session_id,
+            m.message_id,
+            &me,
+            &m.source,
+            1,
+            empty_app_payload(),
+            publish_to_echo(&m.metadata),
+            now,
+        );
         self.emit_send(ack);
-        self.receiver_events(m.session_id, m.session_type, events, now);
+        self.receiver_events(m.session_id, events, now);
     }
 
     fn on_rtx_request(&mut self, m: Received, now: Timestamp) {
         let Some(s) = self.sessions.get_mut(&m.session_id) else {
             return;
         };
+        let fanout = if s.group.is_some() { MAX_FANOUT } else { 1 };
         let (found, event) = s.sender.on_rtx_request(m.message_id, &m.source.key());
         let found = found.cloned();
         let me = self.name.clone();
-        let mut reply = match &found {
-            Some(stored) => self.build(
-                m.session_type,
-                Mt::RtxReply,
-                m.session_id,
-                m.message_id,
-                &me,
-                &m.source,
-                1,
+        let (content, metadata) = match &found {
+            Some(stored) => (
                 app_payload(stored.payload.clone(), &stored.payload_type),
                 stored.metadata.clone(),
-                now,
             ),
-            None => self.build(
-                m.session_type,
-                Mt::RtxReply,
-                m.session_id,
-                m.message_id,
-                &me,
-                &m.source,
-                1,
-                empty_app_payload(),
-                BTreeMap::new(),
-                now,
-            ),
+            None => (empty_app_payload(), BTreeMap::new()),
         };
+        let mut reply = self.build(
+            m.session_type,
+            Mt::RtxReply,
+            m.session_id,
+            m.message_id,
+            &me,
+            &m.source,
+            fanout,
+            content,
+            metadata,
+            now,
+        );
         if found.is_none() {
-            if let Some(pb::message::MessageType::Publish(p)) = &mut reply.message_type {
-                if let Some(h) = p.header.as_mut() {
-                    h.error = Some(true);
-                }
+            // The message was evicted from the buffer: say so, so the receiver stops asking.
+            if let Some(h) = header_mut(&mut reply) {
+                h.error = Some(true);
             }
         }
         self.emit_send(reply);
@@ -860,7 +1262,7 @@ impl SessionLayer {
             let incoming = Incoming {
                 payload: app.blob,
                 payload_type: app.payload_type,
-                metadata: m.metadata.clone(),
+                metadata: m.metadata,
             };
             if let Some(s) = self.sessions.get_mut(&m.session_id) {
                 if s.receiver
@@ -871,16 +1273,14 @@ impl SessionLayer {
                 }
             }
         }
-        self.receiver_events(m.session_id, m.session_type, events, now);
+        self.receiver_events(m.session_id, events, now);
     }
 
-    fn receiver_events(
-        &mut self,
-        session: SessionId,
-        session_type: i32,
-        events: Vec<ReceiverEvent>,
-        now: Timestamp,
-    ) {
+    fn receiver_events(&mut self, session: SessionId, events: Vec<ReceiverEvent>, now: Timestamp) {
+        let session_type = self
+            .sessions
+            .get(&session)
+            .map_or(SessionType::PointToPoint, |s| s.session_type);
         for event in events {
             match event {
                 ReceiverEvent::Deliver {
@@ -926,6 +1326,346 @@ impl SessionLayer {
         }));
     }
 
+    // ------------------------------------------------------------------ handshakes
+
+    fn p2p_join(&mut self, session: SessionId, peer: Name, now: Timestamp) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        s.peer = peer.clone();
+        let timer_settings = timer_settings(s.reliability);
+        let metadata = s.metadata.clone();
+        self.send_control(
+            session,
+            Purpose::Join,
+            Mt::JoinRequest,
+            peer.clone(),
+            1,
+            Cmd::JoinRequest(pb::JoinRequestPayload {
+                timer_settings,
+                channel: None,
+                control: None,
+                mls_settings: None,
+            }),
+            metadata,
+            Awaiting::Each(vec![peer]),
+            now,
+        );
+    }
+
+    fn p2p_welcome(&mut self, session: SessionId, now: Timestamp) {
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
+        let peer = s.peer.clone();
+        let me = self.name.clone();
+        self.send_control(
+            session,
+            Purpose::Welcome,
+            Mt::GroupWelcome,
+            peer.clone(),
+            1,
+            Cmd::GroupWelcome(pb::GroupWelcomePayload {
+                participants: vec![participant(&peer), participant(&me)],
+                mls: None,
+            }),
+            BTreeMap::new(),
+            Awaiting::Each(vec![peer]),
+            now,
+        );
+    }
+
+    // ------------------------------------------------------------------ group membership (moderator)
+
+    fn moderated(&mut self, session: SessionId) -> Result<&mut Group, SessionError> {
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(SessionError::UnknownSession(session))?;
+        if s.state == State::Closing {
+            return Err(SessionError::Closing(session));
+        }
+        if !s.is_moderator() {
+            return Err(SessionError::NotModerator(session));
+        }
+        s.group.as_mut().ok_or(SessionError::NotModerator(session))
+    }
+
+    /// Membership changes run one at a time (spec §4.6).
+    fn start_next_task(&mut self, session: SessionId, now: Timestamp) {
+        let me = self.name.clone();
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(group) = s.group.as_mut() else {
+            return;
+        };
+        if group.busy || s.state != State::Established {
+            return;
+        }
+        let Some(task) = group.tasks.pop_front() else {
+            return;
+        };
+        group.busy = true;
+        match task {
+            Task::Invite(invitee) => self.send_control(
+                session,
+                Purpose::InviteDiscovery(invitee.clone()),
+                Mt::DiscoveryRequest,
+                invitee.with_instance(ANY_INSTANCE),
+                1,
+                Cmd::DiscoveryRequest(pb::DiscoveryRequestPayload {}),
+                BTreeMap::new(),
+                Awaiting::AnyOf(invitee),
+                now,
+            ),
+            Task::Remove(member) => {
+                // The update goes out when more than the moderator and the member are in the
+                // group (the list before removal has > 2 entries).
+                let others: Vec<Name> = group
+                    .members
+                    .iter()
+                    .filter(|n| n.key() != me.key())
+                    .cloned()
+                    .collect();
+                if group.members.len() > 2 {
+                    self.send_update(
+                        session,
+                        pb::GroupUpdateOp::Remove,
+                        &member,
+                        others,
+                        Purpose::RemoveUpdate(member.clone()),
+                        now,
+                    );
+                } else {
+                    self.remove_leave(session, member, now);
+                }
+            }
+            Task::Departed(member) => {
+                self.forget_member(session, &member, now);
+                let others = self.others(session, &[&member]);
+                if others.is_empty() {
+                    self.task_done(session, now);
+                } else {
+                    self.send_update(
+                        session,
+                        pb::GroupUpdateOp::Remove,
+                        &member,
+                        others,
+                        Purpose::DepartureUpdate(member.clone()),
+                        now,
+                    );
+                }
+            }
+        }
+    }
+
+    fn task_done(&mut self, session: SessionId, now: Timestamp) {
+        if let Some(group) = self
+            .sessions
+            .get_mut(&session)
+            .and_then(|s| s.group.as_mut())
+        {
+            group.busy = false;
+        }
+        self.start_next_task(session, now);
+    }
+
+    fn invite_failed(
+        &mut self,
+        session: SessionId,
+        invitee: Name,
+        reason: &'static str,
+        now: Timestamp,
+    ) {
+        self.out
+            .push_back(Output::Event(SessionEvent::InviteFailed {
+                session,
+                invitee,
+                reason,
+            }));
+        self.task_done(session, now);
+    }
+
+    fn invite_join(&mut self, session: SessionId, invitee: Name, now: Timestamp) {
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
+        let Some(group) = &s.group else {
+            return;
+        };
+        let payload = pb::JoinRequestPayload {
+            timer_settings: timer_settings(s.reliability),
+            channel: Some(group.data.to_pb()),
+            control: Some(group.control.to_pb()),
+            mls_settings: None,
+        };
+        let metadata = s.metadata.clone();
+        self.send_control(
+            session,
+            Purpose::InviteJoin(invitee.clone()),
+            Mt::JoinRequest,
+            invitee.clone(),
+            1,
+            Cmd::JoinRequest(payload),
+            metadata,
+            Awaiting::Each(vec![invitee]),
+            now,
+        );
+    }
+
+    fn invite_welcome(&mut self, session: SessionId, invitee: Name, now: Timestamp) {
+        let me = self.name.clone();
+        let Some(group) = self
+            .sessions
+            .get_mut(&session)
+            .and_then(|s| s.group.as_mut())
+        else {
+            return;
+        };
+        let existing: Vec<Name> = group
+            .members
+            .iter()
+            .filter(|n| n.key() != me.key())
+            .cloned()
+            .collect();
+        if group.members.len() == 1 {
+            // As the reference: the first member is listed before the moderator.
+            group.members.insert(0, invitee.clone());
+        } else if !group.members.iter().any(|n| n.key() == invitee.key()) {
+            group.members.push(invitee.clone());
+        }
+        let participants: Vec<pb::Participant> = group.members.iter().map(participant).collect();
+        if group.members.len() > 2 {
+            self.send_update(
+                session,
+                pb::GroupUpdateOp::Add,
+                &invitee,
+                existing,
+                Purpose::InviteUpdate(invitee.clone()),
+                now,
+            );
+        }
+        self.send_control(
+            session,
+            Purpose::InviteWelcome(invitee.clone()),
+            Mt::GroupWelcome,
+            invitee.clone(),
+            1,
+            Cmd::GroupWelcome(pb::GroupWelcomePayload {
+                participants,
+                mls: None,
+            }),
+            BTreeMap::new(),
+            Awaiting::Each(vec![invitee]),
+            now,
+        );
+    }
+
+    fn remove_leave(&mut self, session: SessionId, member: Name, now: Timestamp) {
+        self.send_control(
+            session,
+            Purpose::RemoveLeave(member.clone()),
+            Mt::LeaveRequest,
+            member.clone(),
+            1,
+            Cmd::LeaveRequest(pb::LeaveRequestPayload {}),
+            BTreeMap::new(),
+            Awaiting::Each(vec![member]),
+            now,
+        );
+    }
+
+    /// A GROUP_UPDATE to the control channel, acknowledged by each of `awaiting`.
+    fn send_update(
+        &mut self,
+        session: SessionId,
+        op: pb::GroupUpdateOp,
+        subject: &Name,
+        awaiting: Vec<Name>,
+        purpose: Purpose,
+        now: Timestamp,
+    ) {
+        let Some(group) = self.sessions.get(&session).and_then(|s| s.group.as_ref()) else {
+            return;
+        };
+        let control = group.control.clone();
+        let payload = pb::GroupUpdatePayload {
+            op: op as i32,
+            participant: Some(participant(subject)),
+            participants: group.members.iter().map(participant).collect(),
+            mls: None,
+        };
+        self.send_control(
+            session,
+            purpose,
+            Mt::GroupUpdate,
+            control,
+            MAX_FANOUT,
+            Cmd::GroupUpdate(payload),
+            BTreeMap::new(),
+            Awaiting::Each(awaiting),
+            now,
+        );
+    }
+
+    /// Group members other than us and `except`.
+    fn others(&self, session: SessionId, except: &[&Name]) -> Vec<Name> {
+        let me = self.name.key();
+        self.sessions
+            .get(&session)
+            .and_then(|s| s.group.as_ref())
+            .map(|g| {
+                g.members
+                    .iter()
+                    .filter(|n| n.key() != me && !except.iter().any(|e| e.key() == n.key()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A member is gone: nothing is waited for from it any more.
+    fn forget_member(&mut self, session: SessionId, member: &Name, now: Timestamp) {
+        self.forget_member_announcing(session, member, false, now);
+    }
+
+    /// [`forget_member`](Self::forget_member); `announce` reports `MemberLeft` even when the
+    /// member list no longer had it (a participant applies the update's list first).
+    fn forget_member_announcing(
+        &mut self,
+        session: SessionId,
+        member: &Name,
+        announce: bool,
+        now: Timestamp,
+    ) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let mut events = Vec::new();
+        s.sender.remove_endpoint(&member.key(), &mut events);
+        s.receiver.remove_source(&member.key());
+        let was_member = s.group.as_mut().is_some_and(|g| {
+            let before = g.members.len();
+            g.members.retain(|n| n.key() != member.key());
+            g.members.len() != before
+        });
+        for p in &mut s.pending {
+            if let Awaiting::Each(names) = &mut p.awaiting {
+                names.retain(|n| n.key() != member.key());
+            }
+        }
+        for event in events {
+            self.sender_event(session, event, now);
+        }
+        if was_member || announce {
+            self.out.push_back(Output::Event(SessionEvent::MemberLeft {
+                session,
+                member: member.clone(),
+            }));
+        }
+    }
+
     // ------------------------------------------------------------------ send
 
     fn send_data(
@@ -936,14 +1676,15 @@ impl SessionLayer {
         metadata: BTreeMap<String, String>,
         now: Timestamp,
     ) -> u32 {
+        let me = self.name.clone();
         let Some(s) = self.sessions.get_mut(&session) else {
             return 0;
         };
         let id = s.sender.allocate_id();
-        let peer = s.peer.clone();
+        let (destination, fanout) = s.data_destination();
         s.sent_since_heartbeat = true;
-        let reliable = s.reliability.is_some();
-        if reliable {
+        if s.reliability.is_some() {
+            let receivers = s.receivers(&me);
             s.sender.sent(
                 Outgoing {
                     id,
@@ -951,19 +1692,19 @@ impl SessionLayer {
                     payload_type: payload_type.clone(),
                     metadata: metadata.clone(),
                 },
-                vec![peer.clone()],
+                receivers,
                 now,
             );
         }
-        let me = self.name.clone();
+        let session_type = s.session_type;
         let message = self.build(
-            SessionType::PointToPoint as i32,
+            session_type,
             Mt::Msg,
             session,
             id,
             &me,
-            &peer,
-            1,
+            &destination,
+            fanout,
             app_payload(payload, &payload_type),
             metadata,
             now,
@@ -975,23 +1716,24 @@ impl SessionLayer {
     fn sender_event(&mut self, session: SessionId, event: SenderEvent, now: Timestamp) {
         match event {
             SenderEvent::Retransmit { id, to } => {
-                let Some(stored) = self
-                    .sessions
-                    .get(&session)
-                    .and_then(|s| s.sender.buffered(id))
-                    .cloned()
-                else {
+                let Some(s) = self.sessions.get(&session) else {
                     return;
                 };
+                let Some(stored) = s.sender.buffered(id).cloned() else {
+                    return;
+                };
+                // Re-sent to the one endpoint that is missing; a group keeps fanout 256 (flows f7).
+                let fanout = if s.group.is_some() { MAX_FANOUT } else { 1 };
+                let session_type = s.session_type;
                 let me = self.name.clone();
                 let message = self.build(
-                    SessionType::PointToPoint as i32,
+                    session_type,
                     Mt::Msg,
                     session,
                     id,
                     &me,
                     &to,
-                    1,
+                    fanout,
                     app_payload(stored.payload, &stored.payload_type),
                     stored.metadata,
                     now,
@@ -1011,40 +1753,50 @@ impl SessionLayer {
         }
     }
 
-    /// Sends a control message and keeps it for retransmission until its reply arrives.
+    /// Sends a control message and keeps it for retransmission until `awaiting` answered.
     #[allow(clippy::too_many_arguments)]
     fn send_control(
         &mut self,
         session: SessionId,
+        purpose: Purpose,
         message_type: Mt,
         destination: Name,
         fanout: u32,
-        payload: pb::command_payload::CommandPayloadType,
+        payload: Cmd,
         metadata: BTreeMap<String, String>,
+        awaiting: Awaiting,
         now: Timestamp,
     ) {
         let message_id = self.rng.random();
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
+        // Traffic to the whole group counts as "sent" for the heartbeat (flows g1).
+        s.sent_since_heartbeat |= s.group.is_some() && fanout == MAX_FANOUT;
         let pending = PendingControl {
+            purpose,
             message_type,
             message_id,
             destination,
             fanout,
             payload,
             metadata,
+            awaiting,
             retries_left: s.control_retries,
             deadline: now + s.control_interval,
         };
-        s.pending = Some(pending.clone());
+        s.pending.push(pending.clone());
         self.transmit_control(session, &pending, now);
     }
 
     fn transmit_control(&mut self, session: SessionId, p: &PendingControl, now: Timestamp) {
+        let session_type = self
+            .sessions
+            .get(&session)
+            .map_or(SessionType::PointToPoint, |s| s.session_type);
         let me = self.name.clone();
         let message = self.build(
-            SessionType::PointToPoint as i32,
+            session_type,
             p.message_type,
             session,
             p.message_id,
@@ -1062,9 +1814,7 @@ impl SessionLayer {
         let ack = self.reply(
             m,
             Mt::GroupAck,
-            command(pb::command_payload::CommandPayloadType::GroupAck(
-                pb::GroupAckPayload {},
-            )),
+            command(Cmd::GroupAck(pb::GroupAckPayload {})),
             now,
         );
         self.emit_send(ack);
@@ -1101,7 +1851,7 @@ impl SessionLayer {
     #[allow(clippy::too_many_arguments)]
     fn build(
         &mut self,
-        session_type: i32,
+        session_type: SessionType,
         message_type: Mt,
         session_id: SessionId,
         message_id: u32,
@@ -1125,12 +1875,12 @@ impl SessionLayer {
                     destination: Some(destination.to_pb()),
                     identity: token,
                     fanout,
-                    version: SLIM_SESSION_VERSION.into(),
+                    version: HEADER_VERSION.into(),
                     ttl: slim_proto::DEFAULT_TTL,
                     ..Default::default()
                 }),
                 session: Some(pb::SessionHeader {
-                    session_type,
+                    session_type: session_type as i32,
                     session_message_type: message_type as i32,
                     session_id,
                     message_id,
@@ -1156,9 +1906,19 @@ impl SessionLayer {
         tracing::debug!(?reason, detail, "session message dropped");
     }
 
+    fn new_session_id(&mut self) -> SessionId {
+        loop {
+            let id = self.rng.random_range(0..MAX_SESSION_ID);
+            if !self.sessions.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
     fn new_session(
         &mut self,
         role: Role,
+        session_type: SessionType,
         peer: Name,
         reliability: Option<Reliability>,
         now: Timestamp,
@@ -1168,17 +1928,18 @@ impl SessionLayer {
             Some(r) => (r.interval, r.max_retries),
             None => (DEFAULT_CONTROL_INTERVAL, DEFAULT_CONTROL_RETRIES),
         };
-        let (interval, retries) = (control_interval, control_retries);
         Session {
             role,
-            state: State::Discovering,
+            state: State::Opening,
+            session_type,
             peer,
+            group: None,
             reliability,
             control_interval,
             control_retries,
-            pending: None,
-            sender: ReliableSender::new(interval, retries),
-            receiver: ReliableReceiver::new(interval, retries),
+            pending: Vec::new(),
+            sender: ReliableSender::new(control_interval, control_retries),
+            receiver: ReliableReceiver::new(control_interval, control_retries),
             queued: Vec::new(),
             metadata: BTreeMap::new(),
             next_heartbeat: now + HEARTBEAT_INTERVAL,
@@ -1187,45 +1948,46 @@ impl SessionLayer {
     }
 
     fn finish(&mut self, session: SessionId, reason: CloseReason) {
-        if self.sessions.remove(&session).is_some() {
-            self.out
-                .push_back(Output::Event(SessionEvent::Closed { session, reason }));
+        let Some(s) = self.sessions.remove(&session) else {
+            return;
+        };
+        if let Some(group) = s.group {
+            if group.subscribed {
+                self.out.push_back(Output::Unsubscribe(group.data));
+                self.out.push_back(Output::Unsubscribe(group.control));
+            }
         }
+        self.out
+            .push_back(Output::Event(SessionEvent::Closed { session, reason }));
     }
 
     fn session_timeout(&mut self, id: SessionId, now: Timestamp) {
-        // Control retransmission.
-        let due = self
-            .sessions
-            .get(&id)
-            .and_then(|s| s.pending.as_ref())
-            .filter(|p| p.deadline <= now)
-            .cloned();
-        if let Some(mut pending) = due {
-            if pending.retries_left == 0 {
-                let what = match pending.message_type {
-                    Mt::DiscoveryRequest => "discovery",
-                    Mt::JoinRequest => "join",
-                    Mt::GroupWelcome => "welcome",
-                    Mt::GroupClose => "close",
-                    _ => "control message",
-                };
-                // A close nobody acknowledges still closes.
-                let reason = if pending.message_type == Mt::GroupClose {
-                    CloseReason::Local
-                } else {
-                    CloseReason::NoAnswer(what)
-                };
-                self.finish(id, reason);
-                return;
+        // Control retransmission, or giving up.
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let mut due = Vec::new();
+        let mut expired = Vec::new();
+        let interval = s.control_interval;
+        let mut index = 0;
+        while index < s.pending.len() {
+            let p = &mut s.pending[index];
+            if p.deadline > now {
+                index += 1;
+            } else if p.retries_left == 0 {
+                expired.push(s.pending.remove(index));
+            } else {
+                p.retries_left -= 1;
+                p.deadline = now + interval;
+                due.push(p.clone());
+                index += 1;
             }
-            pending.retries_left -= 1;
-            let Some(s) = self.sessions.get_mut(&id) else {
-                return;
-            };
-            pending.deadline = now + s.control_interval;
-            s.pending = Some(pending.clone());
-            self.transmit_control(id, &pending, now);
+        }
+        for pending in &due {
+            self.transmit_control(id, pending, now);
+        }
+        for pending in expired {
+            self.on_control_done(id, pending.purpose, None, now);
         }
         // Data retransmission and gap requests.
         let (mut sender_events, mut receiver_events) = (Vec::new(), Vec::new());
@@ -1238,14 +2000,15 @@ impl SessionLayer {
         for event in sender_events {
             self.sender_event(id, event, now);
         }
-        self.receiver_events(id, SessionType::PointToPoint as i32, receiver_events, now);
+        self.receiver_events(id, receiver_events, now);
         if heartbeat_due {
             self.heartbeat(id, now);
         }
     }
 
-    /// Every 10 s, unless data went out in the meantime (spec §4.6): p2p heartbeats go to the
-    /// peer with epoch u64::MAX (no MLS).
+    /// Every 10 s, unless the session sent data (or group traffic) in the meantime (spec §4.6):
+    /// p2p to the peer, fanout 1; groups to the control channel, fanout 256. Epoch u64::MAX
+    /// means "no MLS".
     fn heartbeat(&mut self, id: SessionId, now: Timestamp) {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
@@ -1254,20 +2017,22 @@ impl SessionLayer {
         if std::mem::take(&mut s.sent_since_heartbeat) {
             return;
         }
-        let peer = s.peer.clone();
+        let (destination, fanout) = match &s.group {
+            None => (s.peer.clone(), 1),
+            Some(g) => (g.control.clone(), MAX_FANOUT),
+        };
+        let session_type = s.session_type;
         let me = self.name.clone();
         let message_id = self.rng.random();
         let heartbeat = self.build(
-            SessionType::PointToPoint as i32,
+            session_type,
             Mt::Heartbeat,
             id,
             message_id,
             &me,
-            &peer,
-            1,
-            command(pb::command_payload::CommandPayloadType::Heartbeat(
-                pb::HeartbeatPayload { epoch: u64::MAX },
-            )),
+            &destination,
+            fanout,
+            command(Cmd::Heartbeat(pb::HeartbeatPayload { epoch: u64::MAX })),
             BTreeMap::new(),
             now,
         );
@@ -1275,13 +2040,10 @@ impl SessionLayer {
     }
 }
 
-/// The version string in the headers we send (what the reference puts there: its own version).
-const SLIM_SESSION_VERSION: &str = "3.4.6";
-
 /// A received session message, unpacked.
 struct Received {
     source: Name,
-    session_type: i32,
+    session_type: SessionType,
     message_type: Mt,
     session_id: SessionId,
     message_id: u32,
@@ -1300,11 +2062,14 @@ fn reply_to(request: Mt) -> Option<Mt> {
     }
 }
 
-fn same_service(a: &Name, b: &Name) -> bool {
-    a.key().components == b.key().components
+fn timer_settings(reliability: Option<Reliability>) -> Option<pb::TimerSettings> {
+    reliability.map(|r| pb::TimerSettings {
+        timeout: u32::try_from(r.interval.as_millis()).unwrap_or(u32::MAX),
+        max_retries: r.max_retries,
+    })
 }
 
-fn command(payload: pb::command_payload::CommandPayloadType) -> pb::Content {
+fn command(payload: Cmd) -> pb::Content {
     pb::Content {
         content_type: Some(pb::content::ContentType::CommandPayload(
             pb::CommandPayload {
@@ -1314,7 +2079,7 @@ fn command(payload: pb::command_payload::CommandPayloadType) -> pb::Content {
     }
 }
 
-fn command_of(content: &Option<pb::Content>) -> Option<pb::command_payload::CommandPayloadType> {
+fn command_of(content: &Option<pb::Content>) -> Option<Cmd> {
     match content.as_ref()?.content_type.as_ref()? {
         pb::content::ContentType::CommandPayload(c) => c.command_payload_type.clone(),
         pb::content::ContentType::AppPayload(_) => None,
@@ -1357,6 +2122,17 @@ fn participant(name: &Name) -> pb::Participant {
     }
 }
 
+fn header_mut(message: &mut pb::Message) -> Option<&mut pb::SlimHeader> {
+    match message.message_type.as_mut()? {
+        pb::message::MessageType::Publish(p) => p.header.as_mut(),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 #[path = "tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "group_tests.rs"]
+mod group_tests;

@@ -85,6 +85,7 @@ impl Pair {
                         moved = true;
                     }
                     Output::Event(e) => self.events_a.push(e),
+                    Output::Subscribe(_) | Output::Unsubscribe(_) => {}
                 }
             }
             while let Some(o) = self.b.poll_output() {
@@ -97,6 +98,7 @@ impl Pair {
                         moved = true;
                     }
                     Output::Event(e) => self.events_b.push(e),
+                    Output::Subscribe(_) | Output::Unsubscribe(_) => {}
                 }
             }
             if !moved {
@@ -177,6 +179,7 @@ fn p2p_handshake_matches_the_reference_sequence() {
         vec![SessionEvent::Incoming {
             session: sid,
             peer: p.a.name().clone(),
+            group: false,
             metadata: [("purpose".to_string(), "test".to_string())]
                 .into_iter()
                 .collect()
@@ -534,7 +537,7 @@ fn same_seeds_same_outputs() {
         std::iter::from_fn(|| a.poll_output())
             .filter_map(|o| match o {
                 Output::Send(m) => Some(*m),
-                Output::Event(_) => None,
+                _ => None,
             })
             .collect()
     }
