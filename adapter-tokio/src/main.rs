@@ -149,6 +149,52 @@ struct AppArgs {
 struct ReplyArgs {
     #[command(flatten)]
     app: AppArgs,
+    /// Print one JSON line per session event (opened, message, member change, closed) on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One JSON line describing a session event (payloads in hex).
+fn event_json(event: &slim_core::session::SessionEvent) -> Option<String> {
+    use slim_core::session::SessionEvent as E;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let value = match event {
+        E::Incoming {
+            session,
+            peer,
+            group,
+            ..
+        } => {
+            serde_json::json!({"ev": "session", "session": session, "peer": peer.to_string(), "group": group})
+        }
+        E::Message {
+            session,
+            source,
+            id,
+            payload,
+            ..
+        } => {
+            serde_json::json!({"ev": "msg", "session": session, "source": source.to_string(), "id": id, "hex": hex(payload)})
+        }
+        E::MemberJoined { session, member } => {
+            serde_json::json!({"ev": "member_joined", "session": session, "member": member.to_string()})
+        }
+        E::MemberLeft { session, member } => {
+            serde_json::json!({"ev": "member_left", "session": session, "member": member.to_string()})
+        }
+        E::MessageLost {
+            session,
+            source,
+            id,
+        } => {
+            serde_json::json!({"ev": "lost", "session": session, "source": source.to_string(), "id": id})
+        }
+        E::Closed { session, reason } => {
+            serde_json::json!({"ev": "closed", "session": session, "reason": format!("{reason:?}")})
+        }
+        _ => return None,
+    };
+    Some(value.to_string())
 }
 
 #[derive(clap::Args, Debug)]
@@ -207,7 +253,22 @@ fn run_reply(args: ReplyArgs) -> anyhow::Result<()> {
             &args.app.endpoint,
             name,
             &secret,
-            |full| tracing::info!(name = %full, "ready: answering sessions"),
+            |full| {
+                tracing::info!(name = %full, "ready: answering sessions");
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"ev": "ready", "name": full.to_string()})
+                    );
+                }
+            },
+            |event| {
+                if args.json {
+                    if let Some(line) = event_json(event) {
+                        println!("{line}");
+                    }
+                }
+            },
             async {
                 let _ = wait_for_signal().await;
             },

@@ -264,6 +264,7 @@ pub async fn run_reply(
     name: Name,
     secret: &str,
     ready: impl FnOnce(&Name),
+    mut observe: impl FnMut(&SessionEvent),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<ReplyStats, AppError> {
     let app = App::connect(endpoint, name, secret).await?;
@@ -276,6 +277,7 @@ pub async fn run_reply(
             () = &mut stop => return Ok(stats),
             event = app.next_event() => event?,
         };
+        observe(&event);
         match event {
             SessionEvent::Incoming {
                 session,

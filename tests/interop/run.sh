@@ -3,8 +3,9 @@
 #
 #   tests/interop/run.sh --endpoint http://127.0.0.1:PORT [--only CASE[,CASE]] [--timeout S]
 #
-# Cases: p2p_plain p2p_mls p2p_v200 group_mls anycast rust_request rust_reply
-# (see tests/interop/README.md).
+# Cases: p2p_plain p2p_mls p2p_v200 group_mls anycast (slim-bindings clients only) and
+# rust_request rust_reply rust_group rust_member (our session layer against theirs); see
+# tests/interop/README.md.
 #   --endpoint URL   the node under test (required; h2c, e.g. http://127.0.0.1:46357)
 #   --slim-bin PATH  the slim-tokio binary for the rust_* cases (our session layer against
 #                    slim-bindings peers); default $SLIM_TOKIO_BIN, else <repo>/target/debug/slim-tokio

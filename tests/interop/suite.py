@@ -31,7 +31,8 @@ sys.dont_write_bytecode = True
 HERE = os.path.dirname(os.path.realpath(__file__))
 ROLE_PY = os.path.join(HERE, "role.py")
 NEW, OLD = "3.3.8", "2.0.0"
-CASES = ["p2p_plain", "p2p_mls", "p2p_v200", "group_mls", "anycast", "rust_request", "rust_reply"]
+CASES = ["p2p_plain", "p2p_mls", "p2p_v200", "group_mls", "anycast", "rust_request", "rust_reply",
+         "rust_group", "rust_member"]
 P2P_EXCHANGES = 100
 GROUP_MEMBERS = 3
 GROUP_MSGS = 10
@@ -542,9 +543,138 @@ async def case_rust_reply(ctx):
         log.close()
 
 
+class RustEvents:
+    """JSON lines from a running slim-tokio (`reply --json`), collected as they come."""
+
+    def __init__(self, proc):
+        self.proc, self.events = proc, []
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self):
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                return
+            if line.startswith(b"{"):
+                self.events.append(json.loads(line))
+
+    def of(self, ev):
+        return [e for e in self.events if e.get("ev") == ev]
+
+    async def wait(self, ctx, pred, what):
+        while not pred():
+            if self.proc.returncode is not None:
+                raise CaseFailure(f"slim-tokio exited {self.proc.returncode} while waiting: {what}")
+            if ctx.left() < 1:
+                raise CaseFailure(f"timed out: {what}")
+            await asyncio.sleep(0.1)
+
+
+async def stop_rust(proc, log):
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except asyncio.TimeoutError:
+            proc.kill()
+    log.close()
+
+
+async def case_rust_group(ctx):
+    """slim-tokio group (ours) moderates three slim-bindings 3.3.8 members: invite, broadcast,
+    remove one, broadcast again; every remaining member gets everything, in order."""
+    labels = [f"member{i}" for i in range(GROUP_MEMBERS)]
+    names = {l: ctx.name(l) for l in labels}
+    ctx.set_step("start members")
+    members = [await ctx.spawn(l, NEW, "member", "--local", names[l]) for l in labels]
+    for m in members:
+        await m.ready()
+    ctx.set_step("slim-tokio group: invite, broadcast, remove member0, broadcast")
+    invites = [a for l in labels for a in ("--invite", names[l])]
+    code, out = await run_rust(ctx, "rust-group", "group", "--endpoint", ctx.endpoint,
+                               "--name", ctx.name("rust-mod"), "--channel", ctx.name("chan"),
+                               *invites, "--count", GROUP_MSGS, "--remove", names["member0"],
+                               "--secret", ctx.secret, "--json")
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    if code != 0 or not lines:
+        raise CaseFailure(f"slim-tokio group exited {code}: {lines[-1:] or 'no summary'}")
+    rep = json.loads(lines[-1])
+    if rep["sent"] != 2 * GROUP_MSGS or rep["delivered"] != rep["sent"] or rep["members"] != GROUP_MEMBERS:
+        raise CaseFailure(f"moderator report {rep}")
+    ctx.set_step("members' view")
+    victim, rest = members[0], members[1:]
+    await victim.event("session_end", "member0 is told it was removed")
+
+    def seqs(role):
+        return [int(e["hex"][:16], 16) for e in role.of("msg")]
+
+    for m in rest:
+        await m.wait(lambda m=m: len(m.of("msg")) >= 2 * GROUP_MSGS, f"{m.label} gets both rounds")
+        if seqs(m) != list(range(2 * GROUP_MSGS)):
+            raise CaseFailure(f"{m.label} got {seqs(m)}, expected 0..{2 * GROUP_MSGS - 1} in order")
+    await asyncio.sleep(REMOVED_GRACE_S)
+    if seqs(victim) != list(range(GROUP_MSGS)):
+        raise CaseFailure(f"removed member got {seqs(victim)}, expected exactly the first round")
+    return (f"rust moderator: {GROUP_MEMBERS} 3.3.8 members joined, {GROUP_MSGS} broadcast acked by all, "
+            f"member0 removed (nothing after), {GROUP_MSGS} more to {len(rest)}")
+
+
+async def case_rust_member(ctx):
+    """A slim-bindings 3.3.8 moderator invites slim-tokio (ours) and a 3.3.8 member; broadcast and
+    fan-in reach ours; then ours is removed and gets nothing more."""
+    rust_name, other = ctx.name("rust-member"), ctx.name("member")
+    ctx.set_step("start slim-tokio reply (member) and a slim-bindings member")
+    proc, log = await run_rust(ctx, "rust-member", "reply", "--endpoint", ctx.endpoint,
+                               "--name", rust_name, "--secret", ctx.secret, "--json", wait=False)
+    ours = RustEvents(proc)
+    try:
+        await ours.wait(ctx, lambda: ours.of("ready"), "slim-tokio reply gets ready")
+        mem = await ctx.spawn("member", NEW, "member", "--local", other)
+        mod = await ctx.spawn("moderator", NEW, "moderator", "--local", ctx.name("moderator"),
+                              "--channel", ctx.name("chan"))
+        await mem.ready()
+        await mod.ready()
+        created = await mod.event("created", "moderator creates the group")
+        ctx.set_step("invite ours and theirs")
+        mod.send(cmd="invite", names=[rust_name, other])
+        await mod.event("done", "moderator invites both", cmd="invite")
+        await ours.wait(ctx, lambda: any(e["group"] for e in ours.of("session")), "ours joins the group")
+        if ours.of("session")[0]["session"] != created["sid"]:
+            raise CaseFailure(f"ours joined session {ours.of('session')[0]['session']}, not {created['sid']}")
+        ctx.set_step("broadcast and fan-in")
+        phase1 = hexes(blobs(ctx, "g1", GROUP_MSGS, 2048))
+        mod.send(cmd="publish", hex=phase1)
+        fan = hexes(blobs(ctx, "fan", 1, 512))
+        mem.send(cmd="publish", hex=fan)
+        want = sorted(phase1 + fan)
+        await ours.wait(ctx, lambda: len(ours.of("msg")) >= len(want), "ours receives broadcast and fan-in")
+        got = [e["hex"] for e in ours.of("msg")]
+        if sorted(got) != want:
+            raise CaseFailure(f"ours got {len(got)} msgs, not exactly the {len(want)} sent")
+        from_mod = [e["hex"] for e in ours.of("msg") if e["source"].startswith(ctx.name("moderator"))]
+        if from_mod != phase1:
+            raise CaseFailure("the moderator's broadcast reached ours out of order")
+        ctx.set_step("remove ours")
+        before = len(ours.of("msg"))
+        mod.send(cmd="remove", name=rust_name)
+        await mod.event("done", "moderator removes ours", cmd="remove")
+        await ours.wait(ctx, lambda: any(e["reason"] == "Removed" for e in ours.of("closed")),
+                        "ours is told it was removed")
+        mod.send(cmd="publish", hex=hexes(blobs(ctx, "g2", 3, 256)))
+        await mem.wait(lambda: len(mem.of("msg")) >= GROUP_MSGS + 3, "the other member gets the rest")
+        await asyncio.sleep(REMOVED_GRACE_S)
+        if len(ours.of("msg")) != before:
+            raise CaseFailure(f"ours received {len(ours.of('msg')) - before} msgs after its removal")
+        return (f"3.3.8 moderator: ours joined, got {GROUP_MSGS} broadcast in order + fan-in, "
+                f"removed (nothing after)")
+    finally:
+        await stop_rust(proc, log)
+
+
 CASE_FUNCS = {"p2p_plain": case_p2p_plain, "p2p_mls": case_p2p_mls,
               "p2p_v200": case_p2p_v200, "group_mls": case_group_mls, "anycast": case_anycast,
-              "rust_request": case_rust_request, "rust_reply": case_rust_reply}
+              "rust_request": case_rust_request, "rust_reply": case_rust_reply,
+              "rust_group": case_rust_group, "rust_member": case_rust_member}
 
 
 async def drive(args):
