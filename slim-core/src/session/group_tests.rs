@@ -399,3 +399,109 @@ fn inviting_nobody_fails_and_the_next_invite_still_runs() {
         |e| matches!(e, SessionEvent::MemberJoined { member, .. } if member == net.apps[A].name())
     ));
 }
+
+#[test]
+fn direct_messages_reach_one_member_once() {
+    let (mut net, sid) = group();
+    let target = net.apps[B].name().clone();
+    let id = net.apps[M]
+        .publish_to(sid, &target, Bytes::from_static(b"just for b"), net.now)
+        .unwrap();
+    assert!(id > super::super::sender::MAX_SEQUENCE_ID);
+    let Some(Output::Send(direct)) = net.apps[M].poll_output() else {
+        panic!("the direct message")
+    };
+    assert_eq!(net.targets(M, &direct), vec![B], "addressed to B alone");
+    // Delivered twice (a retransmission): B hands it to its app once, and acks both.
+    net.apps[B].handle_message((*direct).clone(), net.now);
+    net.apps[B].handle_message(*direct, net.now);
+    net.run();
+    let got: Vec<Vec<u8>> = net.messages(B, sid).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(got, vec![b"just for b".to_vec()]);
+    assert_eq!(net.apps[B].stats().dropped(SessionDrop::Duplicate), 1);
+    assert!(net.messages(A, sid).is_empty() && net.messages(C, sid).is_empty());
+    assert!(
+        net.has(M, |e| *e == SessionEvent::Delivered { session: sid, id }),
+        "acked with PUBLISH_TO"
+    );
+    assert!(matches!(
+        net.apps[M].publish_to(
+            sid,
+            &Name::new("org", "ns", "nobody"),
+            Bytes::new(),
+            net.now
+        ),
+        Err(SessionError::NotAMember(..))
+    ));
+}
+
+#[test]
+fn a_member_that_goes_offline_is_not_waited_for() {
+    let (mut net, sid) = group();
+    // A announces it goes offline (what a soft close sends).
+    let me = net.apps[A].name().clone();
+    let control = net.apps[A].sessions[&sid]
+        .group
+        .as_ref()
+        .unwrap()
+        .control
+        .clone();
+    let ups = net.apps[A].build(
+        SessionType::Multicast,
+        Mt::UpdateParticipantState,
+        sid,
+        77,
+        &me,
+        &control,
+        MAX_FANOUT,
+        command(Cmd::UpdateParticipantState(
+            pb::UpdateParticipantStatePayload {
+                participant: Some(me.to_pb()),
+                new_state: pb::ParticipantState::Offline as i32,
+                epoch: 0,
+            },
+        )),
+        BTreeMap::new(),
+        net.now,
+    );
+    net.apps[M].handle_message(ups, net.now);
+    net.run();
+    assert!(net.has(
+        M,
+        |e| matches!(e, SessionEvent::MemberState { online: false, member, .. } if *member == me)
+    ));
+    // A no longer receives anything; the broadcast is still complete for the others.
+    net.keep = Box::new(|_, to, _| to != A);
+    let id = net.apps[M]
+        .publish(sid, Bytes::from_static(b"x"), net.now)
+        .unwrap();
+    net.run();
+    assert!(net.has(M, |e| *e == SessionEvent::Delivered { session: sid, id }));
+    // A speaks again: it is back.
+    net.keep = Box::new(|_, _, _| true);
+    net.apps[A]
+        .publish(sid, Bytes::from_static(b"back"), net.now)
+        .unwrap();
+    net.run();
+    assert!(net.has(
+        M,
+        |e| matches!(e, SessionEvent::MemberState { online: true, member, .. } if *member == me)
+    ));
+}
+
+#[test]
+fn silent_peers_are_marked_offline_after_three_heartbeats() {
+    let (mut net, _sid) = group();
+    // C stops hearing anything and says nothing.
+    net.keep = Box::new(|from, to, _| from != C && to != C);
+    net.settle(HEARTBEAT_INTERVAL * 4);
+    let c = net.apps[C].name().clone();
+    assert!(net.has(
+        M,
+        |e| matches!(e, SessionEvent::MemberState { online: false, member, .. } if *member == c)
+    ));
+    assert!(!net.has(
+        M,
+        |e| matches!(e, SessionEvent::MemberState { online: false, member, .. } if *member != c)
+    ));
+}

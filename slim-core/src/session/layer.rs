@@ -18,7 +18,7 @@
 //! and `slim-payload-sig`), as 3.x clients expect. Received messages must carry a valid token of
 //! an app sharing our secret, and control messages must be signed by it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,7 +28,7 @@ use rustc_hash::FxHashMap;
 use slim_proto::name::ANY_INSTANCE;
 use slim_proto::pb::command_payload::CommandPayloadType as Cmd;
 use slim_proto::pb::{self, SessionMessageType as Mt, SessionType};
-use slim_proto::Name;
+use slim_proto::{Name, NameKey};
 
 use super::receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 use super::sender::{Outgoing, ReliableSender, SenderEvent};
@@ -56,6 +56,12 @@ const MAX_QUEUED: usize = 1024;
 const SEEN_UPDATES: usize = 64;
 /// Metadata a member puts on its leave request (spec §1.3).
 const LEAVING_SESSION: &str = "LEAVING_SESSION";
+/// A peer not heard from for this many heartbeat periods is offline (spec §4.6).
+const MISSED_HEARTBEATS: u32 = 3;
+/// Metadata of a direct (unsequenced) message to one member (spec §1.3).
+const PUBLISH_TO: &str = "PUBLISH_TO";
+/// Direct messages remembered per session to drop retransmitted copies.
+const SEEN_DIRECT: usize = 256;
 /// The version string in the headers we send (the reference puts its own version there).
 const HEADER_VERSION: &str = "3.4.6";
 
@@ -162,6 +168,13 @@ pub enum SessionEvent {
     MemberJoined { session: SessionId, member: Name },
     /// A member left or was removed from a group.
     MemberLeft { session: SessionId, member: Name },
+    /// A peer went silent for three heartbeat periods (or said it went offline), or came back.
+    /// Offline members are not waited for by new messages.
+    MemberState {
+        session: SessionId,
+        member: Name,
+        online: bool,
+    },
     /// An invite did not complete.
     InviteFailed {
         session: SessionId,
@@ -338,11 +351,24 @@ struct Session {
     metadata: BTreeMap<String, String>,
     next_heartbeat: Timestamp,
     sent_since_heartbeat: bool,
+    /// When each peer was last heard from (any message counts).
+    last_heard: BTreeMap<NameKey, Timestamp>,
+    offline: BTreeSet<NameKey>,
+    /// Direct messages already delivered, by source and id.
+    seen_direct: VecDeque<(NameKey, u32)>,
 }
 
 impl Session {
     /// Who must acknowledge our data messages.
     fn receivers(&self, me: &Name) -> Vec<Name> {
+        self.peers(me)
+            .into_iter()
+            .filter(|m| !self.offline.contains(&m.key()))
+            .collect()
+    }
+
+    /// Everyone we exchange data with: the p2p peer, or the other group members.
+    fn peers(&self, me: &Name) -> Vec<Name> {
         match &self.group {
             None => vec![self.peer.clone()],
             Some(g) => g
@@ -574,6 +600,67 @@ impl SessionLayer {
         Ok(self.send_data(session, payload, payload_type, metadata, now))
     }
 
+    /// Sends `payload` to one member only (a direct message: `PUBLISH_TO`, outside the
+    /// sequence, delivered on arrival). Returns its id.
+    pub fn publish_to(
+        &mut self,
+        session: SessionId,
+        member: &Name,
+        payload: Bytes,
+        now: Timestamp,
+    ) -> Result<u32, SessionError> {
+        let me = self.name.clone();
+        let id = self
+            .rng
+            .random_range(super::sender::MAX_SEQUENCE_ID + 1..=u32::MAX);
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(SessionError::UnknownSession(session))?;
+        if s.state != State::Established {
+            return Err(SessionError::Closing(session));
+        }
+        let target = s
+            .peers(&me)
+            .into_iter()
+            .find(|n| {
+                n.key() == member.key()
+                    || (member.id() == ANY_INSTANCE
+                        && n.key().components == member.key().components)
+            })
+            .ok_or_else(|| SessionError::NotAMember(session, member.to_string()))?;
+        let metadata: BTreeMap<String, String> = [(PUBLISH_TO.to_string(), "TRUE".to_string())]
+            .into_iter()
+            .collect();
+        if s.reliability.is_some() {
+            s.sender.sent(
+                Outgoing {
+                    id,
+                    payload: payload.clone(),
+                    payload_type: "msg".into(),
+                    metadata: metadata.clone(),
+                },
+                vec![target.clone()],
+                now,
+            );
+        }
+        let session_type = s.session_type;
+        let message = self.build(
+            session_type,
+            Mt::Msg,
+            session,
+            id,
+            &me,
+            &target,
+            1,
+            app_payload(payload, "msg"),
+            metadata,
+            now,
+        );
+        self.emit_send(message);
+        Ok(id)
+    }
+
     /// Closes a session. p2p: the peer is told; a moderator closes the whole group; a member
     /// leaves it. `Closed` follows once acknowledged.
     pub fn close(&mut self, session: SessionId, now: Timestamp) -> Result<(), SessionError> {
@@ -772,8 +859,12 @@ impl SessionLayer {
             }
             _ => {}
         }
-        let Some(session) = self.sessions.get(&m.session_id) else {
+        if !self.sessions.contains_key(&m.session_id) {
             self.drop_message(SessionDrop::UnknownSession, "no such session");
+            return;
+        }
+        self.heard_from(m.session_id, &m.source, now);
+        let Some(session) = self.sessions.get(&m.session_id) else {
             return;
         };
         let state = session.state;
@@ -834,6 +925,9 @@ impl SessionLayer {
             (Mt::RtxReply, State::Established | State::Closing) => self.on_rtx_reply(m, now),
             // Liveness only; any message counts.
             (Mt::Heartbeat, _) => {}
+            (Mt::UpdateParticipantState, _) if from_member || from_peer => {
+                self.on_participant_state(m, now)
+            }
             _ => self.drop_message(
                 SessionDrop::Unexpected,
                 "not expected in this session state",
@@ -1166,6 +1260,10 @@ impl SessionLayer {
             .sessions
             .get(&m.session_id)
             .is_some_and(|s| s.reliability.is_some());
+        if m.metadata.get(PUBLISH_TO).is_some_and(|v| v == "TRUE") {
+            self.on_direct(m, incoming, reliable, now);
+            return;
+        }
         if !reliable {
             self.deliver(m.session_id, m.source, m.message_id, incoming);
             return;
@@ -1274,6 +1372,113 @@ impl SessionLayer {
             }
         }
         self.receiver_events(m.session_id, events, now);
+    }
+
+    /// A direct message: delivered on arrival (once), acknowledged with the flag echoed.
+    fn on_direct(&mut self, m: Received, incoming: Incoming, reliable: bool, now: Timestamp) {
+        let Some(s) = self.sessions.get_mut(&m.session_id) else {
+            return;
+        };
+        let key = (m.source.key(), m.message_id);
+        let fresh = !s.seen_direct.contains(&key);
+        if fresh {
+            if s.seen_direct.len() == SEEN_DIRECT {
+                s.seen_direct.pop_front();
+            }
+            s.seen_direct.push_back(key);
+        } else {
+            self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
+        }
+        if reliable {
+            let me = self.name.clone();
+            let ack = self.build(
+                m.session_type,
+                Mt::MsgAck,
+                m.session_id,
+                m.message_id,
+                &me,
+                &m.source,
+                1,
+                empty_app_payload(),
+                publish_to_echo(&m.metadata),
+                now,
+            );
+            self.emit_send(ack);
+        }
+        if fresh {
+            self.deliver(m.session_id, m.source, m.message_id, incoming);
+        }
+    }
+
+    /// Any message is a sign of life; an offline peer that speaks again is back.
+    fn heard_from(&mut self, session: SessionId, source: &Name, now: Timestamp) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        s.last_heard.insert(source.key(), now);
+        if s.offline.remove(&source.key()) {
+            self.out.push_back(Output::Event(SessionEvent::MemberState {
+                session,
+                member: source.clone(),
+                online: true,
+            }));
+        }
+    }
+
+    /// UPDATE_PARTICIPANT_STATE: a member went offline (soft close) or came back.
+    fn on_participant_state(&mut self, m: Received, now: Timestamp) {
+        let Some(Cmd::UpdateParticipantState(update)) = command_of(&m.content) else {
+            self.drop_message(
+                SessionDrop::Malformed,
+                "participant state update without payload",
+            );
+            return;
+        };
+        self.ack(&m, now);
+        let member = update
+            .participant
+            .as_ref()
+            .and_then(Name::from_pb)
+            .unwrap_or(m.source);
+        let online = update.new_state != pb::ParticipantState::Offline as i32;
+        let Some(s) = self.sessions.get_mut(&m.session_id) else {
+            return;
+        };
+        let changed = if online {
+            s.offline.remove(&member.key())
+        } else {
+            s.offline.insert(member.key())
+        };
+        if changed {
+            self.out.push_back(Output::Event(SessionEvent::MemberState {
+                session: m.session_id,
+                member,
+                online,
+            }));
+        }
+    }
+
+    /// Peers silent for three heartbeat periods are marked offline.
+    fn check_liveness(&mut self, session: SessionId, now: Timestamp) {
+        let me = self.name.clone();
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let silent_limit = HEARTBEAT_INTERVAL * MISSED_HEARTBEATS;
+        let mut gone = Vec::new();
+        for peer in s.peers(&me) {
+            let last = *s.last_heard.entry(peer.key()).or_insert(now);
+            if now.saturating_since(last) >= silent_limit && s.offline.insert(peer.key()) {
+                gone.push(peer);
+            }
+        }
+        for member in gone {
+            self.out.push_back(Output::Event(SessionEvent::MemberState {
+                session,
+                member,
+                online: false,
+            }));
+        }
     }
 
     fn receiver_events(&mut self, session: SessionId, events: Vec<ReceiverEvent>, now: Timestamp) {
@@ -1944,6 +2149,9 @@ impl SessionLayer {
             metadata: BTreeMap::new(),
             next_heartbeat: now + HEARTBEAT_INTERVAL,
             sent_since_heartbeat: false,
+            last_heard: BTreeMap::new(),
+            offline: BTreeSet::new(),
+            seen_direct: VecDeque::new(),
         }
     }
 
@@ -2010,11 +2218,15 @@ impl SessionLayer {
     /// p2p to the peer, fanout 1; groups to the control channel, fanout 256. Epoch u64::MAX
     /// means "no MLS".
     fn heartbeat(&mut self, id: SessionId, now: Timestamp) {
+        self.check_liveness(id, now);
+        let me = self.name.clone();
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
         s.next_heartbeat = now + HEARTBEAT_INTERVAL;
-        if std::mem::take(&mut s.sent_since_heartbeat) {
+        // Skipped after group traffic or data, unless every peer is offline (flows f5).
+        let anyone_online = s.peers(&me).iter().any(|p| !s.offline.contains(&p.key()));
+        if std::mem::take(&mut s.sent_since_heartbeat) && anyone_online {
             return;
         }
         let (destination, fanout) = match &s.group {
