@@ -62,16 +62,31 @@ pub struct Received {
 
 type PendingAcks = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>>;
 
-/// A connected client. Dropping it closes the link.
-pub struct Client {
+/// No uplink right now (between a lost link and its replacement).
+const NO_UPLINK: u64 = u64::MAX;
+/// First and largest wait between redials after the link to the node is lost.
+const REDIAL_FIRST: Duration = Duration::from_millis(100);
+const REDIAL_MAX: Duration = Duration::from_secs(2);
+
+/// What the client's tasks share.
+struct Inner {
     name: Name,
     node: NodeHandle,
     app: ConnId,
-    uplink: ConnId,
+    /// The connection of the current link to the node ([`NO_UPLINK`] while redialling).
+    uplink: AtomicU64,
     pending_acks: PendingAcks,
     next_sub_id: AtomicU64,
-    /// Subscription ids by name, to unsubscribe with the id the subscription was made with.
-    subscriptions: Mutex<HashMap<slim_proto::NameKey, u64>>,
+    /// Subscription ids by name: to unsubscribe with the id a subscription was made with, and
+    /// to make them again on a new link.
+    subscriptions: Mutex<HashMap<slim_proto::NameKey, (Name, u64)>>,
+    reconnects: AtomicU64,
+}
+
+/// A connected client. It redials and re-subscribes when the link to the node is lost.
+/// Dropping it closes the link.
+pub struct Client {
+    inner: Arc<Inner>,
     inbox: tokio::sync::Mutex<mpsc::Receiver<pb::Message>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -79,8 +94,8 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("name", &self.name.to_string())
-            .field("uplink", &self.uplink)
+            .field("name", &self.inner.name.to_string())
+            .field("uplink", &self.inner.uplink.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -119,33 +134,14 @@ impl Client {
             node::spawn_router(router, Clock::new(), Arc::new(AdapterCounters::default()));
         let mut tasks = vec![router_task];
 
-        let (recv, send) = crate::client::open_channel(&authority)
+        // The first link is made here so that a node that is not there is an error at once.
+        let streams = crate::client::open_channel(&authority)
             .await
             .map_err(connect_error)?;
-        let (opened_tx, opened_rx) = oneshot::channel();
         let link_id = format!(
             "{:032x}",
             u128::from_le_bytes(seed[..16].try_into().unwrap_or_default())
         );
-        tasks.push(tokio::spawn(crate::stream::run_link(
-            node.clone(),
-            OpenKind::Dialed {
-                link_id,
-                kind: ConnectionKind::Edge,
-            },
-            recv,
-            send,
-            slim_proto::DEFAULT_MAX_MESSAGE_SIZE,
-            false,
-            Some(opened_tx),
-        )));
-        let uplink = opened_rx.await.map_err(|_| ClientError::Closed)?;
-        match tokio::time::timeout(LINK_WAIT, node.await_link(uplink)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Err(ClientError::Refused(reason)),
-            Err(_) => return Err(ClientError::Timeout(LINK_WAIT)),
-        }
-
         let (frames_tx, frames_rx) = mpsc::channel(node::CONNECTION_QUEUE);
         let (close_tx, _close_rx) = oneshot::channel();
         let app = node
@@ -158,94 +154,76 @@ impl Client {
             )
             .await
             .ok_or(ClientError::Closed)?;
-        let pending_acks = PendingAcks::default();
-        let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
-        tasks.push(tokio::spawn(dispatch(
-            frames_rx,
-            pending_acks.clone(),
-            inbox_tx,
-        )));
-        Ok(Client {
+        let inner = Arc::new(Inner {
             name,
             node,
             app,
-            uplink,
-            pending_acks,
-            subscriptions: Mutex::default(),
+            uplink: AtomicU64::new(NO_UPLINK),
+            pending_acks: PendingAcks::default(),
             next_sub_id: AtomicU64::new(
                 u64::from_le_bytes(seed[16..24].try_into().unwrap_or_default()) | 1,
             ),
+            subscriptions: Mutex::default(),
+            reconnects: AtomicU64::new(0),
+        });
+        let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
+        tasks.push(tokio::spawn(dispatch(
+            frames_rx,
+            inner.pending_acks.clone(),
+            inbox_tx,
+        )));
+        let (ready_tx, ready_rx) = oneshot::channel();
+        tasks.push(tokio::spawn(supervise_link(
+            inner.clone(),
+            authority,
+            link_id,
+            streams,
+            ready_tx,
+        )));
+        match ready_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(error),
+            Err(_) => return Err(ClientError::Closed),
+        }
+        Ok(Client {
+            inner,
             inbox: tokio::sync::Mutex::new(inbox_rx),
             tasks,
         })
     }
 
     pub fn name(&self) -> &Name {
-        &self.name
+        &self.inner.name
     }
 
-    /// Makes `name` reachable through the node; returns once the node acknowledged it.
+    /// How many times the link to the node was lost and made again.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Makes `name` reachable through the node; returns once the node acknowledged it. The
+    /// subscription is made again whenever the link is.
     pub async fn subscribe(&self, name: &Name) -> Result<(), ClientError> {
-        let sub_id = self.next_sub_id.fetch_add(2, Ordering::Relaxed);
-        self.subscription_request(name, sub_id, true).await?;
-        self.subscriptions
+        let sub_id = self.inner.next_sub_id.fetch_add(2, Ordering::Relaxed);
+        self.inner.subscription_request(name, sub_id, true).await?;
+        self.inner
+            .subscriptions
             .lock()
             .expect("subscriptions lock")
-            .insert(name.key(), sub_id);
+            .insert(name.key(), (name.clone(), sub_id));
         Ok(())
     }
 
     /// Drops a subscription made with [`Client::subscribe`]; returns once the node acknowledged.
     pub async fn unsubscribe(&self, name: &Name) -> Result<(), ClientError> {
-        let sub_id = self
+        let (_, sub_id) = self
+            .inner
             .subscriptions
             .lock()
             .expect("subscriptions lock")
             .remove(&name.key())
             .ok_or_else(|| ClientError::Subscription(format!("{name} is not subscribed")))?;
-        self.subscription_request(name, sub_id, false).await
-    }
-
-    async fn subscription_request(
-        &self,
-        name: &Name,
-        sub_id: u64,
-        subscribe: bool,
-    ) -> Result<(), ClientError> {
-        let (reply, answer) = oneshot::channel();
-        self.pending_acks
-            .lock()
-            .expect("pending acks lock")
-            .insert(sub_id, reply);
-        let header = Some(self.header(name, 1, Some(self.uplink)));
-        let message_type = if subscribe {
-            MessageType::Subscribe(pb::Subscribe {
-                header,
-                subscription_id: sub_id,
-            })
-        } else {
-            MessageType::Unsubscribe(pb::Unsubscribe {
-                header,
-                subscription_id: sub_id,
-            })
-        };
-        let message = pb::Message {
-            message_type: Some(message_type),
-            metadata: Default::default(),
-        };
-        self.send(&message).await?;
-        match tokio::time::timeout(ACK_WAIT, answer).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(error))) => Err(ClientError::Subscription(error)),
-            Ok(Err(_)) => Err(ClientError::Closed),
-            Err(_) => {
-                self.pending_acks
-                    .lock()
-                    .expect("pending acks lock")
-                    .remove(&sub_id);
-                Err(ClientError::Timeout(ACK_WAIT))
-            }
-        }
+        self.inner.subscription_request(name, sub_id, false).await
     }
 
     /// Sends `payload` to one receiver of `to` (any instance when `to` has no instance id).
@@ -262,7 +240,7 @@ impl Client {
     ) -> Result<(), ClientError> {
         let message = pb::Message {
             message_type: Some(MessageType::Publish(pb::Publish {
-                header: Some(self.header(to, fanout, None)),
+                header: Some(self.inner.header(to, fanout, None)),
                 session: Some(pb::SessionHeader::default()),
                 msg: Some(pb::Content {
                     content_type: Some(pb::content::ContentType::AppPayload(
@@ -275,7 +253,7 @@ impl Client {
             })),
             metadata: Default::default(),
         };
-        self.send(&message).await
+        self.inner.send(&message).await
     }
 
     /// The next application message for this client (messages without an application payload,
@@ -314,9 +292,11 @@ impl Client {
 
     /// Sends a complete message (e.g. one built by a session layer) through the node.
     pub async fn send_message(&self, message: &pb::Message) -> Result<(), ClientError> {
-        self.send(message).await
+        self.inner.send(message).await
     }
+}
 
+impl Inner {
     async fn send(&self, message: &pb::Message) -> Result<(), ClientError> {
         if self
             .node
@@ -326,6 +306,52 @@ impl Client {
             Ok(())
         } else {
             Err(ClientError::Closed)
+        }
+    }
+
+    async fn subscription_request(
+        &self,
+        name: &Name,
+        sub_id: u64,
+        subscribe: bool,
+    ) -> Result<(), ClientError> {
+        let uplink = self.uplink.load(Ordering::Relaxed);
+        if uplink == NO_UPLINK {
+            return Err(ClientError::Closed);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.pending_acks
+            .lock()
+            .expect("pending acks lock")
+            .insert(sub_id, reply);
+        let header = Some(self.header(name, 1, Some(uplink)));
+        let message_type = if subscribe {
+            MessageType::Subscribe(pb::Subscribe {
+                header,
+                subscription_id: sub_id,
+            })
+        } else {
+            MessageType::Unsubscribe(pb::Unsubscribe {
+                header,
+                subscription_id: sub_id,
+            })
+        };
+        let message = pb::Message {
+            message_type: Some(message_type),
+            metadata: Default::default(),
+        };
+        self.send(&message).await?;
+        match tokio::time::timeout(ACK_WAIT, answer).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(error))) => Err(ClientError::Subscription(error)),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => {
+                self.pending_acks
+                    .lock()
+                    .expect("pending acks lock")
+                    .remove(&sub_id);
+                Err(ClientError::Timeout(ACK_WAIT))
+            }
         }
     }
 
@@ -344,6 +370,91 @@ impl Client {
             forward_to,
             ..Default::default()
         }
+    }
+
+    /// Negotiates one link on `streams`; its connection id once it is up.
+    async fn bring_up(
+        &self,
+        link_id: &str,
+        (recv, send): (h2::RecvStream, h2::SendStream<Bytes>),
+    ) -> Result<(ConnId, JoinHandle<()>), ClientError> {
+        let (opened_tx, opened_rx) = oneshot::channel();
+        let link = tokio::spawn(crate::stream::run_link(
+            self.node.clone(),
+            OpenKind::Dialed {
+                link_id: link_id.to_owned(),
+                kind: ConnectionKind::Edge,
+            },
+            recv,
+            send,
+            slim_proto::DEFAULT_MAX_MESSAGE_SIZE,
+            false,
+            Some(opened_tx),
+        ));
+        let conn = opened_rx.await.map_err(|_| ClientError::Closed)?;
+        match tokio::time::timeout(LINK_WAIT, self.node.await_link(conn)).await {
+            Ok(Ok(())) => Ok((conn, link)),
+            Ok(Err(reason)) => Err(ClientError::Refused(reason)),
+            Err(_) => Err(ClientError::Timeout(LINK_WAIT)),
+        }
+    }
+}
+
+/// Keeps a link to the node: the first one (reported on `ready`), then, whenever it is lost, a
+/// new one after a growing pause, with every subscription made again (same ids, as the
+/// reference replays them), reusing the link id.
+async fn supervise_link(
+    inner: Arc<Inner>,
+    authority: String,
+    link_id: String,
+    first: (h2::RecvStream, h2::SendStream<Bytes>),
+    ready: oneshot::Sender<Result<(), ClientError>>,
+) {
+    let (uplink, link) = match inner.bring_up(&link_id, first).await {
+        Ok(up) => up,
+        Err(error) => {
+            let _ = ready.send(Err(error));
+            return;
+        }
+    };
+    inner.uplink.store(uplink, Ordering::Relaxed);
+    let _ = ready.send(Ok(()));
+    let _ = link.await;
+    loop {
+        inner.uplink.store(NO_UPLINK, Ordering::Relaxed);
+        tracing::warn!(endpoint = %authority, "link to the node lost: redialling");
+        let mut pause = REDIAL_FIRST;
+        let (uplink, link) = loop {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(REDIAL_MAX);
+            let streams = match crate::client::open_channel(&authority).await {
+                Ok(streams) => streams,
+                Err(error) => {
+                    tracing::debug!(%error, "redial failed");
+                    continue;
+                }
+            };
+            match inner.bring_up(&link_id, streams).await {
+                Ok(up) => break up,
+                Err(error) => tracing::debug!(%error, "link negotiation failed"),
+            }
+        };
+        inner.uplink.store(uplink, Ordering::Relaxed);
+        inner.reconnects.fetch_add(1, Ordering::Relaxed);
+        let subscriptions: Vec<(Name, u64)> = inner
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .values()
+            .cloned()
+            .collect();
+        for (name, sub_id) in subscriptions {
+            if let Err(error) = inner.subscription_request(&name, sub_id, true).await {
+                tracing::warn!(%name, %error, "re-subscription after reconnect failed");
+            }
+        }
+        tracing::info!(endpoint = %authority, "link to the node restored");
+        let _ = link.await;
     }
 }
 

@@ -73,3 +73,63 @@ async fn bench_publish_loses_nothing() {
     assert!(report.to_json().contains("\"msgs_per_s\":"));
     node.shutdown().await;
 }
+
+async fn node_at(addr: std::net::SocketAddr) -> Node {
+    // The old listener's port may take a moment to be free again.
+    for _ in 0..100 {
+        let started = Node::start(NodeConfig {
+            servers: vec![ServerConfig { addr, tls: None }],
+            ..NodeConfig::default()
+        })
+        .await;
+        if let Ok(node) = started {
+            return node;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("cannot listen on {addr} again");
+}
+
+#[tokio::test]
+async fn client_reconnects_and_resubscribes_after_the_node_restarts() {
+    let first = node().await;
+    let addr = first.local_addrs()[0];
+    let alice_name = Name::with_id("org", "ns", "alice", 1);
+    let alice = Client::connect(&addr.to_string(), alice_name.clone())
+        .await
+        .unwrap();
+    alice.subscribe(&alice_name).await.unwrap();
+    first.shutdown().await;
+
+    let second = node_at(addr).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while alice.reconnects() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reconnect within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The new node learns alice's name from the replayed subscription.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while second.stats().await.unwrap().router.subscriptions < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscription not replayed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let bob = Client::connect(&addr.to_string(), Name::with_id("org", "ns", "bob", 2))
+        .await
+        .unwrap();
+    bob.publish(&alice_name, b"after the restart".to_vec())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), alice.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.payload.as_ref(), b"after the restart");
+    assert_eq!(alice.reconnects(), 1);
+    second.shutdown().await;
+}
