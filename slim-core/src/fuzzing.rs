@@ -485,7 +485,7 @@ impl Sim {
                 let with_session = input.u8() != 0xff;
                 let publish = pb::Publish {
                     header: Some(header),
-                    session: with_session.then(|| pb::SessionHeader {
+                    session: with_session.then_some(pb::SessionHeader {
                         session_type: 1,
                         session_message_type: 1,
                         session_id: 1,
@@ -554,7 +554,7 @@ impl Sim {
             _ => format!("link-{conn}-{}", variant >> 3),
         };
         let connection_type = match (variant >> 3) & 7 {
-            0 | 1 | 2 => LinkConnectionType::Edge as i32,
+            0..=2 => LinkConnectionType::Edge as i32,
             3 => LinkConnectionType::Peer as i32,
             4 => LinkConnectionType::Remote as i32,
             5 => 9,
