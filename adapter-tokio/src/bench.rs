@@ -220,3 +220,146 @@ pub async fn run_publish(config: &BenchConfig) -> Result<BenchReport, ClientErro
         max_us: histogram.max() as f64,
     })
 }
+
+/// A reliable p2p session between two apps through the node: one-way throughput (every message
+/// acknowledged by the session layer), then request/reply round trips.
+pub async fn run_p2p(config: &BenchConfig) -> Result<BenchReport, crate::session::AppError> {
+    use crate::session::{App, Reliability, SessionConfig};
+    use slim_core::session::SessionEvent;
+
+    const SECRET: &str = "slim-tokio-bench-shared-secret-0123456789";
+    let mut tag = [0u8; 8];
+    let _ = getrandom::fill(&mut tag);
+    let tag = u64::from_le_bytes(tag);
+    let server_name = Name::new("bench", "p2p", &format!("server-{tag:x}"));
+    let client = App::connect(
+        &config.endpoint,
+        Name::new("bench", "p2p", &format!("client-{tag:x}")),
+        SECRET,
+    )
+    .await?;
+    let server = Arc::new(App::connect(&config.endpoint, server_name.clone(), SECRET).await?);
+    let reliable = SessionConfig {
+        reliability: Some(Reliability {
+            interval: Duration::from_secs(1),
+            max_retries: 10,
+        }),
+        ..SessionConfig::default()
+    };
+    let session = client.open_session(&server_name, reliable).await?;
+
+    // The server counts, then echoes once told to (a payload of 8 bytes: u64::MAX).
+    let counted = Arc::new(AtomicU64::new(0));
+    let out_of_order = Arc::new(AtomicU64::new(0));
+    let last_seen = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let server_task = {
+        let (server, counted, out_of_order, last_seen) = (
+            server.clone(),
+            counted.clone(),
+            out_of_order.clone(),
+            last_seen.clone(),
+        );
+        tokio::spawn(async move {
+            let mut expected = 0u64;
+            let mut echo = false;
+            while let Ok(event) = server.next_event().await {
+                let SessionEvent::Message {
+                    session, payload, ..
+                } = event
+                else {
+                    continue;
+                };
+                if echo {
+                    if server.publish(session, payload).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                if seq_of(&payload) == Some(u64::MAX) {
+                    echo = true;
+                    continue;
+                }
+                if seq_of(&payload) != Some(expected) {
+                    out_of_order.fetch_add(1, Ordering::Relaxed);
+                }
+                expected += 1;
+                counted.fetch_add(1, Ordering::Relaxed);
+                *last_seen.lock().expect("lock") = Instant::now();
+            }
+        })
+    };
+    // Throughput: at most `window` messages not yet acknowledged.
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut acked = 0u64;
+    while start.elapsed() < config.duration {
+        while sent - acked >= config.window.max(1) as u64 {
+            match tokio::time::timeout(Duration::from_secs(5), client.next_event()).await {
+                Ok(Ok(SessionEvent::Delivered { .. })) => acked += 1,
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        client.publish(session, payload(sent, config.size)).await?;
+        sent += 1;
+    }
+    let drain_deadline = Instant::now() + Duration::from_secs(10);
+    while acked < sent && Instant::now() < drain_deadline {
+        match tokio::time::timeout(Duration::from_secs(2), client.next_event()).await {
+            Ok(Ok(SessionEvent::Delivered { .. })) => acked += 1,
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    let received = counted.load(Ordering::Relaxed);
+    let seconds = last_seen
+        .lock()
+        .expect("lock")
+        .saturating_duration_since(start)
+        .as_secs_f64()
+        .max(1e-9);
+
+    client
+        .publish(session, Bytes::from(u64::MAX.to_be_bytes().to_vec()))
+        .await?;
+    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .expect("valid histogram bounds");
+    let warm_up = (config.round_trips / 10).max(10);
+    let mut measured = 0;
+    for i in 0..warm_up + config.round_trips {
+        let t0 = Instant::now();
+        client.publish(session, payload(i, config.size)).await?;
+        let reply = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match client.next_event().await {
+                    Ok(SessionEvent::Message { .. }) => return true,
+                    Ok(_) => continue,
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await;
+        if matches!(reply, Ok(true)) && i >= warm_up {
+            let _ = histogram.record(t0.elapsed().as_micros().max(1) as u64);
+            measured += 1;
+        }
+    }
+    server_task.abort();
+    let q = |p: f64| histogram.value_at_quantile(p) as f64;
+    Ok(BenchReport {
+        mode: "p2p",
+        size: config.size,
+        sent,
+        received,
+        out_of_order: out_of_order.load(Ordering::Relaxed),
+        seconds,
+        msgs_per_s: received as f64 / seconds,
+        mb_per_s: (received as f64 * config.size as f64) / seconds / 1e6,
+        round_trips: measured,
+        p50_us: q(0.5),
+        p90_us: q(0.9),
+        p99_us: q(0.99),
+        p999_us: q(0.999),
+        max_us: histogram.max() as f64,
+    })
+}

@@ -325,7 +325,8 @@ struct BenchArgs {
     /// The node to measure.
     #[arg(long, default_value = "http://127.0.0.1:46357")]
     endpoint: String,
-    /// publish: raw data-plane messages, 1 publisher -> node -> 1 subscriber.
+    /// publish: raw data-plane messages, 1 publisher -> node -> 1 subscriber;
+    /// p2p: a reliable session between two apps.
     #[arg(long, value_enum, default_value = "publish")]
     mode: BenchMode,
     /// Payload bytes per message (min 8).
@@ -348,6 +349,9 @@ struct BenchArgs {
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum BenchMode {
     Publish,
+    /// A reliable p2p session (our session layer on both ends): acknowledged one-way
+    /// throughput, then request/reply round trips.
+    P2p,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -364,7 +368,12 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         window: args.window,
     };
     let report = match args.mode {
-        BenchMode::Publish => runtime.block_on(slim_tokio::bench::run_publish(&config)),
+        BenchMode::Publish => runtime
+            .block_on(slim_tokio::bench::run_publish(&config))
+            .map_err(anyhow::Error::from),
+        BenchMode::P2p => runtime
+            .block_on(slim_tokio::bench::run_p2p(&config))
+            .map_err(anyhow::Error::from),
     }
     .with_context(|| format!("benchmark against {}", args.endpoint))?;
     if args.json {

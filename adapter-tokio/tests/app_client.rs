@@ -133,3 +133,21 @@ async fn client_reconnects_and_resubscribes_after_the_node_restarts() {
     assert_eq!(alice.reconnects(), 1);
     second.shutdown().await;
 }
+
+#[tokio::test]
+async fn bench_p2p_loses_nothing() {
+    let node = node().await;
+    let config = slim_tokio::bench::BenchConfig {
+        endpoint: node.local_addrs()[0].to_string(),
+        size: 64,
+        duration: std::time::Duration::from_millis(300),
+        round_trips: 20,
+        window: 16,
+    };
+    let report = slim_tokio::bench::run_p2p(&config).await.unwrap();
+    assert!(report.sent > 0);
+    assert_eq!(report.received, report.sent, "{report:?}");
+    assert_eq!(report.out_of_order, 0);
+    assert_eq!(report.round_trips, 20);
+    node.shutdown().await;
+}

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Side by side: the same `slim-tokio bench` runs against our node and against the reference node
+# (the server built into the published slim-bindings wheel), in one run, on this machine.
+#
+#   benches/compare.sh [--duration SECS] [--sizes "64 1024"] [--round-trips N] [--no-append]
+#
+# The reference node leaves TCP_NODELAY off; it is measured as it is and again with TCP_NODELAY
+# forced on through an LD_PRELOAD shim (benches/nodelay.c, built here with gcc). Our node sets
+# it itself. Prints a markdown table with ratios and appends it to BENCHMARKS.md.
+# Needs: cargo, python3 (venv), gcc; installs slim-bindings==3.3.8 into target/interop.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+DURATION=5; SIZES="64 1024"; RTT=2000; APPEND=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --duration) DURATION="$2"; shift 2;;
+    --sizes) SIZES="$2"; shift 2;;
+    --round-trips) RTT="$2"; shift 2;;
+    --no-append) APPEND=0; shift;;
+    -h|--help) sed -n '2,/^set -e/{/^#/{s/^# \{0,1\}//;p}}' "$0"; exit 0;;
+    *) echo "compare: unknown argument $1" >&2; exit 2;;
+  esac
+done
+
+cargo build --release -q --bin slim-tokio
+BIN="$ROOT/target/release/slim-tokio"
+VENV="$ROOT/target/interop/venv-3.3.8"
+if ! "$VENV/bin/python" -c 'import slim_bindings' 2>/dev/null; then
+  python3 -m venv "$VENV" && "$VENV/bin/pip" install -q slim-bindings==3.3.8
+fi
+SHIM="$ROOT/target/libnodelay.so"
+[ -f "$SHIM" ] || gcc -O2 -shared -fPIC -o "$SHIM" benches/nodelay.c -ldl
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+wait_port() { for _ in $(seq 1 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+
+start_ours() { local port; port=$(free_port); "$BIN" --endpoint "127.0.0.1:$port" >/dev/null 2>&1 & PIDS+=($!); wait_port "$port"; echo "$port $!"; }
+start_ref() { local port; port=$(free_port)
+  env ${1:+LD_PRELOAD=$SHIM} "$VENV/bin/python" tests/interop/refnode.py --port "$port" >/dev/null 2>&1 & PIDS+=($!)
+  wait_port "$port"; echo "$port $!"; }
+
+run() { # endpoint-port mode size -> json line
+  "$BIN" bench --endpoint "http://127.0.0.1:$1" --mode "$2" --size "$3" --duration "$DURATION" --round-trips "$RTT" --json 2>/dev/null | tail -1
+}
+field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])['$2'])" "$1"; }
+
+read -r OURS _ < <(start_ours)
+read -r REF _ < <(start_ref "")
+read -r REFND _ < <(start_ref nodelay)
+
+MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
+TABLE="### compare.sh, $(date -u +%Y-%m-%d\ %H:%M\ UTC)
+
+Machine: $MACHINE (shared, noisy). Clients and node on the same 2 cores, loopback. ${DURATION}s per throughput run, $RTT round trips.
+
+| mode | size | ours msgs/s | ref msgs/s | ratio | ref+nodelay msgs/s | ratio | ours p50 µs | ref p50 µs | ratio | ref+nodelay p50 µs | ratio |
+|---|---|---|---|---|---|---|---|---|---|---|---|"
+for mode in publish p2p; do
+  for size in $SIZES; do
+    o=$(run "$OURS" "$mode" "$size"); r=$(run "$REF" "$mode" "$size"); n=$(run "$REFND" "$mode" "$size")
+    if [ -z "$o" ] || [ -z "$r" ] || [ -z "$n" ]; then
+      TABLE="$TABLE
+| $mode | $size | run failed | | | | | | | | | |"
+      continue
+    fi
+    row=$(python3 - "$o" "$r" "$n" "$mode" "$size" <<'PY'
+import json, sys
+o, r, n = (json.loads(x) for x in sys.argv[1:4])
+ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
+print(f"| {sys.argv[4]} | {sys.argv[5]} | {o['msgs_per_s']:.0f} | {r['msgs_per_s']:.0f} | {ratio(o['msgs_per_s'], r['msgs_per_s'])} "
+      f"| {n['msgs_per_s']:.0f} | {ratio(o['msgs_per_s'], n['msgs_per_s'])} "
+      f"| {o['p50_us']:.0f} | {r['p50_us']:.0f} | {ratio(r['p50_us'], o['p50_us'])} "
+      f"| {n['p50_us']:.0f} | {ratio(n['p50_us'], o['p50_us'])} |")
+PY
+)
+    TABLE="$TABLE
+$row"
+  done
+done
+TABLE="$TABLE
+
+Ratios: throughput ours/ref (higher is better for us); latency ref/ours (higher is better for us)."
+echo "$TABLE"
+if [ "$APPEND" = 1 ]; then printf '\n%s\n' "$TABLE" >> BENCHMARKS.md; fi
