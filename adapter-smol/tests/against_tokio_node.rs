@@ -1,25 +1,42 @@
 //! smol clients (no tokio runtime on their side) talk through a slim-tokio node over real
-//! loopback HTTP/2: link negotiation, signed subscriptions acked by the node, routed messages.
+//! loopback HTTP/2: link negotiation, signed subscriptions acked by the node, routed messages,
+//! redial and re-subscription across a node restart.
+
+use std::time::Duration;
 
 use slim_proto::Name;
 use slim_smol::Client;
 use slim_tokio::config::{NodeConfig, ServerConfig};
 
 fn start_node() -> (std::net::SocketAddr, std::sync::mpsc::Sender<()>) {
+    start_node_on("127.0.0.1:0".parse().unwrap())
+}
+
+/// A node on `addr`; the port of a node just stopped may take a moment to be free again.
+fn start_node_on(
+    addr: std::net::SocketAddr,
+) -> (std::net::SocketAddr, std::sync::mpsc::Sender<()>) {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async move {
-            let node = slim_tokio::Node::start(NodeConfig {
-                servers: vec![ServerConfig {
-                    addr: "127.0.0.1:0".parse().unwrap(),
-                    tls: None,
-                }],
-                ..NodeConfig::default()
-            })
-            .await
-            .unwrap();
+            let mut attempts = 0;
+            let node = loop {
+                let started = slim_tokio::Node::start(NodeConfig {
+                    servers: vec![ServerConfig { addr, tls: None }],
+                    ..NodeConfig::default()
+                })
+                .await;
+                match started {
+                    Ok(node) => break node,
+                    Err(_) if attempts < 100 => {
+                        attempts += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(error) => panic!("cannot start a node on {addr}: {error}"),
+                }
+            };
             addr_tx.send(node.local_addrs()[0]).unwrap();
             tokio::task::spawn_blocking(move || stop_rx.recv())
                 .await
@@ -37,8 +54,12 @@ fn smol_clients_exchange_messages_through_the_node() {
     smol::block_on(async {
         let alice_name = Name::with_id("org", "ns", "alice", 11);
         let bob_name = Name::with_id("org", "ns", "bob", 22);
-        let alice = Client::connect(addr, alice_name.clone()).await.unwrap();
-        let bob = Client::connect(addr, bob_name.clone()).await.unwrap();
+        let alice = Client::connect(&addr.to_string(), alice_name.clone())
+            .await
+            .unwrap();
+        let bob = Client::connect(&addr.to_string(), bob_name.clone())
+            .await
+            .unwrap();
         alice.subscribe(&alice_name).await.unwrap();
         bob.subscribe(&bob_name).await.unwrap();
         for i in 0..50u32 {
@@ -53,6 +74,70 @@ fn smol_clients_exchange_messages_through_the_node() {
                 .unwrap();
             assert_eq!(alice.recv().await.unwrap().payload, payload);
         }
+    });
+    stop.send(()).unwrap();
+}
+
+/// The node restarts on the same port: the client redials, makes its subscription again, and
+/// is reachable once more (as the tokio client).
+#[test]
+fn client_reconnects_and_resubscribes_after_the_node_restarts() {
+    let (addr, stop) = start_node();
+    let alice_name = Name::with_id("org", "ns", "alice", 1);
+    let alice = smol::block_on(async {
+        let alice = Client::connect(&addr.to_string(), alice_name.clone())
+            .await
+            .unwrap();
+        alice.subscribe(&alice_name).await.unwrap();
+        alice
+    });
+    assert_eq!(alice.reconnects(), 0);
+    stop.send(()).unwrap();
+    // While the node is away, a new subscription waits for the next link.
+    std::thread::sleep(Duration::from_millis(300));
+    let alias = Name::with_id("org", "ns", "alice-alias", 1);
+    let (subscribed, (_, stop)) = smol::block_on(futures_lite::future::zip(
+        alice.subscribe(&alias),
+        smol::unblock(move || start_node_on(addr)),
+    ));
+    subscribed.unwrap();
+    smol::block_on(async {
+        let started = std::time::Instant::now();
+        while alice.reconnects() == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no reconnect within 20 s"
+            );
+            smol::Timer::after(Duration::from_millis(50)).await;
+        }
+        let bob = Client::connect(&addr.to_string(), Name::with_id("org", "ns", "bob", 2))
+            .await
+            .unwrap();
+        // Until the replayed subscription is in place the node has nowhere to send it.
+        let started = std::time::Instant::now();
+        let got = loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "subscription not replayed"
+            );
+            bob.publish(&alice_name, &b"after the restart"[..])
+                .await
+                .unwrap();
+            let got = futures_lite::future::or(async { Some(alice.recv().await) }, async {
+                smol::Timer::after(Duration::from_millis(200)).await;
+                None
+            })
+            .await;
+            if let Some(got) = got {
+                break got.unwrap();
+            }
+        };
+        assert_eq!(&got.payload[..], b"after the restart");
+        assert_eq!(got.source, Name::with_id("org", "ns", "bob", 2));
+        // The subscription made while the link was down is in place too.
+        bob.publish(&alias, &b"to the alias"[..]).await.unwrap();
+        assert_eq!(&alice.recv().await.unwrap().payload[..], b"to the alias");
+        assert_eq!(alice.reconnects(), 1);
     });
     stop.send(()).unwrap();
 }

@@ -1,0 +1,543 @@
+//! Sessions for applications, on smol: an [`App`] drives a [`SessionLayer`] core over a
+//! [`Client`] link. The core decides everything (handshakes, acks, retransmissions, signatures);
+//! this module only moves messages, commands, events and time. The API is the one of
+//! `slim_tokio::session::App` (point-to-point sessions and moderated groups); no tokio runtime
+//! is involved.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), slim_smol::session::AppError> {
+//! use slim_proto::Name;
+//! use slim_smol::session::{App, SessionConfig, SessionEvent};
+//! smol::block_on(async {
+//!     let app = App::connect("http://127.0.0.1:46357", Name::new("org", "ns", "alice"),
+//!                            "a-shared-secret-of-at-least-32-bytes!").await?;
+//!     let session = app.open_session(&Name::new("org", "ns", "bob"), SessionConfig::default()).await?;
+//!     app.publish(session, b"hello".to_vec()).await?;
+//!     loop {
+//!         match app.next_event().await? {
+//!             SessionEvent::Message { payload, .. } => break println!("{} bytes", payload.len()),
+//!             SessionEvent::Closed { reason, .. } => break println!("closed: {reason:?}"),
+//!             _ => {}
+//!         }
+//!     }
+//!     app.close(session).await?;
+//!     Ok(())
+//! })
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_lite::future;
+use slim_core::session::{self, Output, SessionLayer};
+use slim_proto::{pb, Name};
+use smol::channel::{self, Receiver, Sender, TrySendError};
+
+use crate::app::{Client, ClientError};
+use crate::clock::Clock;
+use crate::{either_first, with_timeout};
+
+pub use slim_core::session::{
+    CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId,
+};
+
+/// How long `open_session`, `invite` and `remove` wait at most (the core gives up on its own
+/// after its control retries; this only bounds the wait).
+const OPEN_WAIT: Duration = Duration::from_secs(60);
+const COMMANDS: usize = 1024;
+const EVENTS: usize = 4096;
+
+/// Errors of the session API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Layer(#[from] session::LayerError),
+    #[error(transparent)]
+    Session(#[from] session::SessionError),
+    #[error("the session could not be opened: {0:?}")]
+    NotOpened(CloseReason),
+    #[error("the application stopped")]
+    Stopped,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the membership change failed: {0}")]
+    Membership(String),
+}
+
+/// A one-shot reply: a channel of one, sent to with `try_send` (never waits).
+type Reply<T> = Sender<T>;
+/// How a membership change ended.
+type MembershipReply = Reply<Result<(), String>>;
+
+enum Command {
+    Open {
+        peer: Name,
+        config: SessionConfig,
+        reply: Reply<Result<SessionId, CloseReason>>,
+    },
+    CreateGroup {
+        channel: Name,
+        config: SessionConfig,
+        reply: Reply<SessionId>,
+    },
+    Invite {
+        session: SessionId,
+        invitee: Name,
+        reply: MembershipReply,
+    },
+    Remove {
+        session: SessionId,
+        member: Name,
+        reply: MembershipReply,
+    },
+    Members {
+        session: SessionId,
+        reply: Reply<Option<Vec<Name>>>,
+    },
+    Publish {
+        session: SessionId,
+        payload: Bytes,
+        reply: Reply<Result<u32, SessionError>>,
+    },
+    Close {
+        session: SessionId,
+        reply: Reply<Result<(), SessionError>>,
+    },
+}
+
+/// An application with sessions. Dropping it stops it (and closes its link).
+pub struct App {
+    name: Name,
+    commands: Sender<Command>,
+    events: Receiver<SessionEvent>,
+    _driver: smol::Task<()>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("name", &self.name.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Connects to a node as `name` (`org/ns/service`; the instance id comes from the identity
+    /// derived from `secret`), and makes the app reachable there.
+    pub async fn connect(endpoint: &str, name: Name, secret: &str) -> Result<App, AppError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| ClientError::Connect {
+            endpoint: endpoint.to_owned(),
+            reason: format!("no OS randomness: {e}"),
+        })?;
+        let unix_at_zero = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let clock = Clock::new();
+        let layer = SessionLayer::new(
+            session::LayerConfig {
+                name,
+                secret: secret.to_owned(),
+                unix_at_zero,
+            },
+            seed,
+        )?;
+        let name = layer.name().clone();
+        let client = Client::connect(endpoint, name.clone()).await?;
+        client.subscribe(&name).await?;
+        let (commands, command_rx) = channel::bounded(COMMANDS);
+        let (event_tx, events) = channel::bounded(EVENTS);
+        let driver = smol::spawn(
+            Driver {
+                layer,
+                client,
+                clock,
+                commands: command_rx,
+                events: event_tx,
+                waiters: Waiters::default(),
+            }
+            .run(),
+        );
+        Ok(App {
+            name,
+            commands,
+            events,
+            _driver: driver,
+        })
+    }
+
+    /// This app's full name (with its instance id).
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// Opens a point-to-point session with any instance of `peer`; returns once the peer
+    /// joined.
+    pub async fn open_session(
+        &self,
+        peer: &Name,
+        config: SessionConfig,
+    ) -> Result<SessionId, AppError> {
+        let (reply, answer) = channel::bounded(1);
+        self.command(Command::Open {
+            peer: peer.clone(),
+            config,
+            reply,
+        })
+        .await?;
+        match with_timeout(OPEN_WAIT, answer.recv()).await {
+            Some(Ok(Ok(session))) => Ok(session),
+            Some(Ok(Err(reason))) => Err(AppError::NotOpened(reason)),
+            Some(Err(_)) => Err(AppError::Stopped),
+            None => Err(AppError::Timeout(OPEN_WAIT)),
+        }
+    }
+
+    /// Creates a group session on `channel` (`org/ns/chan`) moderated by this app.
+    pub async fn create_group(
+        &self,
+        channel: &Name,
+        config: SessionConfig,
+    ) -> Result<SessionId, AppError> {
+        let (reply, answer) = channel::bounded(1);
+        self.command(Command::CreateGroup {
+            channel: channel.clone(),
+            config,
+            reply,
+        })
+        .await?;
+        answer.recv().await.map_err(|_| AppError::Stopped)
+    }
+
+    /// Invites any instance of `invitee` into a group this app moderates; returns once it joined.
+    pub async fn invite(&self, session: SessionId, invitee: &Name) -> Result<(), AppError> {
+        let (reply, answer) = channel::bounded(1);
+        self.command(Command::Invite {
+            session,
+            invitee: invitee.clone(),
+            reply,
+        })
+        .await?;
+        membership_answer(answer).await
+    }
+
+    /// Removes a member (full name, or service name) from a group this app moderates; returns
+    /// once it left.
+    pub async fn remove(&self, session: SessionId, member: &Name) -> Result<(), AppError> {
+        let (reply, answer) = channel::bounded(1);
+        self.command(Command::Remove {
+            session,
+            member: member.clone(),
+            reply,
+        })
+        .await?;
+        membership_answer(answer).await
+    }
+
+    /// The members of a group session (everyone, this app included).
+    pub async fn members(&self, session: SessionId) -> Result<Vec<Name>, AppError> {
+        let (reply, answer) = channel::bounded(1);
+        self.command(Command::Members { session, reply }).await?;
+        answer
+            .recv()
+            .await
+            .map_err(|_| AppError::Stopped)?
+            .ok_or(AppError::Session(SessionError::UnknownSession(session)))
+    }
+
+    /// Sends `payload` on a session (to the peer, or to every group member); returns its
+    /// sequence id.
+    pub async fn publish(
+        &self,
+        session: SessionId,
+        payload: impl Into<Bytes>,
+    ) -> Result<u32, AppError> {
+        let (reply, answer) = channel::bounded(1);
+        self.command(Command::Publish {
+            session,
+            payload: payload.into(),
+            reply,
+        })
+        .await?;
+        Ok(answer.recv().await.map_err(|_| AppError::Stopped)??)
+    }
+
+    /// Closes a session: p2p peers are told, a moderator closes the group, a member leaves it.
+    /// A `Closed` event follows.
+    pub async fn close(&self, session: SessionId) -> Result<(), AppError> {
+        let (reply, answer) = channel::bounded(1);
+        self.command(Command::Close { session, reply }).await?;
+        Ok(answer.recv().await.map_err(|_| AppError::Stopped)??)
+    }
+
+    /// The next session event: incoming sessions, messages, deliveries, membership, losses,
+    /// closes.
+    ///
+    /// Cancel-safe: an event is only taken when the future completes.
+    pub async fn next_event(&self) -> Result<SessionEvent, AppError> {
+        self.events.recv().await.map_err(|_| AppError::Stopped)
+    }
+
+    async fn command(&self, command: Command) -> Result<(), AppError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| AppError::Stopped)
+    }
+}
+
+async fn membership_answer(answer: Receiver<Result<(), String>>) -> Result<(), AppError> {
+    match with_timeout(OPEN_WAIT, answer.recv()).await {
+        Some(Ok(Ok(()))) => Ok(()),
+        Some(Ok(Err(reason))) => Err(AppError::Membership(reason)),
+        Some(Err(_)) => Err(AppError::Stopped),
+        None => Err(AppError::Timeout(OPEN_WAIT)),
+    }
+}
+
+/// Application commands waiting for an outcome the core reports as an event.
+#[derive(Default)]
+struct Waiters {
+    opening: HashMap<SessionId, Reply<Result<SessionId, CloseReason>>>,
+    /// By session and the member's service (the invitee is named without instance).
+    joining: HashMap<(SessionId, [u64; 3]), MembershipReply>,
+    leaving: HashMap<(SessionId, [u64; 3]), MembershipReply>,
+}
+
+impl Waiters {
+    /// Resolves what `event` completes; false when the event only concerned a waiter (the
+    /// outcome of `open_session`, unless the caller gave up waiting).
+    fn resolve(&mut self, event: &SessionEvent) -> bool {
+        let answer = |waiters: &mut HashMap<_, MembershipReply>, key, outcome| {
+            if let Some(reply) = waiters.remove(&key) {
+                let _ = reply.try_send(outcome);
+            }
+        };
+        match event {
+            SessionEvent::Established { session, .. } => {
+                if let Some(reply) = self.opening.remove(session) {
+                    return reply.try_send(Ok(*session)).is_err();
+                }
+            }
+            SessionEvent::Closed { session, reason } => {
+                if let Some(reply) = self.opening.remove(session) {
+                    return reply.try_send(Err(reason.clone())).is_err();
+                }
+            }
+            SessionEvent::MemberJoined { session, member } => {
+                answer(
+                    &mut self.joining,
+                    (*session, member.key().components),
+                    Ok(()),
+                );
+            }
+            SessionEvent::InviteFailed {
+                session,
+                invitee,
+                reason,
+            } => answer(
+                &mut self.joining,
+                (*session, invitee.key().components),
+                Err((*reason).to_owned()),
+            ),
+            SessionEvent::MemberLeft { session, member } => {
+                answer(
+                    &mut self.leaving,
+                    (*session, member.key().components),
+                    Ok(()),
+                );
+            }
+            _ => {}
+        }
+        true
+    }
+}
+
+#[allow(clippy::large_enum_variant)] // lives for one loop turn; boxing would allocate per message
+enum Wake {
+    Timer,
+    Net(Result<pb::Message, ClientError>),
+    App(Option<Command>),
+}
+
+/// Moves messages, commands, events and time between one [`SessionLayer`] and the world.
+struct Driver {
+    layer: SessionLayer,
+    client: Client,
+    clock: Clock,
+    commands: Receiver<Command>,
+    events: Sender<SessionEvent>,
+    waiters: Waiters,
+}
+
+/// Whether the driver goes on.
+type Go = bool;
+
+impl Driver {
+    /// drain → arm the timer → wait for one input (a message, a command or the timer).
+    async fn run(mut self) {
+        let mut flip = false;
+        loop {
+            if !self.drain().await {
+                return;
+            }
+            let deadline = self
+                .layer
+                .poll_timeout()
+                .map(|at| self.clock.to_instant(at));
+            let timer = async {
+                match deadline {
+                    Some(at) => {
+                        smol::Timer::at(at).await;
+                    }
+                    None => future::pending::<()>().await,
+                }
+                Wake::Timer
+            };
+            let net = async { Wake::Net(self.client.recv_message().await) };
+            let app = async { Wake::App(self.commands.recv().await.ok()) };
+            flip = !flip;
+            match future::or(timer, either_first(flip, net, app)).await {
+                Wake::Timer => self.layer.handle_timeout(self.clock.now()),
+                Wake::Net(Ok(message)) => self.layer.handle_message(message, self.clock.now()),
+                // Only when the client is gone: it redials a lost link by itself.
+                Wake::Net(Err(error)) => {
+                    tracing::warn!(%error, "client stopped");
+                    return;
+                }
+                Wake::App(None) => return,
+                Wake::App(Some(command)) => self.command(command),
+            }
+        }
+    }
+
+    /// Hands a command to the core; its answer goes back at once, or once the core reports
+    /// the outcome (handshakes, membership changes).
+    fn command(&mut self, command: Command) {
+        let now = self.clock.now();
+        let layer = &mut self.layer;
+        match command {
+            Command::Open {
+                peer,
+                config,
+                reply,
+            } => {
+                let session = layer.create_session(&peer, config, now);
+                self.waiters.opening.insert(session, reply);
+            }
+            Command::CreateGroup {
+                channel,
+                config,
+                reply,
+            } => {
+                let _ = reply.try_send(layer.create_group(&channel, config, now));
+            }
+            Command::Invite {
+                session,
+                invitee,
+                reply,
+            } => match layer.invite(session, &invitee, now) {
+                Ok(()) => {
+                    self.waiters
+                        .joining
+                        .insert((session, invitee.key().components), reply);
+                }
+                Err(error) => {
+                    let _ = reply.try_send(Err(error.to_string()));
+                }
+            },
+            Command::Remove {
+                session,
+                member,
+                reply,
+            } => match layer.remove(session, &member, now) {
+                Ok(()) => {
+                    self.waiters
+                        .leaving
+                        .insert((session, member.key().components), reply);
+                }
+                Err(error) => {
+                    let _ = reply.try_send(Err(error.to_string()));
+                }
+            },
+            Command::Members { session, reply } => {
+                let _ = reply.try_send(layer.members(session));
+            }
+            Command::Publish {
+                session,
+                payload,
+                reply,
+            } => {
+                let _ = reply.try_send(layer.publish(session, payload, now));
+            }
+            Command::Close { session, reply } => {
+                let _ = reply.try_send(layer.close(session, now));
+            }
+        }
+    }
+
+    /// Carries out the core's outputs, in order.
+    async fn drain(&mut self) -> Go {
+        while let Some(output) = self.layer.poll_output() {
+            match output {
+                Output::Send(message) => {
+                    if let Err(error) = self.client.send_message(&message).await {
+                        tracing::warn!(%error, "client stopped");
+                        return false;
+                    }
+                }
+                // The core relies on a subscription being in place before what follows it:
+                // wait for the node's ack (one round trip, only when groups change).
+                Output::Subscribe(channel) => {
+                    if let Err(error) = self.client.subscribe(&channel).await {
+                        tracing::warn!(%channel, %error, "channel subscription failed");
+                    }
+                }
+                Output::Unsubscribe(channel) => {
+                    if let Err(error) = self.client.unsubscribe(&channel).await {
+                        tracing::debug!(%channel, %error, "channel unsubscription failed");
+                    }
+                }
+                Output::Event(event) => {
+                    if self.waiters.resolve(&event) && !self.emit(event).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Queues an event for the application.
+    async fn emit(&mut self, mut event: SessionEvent) -> Go {
+        loop {
+            match self.events.try_send(event) {
+                Ok(()) => return true,
+                Err(TrySendError::Closed(_)) => return false,
+                Err(TrySendError::Full(back)) => event = back,
+            }
+            // The application is behind on events. Keep serving its commands meanwhile: it may
+            // be waiting for one (a publish's answer) before it reads events again. A send
+            // future dropped unfinished has sent nothing, hence the clone.
+            enum Slot {
+                Sent(Go),
+                Command(Option<Command>),
+            }
+            let slot = future::or(
+                async { Slot::Sent(self.events.send(event.clone()).await.is_ok()) },
+                async { Slot::Command(self.commands.recv().await.ok()) },
+            )
+            .await;
+            match slot {
+                Slot::Sent(go) => return go,
+                Slot::Command(Some(command)) => self.command(command),
+                Slot::Command(None) => return false,
+            }
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! Shared by the integration tests: a slim-tokio node on a background thread (its own tokio
+//! runtime; the smol side never enters it), a watchdog, and the request/reply scenario written
+//! once over both runtimes' session `App`s.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use slim_proto::Name;
+use slim_smol::session::{CloseReason, Reliability, SessionConfig, SessionEvent, SessionId};
+use slim_tokio::config::{NodeConfig, ServerConfig};
+
+/// At least 32 bytes, as the identity tokens require.
+pub const SECRET: &str = "a-test-secret-that-is-at-least-32-bytes-long";
+/// What the responder puts before every payload it echoes.
+pub const REPLY_PREFIX: &[u8] = b"reply|";
+
+/// A slim-tokio node on loopback, stopped when dropped.
+pub struct TestNode {
+    pub addr: std::net::SocketAddr,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestNode {
+    pub fn start() -> TestNode {
+        Self::start_on("127.0.0.1:0".parse().unwrap())
+    }
+
+    /// A node on `addr` (retrying while the port of a node just stopped is not free yet).
+    pub fn start_on(addr: std::net::SocketAddr) -> TestNode {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let mut attempts = 0;
+                let node = loop {
+                    let started = slim_tokio::Node::start(NodeConfig {
+                        servers: vec![ServerConfig { addr, tls: None }],
+                        ..NodeConfig::default()
+                    })
+                    .await;
+                    match started {
+                        Ok(node) => break node,
+                        Err(_) if attempts < 100 => {
+                            attempts += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(error) => panic!("cannot start a node on {addr}: {error}"),
+                    }
+                };
+                addr_tx.send(node.local_addrs()[0]).unwrap();
+                tokio::task::spawn_blocking(move || stop_rx.recv())
+                    .await
+                    .unwrap()
+                    .ok();
+                node.shutdown().await;
+            });
+        });
+        TestNode {
+            addr: addr_rx.recv().unwrap(),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the node and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Ends the whole test process if the guard is still alive after `limit` (a hung session
+/// should fail the run, not stall it).
+pub struct Watchdog(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
+
+pub fn watchdog(test: &'static str, limit: Duration) -> Watchdog {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("{test}: still running after {limit:?}, aborting");
+            std::process::exit(101);
+        }
+    });
+    Watchdog(tx)
+}
+
+/// Reliable sessions with quick retries.
+pub fn reliable() -> SessionConfig {
+    SessionConfig {
+        reliability: Some(Reliability {
+            interval: Duration::from_millis(200),
+            max_retries: 10,
+        }),
+        ..SessionConfig::default()
+    }
+}
+
+/// Request `i`: 0..=4096 bytes (0, 1, 4095 and 4096 among them) of pseudo-random binary, every
+/// byte value, NULs and 0xFF runs included.
+pub fn request_payload(i: usize) -> Bytes {
+    let size = match i {
+        0 => 0,
+        1 => 1,
+        2 => 4095,
+        3 => 4096,
+        _ => (i * 997 + 13) % 4097,
+    };
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (i as u64);
+    let mut buf = BytesMut::with_capacity(size);
+    while buf.len() < size {
+        match buf.len() % 512 {
+            0..=255 => buf.put_u8(buf.len() as u8), // every byte value
+            256..=271 => buf.put_u8(0),
+            272..=287 => buf.put_u8(0xFF),
+            _ => {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                buf.put_u8(state as u8);
+            }
+        }
+    }
+    buf.freeze()
+}
+
+/// The session `App` of either runtime, so the scenario is written once.
+#[allow(async_fn_in_trait)]
+pub trait SessionApp {
+    type Error: std::fmt::Debug;
+    fn name(&self) -> &Name;
+    async fn open_session(
+        &self,
+        peer: &Name,
+        config: SessionConfig,
+    ) -> Result<SessionId, Self::Error>;
+    async fn publish(&self, session: SessionId, payload: Bytes) -> Result<u32, Self::Error>;
+    async fn close(&self, session: SessionId) -> Result<(), Self::Error>;
+    async fn next_event(&self) -> Result<SessionEvent, Self::Error>;
+}
+
+macro_rules! session_app {
+    ($app:ty, $error:ty) => {
+        impl SessionApp for $app {
+            type Error = $error;
+            fn name(&self) -> &Name {
+                <$app>::name(self)
+            }
+            async fn open_session(
+                &self,
+                peer: &Name,
+                config: SessionConfig,
+            ) -> Result<SessionId, Self::Error> {
+                <$app>::open_session(self, peer, config).await
+            }
+            async fn publish(
+                &self,
+                session: SessionId,
+                payload: Bytes,
+            ) -> Result<u32, Self::Error> {
+                <$app>::publish(self, session, payload).await
+            }
+            async fn close(&self, session: SessionId) -> Result<(), Self::Error> {
+                <$app>::close(self, session).await
+            }
+            async fn next_event(&self) -> Result<SessionEvent, Self::Error> {
+                <$app>::next_event(self).await
+            }
+        }
+    };
+}
+
+session_app!(slim_smol::session::App, slim_smol::session::AppError);
+session_app!(slim_tokio::session::App, slim_tokio::session::AppError);
+
+/// What the initiator saw.
+#[derive(Debug)]
+pub struct Requested {
+    pub session: SessionId,
+    pub replies: usize,
+    pub close: CloseReason,
+}
+
+/// Opens a session to `service`, sends `count` requests one after the other, checks that each
+/// reply is `reply|` + the request byte for byte, then closes and waits for `Closed`.
+pub async fn request<A: SessionApp>(app: &A, service: &Name, count: usize) -> Requested {
+    let session = app.open_session(service, reliable()).await.unwrap();
+    let mut replies = 0;
+    for i in 0..count {
+        let request = request_payload(i);
+        app.publish(session, request.clone()).await.unwrap();
+        let reply = loop {
+            match app.next_event().await.unwrap() {
+                SessionEvent::Message {
+                    session: s,
+                    payload,
+                    ..
+                } if s == session => break payload,
+                SessionEvent::Delivered { session: s, .. } if s == session => {}
+                other => panic!("initiator, request {i}: unexpected {other:?}"),
+            }
+        };
+        assert_eq!(
+            reply.len(),
+            REPLY_PREFIX.len() + request.len(),
+            "reply {i} length"
+        );
+        assert_eq!(&reply[..REPLY_PREFIX.len()], REPLY_PREFIX, "reply {i}");
+        assert!(
+            reply[REPLY_PREFIX.len()..] == request[..],
+            "reply {i} is not byte-exact"
+        );
+        replies += 1;
+    }
+    app.close(session).await.unwrap();
+    let close = loop {
+        match app.next_event().await.unwrap() {
+            SessionEvent::Closed { session: s, reason } if s == session => break reason,
+            SessionEvent::Delivered { .. } => {}
+            other => panic!("initiator, closing: unexpected {other:?}"),
+        }
+    };
+    Requested {
+        session,
+        replies,
+        close,
+    }
+}
+
+/// What the responder saw.
+#[derive(Debug)]
+pub struct Responded {
+    pub session: SessionId,
+    pub peer: Name,
+    pub messages: usize,
+    pub bytes: usize,
+    pub close: CloseReason,
+}
+
+/// Accepts one session and answers each message with `reply|` + the message until the
+/// session is closed.
+pub async fn respond<A: SessionApp>(app: &A) -> Responded {
+    let (session, peer) = match app.next_event().await.unwrap() {
+        SessionEvent::Incoming { session, peer, .. } => (session, peer),
+        other => panic!("responder: unexpected {other:?} before the session"),
+    };
+    let (mut messages, mut bytes) = (0, 0);
+    let close = loop {
+        match app.next_event().await.unwrap() {
+            SessionEvent::Message {
+                session: s,
+                source,
+                payload,
+                ..
+            } if s == session => {
+                assert_eq!(source.key(), peer.key(), "message source");
+                messages += 1;
+                bytes += payload.len();
+                let mut reply = BytesMut::with_capacity(REPLY_PREFIX.len() + payload.len());
+                reply.put_slice(REPLY_PREFIX);
+                reply.put_slice(&payload);
+                app.publish(session, reply.freeze()).await.unwrap();
+            }
+            SessionEvent::Delivered { session: s, .. } if s == session => {}
+            SessionEvent::Closed { session: s, reason } if s == session => break reason,
+            other => panic!("responder: unexpected {other:?}"),
+        }
+    };
+    Responded {
+        session,
+        peer,
+        messages,
+        bytes,
+        close,
+    }
+}
+
+/// The checks every pairing must pass.
+pub fn check(initiator: &Name, requested: &Requested, responded: &Responded, count: usize) {
+    assert_eq!(requested.replies, count);
+    assert_eq!(requested.close, CloseReason::Local);
+    assert_eq!(responded.session, requested.session);
+    assert_eq!(responded.peer.key(), initiator.key(), "responder's peer");
+    assert_eq!(responded.messages, count);
+    assert_eq!(
+        responded.bytes,
+        (0..count).map(|i| request_payload(i).len()).sum::<usize>()
+    );
+    assert_eq!(responded.close, CloseReason::Peer);
+}
+
+/// Reliability for the tests that stall on purpose: retransmissions outlast a busy machine.
+pub fn patient() -> SessionConfig {
+    SessionConfig {
+        reliability: Some(Reliability {
+            interval: Duration::from_millis(500),
+            max_retries: 40,
+        }),
+        ..SessionConfig::default()
+    }
+}
+
+/// The side that stops reading events: opens a reliable session to `service`, then reads
+/// nothing until `full` says the peer saw more acks than its event queue holds — so its driver
+/// holds an event it cannot queue — and only then publishes. That publish must still be
+/// answered. Then it reads everything, closes, and returns how many messages it got.
+pub async fn stop_reading<A: SessionApp>(
+    app: &A,
+    service: &Name,
+    full: smol::channel::Receiver<()>,
+    count: usize,
+) -> usize {
+    let session = app.open_session(service, patient()).await.unwrap();
+    full.recv().await.unwrap();
+    let answered = futures_lite::future::or(
+        async {
+            Some(
+                app.publish(session, Bytes::from_static(b"still here"))
+                    .await,
+            )
+        },
+        async {
+            smol::Timer::after(Duration::from_secs(10)).await;
+            None
+        },
+    )
+    .await;
+    let id = answered
+        .expect("publish not answered while the app was behind on events")
+        .unwrap();
+    assert!(id > 0, "the session is established: the message went out");
+    let (mut messages, mut lost) = (0, 0);
+    while messages + lost < count {
+        match app.next_event().await.unwrap() {
+            SessionEvent::Message { session: s, .. } if s == session => messages += 1,
+            SessionEvent::MessageLost { session: s, .. } if s == session => lost += 1,
+            // Liveness may flag the peer on a very busy machine.
+            SessionEvent::Delivered { .. } | SessionEvent::MemberState { .. } => {}
+            other => panic!("slow reader: unexpected {other:?}"),
+        }
+    }
+    app.close(session).await.unwrap();
+    loop {
+        if let SessionEvent::Closed { session: s, .. } = app.next_event().await.unwrap() {
+            assert_eq!(s, session);
+            return messages;
+        }
+    }
+}
+
+/// The other side: accepts the session, publishes `count` messages (at most `WINDOW`
+/// unacknowledged, well within what the sender keeps for retransmission), tells `full` once
+/// more than `queue` of them are acknowledged, and reads until the session closes. Returns
+/// whether the slow reader's own message arrived.
+pub async fn fill_up<A: SessionApp>(
+    app: &A,
+    full: smol::channel::Sender<()>,
+    count: usize,
+    queue: usize,
+) -> bool {
+    const WINDOW: usize = 256;
+    let session = match app.next_event().await.unwrap() {
+        SessionEvent::Incoming { session, .. } => session,
+        other => panic!("filler: unexpected {other:?} before the session"),
+    };
+    let mut delivered = std::collections::BTreeSet::new();
+    let (mut sent, mut got_message) = (0, false);
+    loop {
+        while sent < count && sent - delivered.len() < WINDOW {
+            app.publish(session, Bytes::from((sent as u64).to_be_bytes().to_vec()))
+                .await
+                .unwrap();
+            sent += 1;
+        }
+        match app.next_event().await.unwrap() {
+            SessionEvent::Delivered { session: s, id } if s == session => {
+                delivered.insert(id);
+                if delivered.len() == queue + 1 {
+                    full.send(()).await.unwrap();
+                }
+            }
+            SessionEvent::Message { payload, .. } => {
+                assert_eq!(&payload[..], b"still here");
+                got_message = true;
+            }
+            SessionEvent::Closed { session: s, .. } if s == session => return got_message,
+            SessionEvent::SendFailed { .. } | SessionEvent::MemberState { .. } => {}
+            other => panic!("filler: unexpected {other:?}"),
+        }
+    }
+}
+
+/// A group member: takes the moderator's invitation, collects the broadcasts until its
+/// session ends; returns them and why it ended.
+pub async fn group_member<A: SessionApp>(app: &A) -> (Vec<Bytes>, CloseReason) {
+    let session = match app.next_event().await.unwrap() {
+        SessionEvent::Incoming {
+            session,
+            group: true,
+            ..
+        } => session,
+        other => panic!("member: unexpected {other:?} before the invitation"),
+    };
+    let mut messages = Vec::new();
+    loop {
+        match app.next_event().await.unwrap() {
+            SessionEvent::Message {
+                session: s,
+                payload,
+                ..
+            } if s == session => messages.push(payload),
+            SessionEvent::Closed { session: s, reason } if s == session => {
+                return (messages, reason)
+            }
+            SessionEvent::MemberJoined { .. } | SessionEvent::MemberLeft { .. } => {}
+            other => panic!("member: unexpected {other:?}"),
+        }
+    }
+}
+
+/// Publishes requests `range` on a session and waits until every one is delivered.
+pub async fn broadcast<A: SessionApp>(app: &A, session: SessionId, range: std::ops::Range<usize>) {
+    let mut outstanding = std::collections::BTreeSet::new();
+    for i in range {
+        outstanding.insert(app.publish(session, request_payload(i)).await.unwrap());
+    }
+    while !outstanding.is_empty() {
+        match app.next_event().await.unwrap() {
+            SessionEvent::Delivered { session: s, id } if s == session => {
+                outstanding.remove(&id);
+            }
+            SessionEvent::MemberJoined { .. } | SessionEvent::MemberLeft { .. } => {}
+            other => panic!("moderator: unexpected {other:?}"),
+        }
+    }
+}

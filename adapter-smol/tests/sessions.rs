@@ -1,0 +1,445 @@
+//! The smol session `App` against a slim-tokio node over loopback HTTP/2: smol ↔ smol,
+//! smol ↔ tokio both ways, the same scenario on tokio alone, and the typed errors.
+//!
+//! The smol side runs on the test thread (`smol::block_on`) and smol's executor threads, where no
+//! tokio runtime is entered: any use of a tokio timer or socket there would panic.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{check, request, respond, watchdog, TestNode, SECRET};
+use slim_proto::Name;
+use slim_smol::session::{
+    App, AppError, CloseReason, Reliability, SessionConfig, SessionError, SessionEvent,
+};
+use slim_smol::ClientError;
+
+const COUNT: usize = 100;
+
+fn tokio_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn smol_apps_run_a_reliable_p2p_session() {
+    let _guard = watchdog(
+        "smol_apps_run_a_reliable_p2p_session",
+        Duration::from_secs(60),
+    );
+    let node = TestNode::start();
+    smol::block_on(async {
+        let service = Name::new("org", "ns", "smol-responder");
+        let responder = App::connect(&node.endpoint(), service.clone(), SECRET)
+            .await
+            .unwrap();
+        // host:port works as well as http://host:port.
+        let initiator = App::connect(
+            &node.addr.to_string(),
+            Name::new("org", "ns", "smol-initiator"),
+            SECRET,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            initiator.name().components(),
+            ["org", "ns", "smol-initiator"]
+        );
+        assert_ne!(
+            initiator.name().id(),
+            slim_proto::name::ANY_INSTANCE,
+            "instance from the identity"
+        );
+        let (requested, responded) =
+            futures_lite::future::zip(request(&initiator, &service, COUNT), respond(&responder))
+                .await;
+        check(initiator.name(), &requested, &responded, COUNT);
+        // The session is gone on both sides.
+        assert!(matches!(
+            initiator.publish(requested.session, &b"late"[..]).await,
+            Err(AppError::Session(SessionError::UnknownSession(_)))
+        ));
+        assert!(matches!(
+            responder.publish(responded.session, &b"late"[..]).await,
+            Err(AppError::Session(SessionError::UnknownSession(_)))
+        ));
+    });
+}
+
+#[test]
+fn smol_initiator_with_tokio_responder() {
+    let _guard = watchdog(
+        "smol_initiator_with_tokio_responder",
+        Duration::from_secs(60),
+    );
+    let node = TestNode::start();
+    let endpoint = node.endpoint();
+    let service = Name::new("org", "ns", "tokio-responder");
+    let (ready_tx, ready_rx) = smol::channel::bounded(1);
+    let tokio_side = {
+        let (endpoint, service) = (endpoint.clone(), service.clone());
+        std::thread::spawn(move || {
+            tokio_runtime().block_on(async move {
+                let app = slim_tokio::session::App::connect(&endpoint, service, SECRET)
+                    .await
+                    .unwrap();
+                ready_tx.send(()).await.unwrap();
+                respond(&app).await
+            })
+        })
+    };
+    let (initiator, requested) = smol::block_on(async {
+        let app = App::connect(&endpoint, Name::new("org", "ns", "smol-initiator"), SECRET)
+            .await
+            .unwrap();
+        ready_rx.recv().await.unwrap();
+        let requested = request(&app, &service, COUNT).await;
+        (app.name().clone(), requested)
+    });
+    let responded = tokio_side.join().unwrap();
+    check(&initiator, &requested, &responded, COUNT);
+}
+
+#[test]
+fn tokio_initiator_with_smol_responder() {
+    let _guard = watchdog(
+        "tokio_initiator_with_smol_responder",
+        Duration::from_secs(60),
+    );
+    let node = TestNode::start();
+    let endpoint = node.endpoint();
+    let service = Name::new("org", "ns", "smol-responder");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let tokio_side = {
+        let (endpoint, service) = (endpoint.clone(), service.clone());
+        std::thread::spawn(move || {
+            tokio_runtime().block_on(async move {
+                let app = slim_tokio::session::App::connect(
+                    &endpoint,
+                    Name::new("org", "ns", "tokio-initiator"),
+                    SECRET,
+                )
+                .await
+                .unwrap();
+                ready_rx.recv().unwrap();
+                let requested = common::request(&app, &service, COUNT).await;
+                (app.name().clone(), requested)
+            })
+        })
+    };
+    let responded = smol::block_on(async {
+        let app = App::connect(&endpoint, service.clone(), SECRET)
+            .await
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        respond(&app).await
+    });
+    let (initiator, requested) = tokio_side.join().unwrap();
+    check(&initiator, &requested, &responded, COUNT);
+}
+
+/// The scenario the smol test runs, unchanged, with two tokio apps on a tokio runtime.
+#[test]
+fn tokio_apps_run_the_same_scenario() {
+    let _guard = watchdog("tokio_apps_run_the_same_scenario", Duration::from_secs(60));
+    let node = TestNode::start();
+    tokio_runtime().block_on(async {
+        let service = Name::new("org", "ns", "tokio-responder");
+        let responder =
+            slim_tokio::session::App::connect(&node.endpoint(), service.clone(), SECRET)
+                .await
+                .unwrap();
+        let initiator = slim_tokio::session::App::connect(
+            &node.endpoint(),
+            Name::new("org", "ns", "tokio-initiator"),
+            SECRET,
+        )
+        .await
+        .unwrap();
+        let (requested, responded) =
+            futures_lite::future::zip(request(&initiator, &service, COUNT), respond(&responder))
+                .await;
+        check(initiator.name(), &requested, &responded, COUNT);
+    });
+}
+
+#[test]
+fn connecting_to_a_closed_port_is_a_connect_error() {
+    let _guard = watchdog(
+        "connecting_to_a_closed_port_is_a_connect_error",
+        Duration::from_secs(30),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let result = smol::block_on(App::connect(
+        &format!("http://{addr}"),
+        Name::new("org", "ns", "nobody"),
+        SECRET,
+    ));
+    match result {
+        Err(AppError::Client(ClientError::Connect { endpoint, reason })) => {
+            assert_eq!(endpoint, format!("http://{addr}"));
+            assert!(reason.contains("connect"), "{reason}");
+        }
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_short_secret_is_refused_before_connecting() {
+    // Port 1 would not answer: the secret is checked first.
+    let result = smol::block_on(App::connect(
+        "127.0.0.1:1",
+        Name::new("org", "ns", "alice"),
+        "too-short",
+    ));
+    assert!(matches!(result, Err(AppError::Layer(_))), "{result:?}");
+}
+
+#[test]
+fn opening_a_session_nobody_serves_ends_with_no_answer() {
+    let _guard = watchdog(
+        "opening_a_session_nobody_serves_ends_with_no_answer",
+        Duration::from_secs(30),
+    );
+    let node = TestNode::start();
+    smol::block_on(async {
+        let app = App::connect(&node.endpoint(), Name::new("org", "ns", "lonely"), SECRET)
+            .await
+            .unwrap();
+        let config = SessionConfig {
+            reliability: Some(Reliability {
+                interval: Duration::from_millis(100),
+                max_retries: 3,
+            }),
+            ..SessionConfig::default()
+        };
+        let started = Instant::now();
+        let result = app
+            .open_session(&Name::new("org", "ns", "nobody-serves-this"), config)
+            .await;
+        let took = started.elapsed();
+        assert!(
+            matches!(result, Err(AppError::NotOpened(CloseReason::NoAnswer(_)))),
+            "{result:?}"
+        );
+        // 1 discovery + 3 retries, 100 ms apart.
+        assert!(
+            took >= Duration::from_millis(350) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        // The failed open was answered to the caller, not as an event, and the app goes on.
+        assert!(matches!(
+            app.publish(7, &b"x"[..]).await,
+            Err(AppError::Session(SessionError::UnknownSession(7)))
+        ));
+        assert!(matches!(
+            app.close(7).await,
+            Err(AppError::Session(SessionError::UnknownSession(7)))
+        ));
+    });
+}
+
+/// A group moderated by a smol app, with a smol member and a tokio member: broadcasts reach
+/// both, the tokio member is removed, later broadcasts reach the smol one only, then the group
+/// closes.
+#[test]
+fn smol_moderates_a_group_with_smol_and_tokio_members() {
+    let _guard = watchdog(
+        "smol_moderates_a_group_with_smol_and_tokio_members",
+        Duration::from_secs(60),
+    );
+    let node = TestNode::start();
+    let endpoint = node.endpoint();
+    let (smol_member_name, tokio_member_name) = (
+        Name::new("org", "ns", "member-smol"),
+        Name::new("org", "ns", "member-tokio"),
+    );
+    let (ready_tx, ready_rx) = smol::channel::bounded(1);
+    let tokio_member = {
+        let (endpoint, name) = (endpoint.clone(), tokio_member_name.clone());
+        std::thread::spawn(move || {
+            tokio_runtime().block_on(async move {
+                let app = slim_tokio::session::App::connect(&endpoint, name, SECRET)
+                    .await
+                    .unwrap();
+                ready_tx.send(()).await.unwrap();
+                common::group_member(&app).await
+            })
+        })
+    };
+    let (moderator_close, (smol_got, smol_close)) = smol::block_on(async {
+        let moderator = App::connect(&endpoint, Name::new("org", "ns", "moderator"), SECRET)
+            .await
+            .unwrap();
+        let member = App::connect(&endpoint, smol_member_name.clone(), SECRET)
+            .await
+            .unwrap();
+        ready_rx.recv().await.unwrap();
+        let moderate = async {
+            let channel = Name::new("org", "ns", "chan");
+            let session = moderator
+                .create_group(&channel, common::reliable())
+                .await
+                .unwrap();
+            moderator.invite(session, &smol_member_name).await.unwrap();
+            moderator.invite(session, &tokio_member_name).await.unwrap();
+            assert_eq!(moderator.members(session).await.unwrap().len(), 3);
+            common::broadcast(&moderator, session, 0..10).await;
+            moderator.remove(session, &tokio_member_name).await.unwrap();
+            assert_eq!(moderator.members(session).await.unwrap().len(), 2);
+            // Removing someone who is not there is a typed error.
+            assert!(matches!(
+                moderator.remove(session, &tokio_member_name).await,
+                Err(AppError::Membership(_))
+            ));
+            common::broadcast(&moderator, session, 10..15).await;
+            moderator.close(session).await.unwrap();
+            loop {
+                match moderator.next_event().await.unwrap() {
+                    SessionEvent::Closed { session: s, reason } if s == session => break reason,
+                    SessionEvent::MemberLeft { .. } | SessionEvent::Delivered { .. } => {}
+                    other => panic!("moderator, closing: unexpected {other:?}"),
+                }
+            }
+        };
+        futures_lite::future::zip(moderate, common::group_member(&member)).await
+    });
+    let (tokio_got, tokio_close) = tokio_member.join().unwrap();
+    assert_eq!(moderator_close, CloseReason::Local);
+    let expected: Vec<_> = (0..15).map(common::request_payload).collect();
+    assert_eq!(
+        smol_got, expected,
+        "the smol member got every broadcast, in order"
+    );
+    assert_eq!(smol_close, CloseReason::Peer);
+    assert_eq!(
+        tokio_got,
+        expected[..10],
+        "the tokio member got those before its removal"
+    );
+    assert_eq!(tokio_close, CloseReason::Removed);
+}
+
+/// The node restarts under an open session: both clients redial, make their subscriptions
+/// again, and the session carries on (what was sent while the node was away is retransmitted).
+#[test]
+fn a_session_survives_a_node_restart() {
+    let _guard = watchdog("a_session_survives_a_node_restart", Duration::from_secs(60));
+    let node = TestNode::start();
+    let addr = node.addr;
+    let patient = SessionConfig {
+        reliability: Some(Reliability {
+            interval: Duration::from_millis(500),
+            max_retries: 30,
+        }),
+        ..SessionConfig::default()
+    };
+    smol::block_on(async {
+        let service = Name::new("org", "ns", "survivor");
+        let responder = App::connect(&node.endpoint(), service.clone(), SECRET)
+            .await
+            .unwrap();
+        let initiator = App::connect(&node.endpoint(), Name::new("org", "ns", "asker"), SECRET)
+            .await
+            .unwrap();
+        let session = initiator.open_session(&service, patient).await.unwrap();
+        let ask = async {
+            ask_once(&initiator, session, 10).await;
+            // The node goes away and comes back on the same port.
+            let new_node = smol::unblock(move || {
+                let mut node = node;
+                node.stop();
+                TestNode::start_on(addr)
+            })
+            .await;
+            for i in 11..14 {
+                ask_once(&initiator, session, i).await;
+            }
+            initiator.close(session).await.unwrap();
+            loop {
+                match initiator.next_event().await.unwrap() {
+                    SessionEvent::Closed { reason, .. } => break (new_node, reason),
+                    SessionEvent::Delivered { .. } => {}
+                    other => panic!("initiator, closing: unexpected {other:?}"),
+                }
+            }
+        };
+        let ((new_node, initiator_close), (echoed, responder_close)) =
+            futures_lite::future::zip(ask, echo_until_closed(&responder)).await;
+        assert_eq!(echoed, 4, "each request echoed once");
+        assert_eq!(initiator_close, CloseReason::Local);
+        assert_eq!(responder_close, CloseReason::Peer);
+        drop(new_node);
+    });
+}
+
+/// Sends request `i` and waits for its echo.
+async fn ask_once(app: &App, session: u32, i: usize) {
+    let request = common::request_payload(i);
+    app.publish(session, request.clone()).await.unwrap();
+    loop {
+        match app.next_event().await.unwrap() {
+            SessionEvent::Message { payload, .. } => {
+                assert_eq!(payload, request, "echo of request {i}");
+                return;
+            }
+            SessionEvent::Delivered { .. } => {}
+            other => panic!("initiator: unexpected {other:?}"),
+        }
+    }
+}
+
+/// Echoes every message of the one session it is offered; returns how many, and why the
+/// session ended.
+async fn echo_until_closed(app: &App) -> (usize, CloseReason) {
+    let mut echoed = 0;
+    loop {
+        match app.next_event().await.unwrap() {
+            SessionEvent::Incoming { .. } | SessionEvent::Delivered { .. } => {}
+            SessionEvent::Message {
+                session, payload, ..
+            } => {
+                app.publish(session, payload).await.unwrap();
+                echoed += 1;
+            }
+            SessionEvent::Closed { reason, .. } => return (echoed, reason),
+            other => panic!("responder: unexpected {other:?}"),
+        }
+    }
+}
+
+/// An application behind on its events (the driver holds one it cannot queue) still gets its
+/// commands answered: it may be waiting for one before it reads events again.
+#[test]
+fn an_app_behind_on_events_is_still_answered() {
+    let _guard = watchdog(
+        "an_app_behind_on_events_is_still_answered",
+        Duration::from_secs(90),
+    );
+    const EVENT_QUEUE: usize = 4096; // what an App queues
+    const COUNT: usize = EVENT_QUEUE + 100;
+    let node = TestNode::start();
+    smol::block_on(async {
+        let service = Name::new("org", "ns", "filler");
+        let filler = App::connect(&node.endpoint(), service.clone(), SECRET)
+            .await
+            .unwrap();
+        let reader = App::connect(&node.endpoint(), Name::new("org", "ns", "reader"), SECRET)
+            .await
+            .unwrap();
+        let (full_tx, full_rx) = smol::channel::bounded(1);
+        let (messages, got_message) = futures_lite::future::zip(
+            common::stop_reading(&reader, &service, full_rx, COUNT),
+            common::fill_up(&filler, full_tx, COUNT, EVENT_QUEUE),
+        )
+        .await;
+        assert_eq!(messages, COUNT);
+        assert!(got_message, "the message published while behind arrived");
+    });
+}
