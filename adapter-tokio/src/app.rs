@@ -205,13 +205,21 @@ impl Client {
     /// subscription is made again whenever the link is.
     pub async fn subscribe(&self, name: &Name) -> Result<(), ClientError> {
         let sub_id = self.inner.next_sub_id.fetch_add(2, Ordering::Relaxed);
-        self.inner.subscription_request(name, sub_id, true).await?;
+        // Recorded first: if the link is lost before the ack, the redial makes it again.
         self.inner
             .subscriptions
             .lock()
             .expect("subscriptions lock")
             .insert(name.key(), (name.clone(), sub_id));
-        Ok(())
+        let result = self.inner.subscription_request(name, sub_id, true).await;
+        if result.is_err() {
+            self.inner
+                .subscriptions
+                .lock()
+                .expect("subscriptions lock")
+                .remove(&name.key());
+        }
+        result
     }
 
     /// Drops a subscription made with [`Client::subscribe`]; returns once the node acknowledged.
@@ -315,15 +323,32 @@ impl Inner {
         sub_id: u64,
         subscribe: bool,
     ) -> Result<(), ClientError> {
-        let uplink = self.uplink.load(Ordering::Relaxed);
-        if uplink == NO_UPLINK {
-            return Err(ClientError::Closed);
-        }
-        let (reply, answer) = oneshot::channel();
-        self.pending_acks
+        // While the link is being redialled, wait for it (bounded like the ack).
+        let deadline = tokio::time::Instant::now() + ACK_WAIT;
+        let uplink = loop {
+            match self.uplink.load(Ordering::Relaxed) {
+                NO_UPLINK if tokio::time::Instant::now() >= deadline => {
+                    return Err(ClientError::Timeout(ACK_WAIT))
+                }
+                NO_UPLINK => tokio::time::sleep(Duration::from_millis(20)).await,
+                uplink => break uplink,
+            }
+        };
+        // A replay after a redial may find the original request still waiting for this ack:
+        // then the ack answers that one.
+        let answer = match self
+            .pending_acks
             .lock()
             .expect("pending acks lock")
-            .insert(sub_id, reply);
+            .entry(sub_id)
+        {
+            std::collections::hash_map::Entry::Occupied(_) => None,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let (reply, answer) = oneshot::channel();
+                slot.insert(reply);
+                Some(answer)
+            }
+        };
         let header = Some(self.header(name, 1, Some(uplink)));
         let message_type = if subscribe {
             MessageType::Subscribe(pb::Subscribe {
@@ -341,6 +366,9 @@ impl Inner {
             metadata: Default::default(),
         };
         self.send(&message).await?;
+        let Some(answer) = answer else {
+            return Ok(());
+        };
         match tokio::time::timeout(ACK_WAIT, answer).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(error))) => Err(ClientError::Subscription(error)),

@@ -3,7 +3,7 @@
 //! for. No protocol decision is taken here.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,6 +15,11 @@ use crate::clock::Clock;
 /// Frames queued per connection before the router drops instead of waiting (a connection that
 /// does not read must not stall the node). Same order as the reference's per-stream buffers.
 pub(crate) const CONNECTION_QUEUE: usize = 1024;
+/// Bytes queued per connection (handed to its writer, not yet written to the socket) beyond which
+/// the router drops instead of queueing more. Without it the bound was 1024 frames of up to the
+/// maximum message size each (4 GiB per connection, multiplied by the fan-out of a publish). A
+/// frame is always admitted into an empty queue, so one message of the maximum size still passes.
+pub(crate) const CONNECTION_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// Inputs queued towards the router; readers wait when it is full (backpressure to the peers).
 const ROUTER_QUEUE: usize = 4096;
 /// Inputs handled between two drains, to amortise the wake-ups under load.
@@ -62,8 +67,34 @@ pub(crate) enum NodeInput {
 /// Counters kept by the adapter itself (the router's are in [`Stats`]).
 #[derive(Debug, Default)]
 pub struct AdapterCounters {
-    /// Frames dropped because the connection's queue was full (it does not read).
+    /// Frames dropped because the connection's queue was full, in frames or in bytes (it does
+    /// not read).
     pub slow_consumer_drops: AtomicU64,
+}
+
+/// A connection's writer and the bytes queued for it.
+struct Writer {
+    conn: ConnWriter,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A queued frame: counted in its connection's queued bytes until its last copy is dropped
+/// (written to the socket, or copied into a write batch).
+struct Queued {
+    frame: Bytes,
+    queued: Arc<AtomicUsize>,
+}
+
+impl AsRef<[u8]> for Queued {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.frame.len(), Ordering::Relaxed);
+    }
 }
 
 /// A cheap handle for connection tasks.
@@ -128,7 +159,7 @@ pub(crate) fn spawn_router(
 
 struct Driver {
     router: Router,
-    writers: HashMap<ConnId, ConnWriter>,
+    writers: HashMap<ConnId, Writer>,
     link_waiters: HashMap<ConnId, Vec<oneshot::Sender<Result<(), String>>>>,
     clock: Clock,
     counters: Arc<AdapterCounters>,
@@ -196,7 +227,13 @@ impl Driver {
                     }
                     OpenKind::Local => self.router.attach_local(),
                 };
-                self.writers.insert(conn, writer);
+                self.writers.insert(
+                    conn,
+                    Writer {
+                        conn: writer,
+                        queued: Arc::default(),
+                    },
+                );
                 if reply.send(conn).is_err() {
                     self.writers.remove(&conn);
                     self.router.handle_connection_closed(conn, now);
@@ -219,7 +256,7 @@ impl Driver {
             NodeInput::Shutdown => {
                 self.drain();
                 for (_, writer) in self.writers.drain() {
-                    let _ = writer.close.send((0, "node shutting down".into()));
+                    let _ = writer.conn.close.send((0, "node shutting down".into()));
                 }
                 return false;
             }
@@ -234,7 +271,22 @@ impl Driver {
                     let Some(writer) = self.writers.get(&conn) else {
                         continue;
                     };
-                    if let Err(mpsc::error::TrySendError::Full(_)) = writer.frames.try_send(frame) {
+                    let queued = writer.queued.load(Ordering::Relaxed);
+                    let full = if queued > 0 && queued + frame.len() > CONNECTION_QUEUE_BYTES {
+                        true
+                    } else {
+                        writer.queued.fetch_add(frame.len(), Ordering::Relaxed);
+                        let frame = Bytes::from_owner(Queued {
+                            frame,
+                            queued: writer.queued.clone(),
+                        });
+                        // On failure the frame, and so its count, is dropped right here.
+                        matches!(
+                            writer.conn.frames.try_send(frame),
+                            Err(mpsc::error::TrySendError::Full(_))
+                        )
+                    };
+                    if full {
                         let n = self
                             .counters
                             .slow_consumer_drops
@@ -252,7 +304,7 @@ impl Driver {
                 Output::Close { conn, code, reason } => {
                     self.notify_link(conn, Err(reason.clone()));
                     if let Some(writer) = self.writers.remove(&conn) {
-                        let _ = writer.close.send((code, reason));
+                        let _ = writer.conn.close.send((code, reason));
                     }
                 }
                 Output::Event(RouterEvent::LinkEstablished {

@@ -13,11 +13,11 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use slim_core::session::{self, Output, SessionEvent, SessionId, SessionLayer};
+use slim_core::session::{self, Output, SessionLayer};
 use slim_proto::Name;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -25,7 +25,9 @@ use tokio::task::JoinHandle;
 use crate::app::{Client, ClientError};
 use crate::clock::Clock;
 
-pub use slim_core::session::{CloseReason, Reliability, SessionConfig};
+pub use slim_core::session::{
+    CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId,
+};
 
 /// How long `open_session` waits for the handshake at most (the core gives up on its own
 /// after its control retries; this only bounds the wait).
@@ -330,6 +332,10 @@ async fn drive(
     events: mpsc::Sender<SessionEvent>,
 ) {
     let mut waiters = Waiters::default();
+    // Events the application has not taken yet. While there are some, the network is not read
+    // (backpressure towards the peers) but commands still are, so an app that publishes
+    // without reading its events is never deadlocked.
+    let mut backlog: VecDeque<SessionEvent> = VecDeque::new();
     loop {
         while let Some(output) = layer.poll_output() {
             match output {
@@ -352,8 +358,8 @@ async fn drive(
                     }
                 }
                 Output::Event(event) => {
-                    if waiters.resolve(&event) && events.send(event).await.is_err() {
-                        return;
+                    if waiters.resolve(&event) {
+                        backlog.push_back(event);
                     }
                 }
             }
@@ -367,8 +373,27 @@ async fn drive(
                 None => std::future::pending().await,
             }
         };
+        while let Some(event) = backlog.pop_front() {
+            match events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    backlog.push_front(event);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        let app_behind = !backlog.is_empty();
         tokio::select! {
-            message = client.recv_message() => match message {
+            permit = events.reserve(), if app_behind => match permit {
+                Ok(permit) => {
+                    if let Some(event) = backlog.pop_front() {
+                        permit.send(event);
+                    }
+                }
+                Err(_) => return,
+            },
+            message = client.recv_message(), if !app_behind => match message {
                 Ok(message) => layer.handle_message(message, clock.now()),
                 Err(_) => return,
             },

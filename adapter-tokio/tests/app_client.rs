@@ -151,3 +151,46 @@ async fn bench_p2p_loses_nothing() {
     assert_eq!(report.round_trips, 20);
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_behind_on_its_events_still_gets_its_commands_answered() {
+    use slim_tokio::session::{App, Reliability, SessionConfig};
+    const SECRET: &str = "app-client-test-secret-0123456789abcdef";
+    let node = node().await;
+    let endpoint = node.local_addrs()[0].to_string();
+    let sink = std::sync::Arc::new(
+        App::connect(&endpoint, Name::new("org", "ns", "sink"), SECRET)
+            .await
+            .unwrap(),
+    );
+    let reader = {
+        let sink = sink.clone();
+        tokio::spawn(async move { while sink.next_event().await.is_ok() {} })
+    };
+    let filler = App::connect(&endpoint, Name::new("org", "ns", "filler"), SECRET)
+        .await
+        .unwrap();
+    let config = SessionConfig {
+        reliability: Some(Reliability {
+            interval: std::time::Duration::from_secs(1),
+            max_retries: 3,
+        }),
+        ..SessionConfig::default()
+    };
+    let session = filler
+        .open_session(&Name::new("org", "ns", "sink"), config)
+        .await
+        .unwrap();
+    // Every publish yields a Delivered event the filler never reads: more than its event queue.
+    for i in 0..4300u32 {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            filler.publish(session, i.to_be_bytes().to_vec()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("publish {i} not answered while the app is behind on events"))
+        .unwrap();
+    }
+    reader.abort();
+    node.shutdown().await;
+}
