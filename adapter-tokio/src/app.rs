@@ -513,13 +513,13 @@ async fn dispatch(
                             Err(ack.error.clone())
                         });
                     }
+                    continue;
                 }
-                Some(MessageType::Publish(_)) => {
-                    if inbox.send(message).await.is_err() {
-                        return;
-                    }
-                }
-                _ => {}
+                Some(MessageType::Publish(_)) => {}
+                _ => continue,
+            }
+            if inbox.send(message).await.is_err() {
+                return;
             }
         }
     }
