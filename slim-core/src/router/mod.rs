@@ -308,12 +308,18 @@ impl Router {
     }
 
     /// We connected to a peer: sends our negotiation request. `link_id` must not be empty.
+    /// A `Local` kind makes no sense for a dialed link (no negotiation, no MAC, no TTL) and is
+    /// dialed as `Remote`.
     pub fn dial_connection(
         &mut self,
         link_id: String,
         kind: ConnectionKind,
         now: Timestamp,
     ) -> ConnId {
+        let kind = match kind {
+            ConnectionKind::Local => ConnectionKind::Remote,
+            other => other,
+        };
         let keys = LinkKeyPair::from_seed(self.rng.random());
         let request = link::request(
             &self.link_info,
@@ -517,21 +523,27 @@ impl Router {
             return;
         };
         let Some(Connection {
-            kind,
             link: LinkState::AwaitingReply { link_id, keys, .. },
+            ..
         }) = self.conns.get(&conn)
         else {
             return;
         };
-        let requested_kind = *kind;
         let checked = link::check_reply(reply, link_id, self.config.require_header_mac)
-            .and_then(|()| self.derive_mac(keys, &reply.link_ecdh_public_key, link_id));
+            .and_then(|()| {
+                ConnectionKind::from_link_type(reply.connection_type).ok_or(
+                    NegotiationError::UnknownConnectionType(reply.connection_type),
+                )
+            })
+            .and_then(|kind| {
+                Ok((
+                    kind,
+                    self.derive_mac(keys, &reply.link_ecdh_public_key, link_id)?,
+                ))
+            });
         match checked {
-            Ok(mac) => {
-                let kind =
-                    ConnectionKind::from_link_type(reply.connection_type).unwrap_or(requested_kind);
-                self.establish(conn, kind, mac, reply);
-            }
+            // The link takes the type the responder settled on (it echoes ours).
+            Ok((kind, mac)) => self.establish(conn, kind, mac, reply),
             Err(error) => self.close(conn, error.grpc_status(), error.to_string()),
         }
     }
@@ -764,11 +776,16 @@ impl Router {
             return;
         }
         let route_conn = recv_from.unwrap_or(conn);
-        let Some(route_kind) = self.connection_kind(route_conn) else {
+        // Only negotiated connections: until then a connection's kind is provisional, and a
+        // route filed under it would outlive the connection (found by the router fuzz target).
+        let established = self.is_established(route_conn);
+        let Some(route_kind) = self.connection_kind(route_conn).filter(|_| established) else {
             self.send_ack(
                 conn,
                 sub_id,
-                Err(format!("recv_from names unknown connection {route_conn}")),
+                Err(format!(
+                    "recv_from names no established connection ({route_conn})"
+                )),
             );
             return;
         };

@@ -9,7 +9,7 @@
 //! repeated subscribes are idempotent and id-0 replays do not overwrite each other; a connection
 //! stays in the routing lists while it has at least one record for the name.
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use slim_proto::NameKey;
 
 use super::{ConnId, ConnectionKind};
@@ -90,8 +90,9 @@ pub enum Change {
 #[derive(Debug, Default)]
 pub struct SubscriptionTable {
     prefixes: FxHashMap<[u64; 3], PrefixEntry>,
-    /// conn → name → subscription ids recorded for it.
-    records: FxHashMap<ConnId, FxHashMap<NameKey, Vec<u64>>>,
+    /// conn → name → subscription ids recorded for it. A set, not a list: a connection may send
+    /// any number of ids for one name, and each (un)subscribe must not cost O(ids).
+    records: FxHashMap<ConnId, FxHashMap<NameKey, FxHashSet<u64>>>,
     record_count: usize,
 }
 
@@ -110,10 +111,9 @@ impl SubscriptionTable {
             .or_default()
             .entry(name)
             .or_default();
-        if ids.contains(&sub_id) {
+        if !ids.insert(sub_id) {
             return Change::Unchanged;
         }
-        ids.push(sub_id);
         self.record_count += 1;
         if ids.len() > 1 {
             return Change::Unchanged;
@@ -140,8 +140,15 @@ impl SubscriptionTable {
     ) -> Option<Change> {
         let names = self.records.get_mut(&conn)?;
         let ids = names.get_mut(&name)?;
-        let pos = ids.iter().position(|id| *id == sub_id).unwrap_or(0);
-        ids.swap_remove(pos);
+        let removed = ids.remove(&sub_id)
+            || ids
+                .iter()
+                .next()
+                .copied()
+                .is_some_and(|any| ids.remove(&any));
+        if !removed {
+            return None; // not reached: empty sets are removed with their last record
+        }
         self.record_count -= 1;
         if !ids.is_empty() {
             return Some(Change::Unchanged);

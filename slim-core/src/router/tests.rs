@@ -848,3 +848,71 @@ fn local_app_publishes_fall_back_to_the_single_edge_uplink() {
     client.handle_frame(app_conn, Bytes::from(message.encode_to_vec()), T0);
     assert_eq!(client.stats().dropped(DropReason::NoRoute), 1);
 }
+
+#[test]
+fn routes_only_to_negotiated_connections() {
+    // Fuzzing finding F1: a route on a connection still negotiating used to be filed under its
+    // provisional kind and to outlive it.
+    let mut h = Harness::new();
+    let pending = h.router.accept_connection(T0);
+    let local = h.router.attach_local();
+    let name = app("routed", 1);
+    let sub = pb::Message {
+        message_type: Some(MessageType::Subscribe(pb::Subscribe {
+            header: Some(pb::SlimHeader {
+                source: Some(name.to_pb()),
+                destination: Some(name.to_pb()),
+                ttl: 8,
+                recv_from: Some(pending),
+                ..Default::default()
+            }),
+            subscription_id: 3,
+        })),
+        metadata: Default::default(),
+    };
+    h.send(local, &sub);
+    let acks: Vec<_> = h.take(local).into_iter().filter_map(as_ack).collect();
+    assert!(!acks[0].success);
+    assert!(
+        acks[0].error.contains("no established connection"),
+        "{}",
+        acks[0].error
+    );
+    assert_eq!(h.router.stats().subscriptions, 0);
+}
+
+#[test]
+fn a_reply_with_an_unknown_connection_type_is_refused() {
+    // Fuzzing finding F2: the reply's type was not checked.
+    let mut a = Router::new(RouterConfig::default(), [2; 32]);
+    let conn = a.dial_connection("l".into(), ConnectionKind::Local, T0);
+    let _request = a.poll_output();
+    let info = LocalLinkInfo {
+        slim_version: "3.4.6".into(),
+        node_id: "n".into(),
+        deployment_name: String::new(),
+    };
+    let request = link::request(&info, "l", LinkConnectionType::Edge, [1; 32]);
+    let mut reply = link::reply(&info, &request, [4; 32]);
+    reply.connection_type = 9;
+    a.handle_frame(
+        conn,
+        Bytes::from(link::negotiation_message(reply).encode_to_vec()),
+        T0,
+    );
+    let closed: Vec<_> = std::iter::from_fn(|| a.poll_output())
+        .filter_map(|o| match o {
+            Output::Close { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(closed.len(), 1);
+    assert!(closed[0].contains("connection_type"), "{}", closed[0]);
+}
+
+#[test]
+fn a_local_kind_is_never_dialed() {
+    let mut a = Router::new(RouterConfig::default(), [2; 32]);
+    let conn = a.dial_connection("l".into(), ConnectionKind::Local, T0);
+    assert_eq!(a.connection_kind(conn), Some(ConnectionKind::Remote));
+}
