@@ -17,6 +17,9 @@ use crate::node::{ConnWriter, NodeHandle, OpenKind, CONNECTION_QUEUE};
 /// Small frames queued together are sent in one DATA frame up to this size.
 const WRITE_BATCH: usize = 64 * 1024;
 
+/// How long queued frames may take to go out before a closing stream's trailers.
+const CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Status an ending link reports in its trailers, if not OK.
 type StatusSlot = Arc<Mutex<Option<(u32, String)>>>;
 
@@ -81,6 +84,8 @@ async fn read_loop(
             None => {
                 if let Err(error) = deframer.finish() {
                     tracing::info!(conn, %error, "stream ended mid-message");
+                    *status.lock().expect("status lock") =
+                        Some((error.grpc_status(), error.to_string()));
                 }
                 break;
             }
@@ -158,7 +163,23 @@ async fn write_loop(
                 done.cancel();
                 return;
             }
-            WriteOutcome::Close(Some(code_reason)) => break code_reason,
+            WriteOutcome::Close(Some(code_reason)) => {
+                // Frames the router queued before closing go first (a refused peer gets its
+                // negotiation reply, then the status; at shutdown nothing queued is lost). A
+                // peer that does not read gets a bounded wait.
+                let mut queued = Vec::new();
+                while let Ok(frame) = frames.try_recv() {
+                    queued.push(frame);
+                }
+                let flush = async {
+                    for frame in queued {
+                        send_all(&mut send, frame).await?;
+                    }
+                    Ok::<(), h2::Error>(())
+                };
+                let _ = tokio::time::timeout(CLOSE_FLUSH, flush).await;
+                break code_reason;
+            }
             WriteOutcome::Close(None) => {
                 break status
                     .lock()

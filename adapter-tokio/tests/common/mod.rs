@@ -254,6 +254,8 @@ pub enum Next {
 pub struct Link {
     pub link_id: String,
     pub mac: HeaderMacKey,
+    /// The raw 32-byte header-MAC key (to sign with it for another link id, in hostile tests).
+    pub key: [u8; 32],
     /// What the node said about itself.
     pub reply: pb::LinkNegotiationPayload,
 }
@@ -305,7 +307,20 @@ async fn open_stream(
     authority: &str,
     path: &str,
 ) -> Result<(SendStream<Bytes>, http::Response<RecvStream>), String> {
-    let request = http::Request::post(format!("{scheme}://{authority}{path}"))
+    open_stream_with(h2, http::Method::POST, scheme, authority, path).await
+}
+
+/// Same with any HTTP method.
+async fn open_stream_with(
+    h2: &SendRequest<Bytes>,
+    method: http::Method,
+    scheme: &str,
+    authority: &str,
+    path: &str,
+) -> Result<(SendStream<Bytes>, http::Response<RecvStream>), String> {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("{scheme}://{authority}{path}"))
         .header("te", "trailers")
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::USER_AGENT, "tonic/0.14.6")
@@ -442,9 +457,14 @@ impl Client {
     /// Another gRPC request on this client's HTTP/2 connection; the response's status, which must
     /// come as a Trailers-Only response (for refused methods).
     pub async fn request_status(&self, path: &str) -> GrpcStatus {
+        self.request_status_with(http::Method::POST, path).await
+    }
+
+    /// Same with any HTTP method.
+    pub async fn request_status_with(&self, method: http::Method, path: &str) -> GrpcStatus {
         let (_send, response) = within(
             "a response",
-            open_stream(&self.h2, "http", "127.0.0.1", path),
+            open_stream_with(&self.h2, method, "http", "127.0.0.1", path),
         )
         .await
         .unwrap_or_else(|e| panic!("{}: request to {path}: {e}", self.label));
@@ -524,8 +544,8 @@ impl Client {
 
     // ------------------------------------------------------------------------------ negotiation
 
-    /// Sends an EDGE negotiation request as slim-bindings does; returns the link id and key pair.
-    pub fn send_negotiation(&mut self) -> (String, LinkKeyPair) {
+    /// An EDGE negotiation request as slim-bindings builds it (not sent) and its key pair.
+    pub fn negotiation_request(&self) -> (pb::LinkNegotiationPayload, LinkKeyPair) {
         let link_id = format!("test-{}-{}", self.label, random_id());
         let keys = LinkKeyPair::from_seed(random_bytes());
         let info = LocalLinkInfo {
@@ -539,6 +559,22 @@ impl Client {
             LinkConnectionType::Edge,
             keys.public_bytes(),
         );
+        (request, keys)
+    }
+
+    /// Sends an EDGE negotiation request as slim-bindings does; returns the link id and key pair.
+    pub fn send_negotiation(&mut self) -> (String, LinkKeyPair) {
+        self.send_negotiation_with(|_| {})
+    }
+
+    /// Sends a negotiation request after `tweak` changed it; returns the link id and key pair.
+    pub fn send_negotiation_with(
+        &mut self,
+        tweak: impl FnOnce(&mut pb::LinkNegotiationPayload),
+    ) -> (String, LinkKeyPair) {
+        let (mut request, keys) = self.negotiation_request();
+        tweak(&mut request);
+        let link_id = request.link_id.clone();
         self.send(&link::negotiation_message(request));
         (link_id, keys)
     }
@@ -546,6 +582,13 @@ impl Client {
     /// Negotiates the link (strict, as default clients are) and installs the header-MAC key.
     pub async fn negotiate(&mut self) -> &Link {
         let (link_id, keys) = self.send_negotiation();
+        self.complete_negotiation(&link_id, &keys).await
+    }
+
+    /// Reads the node's negotiation reply to a request sent for `link_id` (strict checks) and
+    /// installs the header-MAC key.
+    pub async fn complete_negotiation(&mut self, link_id: &str, keys: &LinkKeyPair) -> &Link {
+        let link_id = link_id.to_owned();
         let reply = self.recv().await;
         let payload = link::as_negotiation(&reply.message)
             .unwrap_or_else(|| {
@@ -567,6 +610,7 @@ impl Client {
             .expect("32-byte node key");
         self.link = Some(Link {
             mac: HeaderMacKey::new(&key, &link_id).expect("32-byte MAC key"),
+            key,
             link_id,
             reply: payload,
         });
@@ -762,4 +806,271 @@ pub async fn assert_delivers(
     let sent = from.publish(source, destination, 1, blob);
     let received = to.recv().await;
     to.assert_forwarded_copy(&sent, &received);
+}
+
+impl Client {
+    /// Sends several messages, gRPC-framed and unsigned, in as few DATA frames as possible
+    /// (chunks of about 64 KiB).
+    pub fn send_batch<'a>(&mut self, messages: impl IntoIterator<Item = &'a pb::Message>) {
+        let mut buf = bytes::BytesMut::new();
+        for message in messages {
+            buf.extend_from_slice(&encode_frame(message));
+            if buf.len() >= 64 * 1024 {
+                self.send_raw(buf.split().freeze());
+            }
+        }
+        if !buf.is_empty() {
+            self.send_raw(buf.freeze());
+        }
+    }
+
+    /// True once the node ended the response stream (as far as this client has read).
+    pub fn has_ended(&self) -> bool {
+        self.ended
+    }
+}
+
+// ---------------------------------------------------------------------------------- memory
+
+/// The resident set size of this process (`VmRSS` of /proc/self/status), in bytes. The node runs
+/// in-process, so this is the node plus the test's clients. 0 where /proc is not available.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Bytes as MiB, for messages.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+// ---------------------------------------------------------------------------------- raw TCP
+
+/// Reads until the peer closes (EOF or reset), bounded by [`TIMEOUT`]; what it sent before.
+pub async fn read_until_closed(tcp: &mut TcpStream, what: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    within(what, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    received
+}
+
+// ---------------------------------------------------------------------------------- raw HTTP/2
+
+/// The client connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// HTTP/2 frame types and flags used by the raw client (RFC 9113 §6).
+pub mod h2frame {
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const PING: u8 = 0x6;
+    pub const GOAWAY: u8 = 0x7;
+    pub const WINDOW_UPDATE: u8 = 0x8;
+    pub const CONTINUATION: u8 = 0x9;
+
+    pub const END_STREAM: u8 = 0x1;
+    pub const ACK: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+
+    /// Error codes (RFC 9113 §7).
+    pub const PROTOCOL_ERROR: u32 = 0x1;
+    pub const REFUSED_STREAM: u32 = 0x7;
+    pub const CANCEL: u32 = 0x8;
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+}
+
+/// One HTTP/2 frame as read off the wire.
+#[derive(Debug, Clone)]
+pub struct RawFrame {
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+    pub payload: Bytes,
+}
+
+impl RawFrame {
+    /// The error code of a RST_STREAM or GOAWAY frame.
+    pub fn error_code(&self) -> Option<u32> {
+        let at = match self.kind {
+            h2frame::RST_STREAM => 0,
+            h2frame::GOAWAY => 4,
+            _ => return None,
+        };
+        let bytes = self.payload.get(at..at + 4)?;
+        Some(u32::from_be_bytes(bytes.try_into().ok()?))
+    }
+}
+
+/// Encodes one HTTP/2 frame.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    assert!(len < 1 << 24, "frame payload too long");
+    let mut out = Vec::with_capacity(9 + payload.len());
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// HPACK integer with an `n`-bit prefix (RFC 7541 §5.1); `first` holds the bits above the prefix.
+fn hpack_int(out: &mut Vec<u8>, first: u8, n: u8, mut value: usize) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
+
+/// Appends a "literal header field without indexing, new name" without Huffman coding
+/// (RFC 7541 §6.2.2): the simplest valid HPACK, no decoder state involved.
+pub fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.push(0x00);
+    hpack_int(out, 0, 7, name.len());
+    out.extend_from_slice(name.as_bytes());
+    hpack_int(out, 0, 7, value.len());
+    out.extend_from_slice(value);
+}
+
+/// The header block of a tonic-like gRPC request.
+pub fn grpc_request_block(method: &str, authority: &str, path: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    hpack_literal(&mut block, ":method", method.as_bytes());
+    hpack_literal(&mut block, ":scheme", b"http");
+    hpack_literal(&mut block, ":authority", authority.as_bytes());
+    hpack_literal(&mut block, ":path", path.as_bytes());
+    hpack_literal(&mut block, "content-type", b"application/grpc");
+    hpack_literal(&mut block, "te", b"trailers");
+    block
+}
+
+/// A hand-driven HTTP/2 client: writes exactly the frames a test wants (including ones the `h2`
+/// crate would never send) and reads the node's frames one by one.
+pub struct RawH2 {
+    pub tcp: TcpStream,
+    buf: bytes::BytesMut,
+    pub authority: String,
+}
+
+impl RawH2 {
+    /// TCP, the client preface and an empty SETTINGS frame.
+    pub async fn connect(addr: SocketAddr) -> RawH2 {
+        let tcp = within("TCP connect", TcpStream::connect(addr))
+            .await
+            .expect("TCP connect to the node");
+        tcp.set_nodelay(true).unwrap();
+        let mut raw = RawH2 {
+            tcp,
+            buf: bytes::BytesMut::new(),
+            authority: addr.to_string(),
+        };
+        let mut hello = H2_PREFACE.to_vec();
+        hello.extend(h2_frame(h2frame::SETTINGS, 0, 0, &[]));
+        raw.write(&hello).await.expect("write the preface");
+        raw
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.tcp.write_all(bytes).await
+    }
+
+    pub async fn send_frame(
+        &mut self,
+        kind: u8,
+        flags: u8,
+        stream: u32,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        self.write(&h2_frame(kind, flags, stream, payload)).await
+    }
+
+    /// Opens a gRPC request on `stream` (HEADERS with END_HEADERS, not END_STREAM).
+    pub fn open_frame(&self, stream: u32, method: &str, path: &str) -> Vec<u8> {
+        let block = grpc_request_block(method, &self.authority, path);
+        h2_frame(h2frame::HEADERS, h2frame::END_HEADERS, stream, &block)
+    }
+
+    /// The next frame; `Ok(None)` when the node closed the connection, `Err(())` after `wait`.
+    /// SETTINGS (not ACK) from the node are acknowledged, as any client must.
+    pub async fn next_frame(&mut self, wait: Duration) -> Result<Option<RawFrame>, ()> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, self.buf[0], self.buf[1], self.buf[2]]) as usize;
+                if self.buf.len() >= 9 + len {
+                    let head = self.buf.split_to(9);
+                    let payload = self.buf.split_to(len).freeze();
+                    let frame = RawFrame {
+                        kind: head[3],
+                        flags: head[4],
+                        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]])
+                            & 0x7fff_ffff,
+                        payload,
+                    };
+                    if frame.kind == h2frame::SETTINGS && frame.flags & h2frame::ACK == 0 {
+                        let _ = self
+                            .send_frame(h2frame::SETTINGS, h2frame::ACK, 0, &[])
+                            .await;
+                    }
+                    return Ok(Some(frame));
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match tokio::time::timeout_at(deadline, self.tcp.read(&mut chunk)).await {
+                Err(_) => return Err(()),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Every frame until the node closes the connection or is silent for `quiet`.
+    pub async fn frames_until_quiet(&mut self, quiet: Duration) -> (Vec<RawFrame>, bool) {
+        let mut frames = Vec::new();
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            if tokio::time::Instant::now() >= deadline {
+                return (frames, false);
+            }
+            match self.next_frame(quiet).await {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => return (frames, true),
+                Err(()) => return (frames, false),
+            }
+        }
+    }
 }
