@@ -2,7 +2,8 @@
 # Runs every test of the project, from a fresh clone:
 #   1. formatting and clippy (warnings are errors);
 #   2. all Rust tests (unit, integration over real h2 sockets, doc tests);
-#   3. the Sans-IO check: no I/O crate in the cores' dependency trees;
+#   3. the deterministic simulation over 1000 seeds, and the Sans-IO check (no I/O crate in the
+#      cores' dependency trees);
 #   4. the interop suite: real PyPI slim-bindings clients (3.3.8 and 2.0.0, installed into
 #      target/interop by the suite itself) talking through our slim-tokio node, including our
 #      own session layer (slim-tokio request/reply) against theirs;
@@ -25,6 +26,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test"
 cargo test --workspace
+
+step "simulation: 1000 seeds (release)"
+# Deterministic simulation of nodes and session clients over lossy, reordering, partitioned links.
+# A failure prints its seed and the command that replays it.
+SIM_RUNS="${SIM_RUNS:-1000}" cargo test --release -p slim-core --test sim
 
 step "sans-io dependency check"
 scripts/check-sansio.sh

@@ -13,6 +13,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod router;
 pub mod session;
+pub mod sim;
 pub mod time;
 
 pub use time::Timestamp;

@@ -115,6 +115,8 @@ pub enum SessionError {
     NotModerator(SessionId),
     #[error("{1} is not a member of session {0}")]
     NotAMember(SessionId, String),
+    #[error("session {0} is not established yet")]
+    NotEstablished(SessionId),
 }
 
 /// Why a session ended.
@@ -617,8 +619,12 @@ impl SessionLayer {
             .sessions
             .get_mut(&session)
             .ok_or(SessionError::UnknownSession(session))?;
-        if s.state != State::Established {
-            return Err(SessionError::Closing(session));
+        match s.state {
+            State::Established => {}
+            State::Closing => return Err(SessionError::Closing(session)),
+            State::Opening | State::AwaitingWelcome => {
+                return Err(SessionError::NotEstablished(session))
+            }
         }
         let target = s
             .peers(&me)
@@ -673,7 +679,8 @@ impl SessionLayer {
             return Err(SessionError::Closing(session));
         }
         if matches!(s.state, State::Opening | State::AwaitingWelcome) && s.group.is_none() {
-            // Nothing agreed with a peer yet: just forget it.
+            // Not established: the peer may have joined already, so it is told (once).
+            self.abandon(session, now);
             self.finish(session, CloseReason::Local);
             return Ok(());
         }
@@ -984,9 +991,15 @@ impl SessionLayer {
                 None => self.finish(session, CloseReason::NoAnswer("discovery")),
             },
             Purpose::Join if answered => self.p2p_welcome(session, now),
-            Purpose::Join => self.finish(session, CloseReason::NoAnswer("join")),
+            Purpose::Join => {
+                self.abandon(session, now);
+                self.finish(session, CloseReason::NoAnswer("join"))
+            }
             Purpose::Welcome if answered => self.on_established(session, now),
-            Purpose::Welcome => self.finish(session, CloseReason::NoAnswer("welcome")),
+            Purpose::Welcome => {
+                self.abandon(session, now);
+                self.finish(session, CloseReason::NoAnswer("welcome"))
+            }
             // A close or a leave nobody acknowledges still ends the session.
             Purpose::Close | Purpose::Leave => self.finish(session, CloseReason::Local),
             Purpose::InviteDiscovery(invitee) => match reply {
@@ -1287,6 +1300,16 @@ impl SessionLayer {
                 return;
             }
         }
+        // A message we already reported lost is not acknowledged when a late copy comes: the
+        // sender must not think it delivered.
+        if self
+            .sessions
+            .get(&m.session_id)
+            .is_some_and(|s| s.receiver.is_lost(&m.source.key(), m.message_id))
+        {
+            self.receiver_events(m.session_id, events, now);
+            return;
+        }
         let me = self.name.clone();
         let ack = self.build(
             m.session_type,
@@ -1309,8 +1332,7 @@ impl SessionLayer {
             return;
         };
         let fanout = if s.group.is_some() { MAX_FANOUT } else { 1 };
-        let (found, event) = s.sender.on_rtx_request(m.message_id, &m.source.key());
-        let found = found.cloned();
+        let found = s.sender.on_rtx_request(m.message_id).cloned();
         let me = self.name.clone();
         let (content, metadata) = match &found {
             Some(stored) => (
@@ -1338,9 +1360,6 @@ impl SessionLayer {
             }
         }
         self.emit_send(reply);
-        if let Some(event) = event {
-            self.sender_event(m.session_id, event, now);
-        }
     }
 
     fn on_rtx_reply(&mut self, m: Received, now: Timestamp) {
@@ -1362,13 +1381,33 @@ impl SessionLayer {
                 payload_type: app.payload_type,
                 metadata: m.metadata,
             };
-            if let Some(s) = self.sessions.get_mut(&m.session_id) {
-                if s.receiver
-                    .on_message(&m.source, m.message_id, incoming, now, &mut events)
-                    == Verdict::Duplicate
-                {
-                    self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
-                }
+            let Some(s) = self.sessions.get_mut(&m.session_id) else {
+                return;
+            };
+            let verdict =
+                s.receiver
+                    .on_message(&m.source, m.message_id, incoming, now, &mut events);
+            let lost = s.receiver.is_lost(&m.source.key(), m.message_id);
+            if verdict == Verdict::Duplicate {
+                self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
+            }
+            // Our sender does not take the RTX request as the ack (it may have been answered
+            // in vain), so the answer is acknowledged like the message itself.
+            if verdict != Verdict::OutOfWindow && !lost {
+                let me = self.name.clone();
+                let ack = self.build(
+                    m.session_type,
+                    Mt::MsgAck,
+                    m.session_id,
+                    m.message_id,
+                    &me,
+                    &m.source,
+                    1,
+                    empty_app_payload(),
+                    BTreeMap::new(),
+                    now,
+                );
+                self.emit_send(ack);
             }
         }
         self.receiver_events(m.session_id, events, now);
@@ -2155,18 +2194,52 @@ impl SessionLayer {
         }
     }
 
+    /// Tells a p2p peer that may have joined an unfinished handshake that the session is gone
+    /// (one GROUP_CLOSE, not retried; its ack is ignored), so its app sees `Closed`.
+    fn abandon(&mut self, session: SessionId, now: Timestamp) {
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
+        if s.group.is_some() || s.role != Role::Initiator || s.peer.id() == ANY_INSTANCE {
+            return;
+        }
+        let peer = s.peer.clone();
+        let me = self.name.clone();
+        let message_id = self.rng.random();
+        let close = self.build(
+            SessionType::PointToPoint,
+            Mt::GroupClose,
+            session,
+            message_id,
+            &me,
+            &peer,
+            1,
+            command(Cmd::GroupClose(pb::GroupClosePayload {
+                participants: vec![peer.to_pb(), me.to_pb()],
+            })),
+            BTreeMap::new(),
+            now,
+        );
+        self.emit_send(close);
+    }
+
     fn finish(&mut self, session: SessionId, reason: CloseReason) {
         let Some(s) = self.sessions.remove(&session) else {
             return;
         };
+        // A participant's app hears of a session only at the welcome: a close before it is
+        // nothing to tell it about.
+        let announced = s.role == Role::Initiator || s.state != State::AwaitingWelcome;
         if let Some(group) = s.group {
             if group.subscribed {
                 self.out.push_back(Output::Unsubscribe(group.data));
                 self.out.push_back(Output::Unsubscribe(group.control));
             }
         }
-        self.out
-            .push_back(Output::Event(SessionEvent::Closed { session, reason }));
+        if announced {
+            self.out
+                .push_back(Output::Event(SessionEvent::Closed { session, reason }));
+        }
     }
 
     fn session_timeout(&mut self, id: SessionId, now: Timestamp) {

@@ -8,7 +8,7 @@
 //! a peer can make us hold).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
@@ -63,6 +63,11 @@ struct Stream {
     next: u32,
     held: BTreeMap<u32, Incoming>,
     missing: BTreeMap<u32, Rtx>,
+    /// Ids known to be unrecoverable, reported lost when the stream reaches them (so losses and
+    /// deliveries come out in sequence order).
+    gone: BTreeSet<u32>,
+    /// Ids already reported lost (their late copies are neither delivered nor acknowledged).
+    lost_before: BTreeSet<u32>,
 }
 
 #[derive(Debug)]
@@ -91,6 +96,8 @@ impl ReliableReceiver {
             next: first_id,
             held: BTreeMap::new(),
             missing: BTreeMap::new(),
+            gone: BTreeSet::new(),
+            lost_before: BTreeSet::new(),
         });
     }
 
@@ -109,8 +116,10 @@ impl ReliableReceiver {
             next: id,
             held: BTreeMap::new(),
             missing: BTreeMap::new(),
+            gone: BTreeSet::new(),
+            lost_before: BTreeSet::new(),
         });
-        if id < stream.next || stream.held.contains_key(&id) {
+        if id < stream.next || stream.held.contains_key(&id) || stream.gone.contains(&id) {
             return Verdict::Duplicate;
         }
         if id - stream.next > REORDER_WINDOW {
@@ -121,7 +130,10 @@ impl ReliableReceiver {
             // Every id between what we expect and this one that is neither held nor already
             // asked for gets asked for now.
             for gap in stream.next..id {
-                if stream.held.contains_key(&gap) || stream.missing.contains_key(&gap) {
+                if stream.held.contains_key(&gap)
+                    || stream.missing.contains_key(&gap)
+                    || stream.gone.contains(&gap)
+                {
                     continue;
                 }
                 let deadline = now + self.interval;
@@ -150,11 +162,8 @@ impl ReliableReceiver {
             return;
         };
         if stream.missing.remove(&id).is_some() {
-            events.push(ReceiverEvent::Lost {
-                source: stream.source.clone(),
-                id,
-            });
-            Self::skip_to_next_available(stream, events);
+            stream.gone.insert(id);
+            Self::release(stream, events);
         }
     }
 
@@ -175,11 +184,8 @@ impl ReliableReceiver {
             }
             if rtx.retries_left == 0 {
                 stream.missing.remove(&id);
-                events.push(ReceiverEvent::Lost {
-                    source: stream.source.clone(),
-                    id,
-                });
-                Self::skip_to_next_available(stream, events);
+                stream.gone.insert(id);
+                Self::release(stream, events);
                 continue;
             }
             rtx.retries_left -= 1;
@@ -217,26 +223,32 @@ impl ReliableReceiver {
         self.streams.values().map(|s| s.held.len()).sum()
     }
 
-    /// Releases the in-order prefix of what is held.
-    fn release(stream: &mut Stream, events: &mut Vec<ReceiverEvent>) {
-        while let Some(message) = stream.held.remove(&stream.next) {
-            events.push(ReceiverEvent::Deliver {
-                source: stream.source.clone(),
-                id: stream.next,
-                message,
-            });
-            stream.next += 1;
-        }
+    /// Whether `id` from `source` was declared lost (its copies must not be acknowledged).
+    pub fn is_lost(&self, source: &NameKey, id: u32) -> bool {
+        self.streams
+            .get(source)
+            .is_some_and(|s| s.gone.contains(&id) || (id < s.next && s.lost_before.contains(&id)))
     }
 
-    /// After a loss: moves past ids that are lost for good, up to the first one still awaited.
-    fn skip_to_next_available(stream: &mut Stream, events: &mut Vec<ReceiverEvent>) {
+    /// Releases, in sequence order, what is held and what is known lost, up to the first id
+    /// still awaited.
+    fn release(stream: &mut Stream, events: &mut Vec<ReceiverEvent>) {
         loop {
-            Self::release(stream, events);
-            if stream.held.is_empty() || stream.missing.contains_key(&stream.next) {
+            if let Some(message) = stream.held.remove(&stream.next) {
+                events.push(ReceiverEvent::Deliver {
+                    source: stream.source.clone(),
+                    id: stream.next,
+                    message,
+                });
+            } else if stream.gone.remove(&stream.next) {
+                stream.lost_before.insert(stream.next);
+                events.push(ReceiverEvent::Lost {
+                    source: stream.source.clone(),
+                    id: stream.next,
+                });
+            } else {
                 return;
             }
-            // `next` is neither held nor awaited: it was declared lost.
             stream.next += 1;
         }
     }

@@ -116,15 +116,14 @@ impl ReliableSender {
         None
     }
 
-    /// A receiver asks for `id` again: that is its ack too. Returns the message to answer
-    /// with, or `None` when it was evicted (answer with an error reply).
-    pub fn on_rtx_request(
-        &mut self,
-        id: u32,
-        from: &NameKey,
-    ) -> (Option<&Outgoing>, Option<SenderEvent>) {
-        let event = self.on_ack(id, from);
-        (self.buffered(id), event)
+    /// A receiver asks for `id` again. Returns the message to answer with, or `None` when it
+    /// was evicted (answer with an error reply).
+    ///
+    /// Unlike the reference, the request is not taken as the receiver's ack: the answer may be
+    /// lost too, and `Delivered` must only ever mean delivered. Our receivers ack the answer;
+    /// reference receivers ack the timer's retransmission instead.
+    pub fn on_rtx_request(&self, id: u32) -> Option<&Outgoing> {
+        self.buffered(id)
     }
 
     /// An endpoint left: nothing is waited for from it any more.
@@ -276,12 +275,15 @@ mod tests {
     }
 
     #[test]
-    fn rtx_request_counts_as_ack_and_finds_buffered_messages() {
+    fn rtx_request_finds_buffered_messages_but_is_not_an_ack() {
         let mut s = ReliableSender::new(SEC, 2);
         s.sent(msg(1), vec![peer(1)], Timestamp::ZERO);
-        let (found, event) = s.on_rtx_request(1, &peer(1).key());
-        assert_eq!(found, Some(&msg(1)));
-        assert_eq!(event, Some(SenderEvent::Delivered { id: 1 }));
+        assert_eq!(s.on_rtx_request(1), Some(&msg(1)));
+        assert_eq!(s.unacked(), 1, "still waiting for the real ack");
+        assert_eq!(
+            s.on_ack(1, &peer(1).key()),
+            Some(SenderEvent::Delivered { id: 1 })
+        );
     }
 
     #[test]
@@ -294,7 +296,7 @@ mod tests {
         assert!(s.buffered(8).is_none());
         assert!(s.buffered(9).is_some());
         assert!(s.buffered(PRODUCER_BUFFER as u32 + 8).is_some());
-        assert_eq!(s.on_rtx_request(3, &peer(1).key()).0, None);
+        assert_eq!(s.on_rtx_request(3), None);
     }
 
     #[test]

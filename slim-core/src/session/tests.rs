@@ -300,7 +300,15 @@ fn unrecoverable_loss_is_reported_on_both_sides_and_the_session_goes_on() {
         p.messages_b().iter().map(|(id, _)| *id).collect::<Vec<_>>(),
         vec![1, 3]
     );
-    // The RTX request counted as the ack, so the sender does not report a failure for 2.
+    // The sender never got an ack for 2 (the RTX requests are not acks), so it reports it.
+    assert!(p
+        .events_a
+        .iter()
+        .any(|e| matches!(e, SessionEvent::SendFailed { id: 2, .. })));
+    assert!(!p
+        .events_a
+        .iter()
+        .any(|e| matches!(e, SessionEvent::Delivered { id: 2, .. })));
     p.filter = Box::new(|_, _| true);
     p.a.publish(sid, Bytes::from_static(b"after"), p.now)
         .unwrap();

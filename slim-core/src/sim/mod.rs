@@ -1,0 +1,1339 @@
+//! Deterministic simulation of SLIM nodes and applications (`shared/design/sansio.md` §6.3, the
+//! TigerBeetle VOPR / FoundationDB shape): one thread, one fake clock, one seed.
+//!
+//! * **Hosts.** Nodes are bare [`Router`]s in a full mesh. A client is composed as the adapters
+//!   compose it: its own [`Router`] with the application on a local connection and one Edge
+//!   uplink to its node, plus a [`SessionLayer`]. The layer's `Output::Send` messages enter the
+//!   client router on the local connection; what the client router delivers on the local
+//!   connection goes to [`SessionLayer::handle_message`].
+//! * **Wire.** Links carry the gRPC-framed bytes the routers emit, deframed on arrival by
+//!   [`Deframer`]. Each direction of each link has its own faults, drawn from the seed (swarm
+//!   testing): loss, duplication, delay with jitter (reordering) and partitions that open and
+//!   heal ([`scenario::LinkFaults`]). A [`Filter`] can drop chosen frames (planted faults).
+//! * **Phases.** Setup (link negotiation, each application's subscription forwarded to its node
+//!   and acknowledged, routes between nodes) runs on a clean network; then the faults are on for
+//!   the workload ([`scenario::Workload`]); then the network heals and the run settles.
+//! * **Time** jumps to the next event: a frame arriving, a workload action, or the earliest
+//!   `poll_timeout` of any core.
+//! * **Workload** ([`scenario::Workload`], drawn from the seed by [`SimConfig::swarm`]):
+//!   applications open p2p sessions (reliable with seeded timers, sometimes best-effort) to other
+//!   applications' services, publish on them from either side, send direct messages
+//!   (`publish_to`), and close some of them, from either side.
+//! * **Invariants** are checked as things happen, not only at the end (see [`Sim::step`] and the
+//!   model in `model.rs`):
+//!   * per reliable session and sender, ids 1, 2, 3, … are each delivered or reported lost
+//!     (`MessageLost`) exactly once and in order: a loss replaces a delivery, never reorders or
+//!     skips one silently; direct messages are delivered at most once;
+//!   * every delivered payload is the one its sender published on that session under that id,
+//!     from the peer that joined it;
+//!   * a sender learns at most one outcome (`Delivered` or `SendFailed`) per message, only for
+//!     messages it published; `publish` returns the next sequence id (0 while queued);
+//!   * session events only for sessions the application has, never after `Closed`;
+//!   * router gauges (`stats().subscriptions` equals the table's records and the expected count,
+//!     `connections` the expected count) and no router or session-layer drops for malformed,
+//!     forged, unroutable or looping messages; no connection closed;
+//!   * no deadline in the past, every handled deadline moves forward; no livelock (too many
+//!     steps at one instant).
+//!
+//!   After the network heals and the run settles, liveness: every message of a reliable
+//!   session that nobody closed (and published while the peer was not reported offline) was
+//!   delivered or reported lost or failed, and its sender learned an outcome — nothing vanished
+//!   silently; on a network that cannot lose frames, every session opened and everything was
+//!   delivered once and acknowledged.
+//! * **Replay.** Every [`Failure`] starts with its seed and the command that replays it.
+//!   [`Report::trace_hash`] hashes every `(now, host, output)`; two runs of one seed must agree.
+
+mod model;
+pub mod scenario;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::Hasher as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rustc_hash::FxHasher;
+use slim_proto::pb::message::MessageType;
+use slim_proto::pb::{self, SessionMessageType};
+use slim_proto::{Deframer, Name};
+
+use crate::router::{ConnId, ConnectionKind, Output, Router, RouterConfig, RouterEvent};
+use crate::session::{self, LayerConfig, SessionConfig, SessionEvent, SessionId, SessionLayer};
+use crate::Timestamp;
+
+pub use model::Outcome;
+pub use scenario::{Action, ClientSpec, LinkFaults, Side, SimConfig, Swarm, Window, Workload};
+
+use scenario::{STREAM_CORES, STREAM_NETWORK, STREAM_PAYLOADS};
+
+/// The shared secret of the simulated deployment.
+pub const SECRET: &str = "slim-simulation-shared-secret-0123456789abcdef";
+/// Unix time at `Timestamp::ZERO`, for identity tokens.
+pub const UNIX_AT_ZERO: u64 = 1_795_600_000;
+/// Steps at one instant before the run is declared livelocked.
+pub const LIVELOCK_STEPS: u64 = 200_000;
+/// Bound on the setup phase (links, subscriptions, routes) on the clean network.
+const SETUP_LIMIT: Duration = Duration::from_secs(10);
+/// After the liveness condition holds, the run goes on this long to catch late surprises
+/// (duplicate deliveries, outcomes after the fact).
+const GRACE: Duration = Duration::from_secs(2);
+
+/// The command that replays a seed.
+pub fn replay_command(seed: u64) -> String {
+    format!("SIM_SEED={seed} cargo test -p slim-core --test sim")
+}
+
+/// A broken invariant (or a core that misbehaved), with everything needed to replay it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub seed: u64,
+    /// The command that replays this run.
+    pub replay: String,
+    pub now: Timestamp,
+    pub step: u64,
+    pub message: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {} (replay: {}): at t={} ms, step {}: {}",
+            self.seed,
+            self.replay,
+            self.now.as_micros() / 1000,
+            self.step,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// What a finished run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub seed: u64,
+    /// Hash of every `(now, host, output)` of every core, in order.
+    pub trace_hash: u64,
+    pub steps: u64,
+    pub end: Timestamp,
+    /// When setup finished and the faults came on.
+    pub workload_start: Timestamp,
+    pub frames_sent: u64,
+    pub frames_dropped: u64,
+    pub frames_duplicated: u64,
+    pub frames_filtered: u64,
+    pub outcome: Outcome,
+}
+
+/// A session event as [`Sim::record_events`] keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    pub at: Timestamp,
+    pub client: usize,
+    pub event: SessionEvent,
+}
+
+/// A host of the simulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HostId {
+    Node(usize),
+    Client(usize),
+}
+
+/// A frame about to enter the wire, as a [`Filter`] sees it.
+pub struct FrameView<'a> {
+    pub now: Timestamp,
+    pub from: HostId,
+    pub to: HostId,
+    pub message: &'a pb::Message,
+}
+
+impl FrameView<'_> {
+    /// Session message type, session id and message id of a session message.
+    pub fn session(&self) -> Option<(SessionMessageType, SessionId, u32)> {
+        session_info(self.message)
+    }
+}
+
+/// The session message type, session id and message id of a publish.
+pub fn session_info(message: &pb::Message) -> Option<(SessionMessageType, SessionId, u32)> {
+    let Some(MessageType::Publish(publish)) = &message.message_type else {
+        return None;
+    };
+    let header = publish.session.as_ref()?;
+    let kind = SessionMessageType::try_from(header.session_message_type).ok()?;
+    Some((kind, header.session_id, header.message_id))
+}
+
+/// Returns `false` to drop a frame (a planted fault). Applied to every frame, in every phase.
+pub type Filter = Box<dyn FnMut(&FrameView) -> bool>;
+
+struct NodeHost {
+    router: Router,
+    /// The node's own local connection, used to install routes toward other nodes.
+    local: ConnId,
+    local_in: Deframer,
+    pending_acks: u64,
+}
+
+struct ClientHost {
+    router: Router,
+    layer: SessionLayer,
+    app: ConnId,
+    app_in: Deframer,
+    uplink: ConnId,
+    name: Name,
+    subscribed: bool,
+}
+
+struct Link {
+    /// `ends[d]` sends in direction `d`.
+    ends: [(HostId, ConnId); 2],
+    faults: [LinkFaults; 2],
+    /// Reassembly at the receiving end of direction `d`.
+    deframers: [Deframer; 2],
+}
+
+enum Event {
+    Deliver {
+        link: usize,
+        dir: usize,
+        frame: Bytes,
+    },
+    Act(Action),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Setup,
+    Workload,
+    Settle,
+}
+
+/// One simulated deployment.
+pub struct Sim {
+    seed: u64,
+    config: SimConfig,
+    now: Timestamp,
+    net_rng: ChaCha8Rng,
+    payload_rng: ChaCha8Rng,
+    nodes: Vec<NodeHost>,
+    clients: Vec<ClientHost>,
+    links: Vec<Link>,
+    endpoints: BTreeMap<(HostId, ConnId), (usize, usize)>,
+    queue: BTreeMap<(Timestamp, u64), Event>,
+    seq: u64,
+    /// Frames on the wire.
+    in_flight: u64,
+    phase: Phase,
+    workload_start: Timestamp,
+    filter: Option<Filter>,
+    model: model::Model,
+    trace: FxHasher,
+    steps: u64,
+    steps_at_now: u64,
+    frames_sent: u64,
+    frames_dropped: u64,
+    frames_duplicated: u64,
+    frames_filtered: u64,
+    /// Expected router subscription records once setup is done, per node and per client.
+    expected_records: BTreeMap<HostId, u64>,
+    events: Option<Vec<RecordedEvent>>,
+    log: bool,
+    replay: String,
+}
+
+/// Runs one seed with its swarm config: setup, workload, heal, settle, liveness.
+pub fn run_seed(seed: u64) -> Result<Report, Failure> {
+    Sim::new(seed, SimConfig::swarm(seed)).run()
+}
+
+impl Sim {
+    pub fn new(seed: u64, config: SimConfig) -> Self {
+        let mut core_rng = ChaCha8Rng::seed_from_u64(seed);
+        core_rng.set_stream(STREAM_CORES);
+        let mut net_rng = ChaCha8Rng::seed_from_u64(seed);
+        net_rng.set_stream(STREAM_NETWORK);
+        let mut payload_rng = ChaCha8Rng::seed_from_u64(seed);
+        payload_rng.set_stream(STREAM_PAYLOADS);
+        let now = Timestamp::ZERO;
+
+        let mut nodes: Vec<NodeHost> = (0..config.nodes)
+            .map(|i| {
+                let mut router = Router::new(
+                    RouterConfig {
+                        node_id: format!("node-{i}"),
+                        ..RouterConfig::default()
+                    },
+                    core_rng.random(),
+                );
+                let local = router.attach_local();
+                NodeHost {
+                    router,
+                    local,
+                    local_in: Deframer::default(),
+                    pending_acks: 0,
+                }
+            })
+            .collect();
+        let mut clients: Vec<ClientHost> = config
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(j, spec)| {
+                let layer = SessionLayer::new(
+                    LayerConfig {
+                        name: service_name(spec.service),
+                        secret: SECRET.into(),
+                        unix_at_zero: UNIX_AT_ZERO,
+                    },
+                    core_rng.random(),
+                )
+                .expect("the simulation's secret is valid");
+                let mut router = Router::new(
+                    RouterConfig {
+                        node_id: format!("client-{j}"),
+                        ..RouterConfig::default()
+                    },
+                    core_rng.random(),
+                );
+                let app = router.attach_local();
+                ClientHost {
+                    name: layer.name().clone(),
+                    router,
+                    layer,
+                    app,
+                    app_in: Deframer::default(),
+                    uplink: ConnId::MAX,
+                    subscribed: false,
+                }
+            })
+            .collect();
+
+        let mut links = Vec::new();
+        let mut endpoints = BTreeMap::new();
+        let mut add_link = |a: (HostId, ConnId), b: (HostId, ConnId), faults: [LinkFaults; 2]| {
+            let index = links.len();
+            endpoints.insert(a, (index, 0));
+            endpoints.insert(b, (index, 1));
+            links.push(Link {
+                ends: [a, b],
+                faults,
+                deframers: [Deframer::default(), Deframer::default()],
+            });
+        };
+        let mut pair = 0;
+        for i in 0..config.nodes {
+            for j in i + 1..config.nodes {
+                let dialed = nodes[i].router.dial_connection(
+                    format!("link-node-{i}-{j}"),
+                    config.node_link_kind,
+                    now,
+                );
+                let accepted = nodes[j].router.accept_connection(now);
+                add_link(
+                    (HostId::Node(i), dialed),
+                    (HostId::Node(j), accepted),
+                    config.node_links[pair].clone(),
+                );
+                pair += 1;
+            }
+        }
+        for (j, spec) in config.clients.iter().enumerate() {
+            let client = &mut clients[j];
+            client.uplink = client.router.dial_connection(
+                format!("link-client-{j}"),
+                ConnectionKind::Edge,
+                now,
+            );
+            let accepted = nodes[spec.node].router.accept_connection(now);
+            add_link(
+                (HostId::Client(j), client.uplink),
+                (HostId::Node(spec.node), accepted),
+                config.client_links[j].clone(),
+            );
+        }
+
+        let names = clients.iter().map(|c| c.name.clone()).collect();
+        let services = config.clients.iter().map(|c| c.service).collect();
+        let model = model::Model::new(names, services, config.session_count());
+        Sim {
+            seed,
+            now,
+            net_rng,
+            payload_rng,
+            nodes,
+            clients,
+            links,
+            endpoints,
+            queue: BTreeMap::new(),
+            seq: 0,
+            in_flight: 0,
+            phase: Phase::Setup,
+            workload_start: now,
+            filter: None,
+            model,
+            trace: FxHasher::default(),
+            steps: 0,
+            steps_at_now: 0,
+            frames_sent: 0,
+            frames_dropped: 0,
+            frames_duplicated: 0,
+            frames_filtered: 0,
+            expected_records: BTreeMap::new(),
+            events: None,
+            log: false,
+            replay: replay_command(seed),
+            config,
+        }
+    }
+
+    /// The replay command failures print: by default [`replay_command`], which replays a
+    /// swarm seed; a hand-built scenario names its own test.
+    pub fn set_replay(&mut self, command: impl Into<String>) {
+        self.replay = command.into();
+    }
+
+    /// Installs a planted fault.
+    pub fn set_filter(&mut self, filter: Filter) {
+        self.filter = Some(filter);
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    /// The full name (with instance id) of a client.
+    pub fn client_name(&self, client: usize) -> &Name {
+        &self.clients[client].name
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        self.model.outcome()
+    }
+
+    fn fail(&self, message: impl Into<String>) -> Failure {
+        Failure {
+            seed: self.seed,
+            replay: self.replay.clone(),
+            now: self.now,
+            step: self.steps,
+            message: message.into(),
+        }
+    }
+
+    /// Prints what happens (actions, frames on the wire, session events) to stderr, stamped
+    /// with simulated time: two runs of a seed print the same lines.
+    pub fn set_log(&mut self, on: bool) {
+        self.log = on;
+    }
+
+    fn log(&self, what: impl FnOnce() -> String) {
+        if self.log {
+            let t = self.now.as_micros();
+            eprintln!("{:>6}.{:03} ms  {}", t / 1000, t % 1000, what());
+        }
+    }
+
+    /// Keeps every session event for [`run_with_events`](Self::run_with_events).
+    pub fn record_events(&mut self, on: bool) {
+        self.events = on.then(Vec::new);
+    }
+
+    /// The session events recorded so far (see [`record_events`](Self::record_events)).
+    pub fn take_events(&mut self) -> Vec<RecordedEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The whole run: setup on a clean network, the workload with faults, heal, settle,
+    /// liveness.
+    pub fn run(self) -> Result<Report, Failure> {
+        self.run_with_events().map(|(report, _)| report)
+    }
+
+    /// [`run`](Self::run), also returning the session events recorded when
+    /// [`record_events`](Self::record_events) is on.
+    pub fn run_with_events(mut self) -> Result<(Report, Vec<RecordedEvent>), Failure> {
+        let report = self.run_phases()?;
+        Ok((report, self.events.take().unwrap_or_default()))
+    }
+
+    fn run_phases(&mut self) -> Result<Report, Failure> {
+        self.setup()?;
+        self.start_workload();
+        self.run_until(self.heal_time())?;
+        self.heal_and_settle()
+    }
+
+    /// Phase 2: the faults come on and the workload's actions are scheduled from now on.
+    pub fn start_workload(&mut self) {
+        self.phase = Phase::Workload;
+        self.workload_start = self.now;
+        for (offset, action) in std::mem::take(&mut self.config.workload.actions) {
+            self.schedule(self.workload_start + offset, Event::Act(action));
+        }
+    }
+
+    /// When setup finished and the workload started (`Timestamp::ZERO` before).
+    pub fn workload_start(&self) -> Timestamp {
+        self.workload_start
+    }
+
+    /// When the network heals: the end of the workload phase.
+    pub fn heal_time(&self) -> Timestamp {
+        self.workload_start + self.config.workload.duration
+    }
+
+    /// Steps through everything due up to `until`; then the clock reads `until`.
+    pub fn run_until(&mut self, until: Timestamp) -> Result<(), Failure> {
+        while self.next_time().is_some_and(|t| t <= until) {
+            self.step()?;
+        }
+        self.now = self.now.max(until);
+        Ok(())
+    }
+
+    /// Phase 3: the faults stop; the run goes on until every message is accounted for (plus a
+    /// grace period) or the settle bound; then liveness is judged.
+    pub fn heal_and_settle(&mut self) -> Result<Report, Failure> {
+        let heal = self.heal_time().max(self.now);
+        self.now = heal;
+        self.phase = Phase::Settle;
+        let bound = heal + self.config.settle;
+        let mut quiet_since: Option<Timestamp> = None;
+        loop {
+            if self.in_flight == 0 && self.model.all_resolved() {
+                quiet_since.get_or_insert(self.now);
+            } else {
+                quiet_since = None;
+            }
+            let limit = quiet_since.map_or(bound, |since| bound.min(since + GRACE));
+            match self.next_time() {
+                Some(t) if t <= limit => {
+                    self.step()?;
+                }
+                _ => break,
+            }
+        }
+        let problems = self.model.unresolved();
+        if !problems.is_empty() {
+            return Err(self.fail(format!(
+                "liveness: {} problem(s) {} after the heal: {}",
+                problems.len(),
+                humanize(self.now.saturating_since(heal)),
+                problems.join("; ")
+            )));
+        }
+        if !self.config.lossy() && self.filter.is_none() {
+            let problems = self.model.lossless_problems();
+            if !problems.is_empty() {
+                return Err(self.fail(format!("lossless network, yet: {}", problems.join("; "))));
+            }
+        }
+        Ok(self.report())
+    }
+
+    fn report(&self) -> Report {
+        Report {
+            seed: self.seed,
+            trace_hash: self.trace.finish(),
+            steps: self.steps,
+            end: self.now,
+            workload_start: self.workload_start,
+            frames_sent: self.frames_sent,
+            frames_dropped: self.frames_dropped,
+            frames_duplicated: self.frames_duplicated,
+            frames_filtered: self.frames_filtered,
+            outcome: self.model.outcome(),
+        }
+    }
+
+    /// Phase 1, on the clean network: links, then each application's subscription and the
+    /// routes between nodes.
+    pub fn setup(&mut self) -> Result<(), Failure> {
+        for i in 0..self.nodes.len() {
+            self.drain(HostId::Node(i))?;
+        }
+        for j in 0..self.clients.len() {
+            self.drain(HostId::Client(j))?;
+        }
+        let limit = self.now + SETUP_LIMIT;
+        while !self.links.iter().all(|l| {
+            l.ends
+                .iter()
+                .all(|(host, conn)| self.router(*host).is_established(*conn))
+        }) {
+            if self.next_time().is_none_or(|t| t > limit) || !self.step()? {
+                return Err(self.fail("setup: links did not come up on the clean network"));
+            }
+        }
+        // Each application subscribes its name through its uplink (as the adapters' clients do);
+        // nodes route the other nodes' clients over the node links (nodes do not propagate
+        // subscriptions to each other yet).
+        for j in 0..self.clients.len() {
+            let client = &self.clients[j];
+            let subscribe = subscribe_message(
+                &client.name,
+                &client.name,
+                j as u64 + 1,
+                Some(client.uplink),
+                None,
+            );
+            self.expected_records.insert(HostId::Client(j), 1);
+            let node = self.config.clients[j].node;
+            *self.expected_records.entry(HostId::Node(node)).or_insert(0) += 1;
+            let (app, now) = (client.app, self.now);
+            self.hash_app_frame(HostId::Client(j), &subscribe);
+            self.clients[j]
+                .router
+                .handle_frame(app, subscribe.encode_to_vec().into(), now);
+            self.drain(HostId::Client(j))?;
+        }
+        for i in 0..self.nodes.len() {
+            let me = Name::new("org", "sim", &format!("node-{i}"));
+            for j in 0..self.clients.len() {
+                let home = self.config.clients[j].node;
+                if home == i {
+                    continue;
+                }
+                let toward = self
+                    .links
+                    .iter()
+                    .find_map(|l| match l.ends {
+                        [(HostId::Node(a), conn), (HostId::Node(b), _)] if a == i && b == home => {
+                            Some(conn)
+                        }
+                        [(HostId::Node(a), _), (HostId::Node(b), conn)] if b == i && a == home => {
+                            Some(conn)
+                        }
+                        _ => None,
+                    })
+                    .expect("nodes are fully meshed");
+                let name = self.clients[j].name.clone();
+                let subscribe = subscribe_message(&me, &name, 1000 + j as u64, None, Some(toward));
+                *self.expected_records.entry(HostId::Node(i)).or_insert(0) += 1;
+                self.nodes[i].pending_acks += 1;
+                let (local, now) = (self.nodes[i].local, self.now);
+                self.hash_app_frame(HostId::Node(i), &subscribe);
+                self.nodes[i]
+                    .router
+                    .handle_frame(local, subscribe.encode_to_vec().into(), now);
+                self.drain(HostId::Node(i))?;
+            }
+        }
+        while !(self.clients.iter().all(|c| c.subscribed)
+            && self.nodes.iter().all(|n| n.pending_acks == 0))
+        {
+            if self.next_time().is_none_or(|t| t > limit) || !self.step()? {
+                return Err(
+                    self.fail("setup: subscriptions were not acknowledged on the clean network")
+                );
+            }
+        }
+        for host in self.hosts() {
+            self.check_router(host)?;
+        }
+        Ok(())
+    }
+
+    fn hosts(&self) -> Vec<HostId> {
+        (0..self.nodes.len())
+            .map(HostId::Node)
+            .chain((0..self.clients.len()).map(HostId::Client))
+            .collect()
+    }
+
+    fn router(&self, host: HostId) -> &Router {
+        match host {
+            HostId::Node(i) => &self.nodes[i].router,
+            HostId::Client(j) => &self.clients[j].router,
+        }
+    }
+
+    /// A host's next deadline (router and session layer).
+    fn host_timeout(&self, host: HostId) -> Option<Timestamp> {
+        match host {
+            HostId::Node(i) => self.nodes[i].router.poll_timeout().map(|(t, _)| t),
+            HostId::Client(j) => {
+                let c = &self.clients[j];
+                [
+                    c.router.poll_timeout().map(|(t, _)| t),
+                    c.layer.poll_timeout(),
+                ]
+                .into_iter()
+                .flatten()
+                .min()
+            }
+        }
+    }
+
+    fn next_timer(&self) -> Option<(Timestamp, HostId)> {
+        self.hosts()
+            .into_iter()
+            .filter_map(|h| self.host_timeout(h).map(|t| (t, h)))
+            .min()
+    }
+
+    fn next_time(&self) -> Option<Timestamp> {
+        let event = self.queue.first_key_value().map(|((t, _), _)| *t);
+        let timer = self.next_timer().map(|(t, _)| t);
+        [event, timer].into_iter().flatten().min()
+    }
+
+    fn schedule(&mut self, at: Timestamp, event: Event) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), event);
+    }
+
+    /// One step: the earliest frame arrival, workload action or deadline (events first on a
+    /// tie). Returns `false` when nothing is left to do. Invariants are checked before it returns.
+    pub fn step(&mut self) -> Result<bool, Failure> {
+        let event_at = self.queue.first_key_value().map(|((t, _), _)| *t);
+        let timer = self.next_timer();
+        let (at, host) = match (event_at, timer) {
+            (None, None) => return Ok(false),
+            (Some(e), Some((t, host))) if t < e => (t, Some(host)),
+            (None, Some((t, host))) => (t, Some(host)),
+            (Some(e), _) => (e, None),
+        };
+        if at < self.now {
+            return Err(self.fail(format!(
+                "time would go back: next event at {} µs, now {} µs",
+                at.as_micros(),
+                self.now.as_micros()
+            )));
+        }
+        self.steps += 1;
+        if at == self.now {
+            self.steps_at_now += 1;
+            if self.steps_at_now > LIVELOCK_STEPS {
+                return Err(self.fail(format!(
+                    "livelock: {LIVELOCK_STEPS} steps without time moving (next: {})",
+                    match host {
+                        Some(h) => format!("deadline of {h:?}"),
+                        None => "a queued event".into(),
+                    }
+                )));
+            }
+        } else {
+            self.now = at;
+            self.steps_at_now = 0;
+        }
+        let touched = match host {
+            Some(host) => {
+                self.timeout(host)?;
+                host
+            }
+            None => {
+                let (_, event) = self.queue.pop_first().expect("peeked");
+                match event {
+                    Event::Deliver { link, dir, frame } => {
+                        self.in_flight -= 1;
+                        self.deliver(link, dir, frame)?
+                    }
+                    Event::Act(action) => self.act(action)?,
+                }
+            }
+        };
+        self.check_router(touched)?;
+        self.check_session_stats(touched)?;
+        for h in self.hosts() {
+            if let Some(t) = self.host_timeout(h) {
+                if t < self.now {
+                    return Err(self.fail(format!(
+                        "{h:?} asks to be woken at {} µs, in the past (now {} µs)",
+                        t.as_micros(),
+                        self.now.as_micros()
+                    )));
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn timeout(&mut self, host: HostId) -> Result<(), Failure> {
+        let now = self.now;
+        self.trace_write(host, b"timeout", &[]);
+        match host {
+            HostId::Node(i) => self.nodes[i].router.handle_timeout(now),
+            HostId::Client(j) => {
+                self.clients[j].router.handle_timeout(now);
+                self.clients[j].layer.handle_timeout(now);
+            }
+        }
+        self.drain(host)?;
+        // A handled deadline must move forward (sansio.md §5.1 rule 4), else the driver spins.
+        let (router, layer) = match host {
+            HostId::Node(i) => (self.nodes[i].router.poll_timeout().map(|(t, _)| t), None),
+            HostId::Client(j) => (
+                self.clients[j].router.poll_timeout().map(|(t, _)| t),
+                self.clients[j].layer.poll_timeout(),
+            ),
+        };
+        for (core, deadline) in [("router", router), ("session layer", layer)] {
+            if let Some(t) = deadline.filter(|t| *t <= now) {
+                return Err(self.fail(format!(
+                    "{host:?}: {core} deadline {} µs not moved past now after handle_timeout",
+                    t.as_micros()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, link: usize, dir: usize, frame: Bytes) -> Result<HostId, Failure> {
+        let (host, conn) = self.links[link].ends[1 - dir];
+        self.links[link].deframers[dir].push(&frame);
+        loop {
+            let body = match self.links[link].deframers[dir].next_frame() {
+                Ok(Some(body)) => body,
+                Ok(None) => break,
+                Err(error) => {
+                    return Err(self.fail(format!("{host:?}: undecodable frame: {error}")))
+                }
+            };
+            let now = self.now;
+            self.trace_write(host, b"frame", &body);
+            match host {
+                HostId::Node(i) => self.nodes[i].router.handle_frame(conn, body, now),
+                HostId::Client(j) => self.clients[j].router.handle_frame(conn, body, now),
+            }
+            self.drain(host)?;
+        }
+        Ok(host)
+    }
+
+    fn act(&mut self, action: Action) -> Result<HostId, Failure> {
+        let now = self.now;
+        self.log(|| {
+            format!(
+                "action {action:?} (endpoints {:?} / {:?})",
+                self.model
+                    .endpoint(action_session(&action), Side::Initiator),
+                self.model
+                    .endpoint(action_session(&action), Side::Participant)
+            )
+        });
+        let mut touched = HostId::Node(0);
+        match action {
+            Action::Open {
+                session,
+                client,
+                service,
+                reliability,
+            } => {
+                let config = SessionConfig {
+                    reliability,
+                    metadata: BTreeMap::new(),
+                };
+                let id =
+                    self.clients[client]
+                        .layer
+                        .create_session(&service_name(service), config, now);
+                self.model
+                    .opened(session, client, service, reliability.is_some(), id)
+                    .map_err(|e| self.fail(e))?;
+                touched = HostId::Client(client);
+                self.drain(touched)?;
+            }
+            Action::Publish {
+                session,
+                side,
+                count,
+            } => {
+                let Some((client, id)) = self.model.endpoint(session, side) else {
+                    return Ok(touched);
+                };
+                touched = HostId::Client(client);
+                for n in 0..count {
+                    let payload = self.payload(session, side, n);
+                    let result = self.clients[client].layer.publish(id, payload.clone(), now);
+                    self.model
+                        .published(session, side, payload, result)
+                        .map_err(|e| self.fail(e))?;
+                    self.drain(touched)?;
+                }
+            }
+            Action::PublishTo {
+                session,
+                side,
+                by_service,
+            } => {
+                let Some((client, id)) = self.model.endpoint(session, side) else {
+                    return Ok(touched);
+                };
+                let Some((peer, _)) = self.model.endpoint(session, side.other()) else {
+                    return Ok(touched);
+                };
+                touched = HostId::Client(client);
+                let mut to = self.clients[peer].name.clone();
+                if by_service {
+                    to = to.with_instance(slim_proto::name::ANY_INSTANCE);
+                }
+                let payload = self.payload(session, side, u32::MAX);
+                let result = self.clients[client]
+                    .layer
+                    .publish_to(id, &to, payload.clone(), now);
+                self.model
+                    .published_direct(session, side, payload, result)
+                    .map_err(|e| self.fail(e))?;
+                self.drain(touched)?;
+            }
+            Action::Close { session, side } => {
+                let Some((client, id)) = self.model.endpoint(session, side) else {
+                    return Ok(touched);
+                };
+                touched = HostId::Client(client);
+                let result = self.clients[client].layer.close(id, now);
+                self.model
+                    .close_requested(session, side, result)
+                    .map_err(|e| self.fail(e))?;
+                self.drain(touched)?;
+            }
+        }
+        Ok(touched)
+    }
+
+    /// A payload that names its session and side, with seeded filler so sizes vary.
+    fn payload(&mut self, session: usize, side: Side, n: u32) -> Bytes {
+        let filler = self.payload_rng.random_range(0..256usize);
+        let mut payload = format!("s{session}/{side:?}/{n}/").into_bytes();
+        payload.extend((0..filler).map(|_| self.payload_rng.random::<u8>()));
+        Bytes::from(payload)
+    }
+
+    /// Carries out a host's outputs until its cores are quiet.
+    fn drain(&mut self, host: HostId) -> Result<(), Failure> {
+        match host {
+            HostId::Node(i) => {
+                while let Some(output) = self.nodes[i].router.poll_output() {
+                    self.trace_output(host, &output);
+                    match output {
+                        Output::Transmit { conn, frame } if conn == self.nodes[i].local => {
+                            self.nodes[i].local_in.push(&frame);
+                            while let Some(message) = self.next_local(host)? {
+                                self.node_local(i, message)?;
+                            }
+                        }
+                        Output::Transmit { conn, frame } => self.transmit(host, conn, frame)?,
+                        other => self.router_event(host, other)?,
+                    }
+                }
+                Ok(())
+            }
+            HostId::Client(j) => {
+                let mut rounds = 0u64;
+                loop {
+                    rounds += 1;
+                    if rounds > LIVELOCK_STEPS {
+                        return Err(self.fail(format!(
+                            "livelock: {host:?}'s router and session layer keep feeding each other"
+                        )));
+                    }
+                    let mut moved = false;
+                    while let Some(output) = self.clients[j].router.poll_output() {
+                        moved = true;
+                        self.trace_output(host, &output);
+                        match output {
+                            Output::Transmit { conn, frame } if conn == self.clients[j].app => {
+                                self.clients[j].app_in.push(&frame);
+                                while let Some(message) = self.next_local(host)? {
+                                    self.client_local(j, message)?;
+                                }
+                            }
+                            Output::Transmit { conn, frame } => self.transmit(host, conn, frame)?,
+                            other => self.router_event(host, other)?,
+                        }
+                    }
+                    while let Some(output) = self.clients[j].layer.poll_output() {
+                        moved = true;
+                        match output {
+                            session::Output::Send(message) => {
+                                let body = Bytes::from(message.encode_to_vec());
+                                self.trace_write(host, b"send", &body);
+                                let (app, now) = (self.clients[j].app, self.now);
+                                self.clients[j].router.handle_frame(app, body, now);
+                            }
+                            session::Output::Event(event) => {
+                                self.log(|| format!("client {j}: {event:?}"));
+                                self.trace_event(host, &event);
+                                self.model
+                                    .on_event(j, &event, self.now)
+                                    .map_err(|e| self.fail(e))?;
+                                if let Some(events) = self.events.as_mut() {
+                                    events.push(RecordedEvent {
+                                        at: self.now,
+                                        client: j,
+                                        event,
+                                    });
+                                }
+                            }
+                            other => {
+                                return Err(self.fail(format!(
+                                "{host:?}: the simulation models p2p sessions only, got {other:?}"
+                            )))
+                            }
+                        }
+                    }
+                    if !moved {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_local(&mut self, host: HostId) -> Result<Option<pb::Message>, Failure> {
+        let deframer = match host {
+            HostId::Node(i) => &mut self.nodes[i].local_in,
+            HostId::Client(j) => &mut self.clients[j].app_in,
+        };
+        let body = match deframer.next_frame() {
+            Ok(Some(body)) => body,
+            Ok(None) => return Ok(None),
+            Err(error) => return Err(self.fail(format!("{host:?}: bad local frame: {error}"))),
+        };
+        pb::Message::decode(body)
+            .map(Some)
+            .map_err(|error| self.fail(format!("{host:?}: undecodable local message: {error}")))
+    }
+
+    fn node_local(&mut self, node: usize, message: pb::Message) -> Result<(), Failure> {
+        match message.message_type {
+            Some(MessageType::SubscriptionAck(ack))
+                if ack.success && self.nodes[node].pending_acks > 0 =>
+            {
+                self.nodes[node].pending_acks -= 1;
+                Ok(())
+            }
+            other => Err(self.fail(format!(
+                "node {node}: unexpected message on its local connection: {other:?}"
+            ))),
+        }
+    }
+
+    fn client_local(&mut self, client: usize, message: pb::Message) -> Result<(), Failure> {
+        match &message.message_type {
+            Some(MessageType::SubscriptionAck(ack)) => {
+                if !ack.success || self.clients[client].subscribed {
+                    return Err(self.fail(format!(
+                        "client {client}: unexpected subscription ack {ack:?}"
+                    )));
+                }
+                self.clients[client].subscribed = true;
+                Ok(())
+            }
+            Some(MessageType::Publish(_)) => {
+                let now = self.now;
+                self.clients[client].layer.handle_message(message, now);
+                Ok(())
+            }
+            other => Err(self.fail(format!(
+                "client {client}: unexpected message for the application: {other:?}"
+            ))),
+        }
+    }
+
+    fn router_event(&mut self, host: HostId, output: Output) -> Result<(), Failure> {
+        match output {
+            Output::Event(RouterEvent::LinkEstablished { .. }) => Ok(()),
+            Output::Close { conn, code, reason } => Err(self.fail(format!(
+                "{host:?} closed connection {conn} (grpc-status {code}): {reason}"
+            ))),
+            Output::Event(RouterEvent::ConnectionRemoved { conn, .. }) => {
+                Err(self.fail(format!("{host:?} removed connection {conn}")))
+            }
+            Output::Transmit { .. } => unreachable!("handled by drain"),
+        }
+    }
+
+    /// A frame enters the wire: filter, then (while faults are on) partitions, loss,
+    /// duplication and jitter.
+    fn transmit(&mut self, from: HostId, conn: ConnId, frame: Bytes) -> Result<(), Failure> {
+        let Some(&(link, dir)) = self.endpoints.get(&(from, conn)) else {
+            return Err(self.fail(format!(
+                "{from:?} transmits on connection {conn}, which is no link"
+            )));
+        };
+        self.frames_sent += 1;
+        if let Some(filter) = self.filter.as_mut() {
+            let mut deframer = Deframer::default();
+            deframer.push(&frame);
+            let message = deframer
+                .next_frame()
+                .ok()
+                .flatten()
+                .and_then(|body| pb::Message::decode(body).ok());
+            if let Some(message) = message {
+                let view = FrameView {
+                    now: self.now,
+                    from,
+                    to: self.links[link].ends[1 - dir].0,
+                    message: &message,
+                };
+                if !filter(&view) {
+                    self.frames_filtered += 1;
+                    return Ok(());
+                }
+            }
+        }
+        if self.log {
+            let to = self.links[link].ends[1 - dir].0;
+            let what = frame_summary(&frame);
+            self.log(|| format!("wire {from:?} -> {to:?}: {what}"));
+        }
+        let faults = &self.links[link].faults[dir];
+        let mut copies = 1;
+        let mut jitter = Duration::ZERO;
+        let offset = self.now.saturating_since(self.workload_start);
+        if self.phase == Phase::Workload && offset >= self.config.workload.faults_after {
+            if faults.partitions.iter().any(|w| w.contains(offset))
+                || (faults.loss > 0.0 && self.net_rng.random_bool(faults.loss))
+            {
+                self.frames_dropped += 1;
+                self.log(|| "  dropped".into());
+                return Ok(());
+            }
+            if faults.dup > 0.0 && self.net_rng.random_bool(faults.dup) {
+                copies = 2;
+                self.frames_duplicated += 1;
+                self.log(|| "  duplicated".into());
+            }
+            jitter = faults.jitter;
+        }
+        let delay = faults.delay;
+        for _ in 0..copies {
+            self.in_flight += 1;
+            let extra = if jitter.is_zero() {
+                Duration::ZERO
+            } else {
+                Duration::from_micros(self.net_rng.random_range(0..=jitter.as_micros() as u64))
+            };
+            self.schedule(
+                self.now + delay + extra,
+                Event::Deliver {
+                    link,
+                    dir,
+                    frame: frame.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn check_router(&self, host: HostId) -> Result<(), Failure> {
+        let router = self.router(host);
+        let stats = router.stats();
+        let records = router.table().record_count() as u64;
+        if stats.subscriptions != records {
+            return Err(self.fail(format!(
+                "{host:?}: stats().subscriptions = {} but the table holds {records} records",
+                stats.subscriptions
+            )));
+        }
+        if self.phase != Phase::Setup {
+            let expected = self.expected_records.get(&host).copied().unwrap_or(0);
+            if records != expected {
+                return Err(self.fail(format!(
+                    "{host:?}: {records} subscription records, expected {expected}"
+                )));
+            }
+            let conns = match host {
+                HostId::Node(i) => {
+                    let homed = self.config.clients.iter().filter(|c| c.node == i).count();
+                    (self.nodes.len() - 1 + homed + 1) as u64
+                }
+                HostId::Client(_) => 2,
+            };
+            if stats.connections != conns {
+                return Err(self.fail(format!(
+                    "{host:?}: {} connections, expected {conns}",
+                    stats.connections
+                )));
+            }
+        }
+        // Nothing in this simulation is malformed, forged, looping or unroutable.
+        let bad: Vec<String> = stats
+            .drops()
+            .map(|(reason, n)| format!("{reason}: {n}"))
+            .collect();
+        if !bad.is_empty() {
+            return Err(self.fail(format!(
+                "{host:?}: router dropped messages ({})",
+                bad.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_session_stats(&self, host: HostId) -> Result<(), Failure> {
+        let HostId::Client(j) = host else {
+            return Ok(());
+        };
+        let stats = self.clients[j].layer.stats();
+        for reason in [
+            session::SessionDrop::Malformed,
+            session::SessionDrop::BadToken,
+            session::SessionDrop::BadSignature,
+            session::SessionDrop::OutOfWindow,
+        ] {
+            if stats.dropped(reason) > 0 {
+                return Err(self.fail(format!(
+                    "{host:?}: session layer dropped {} message(s) as {reason:?}",
+                    stats.dropped(reason)
+                )));
+            }
+        }
+        if stats.identity_binding_mismatches > 0 || stats.unsigned_payloads > 0 {
+            return Err(self.fail(format!("{host:?}: identity problems: {stats:?}")));
+        }
+        Ok(())
+    }
+
+    fn trace_write(&mut self, host: HostId, tag: &[u8], bytes: &[u8]) {
+        self.trace.write_u64(self.now.as_micros());
+        let (kind, index) = match host {
+            HostId::Node(i) => (0u8, i),
+            HostId::Client(j) => (1u8, j),
+        };
+        self.trace.write_u8(kind);
+        self.trace.write_usize(index);
+        self.trace.write(tag);
+        self.trace.write_usize(bytes.len());
+        self.trace.write(bytes);
+    }
+
+    /// Session events, hashed field by field (the hot ones without formatting).
+    fn trace_event(&mut self, host: HostId, event: &SessionEvent) {
+        match event {
+            SessionEvent::Message {
+                session,
+                source,
+                id,
+                payload,
+                payload_type,
+                metadata,
+            } => {
+                let mut head = Vec::with_capacity(64);
+                head.extend_from_slice(&session.to_le_bytes());
+                head.extend_from_slice(&id.to_le_bytes());
+                let key = source.key();
+                for c in key.components {
+                    head.extend_from_slice(&c.to_le_bytes());
+                }
+                head.extend_from_slice(&key.id.to_le_bytes());
+                head.extend_from_slice(payload_type.as_bytes());
+                for (k, v) in metadata {
+                    head.extend_from_slice(k.as_bytes());
+                    head.push(0);
+                    head.extend_from_slice(v.as_bytes());
+                    head.push(0);
+                }
+                self.trace_write(host, b"message", &head);
+                self.trace.write(payload);
+            }
+            SessionEvent::Delivered { session, id } => {
+                let mut head = session.to_le_bytes().to_vec();
+                head.extend_from_slice(&id.to_le_bytes());
+                self.trace_write(host, b"delivered", &head);
+            }
+            other => self.trace_write(host, b"event", format!("{other:?}").as_bytes()),
+        }
+    }
+
+    fn trace_output(&mut self, host: HostId, output: &Output) {
+        match output {
+            Output::Transmit { conn, frame } => {
+                let mut tag = *b"transmit........";
+                tag[8..].copy_from_slice(&conn.to_le_bytes());
+                self.trace_write(host, &tag, frame);
+            }
+            other => self.trace_write(host, b"router", format!("{other:?}").as_bytes()),
+        }
+    }
+
+    fn hash_app_frame(&mut self, host: HostId, message: &pb::Message) {
+        let body = message.encode_to_vec();
+        self.trace_write(host, b"local", &body);
+    }
+}
+
+fn action_session(action: &Action) -> usize {
+    match action {
+        Action::Open { session, .. }
+        | Action::Publish { session, .. }
+        | Action::PublishTo { session, .. }
+        | Action::Close { session, .. } => *session,
+    }
+}
+
+/// `org/sim/svc<k>`, any instance.
+pub fn service_name(service: usize) -> Name {
+    Name::new("org", "sim", &format!("svc{service}"))
+}
+
+fn subscribe_message(
+    source: &Name,
+    name: &Name,
+    subscription_id: u64,
+    forward_to: Option<ConnId>,
+    recv_from: Option<ConnId>,
+) -> pb::Message {
+    pb::Message {
+        message_type: Some(MessageType::Subscribe(pb::Subscribe {
+            header: Some(pb::SlimHeader {
+                source: Some(source.to_pb()),
+                destination: Some(name.to_pb()),
+                fanout: 1,
+                ttl: slim_proto::DEFAULT_TTL,
+                forward_to,
+                recv_from,
+                ..Default::default()
+            }),
+            subscription_id,
+        })),
+        metadata: Default::default(),
+    }
+}
+
+fn frame_summary(frame: &Bytes) -> String {
+    let mut deframer = Deframer::default();
+    deframer.push(frame);
+    let Some(message) = deframer
+        .next_frame()
+        .ok()
+        .flatten()
+        .and_then(|body| pb::Message::decode(body).ok())
+    else {
+        return "undecodable".into();
+    };
+    match (&message.message_type, session_info(&message)) {
+        (Some(MessageType::Publish(p)), Some((kind, session, id))) => {
+            let dest = p
+                .header
+                .as_ref()
+                .and_then(|h| h.destination.as_ref())
+                .and_then(Name::from_pb)
+                .map(|n| n.to_string())
+                .unwrap_or_default();
+            format!("{kind:?} session {session} id {id} to {dest}")
+        }
+        (Some(MessageType::Link(_)), _) => "link negotiation".into(),
+        (Some(MessageType::Subscribe(_)), _) => "subscribe".into(),
+        (Some(MessageType::SubscriptionAck(_)), _) => "subscription ack".into(),
+        (other, _) => format!("{other:?}"),
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}

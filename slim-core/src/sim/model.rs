@@ -1,0 +1,690 @@
+//! The reference model: what each application published and what each one was told. Every
+//! session event is checked against it the moment it happens (ordering, provenance, at most
+//! once); [`Model::check_liveness`] judges the end state once the network healed and settled.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use slim_proto::{Name, NameKey};
+
+use crate::session::sender::MAX_SEQUENCE_ID;
+use crate::session::{CloseReason, SessionEvent, SessionId};
+use crate::Timestamp;
+
+use super::scenario::Side;
+
+/// What the receiver or the sender of one stream reported about one message.
+#[derive(Debug, Default)]
+pub(crate) struct Stream {
+    /// Message `id` is `published[id - 1]`.
+    pub published: Vec<Bytes>,
+    /// Receiver: `Message` events per id.
+    pub delivered: BTreeMap<u32, u32>,
+    /// Receiver: `MessageLost` ids.
+    pub lost: BTreeSet<u32>,
+    /// Receiver: the highest id delivered or reported lost.
+    pub last: u32,
+    /// Sender: `Delivered` ids.
+    pub acked: BTreeSet<u32>,
+    /// Sender: `SendFailed` ids.
+    pub failed: BTreeSet<u32>,
+    /// Direct messages (`publish_to`) by id: outside the sequence, delivered on arrival.
+    pub direct: BTreeMap<u32, Bytes>,
+    /// Ids published while the sender had marked its peer offline: the layer does not wait for
+    /// them (no `Delivered`/`SendFailed`), so liveness does not judge them.
+    pub unwaited: BTreeSet<u32>,
+}
+
+impl Stream {
+    /// Every message id sent: the sequence, then the direct messages.
+    fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        (1..=self.published.len() as u32).chain(self.direct.keys().copied())
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct SessionModel {
+    pub initiator: usize,
+    pub service: usize,
+    pub reliable: bool,
+    pub id: SessionId,
+    pub participant: Option<usize>,
+    /// The peer the initiator's `Established` named.
+    pub established_with: Option<NameKey>,
+    pub close_requested: [bool; 2],
+    pub closed: [Option<CloseReason>; 2],
+    /// `peer_offline[s]`: side `s` reported its peer offline (`MemberState`).
+    pub peer_offline: [bool; 2],
+    /// `streams[s]`: the messages side `s` sent.
+    pub streams: [Stream; 2],
+}
+
+impl SessionModel {
+    fn client(&self, side: Side) -> Option<usize> {
+        match side {
+            Side::Initiator => Some(self.initiator),
+            Side::Participant => self.participant,
+        }
+    }
+
+    fn any_closed(&self) -> bool {
+        self.closed.iter().any(Option::is_some)
+            || self.close_requested.iter().any(|requested| *requested)
+    }
+}
+
+/// Totals of a run, for reports and the bench.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub sessions_opened: u64,
+    pub sessions_established: u64,
+    pub published: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub acked: u64,
+    pub failed: u64,
+    pub closed: u64,
+    /// Messages the sender reported `Delivered` while the receiver reported them lost (the
+    /// sender counts a retransmission request as an acknowledgement).
+    pub acked_but_lost: u64,
+    /// Messages the liveness check judged (reliable sessions nobody closed, peer not offline).
+    pub judged: u64,
+}
+
+pub(crate) struct Model {
+    names: Vec<Name>,
+    services: Vec<usize>,
+    pub sessions: Vec<Option<SessionModel>>,
+    /// Per client: its sessions by id.
+    by_client: Vec<BTreeMap<SessionId, (usize, Side)>>,
+}
+
+type Check = Result<(), String>;
+
+impl Model {
+    pub fn new(names: Vec<Name>, services: Vec<usize>, sessions: usize) -> Self {
+        let clients = names.len();
+        Self {
+            names,
+            services,
+            sessions: (0..sessions).map(|_| None).collect(),
+            by_client: (0..clients).map(|_| BTreeMap::new()).collect(),
+        }
+    }
+
+    /// The client and session id of one side of a logical session, if that side exists.
+    pub fn endpoint(&self, session: usize, side: Side) -> Option<(usize, SessionId)> {
+        let s = self.sessions.get(session)?.as_ref()?;
+        Some((s.client(side)?, s.id))
+    }
+
+    pub fn opened(
+        &mut self,
+        session: usize,
+        client: usize,
+        service: usize,
+        reliable: bool,
+        id: SessionId,
+    ) -> Check {
+        if self.by_client[client].contains_key(&id) {
+            return Err(format!(
+                "client {client} reused session id {id} for a new session"
+            ));
+        }
+        self.by_client[client].insert(id, (session, Side::Initiator));
+        self.sessions[session] = Some(SessionModel {
+            initiator: client,
+            service,
+            reliable,
+            id,
+            participant: None,
+            established_with: None,
+            close_requested: [false; 2],
+            closed: [None, None],
+            peer_offline: [false; 2],
+            streams: Default::default(),
+        });
+        Ok(())
+    }
+
+    /// The application published a message: `result` is what `publish` returned.
+    pub fn published(
+        &mut self,
+        session: usize,
+        side: Side,
+        payload: Bytes,
+        result: Result<u32, crate::session::SessionError>,
+    ) -> Check {
+        let Some(s) = self.sessions[session].as_mut() else {
+            return Ok(());
+        };
+        let stream = &mut s.streams[side.index()];
+        let expected = stream.published.len() as u32 + 1;
+        if s.peer_offline[side.index()] {
+            stream.unwaited.insert(expected);
+        }
+        match result {
+            Ok(0) if side == Side::Initiator && s.established_with.is_none() => {
+                stream.published.push(payload);
+                Ok(())
+            }
+            Ok(id) if id == expected => {
+                stream.published.push(payload);
+                Ok(())
+            }
+            Ok(id) => Err(format!(
+                "session {} ({side:?}): publish returned id {id}, expected {expected}",
+                s.id
+            )),
+            Err(crate::session::SessionError::Closing(_))
+                if s.close_requested[side.index()] || s.closed[side.index()].is_some() =>
+            {
+                Ok(())
+            }
+            Err(crate::session::SessionError::UnknownSession(_))
+                if s.closed[side.index()].is_some() =>
+            {
+                Ok(())
+            }
+            Err(error) => Err(format!(
+                "session {} ({side:?}): publish refused: {error}",
+                s.id
+            )),
+        }
+    }
+
+    /// The application sent a direct message: `result` is what `publish_to` returned.
+    pub fn published_direct(
+        &mut self,
+        session: usize,
+        side: Side,
+        payload: Bytes,
+        result: Result<u32, crate::session::SessionError>,
+    ) -> Check {
+        let Some(s) = self.sessions[session].as_mut() else {
+            return Ok(());
+        };
+        let established = match side {
+            Side::Initiator => s.established_with.is_some(),
+            Side::Participant => true,
+        };
+        let stream = &mut s.streams[side.index()];
+        match result {
+            Ok(id) if id > MAX_SEQUENCE_ID && !stream.direct.contains_key(&id) => {
+                if s.peer_offline[side.index()] {
+                    stream.unwaited.insert(id);
+                }
+                stream.direct.insert(id, payload);
+                Ok(())
+            }
+            Ok(id) => Err(format!(
+                "session {} ({side:?}): publish_to returned id {id}, inside the sequence or reused",
+                s.id
+            )),
+            // Before the handshake finished (a participant may still wait for its welcome).
+            Err(crate::session::SessionError::NotEstablished(_))
+                if !established || side == Side::Participant =>
+            {
+                Ok(())
+            }
+            Err(crate::session::SessionError::Closing(_))
+                if s.close_requested[side.index()] || s.closed[side.index()].is_some() =>
+            {
+                Ok(())
+            }
+            Err(crate::session::SessionError::UnknownSession(_))
+                if s.closed[side.index()].is_some() =>
+            {
+                Ok(())
+            }
+            Err(error) => Err(format!(
+                "session {} ({side:?}): publish_to refused: {error}",
+                s.id
+            )),
+        }
+    }
+
+    pub fn close_requested(
+        &mut self,
+        session: usize,
+        side: Side,
+        result: Result<(), crate::session::SessionError>,
+    ) -> Check {
+        let Some(s) = self.sessions[session].as_mut() else {
+            return Ok(());
+        };
+        match result {
+            Ok(()) => {
+                s.close_requested[side.index()] = true;
+                Ok(())
+            }
+            Err(_) if s.closed[side.index()].is_some() || s.close_requested[side.index()] => Ok(()),
+            Err(error) => Err(format!(
+                "session {} ({side:?}): close refused: {error}",
+                s.id
+            )),
+        }
+    }
+
+    /// A session event at client `client`: checked against everything known so far.
+    pub fn on_event(&mut self, client: usize, event: &SessionEvent, _now: Timestamp) -> Check {
+        match event {
+            SessionEvent::Incoming {
+                session,
+                peer,
+                group,
+                ..
+            } => self.on_incoming(client, *session, peer, *group),
+            SessionEvent::Established { session, peer } => {
+                let (index, side) = self.lookup(client, *session, "Established")?;
+                let s = self.sessions[index].as_mut().expect("looked up");
+                if side != Side::Initiator || s.established_with.is_some() {
+                    return Err(format!(
+                        "client {client}: unexpected Established for session {session}"
+                    ));
+                }
+                if peer.key().components
+                    != self.names[first_of(&self.services, s.service)?]
+                        .key()
+                        .components
+                {
+                    return Err(format!(
+                        "client {client}: session {session} established with {peer}, not an instance of the service it opened"
+                    ));
+                }
+                if let Some(p) = s.participant {
+                    if self.names[p].key() != peer.key() {
+                        return Err(format!(
+                            "client {client}: session {session} established with {peer} but client {p} joined it"
+                        ));
+                    }
+                }
+                s.established_with = Some(peer.key());
+                Ok(())
+            }
+            SessionEvent::Message {
+                session,
+                source,
+                id,
+                payload,
+                ..
+            } => {
+                let (index, side) = self.lookup(client, *session, "Message")?;
+                let sender = side.other();
+                let s = self.sessions[index].as_mut().expect("looked up");
+                let sender_client = s.client(sender);
+                if sender_client.map(|c| self.names[c].key()) != Some(source.key()) {
+                    return Err(format!(
+                        "client {client}: session {session}: message {id} from {source}, not the peer"
+                    ));
+                }
+                let reliable = s.reliable;
+                let stream = &mut s.streams[sender.index()];
+                if *id > MAX_SEQUENCE_ID {
+                    if stream.direct.get(id) != Some(payload) {
+                        return Err(format!(
+                            "client {client}: session {session}: direct message {id} from {sender:?} is not one it sent"
+                        ));
+                    }
+                    let count = stream.delivered.entry(*id).or_insert(0);
+                    *count += 1;
+                    if *count > 1 {
+                        return Err(format!(
+                            "client {client}: session {session}: direct message {id} from {sender:?} delivered {count} times"
+                        ));
+                    }
+                    return Ok(());
+                }
+                let published = stream.published.get((*id as usize).wrapping_sub(1));
+                if published != Some(payload) {
+                    return Err(format!(
+                        "client {client}: session {session}: message {id} from {sender:?} is not what it published \
+                         ({} bytes delivered, {} messages published)",
+                        payload.len(),
+                        stream.published.len()
+                    ));
+                }
+                let count = stream.delivered.entry(*id).or_insert(0);
+                *count += 1;
+                if reliable {
+                    // p2p streams start at 1, and every id is delivered or reported lost, in order.
+                    if *id != stream.last + 1 {
+                        return Err(format!(
+                            "client {client}: session {session}: message {id} from {sender:?} delivered after {} \
+                             ({}; delivered {} time(s))",
+                            stream.last,
+                            skipped_or_reordered(*id, stream.last),
+                            count
+                        ));
+                    }
+                    stream.last = *id;
+                }
+                Ok(())
+            }
+            SessionEvent::MessageLost {
+                session,
+                source,
+                id,
+            } => {
+                let (index, side) = self.lookup(client, *session, "MessageLost")?;
+                let sender = side.other();
+                let s = self.sessions[index].as_mut().expect("looked up");
+                if s.client(sender).map(|c| self.names[c].key()) != Some(source.key()) {
+                    return Err(format!(
+                        "client {client}: session {session}: loss of {id} reported for {source}, not the peer"
+                    ));
+                }
+                if !s.reliable {
+                    return Err(format!(
+                        "client {client}: session {session}: MessageLost on a best-effort session"
+                    ));
+                }
+                let stream = &mut s.streams[sender.index()];
+                if *id as usize > stream.published.len() {
+                    return Err(format!(
+                        "client {client}: session {session}: message {id} reported lost, but only {} were published",
+                        stream.published.len()
+                    ));
+                }
+                if *id != stream.last + 1 {
+                    return Err(format!(
+                        "client {client}: session {session}: message {id} reported lost after {} was delivered or lost ({})",
+                        stream.last,
+                        skipped_or_reordered(*id, stream.last),
+                    ));
+                }
+                stream.lost.insert(*id);
+                stream.last = *id;
+                Ok(())
+            }
+            SessionEvent::Delivered { session, id }
+            | SessionEvent::SendFailed { session, id, .. } => {
+                let what = if matches!(event, SessionEvent::Delivered { .. }) {
+                    "Delivered"
+                } else {
+                    "SendFailed"
+                };
+                let (index, side) = self.lookup(client, *session, what)?;
+                let s = self.sessions[index].as_mut().expect("looked up");
+                let peer = s.client(side.other()).map(|c| self.names[c].key());
+                let stream = &mut s.streams[side.index()];
+                if *id == 0
+                    || (*id as usize > stream.published.len() && !stream.direct.contains_key(id))
+                {
+                    return Err(format!(
+                        "client {client}: session {session}: {what} for message {id}, but {} were published",
+                        stream.published.len()
+                    ));
+                }
+                if stream.acked.contains(id) || stream.failed.contains(id) {
+                    return Err(format!(
+                        "client {client}: session {session}: second outcome ({what}) for message {id}"
+                    ));
+                }
+                if let SessionEvent::SendFailed { missing, .. } = event {
+                    if missing.len() != 1 || Some(missing[0].key()) != peer {
+                        return Err(format!(
+                            "client {client}: session {session}: SendFailed for {id} names {missing:?}, not the peer"
+                        ));
+                    }
+                    stream.failed.insert(*id);
+                } else {
+                    stream.acked.insert(*id);
+                }
+                Ok(())
+            }
+            SessionEvent::Closed { session, reason } => {
+                let (index, side) = self.lookup(client, *session, "Closed")?;
+                let s = self.sessions[index].as_mut().expect("looked up");
+                s.closed[side.index()] = Some(reason.clone());
+                Ok(())
+            }
+            SessionEvent::MemberState {
+                session,
+                member,
+                online,
+            } => {
+                let (index, side) = self.lookup(client, *session, "MemberState")?;
+                let s = self.sessions[index].as_mut().expect("looked up");
+                if s.client(side.other()).map(|c| self.names[c].key()) != Some(member.key()) {
+                    return Err(format!(
+                        "client {client}: session {session}: state of {member}, who is not the peer"
+                    ));
+                }
+                if s.peer_offline[side.index()] != *online {
+                    return Err(format!(
+                        "client {client}: session {session}: peer reported {} twice",
+                        if *online { "online" } else { "offline" }
+                    ));
+                }
+                s.peer_offline[side.index()] = !online;
+                Ok(())
+            }
+            SessionEvent::MemberJoined { session, .. }
+            | SessionEvent::MemberLeft { session, .. }
+            | SessionEvent::InviteFailed { session, .. } => Err(format!(
+                "client {client}: group event in the p2p session {session}: {event:?}"
+            )),
+        }
+    }
+
+    fn on_incoming(
+        &mut self,
+        client: usize,
+        session: SessionId,
+        peer: &Name,
+        group: bool,
+    ) -> Check {
+        if group {
+            return Err(format!("client {client}: incoming group session {session}"));
+        }
+        let Some(initiator) = self.names.iter().position(|n| n.key() == peer.key()) else {
+            return Err(format!(
+                "client {client}: incoming session {session} from unknown {peer}"
+            ));
+        };
+        let Some(&(index, Side::Initiator)) = self.by_client[initiator].get(&session) else {
+            return Err(format!(
+                "client {client}: incoming session {session} that {peer} never opened"
+            ));
+        };
+        if let Some(existing) = self.by_client[client].get(&session) {
+            return Err(format!(
+                "client {client}: incoming session {session} collides with its session {existing:?} \
+                 (ids are drawn per application; a collision is possible but should be vanishingly rare)"
+            ));
+        }
+        let s = self.sessions[index].as_mut().expect("registered");
+        if let Some(p) = s.participant {
+            return Err(format!(
+                "client {client}: joined session {session} that client {p} already joined"
+            ));
+        }
+        if self.services[client] != s.service {
+            return Err(format!(
+                "client {client} (service {}) joined session {session} opened for service {}",
+                self.services[client], s.service
+            ));
+        }
+        if let Some(with) = s.established_with {
+            if with != self.names[client].key() {
+                return Err(format!(
+                    "client {client}: joined session {session} that was established with another instance"
+                ));
+            }
+        }
+        s.participant = Some(client);
+        self.by_client[client].insert(session, (index, Side::Participant));
+        Ok(())
+    }
+
+    fn lookup(
+        &self,
+        client: usize,
+        session: SessionId,
+        what: &str,
+    ) -> Result<(usize, Side), String> {
+        let Some(&(index, side)) = self.by_client[client].get(&session) else {
+            return Err(format!(
+                "client {client}: {what} for session {session}, which it does not have"
+            ));
+        };
+        let s = self.sessions[index].as_ref().expect("registered");
+        if let Some(reason) = &s.closed[side.index()] {
+            return Err(format!(
+                "client {client}: {what} for session {session} after it was closed ({reason:?})"
+            ));
+        }
+        Ok((index, side))
+    }
+
+    /// [`unresolved`](Self::unresolved) is empty (without building the report).
+    pub fn all_resolved(&self) -> bool {
+        self.sessions.iter().flatten().all(|s| {
+            !s.reliable
+                || s.any_closed()
+                || s.streams.iter().all(|stream| {
+                    stream.ids().all(|id| {
+                        let received = stream.delivered.contains_key(&id)
+                            || stream.lost.contains(&id)
+                            || stream.failed.contains(&id);
+                        let outcome = stream.acked.contains(&id) || stream.failed.contains(&id);
+                        stream.unwaited.contains(&id) || (received && outcome)
+                    })
+                })
+        })
+    }
+
+    /// Every message is accounted for: delivered, reported lost or failed, or its session ended.
+    /// Also true for the sender: every message it published on a reliable, still open session
+    /// has an outcome (`Delivered` or `SendFailed`).
+    pub fn unresolved(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for s in self.sessions.iter().flatten() {
+            if !s.reliable || s.any_closed() {
+                continue;
+            }
+            for side in [Side::Initiator, Side::Participant] {
+                let stream = &s.streams[side.index()];
+                for id in stream.ids() {
+                    if stream.unwaited.contains(&id) {
+                        continue;
+                    }
+                    let delivered = stream.delivered.get(&id).copied().unwrap_or(0);
+                    let reported = stream.lost.contains(&id) || stream.failed.contains(&id);
+                    if delivered == 0 && !reported {
+                        problems.push(format!(
+                            "session {}: message {id} from the {side:?} was neither delivered nor reported lost or failed",
+                            s.id
+                        ));
+                    }
+                    if !stream.acked.contains(&id) && !stream.failed.contains(&id) {
+                        problems.push(format!(
+                            "session {}: the {side:?} never learned the outcome of message {id} (no Delivered, no SendFailed)",
+                            s.id
+                        ));
+                    }
+                }
+            }
+        }
+        problems
+    }
+
+    /// With no way to lose a frame: every session opened and every message of a session nobody
+    /// closed was delivered and acknowledged, with no loss or failure reported anywhere.
+    pub fn lossless_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (index, s) in self.sessions.iter().enumerate() {
+            let Some(s) = s else { continue };
+            if let Some(CloseReason::NoAnswer(what)) = &s.closed[0] {
+                problems.push(format!(
+                    "session {} (logical {index}) failed to open: no answer to the {what}",
+                    s.id
+                ));
+                continue;
+            }
+            if s.any_closed() {
+                // A close races the traffic (and one during the handshake leaves the peer's
+                // half of the session open): nothing to require.
+                continue;
+            }
+            for side in [Side::Initiator, Side::Participant] {
+                let stream = &s.streams[side.index()];
+                if !stream.lost.is_empty() || !stream.failed.is_empty() {
+                    problems.push(format!(
+                        "session {}: {side:?} messages reported lost {:?} / failed {:?} on a lossless network",
+                        s.id, stream.lost, stream.failed
+                    ));
+                }
+                if !s.reliable {
+                    continue;
+                }
+                for id in stream.ids() {
+                    if stream.delivered.get(&id) != Some(&1) || !stream.acked.contains(&id) {
+                        problems.push(format!(
+                            "session {}: {side:?} message {id}: delivered {} time(s), acked: {}",
+                            s.id,
+                            stream.delivered.get(&id).copied().unwrap_or(0),
+                            stream.acked.contains(&id)
+                        ));
+                    }
+                }
+            }
+            if s.established_with.is_none() || s.participant.is_none() {
+                problems.push(format!(
+                    "session {} (logical {index}) never finished its handshake",
+                    s.id
+                ));
+            }
+        }
+        problems
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        let mut o = Outcome::default();
+        for s in self.sessions.iter().flatten() {
+            o.sessions_opened += 1;
+            o.sessions_established += u64::from(s.established_with.is_some());
+            o.closed += s.closed.iter().filter(|c| c.is_some()).count() as u64;
+            for stream in &s.streams {
+                o.published += (stream.published.len() + stream.direct.len()) as u64;
+                o.delivered += stream
+                    .delivered
+                    .values()
+                    .map(|n| u64::from(*n))
+                    .sum::<u64>();
+                o.lost += stream.lost.len() as u64;
+                o.acked += stream.acked.len() as u64;
+                o.failed += stream.failed.len() as u64;
+                o.acked_but_lost += stream.acked.intersection(&stream.lost).count() as u64;
+                if s.reliable && !s.any_closed() {
+                    o.judged += stream
+                        .ids()
+                        .filter(|id| !stream.unwaited.contains(id))
+                        .count() as u64;
+                }
+            }
+        }
+        o
+    }
+}
+
+fn skipped_or_reordered(id: u32, last: u32) -> String {
+    if id > last + 1 {
+        format!(
+            "ids {}..={} skipped: neither delivered nor reported lost",
+            last + 1,
+            id - 1
+        )
+    } else {
+        "out of order or repeated".into()
+    }
+}
+
+/// The first client offering `service` (for its name's components).
+fn first_of(services: &[usize], service: usize) -> Result<usize, String> {
+    services
+        .iter()
+        .position(|s| *s == service)
+        .ok_or_else(|| format!("no client offers service {service}"))
+}
