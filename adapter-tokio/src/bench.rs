@@ -69,6 +69,44 @@ impl BenchReport {
     }
 }
 
+/// Counts of a throughput phase.
+struct Throughput {
+    sent: u64,
+    received: u64,
+    out_of_order: u64,
+    seconds: f64,
+}
+
+fn round_trip_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .expect("valid histogram bounds")
+}
+
+fn report(
+    mode: &'static str,
+    size: usize,
+    t: Throughput,
+    histogram: &hdrhistogram::Histogram<u64>,
+) -> BenchReport {
+    let q = |p: f64| histogram.value_at_quantile(p) as f64;
+    BenchReport {
+        mode,
+        size,
+        sent: t.sent,
+        received: t.received,
+        out_of_order: t.out_of_order,
+        seconds: t.seconds,
+        msgs_per_s: t.received as f64 / t.seconds,
+        mb_per_s: (t.received as f64 * size as f64) / t.seconds / 1e6,
+        round_trips: histogram.len(),
+        p50_us: q(0.5),
+        p90_us: q(0.9),
+        p99_us: q(0.99),
+        p999_us: q(0.999),
+        max_us: histogram.max() as f64,
+    }
+}
+
 fn payload(seq: u64, size: usize) -> Bytes {
     let mut buf = vec![0u8; size.max(8)];
     buf[..8].copy_from_slice(&seq.to_be_bytes());
@@ -182,10 +220,8 @@ pub async fn run_publish(config: &BenchConfig) -> Result<BenchReport, ClientErro
             }
         })
     };
-    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .expect("valid histogram bounds");
+    let mut histogram = round_trip_histogram();
     let warm_up = (config.round_trips / 10).max(10);
-    let mut measured = 0;
     for i in 0..warm_up + config.round_trips {
         let t0 = Instant::now();
         publisher
@@ -198,27 +234,20 @@ pub async fn run_publish(config: &BenchConfig) -> Result<BenchReport, ClientErro
         }
         if i >= warm_up {
             let _ = histogram.record(t0.elapsed().as_micros().max(1) as u64);
-            measured += 1;
         }
     }
     echo.abort();
-    let q = |p: f64| histogram.value_at_quantile(p) as f64;
-    Ok(BenchReport {
-        mode: "publish",
-        size: config.size,
-        sent: seq,
-        received,
-        out_of_order,
-        seconds,
-        msgs_per_s: received as f64 / seconds,
-        mb_per_s: (received as f64 * config.size as f64) / seconds / 1e6,
-        round_trips: measured,
-        p50_us: q(0.5),
-        p90_us: q(0.9),
-        p99_us: q(0.99),
-        p999_us: q(0.999),
-        max_us: histogram.max() as f64,
-    })
+    Ok(report(
+        "publish",
+        config.size,
+        Throughput {
+            sent: seq,
+            received,
+            out_of_order,
+            seconds,
+        },
+        &histogram,
+    ))
 }
 
 /// A reliable p2p session between two apps through the node: one-way throughput (every message
@@ -322,10 +351,8 @@ pub async fn run_p2p(config: &BenchConfig) -> Result<BenchReport, crate::session
     client
         .publish(session, Bytes::from(u64::MAX.to_be_bytes().to_vec()))
         .await?;
-    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .expect("valid histogram bounds");
+    let mut histogram = round_trip_histogram();
     let warm_up = (config.round_trips / 10).max(10);
-    let mut measured = 0;
     for i in 0..warm_up + config.round_trips {
         let t0 = Instant::now();
         client.publish(session, payload(i, config.size)).await?;
@@ -341,25 +368,18 @@ pub async fn run_p2p(config: &BenchConfig) -> Result<BenchReport, crate::session
         .await;
         if matches!(reply, Ok(true)) && i >= warm_up {
             let _ = histogram.record(t0.elapsed().as_micros().max(1) as u64);
-            measured += 1;
         }
     }
     server_task.abort();
-    let q = |p: f64| histogram.value_at_quantile(p) as f64;
-    Ok(BenchReport {
-        mode: "p2p",
-        size: config.size,
-        sent,
-        received,
-        out_of_order: out_of_order.load(Ordering::Relaxed),
-        seconds,
-        msgs_per_s: received as f64 / seconds,
-        mb_per_s: (received as f64 * config.size as f64) / seconds / 1e6,
-        round_trips: measured,
-        p50_us: q(0.5),
-        p90_us: q(0.9),
-        p99_us: q(0.99),
-        p999_us: q(0.999),
-        max_us: histogram.max() as f64,
-    })
+    Ok(report(
+        "p2p",
+        config.size,
+        Throughput {
+            sent,
+            received,
+            out_of_order: out_of_order.load(Ordering::Relaxed),
+            seconds,
+        },
+        &histogram,
+    ))
 }

@@ -1310,20 +1310,7 @@ impl SessionLayer {
             self.receiver_events(m.session_id, events, now);
             return;
         }
-        let me = self.name.clone();
-        let ack = self.build(
-            m.session_type,
-            Mt::MsgAck,
-            m.session_id,
-            m.message_id,
-            &me,
-            &m.source,
-            1,
-            empty_app_payload(),
-            publish_to_echo(&m.metadata),
-            now,
-        );
-        self.emit_send(ack);
+        self.send_msg_ack(&m, now);
         self.receiver_events(m.session_id, events, now);
     }
 
@@ -1371,7 +1358,7 @@ impl SessionLayer {
             }
         } else {
             let Some(pb::content::ContentType::AppPayload(app)) =
-                m.content.and_then(|c| c.content_type)
+                m.content.clone().and_then(|c| c.content_type)
             else {
                 self.drop_message(SessionDrop::Malformed, "retransmission without payload");
                 return;
@@ -1379,7 +1366,7 @@ impl SessionLayer {
             let incoming = Incoming {
                 payload: app.blob,
                 payload_type: app.payload_type,
-                metadata: m.metadata,
+                metadata: m.metadata.clone(),
             };
             let Some(s) = self.sessions.get_mut(&m.session_id) else {
                 return;
@@ -1394,20 +1381,7 @@ impl SessionLayer {
             // Our sender does not take the RTX request as the ack (it may have been answered
             // in vain), so the answer is acknowledged like the message itself.
             if verdict != Verdict::OutOfWindow && !lost {
-                let me = self.name.clone();
-                let ack = self.build(
-                    m.session_type,
-                    Mt::MsgAck,
-                    m.session_id,
-                    m.message_id,
-                    &me,
-                    &m.source,
-                    1,
-                    empty_app_payload(),
-                    BTreeMap::new(),
-                    now,
-                );
-                self.emit_send(ack);
+                self.send_msg_ack(&m, now);
             }
         }
         self.receiver_events(m.session_id, events, now);
@@ -1429,20 +1403,7 @@ impl SessionLayer {
             self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
         }
         if reliable {
-            let me = self.name.clone();
-            let ack = self.build(
-                m.session_type,
-                Mt::MsgAck,
-                m.session_id,
-                m.message_id,
-                &me,
-                &m.source,
-                1,
-                empty_app_payload(),
-                publish_to_echo(&m.metadata),
-                now,
-            );
-            self.emit_send(ack);
+            self.send_msg_ack(&m, now);
         }
         if fresh {
             self.deliver(m.session_id, m.source, m.message_id, incoming);
@@ -2052,6 +2013,25 @@ impl SessionLayer {
             now,
         );
         self.emit_send(message);
+    }
+
+    /// MSG_ACK for a data message (or its retransmission): same id, back to its source, empty
+    /// payload, the `PUBLISH_TO` flag echoed.
+    fn send_msg_ack(&mut self, m: &Received, now: Timestamp) {
+        let me = self.name.clone();
+        let ack = self.build(
+            m.session_type,
+            Mt::MsgAck,
+            m.session_id,
+            m.message_id,
+            &me,
+            &m.source,
+            1,
+            empty_app_payload(),
+            publish_to_echo(&m.metadata),
+            now,
+        );
+        self.emit_send(ack);
     }
 
     fn ack(&mut self, m: &Received, now: Timestamp) {
