@@ -18,7 +18,15 @@
 //! * **Workload** ([`scenario::Workload`], drawn from the seed by [`SimConfig::swarm`]):
 //!   applications open p2p sessions (reliable with seeded timers, sometimes best-effort) to other
 //!   applications' services, publish on them from either side, send direct messages
-//!   (`publish_to`), and close some of them, from either side.
+//!   (`publish_to`), and close some of them, from either side. In about 30 % of the seeds
+//!   ([`Swarm::groups`]) one application also creates a group on a channel, invites the others,
+//!   broadcasts, members publish (fan-in), one member may be removed and the group may be closed.
+//! * **Channel subscriptions.** A layer's `Output::Subscribe`/`Unsubscribe` is carried out as the
+//!   adapters' clients do it: a (un)subscription from the application's local connection with
+//!   `forward_to` = the uplink; the node acks it, the client router relays the ack, and the
+//!   layer's later outputs wait for that ack (in order). The sim plays the control plane: once
+//!   acked, the other nodes get (or lose) a route toward the member's node for the channel.
+//!   Subscription frames and their acks are delayed but never lost or duplicated.
 //! * **Invariants** are checked as things happen, not only at the end (see [`Sim::step`] and the
 //!   model in `model.rs`):
 //!   * per reliable session and sender, ids 1, 2, 3, … are each delivered or reported lost
@@ -29,6 +37,10 @@
 //!   * a sender learns at most one outcome (`Delivered` or `SendFailed`) per message, only for
 //!     messages it published; `publish` returns the next sequence id (0 while queued);
 //!   * session events only for sessions the application has, never after `Closed`;
+//!   * groups: per (receiver, sender), ids delivered at most once (reliable groups) and, from the
+//!     first id the receiver sees, in order, each delivered or reported lost; payloads are what
+//!     the sender published; a removed member receives nothing published after the moderator
+//!     reported its removal;
 //!   * router gauges (`stats().subscriptions` equals the table's records and the expected count,
 //!     `connections` the expected count) and no router or session-layer drops for malformed,
 //!     forged, unroutable or looping messages; no connection closed;
@@ -39,7 +51,13 @@
 //!   session that nobody closed (and published while the peer was not reported offline) was
 //!   delivered or reported lost or failed, and its sender learned an outcome — nothing vanished
 //!   silently; on a network that cannot lose frames, every session opened and everything was
-//!   delivered once and acknowledged.
+//!   delivered once and acknowledged. Groups: every message published to a member still in the
+//!   group (per the sender's own member list then) was delivered or reported lost there, or
+//!   failed at the sender, and the sender learned an outcome; **membership agreement**: the
+//!   moderator's member list is exactly the clients that have the group open, every member
+//!   reports the moderator's list, a removed member was told `Closed(Removed)`. Three core bugs
+//!   are tolerated (and counted in [`Outcome`]) unless the `SimConfig::group_strict_*` flags are
+//!   set: see the ignored tests in `tests/sim.rs`.
 //! * **Replay.** Every [`Failure`] starts with its seed and the command that replays it.
 //!   [`Report::trace_hash`] hashes every `(now, host, output)`; two runs of one seed must agree.
 
@@ -189,6 +207,13 @@ struct ClientHost {
     uplink: ConnId,
     name: Name,
     subscribed: bool,
+    /// A channel (un)subscription the layer asked for, forwarded to the node and not yet
+    /// acknowledged: `(subscription id, channel, subscribe)`. The layer's later outputs wait.
+    awaiting: Option<(u64, Name, bool)>,
+    next_sub_id: u64,
+    /// Routes the sim installed on the other nodes for this client's channel subscriptions (the
+    /// control plane's part: nodes do not propagate subscriptions), per channel.
+    channel_routes: BTreeMap<slim_proto::NameKey, Vec<(usize, u64)>>,
 }
 
 struct Link {
@@ -246,6 +271,10 @@ pub struct Sim {
     events: Option<Vec<RecordedEvent>>,
     log: bool,
     replay: String,
+    /// Channel (un)subscriptions on their way to a node: `(adds, removes)` per node, so its
+    /// record count may be off by that much until the ack comes back.
+    node_pending: BTreeMap<usize, (u64, u64)>,
+    next_route_id: u64,
 }
 
 /// Runs one seed with its swarm config: setup, workload, heal, settle, liveness.
@@ -311,6 +340,9 @@ impl Sim {
                     app_in: Deframer::default(),
                     uplink: ConnId::MAX,
                     subscribed: false,
+                    awaiting: None,
+                    next_sub_id: 10_000,
+                    channel_routes: BTreeMap::new(),
                 }
             })
             .collect();
@@ -389,6 +421,8 @@ impl Sim {
             events: None,
             log: false,
             replay: replay_command(seed),
+            node_pending: BTreeMap::new(),
+            next_route_id: 1_000_000,
             config,
         }
     }
@@ -511,7 +545,11 @@ impl Sim {
         let bound = heal + self.config.settle;
         let mut quiet_since: Option<Timestamp> = None;
         loop {
-            if self.in_flight == 0 && self.model.all_resolved() {
+            if self.in_flight == 0
+                && self.model.all_resolved()
+                && self.model.group_unresolved().is_empty()
+                && self.check_membership().is_empty()
+            {
                 quiet_since.get_or_insert(self.now);
             } else {
                 quiet_since = None;
@@ -524,7 +562,9 @@ impl Sim {
                 _ => break,
             }
         }
-        let problems = self.model.unresolved();
+        let mut problems = self.model.unresolved();
+        problems.extend(self.model.group_unresolved());
+        problems.extend(self.check_membership());
         if !problems.is_empty() {
             return Err(self.fail(format!(
                 "liveness: {} problem(s) {} after the heal: {}",
@@ -543,6 +583,8 @@ impl Sim {
     }
 
     fn report(&self) -> Report {
+        let mut outcome = self.model.outcome();
+        outcome.group_stale_members = self.model.stale_members.get();
         Report {
             seed: self.seed,
             trace_hash: self.trace.finish(),
@@ -553,7 +595,7 @@ impl Sim {
             frames_dropped: self.frames_dropped,
             frames_duplicated: self.frames_duplicated,
             frames_filtered: self.frames_filtered,
-            outcome: self.model.outcome(),
+            outcome,
         }
     }
 
@@ -814,14 +856,13 @@ impl Sim {
 
     fn act(&mut self, action: Action) -> Result<HostId, Failure> {
         let now = self.now;
-        self.log(|| {
-            format!(
+        self.log(|| match action_session(&action) {
+            Some(session) => format!(
                 "action {action:?} (endpoints {:?} / {:?})",
-                self.model
-                    .endpoint(action_session(&action), Side::Initiator),
-                self.model
-                    .endpoint(action_session(&action), Side::Participant)
-            )
+                self.model.endpoint(session, Side::Initiator),
+                self.model.endpoint(session, Side::Participant)
+            ),
+            None => format!("action {action:?}"),
         });
         let mut touched = HostId::Node(0);
         match action {
@@ -899,8 +940,204 @@ impl Sim {
                     .map_err(|e| self.fail(e))?;
                 self.drain(touched)?;
             }
+            Action::GroupCreate {
+                client,
+                reliability,
+            } => {
+                let config = SessionConfig {
+                    reliability,
+                    metadata: BTreeMap::new(),
+                };
+                let channel = group_channel();
+                let id = self.clients[client]
+                    .layer
+                    .create_group(&channel, config, now);
+                self.model
+                    .group_created(client, id, reliability.is_some())
+                    .map_err(|e| self.fail(e))?;
+                if let Some(g) = self.model.group.as_mut() {
+                    g.strict_start = self.config.group_strict_start;
+                    g.strict_invite = self.config.group_strict_invite;
+                }
+                touched = HostId::Client(client);
+                self.drain(touched)?;
+            }
+            Action::GroupInvite { member } => {
+                let Some((moderator, id)) = self.model.group.as_ref().map(|g| (g.moderator, g.id))
+                else {
+                    return Ok(touched);
+                };
+                touched = HostId::Client(moderator);
+                let invitee = service_name(self.config.clients[member].service);
+                match self.clients[moderator].layer.invite(id, &invitee, now) {
+                    Ok(()) => {}
+                    Err(
+                        session::SessionError::UnknownSession(_)
+                        | session::SessionError::Closing(_),
+                    ) => {}
+                    Err(error) => return Err(self.fail(format!("invite refused: {error}"))),
+                }
+                self.drain(touched)?;
+            }
+            Action::GroupPublish { client, count } => {
+                let Some(id) = self
+                    .model
+                    .group
+                    .as_ref()
+                    .filter(|g| g.open(client) && !g.remove_requested.contains(&client))
+                    .map(|g| g.id)
+                else {
+                    return Ok(touched);
+                };
+                touched = HostId::Client(client);
+                for n in 0..count {
+                    let payload = self.group_payload(client, n);
+                    let members = self.clients[client].layer.members(id).unwrap_or_default();
+                    let result = self.clients[client].layer.publish(id, payload.clone(), now);
+                    let held = self.clients[client].awaiting.is_some();
+                    self.model
+                        .group_published(client, payload, &members, held, result)
+                        .map_err(|e| self.fail(e))?;
+                    self.drain(touched)?;
+                }
+            }
+            Action::GroupRemove { member } => {
+                let Some((moderator, id)) = self
+                    .model
+                    .group
+                    .as_ref()
+                    .filter(|g| g.open(g.moderator) && !g.close_requested)
+                    .map(|g| (g.moderator, g.id))
+                else {
+                    return Ok(touched);
+                };
+                touched = HostId::Client(moderator);
+                let name = self.clients[member].name.clone();
+                match self.clients[moderator].layer.remove(id, &name, now) {
+                    Ok(()) => {
+                        let g = self.model.group.as_mut().expect("checked");
+                        g.remove_requested.insert(member);
+                    }
+                    // Not (yet) a member: the invite has not completed.
+                    Err(session::SessionError::NotAMember(..)) => {}
+                    Err(error) => return Err(self.fail(format!("remove refused: {error}"))),
+                }
+                self.drain(touched)?;
+            }
+            Action::GroupClose => {
+                let Some((moderator, id)) = self
+                    .model
+                    .group
+                    .as_ref()
+                    .filter(|g| g.open(g.moderator))
+                    .map(|g| (g.moderator, g.id))
+                else {
+                    return Ok(touched);
+                };
+                touched = HostId::Client(moderator);
+                match self.clients[moderator].layer.close(id, now) {
+                    Ok(()) | Err(session::SessionError::Closing(_)) => {
+                        self.model.group.as_mut().expect("checked").close_requested = true;
+                    }
+                    Err(error) => return Err(self.fail(format!("group close refused: {error}"))),
+                }
+                self.drain(touched)?;
+            }
         }
         Ok(touched)
+    }
+
+    /// A group payload that names its sender, with seeded filler.
+    fn group_payload(&mut self, client: usize, n: u32) -> Bytes {
+        let filler = self.payload_rng.random_range(0..256usize);
+        let mut payload = format!("g/{client}/{n}/").into_bytes();
+        payload.extend((0..filler).map(|_| self.payload_rng.random::<u8>()));
+        Bytes::from(payload)
+    }
+
+    /// Membership agreement, once the network healed and the run settled: the moderator and
+    /// every member still in the group report the same member set (exactly those clients); a
+    /// removed member was told `Closed(Removed)`.
+    fn check_membership(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        self.model.stale_members.set(0);
+        let Some(g) = &self.model.group else {
+            return problems;
+        };
+        if g.close_requested || !g.open(g.moderator) {
+            return problems;
+        }
+        let Some(reference) = self.clients[g.moderator].layer.members(g.id) else {
+            problems.push(format!("group {}: the moderator has no member list", g.id));
+            return problems;
+        };
+        // Invitees the moderator gave up on after they joined are left out (a core bug, judged
+        // only with `group_strict_invite`).
+        let disowned: std::collections::BTreeSet<slim_proto::NameKey> = (0..self.clients.len())
+            .filter(|c| g.disowned(*c))
+            .map(|c| self.clients[c].name.key())
+            .collect();
+        let key_set = |names: Vec<Name>| -> std::collections::BTreeSet<slim_proto::NameKey> {
+            names
+                .iter()
+                .map(Name::key)
+                .filter(|k| !disowned.contains(k))
+                .collect()
+        };
+        let reference = key_set(reference);
+        let open: std::collections::BTreeSet<slim_proto::NameKey> = (0..self.clients.len())
+            .filter(|c| g.open(*c) && !g.disowned(*c))
+            .map(|c| self.clients[c].name.key())
+            .collect();
+        if reference != open {
+            problems.push(format!(
+                "group {}: the moderator's members {:?} are not the clients that have the group open {:?}",
+                g.id,
+                self.member_indices(&reference),
+                self.member_indices(&open)
+            ));
+        }
+        for c in
+            (0..self.clients.len()).filter(|c| g.open(*c) && *c != g.moderator && !g.disowned(*c))
+        {
+            let mine = key_set(self.clients[c].layer.members(g.id).unwrap_or_default());
+            if mine != reference && !self.config.group_strict_updates {
+                self.model
+                    .stale_members
+                    .set(self.model.stale_members.get() + 1);
+            } else if mine != reference {
+                problems.push(format!(
+                    "group {}: client {c} reports members {:?}, the moderator {:?}",
+                    g.id,
+                    self.member_indices(&mine),
+                    self.member_indices(&reference)
+                ));
+            }
+        }
+        for &removed in g.removed.keys() {
+            let closed = &g.members[removed].closed;
+            if g.members[removed].joined && *closed != Some(session::CloseReason::Removed) {
+                problems.push(format!(
+                    "group {}: client {removed} was removed but was told {closed:?}",
+                    g.id
+                ));
+            }
+        }
+        problems
+    }
+
+    fn member_indices(
+        &self,
+        keys: &std::collections::BTreeSet<slim_proto::NameKey>,
+    ) -> Vec<String> {
+        keys.iter()
+            .map(|k| {
+                self.clients
+                    .iter()
+                    .position(|c| c.name.key() == *k)
+                    .map_or_else(|| format!("{k:?}"), |c| c.to_string())
+            })
+            .collect()
     }
 
     /// A payload that names its session and side, with seeded filler so sizes vary.
@@ -954,7 +1191,10 @@ impl Sim {
                             other => self.router_event(host, other)?,
                         }
                     }
-                    while let Some(output) = self.clients[j].layer.poll_output() {
+                    while self.clients[j].awaiting.is_none() {
+                        let Some(output) = self.clients[j].layer.poll_output() else {
+                            break;
+                        };
                         moved = true;
                         match output {
                             session::Output::Send(message) => {
@@ -977,10 +1217,11 @@ impl Sim {
                                     });
                                 }
                             }
-                            other => {
-                                return Err(self.fail(format!(
-                                "{host:?}: the simulation models p2p sessions only, got {other:?}"
-                            )))
+                            session::Output::Subscribe(channel) => {
+                                self.channel_subscription(j, channel, true)?;
+                            }
+                            session::Output::Unsubscribe(channel) => {
+                                self.channel_subscription(j, channel, false)?;
                             }
                         }
                     }
@@ -1024,7 +1265,17 @@ impl Sim {
     fn client_local(&mut self, client: usize, message: pb::Message) -> Result<(), Failure> {
         match &message.message_type {
             Some(MessageType::SubscriptionAck(ack)) => {
-                if !ack.success || self.clients[client].subscribed {
+                let awaited = self.clients[client]
+                    .awaiting
+                    .as_ref()
+                    .is_some_and(|(id, ..)| *id == ack.subscription_id);
+                if ack.success && awaited {
+                    return self.channel_acked(client);
+                }
+                if !ack.success
+                    || self.clients[client].subscribed
+                    || ack.subscription_id != client as u64 + 1
+                {
                     return Err(self.fail(format!(
                         "client {client}: unexpected subscription ack {ack:?}"
                     )));
@@ -1041,6 +1292,143 @@ impl Sim {
                 "client {client}: unexpected message for the application: {other:?}"
             ))),
         }
+    }
+
+    /// Carries out a layer's `Subscribe`/`Unsubscribe` as the adapters' clients do: from the
+    /// application's local connection with `forward_to` = the uplink; the node acks it and the
+    /// client router relays the ack. The layer's next outputs wait for that ack.
+    fn channel_subscription(
+        &mut self,
+        client: usize,
+        channel: Name,
+        subscribe: bool,
+    ) -> Result<(), Failure> {
+        let c = &mut self.clients[client];
+        c.next_sub_id += 1;
+        let sub_id = c.next_sub_id;
+        let mut message = subscribe_message(&c.name, &channel, sub_id, Some(c.uplink), None);
+        if !subscribe {
+            let Some(MessageType::Subscribe(s)) = message.message_type.take() else {
+                unreachable!("built above")
+            };
+            message.message_type = Some(MessageType::Unsubscribe(pb::Unsubscribe {
+                header: s.header,
+                subscription_id: s.subscription_id,
+            }));
+        }
+        c.awaiting = Some((sub_id, channel.clone(), subscribe));
+        let host = HostId::Client(client);
+        let records = self.expected_records.entry(host).or_insert(0);
+        let node = self.config.clients[client].node;
+        let pending = self.node_pending.entry(node).or_insert((0, 0));
+        if subscribe {
+            *records += 1;
+            pending.0 += 1;
+        } else {
+            *records = records.saturating_sub(1);
+            pending.1 += 1;
+        }
+        self.log(|| {
+            format!(
+                "client {client}: {} {channel}",
+                if subscribe {
+                    "subscribe"
+                } else {
+                    "unsubscribe"
+                }
+            )
+        });
+        self.hash_app_frame(host, &message);
+        let (app, now) = (self.clients[client].app, self.now);
+        self.clients[client]
+            .router
+            .handle_frame(app, message.encode_to_vec().into(), now);
+        Ok(())
+    }
+
+    /// The node acknowledged a channel (un)subscription: its record count is settled, and the
+    /// other nodes get (or lose) a route toward the client's node for the channel.
+    fn channel_acked(&mut self, client: usize) -> Result<(), Failure> {
+        let (_, channel, subscribe) = self.clients[client]
+            .awaiting
+            .take()
+            .expect("checked by the caller");
+        let home = self.config.clients[client].node;
+        let pending = self.node_pending.entry(home).or_insert((0, 0));
+        let records = self.expected_records.entry(HostId::Node(home)).or_insert(0);
+        if subscribe {
+            pending.0 -= 1;
+            *records += 1;
+        } else {
+            pending.1 -= 1;
+            *records = records.saturating_sub(1);
+        }
+        let key = channel.key();
+        if subscribe {
+            let mut routes = Vec::new();
+            for i in (0..self.nodes.len()).filter(|i| *i != home) {
+                self.next_route_id += 1;
+                let id = self.next_route_id;
+                let toward = self.node_link(i, home);
+                let me = Name::new("org", "sim", &format!("node-{i}"));
+                let message = subscribe_message(&me, &channel, id, None, Some(toward));
+                self.node_control(i, message, 1)?;
+                routes.push((i, id));
+            }
+            self.clients[client]
+                .channel_routes
+                .entry(key)
+                .or_default()
+                .extend(routes);
+        } else {
+            let routes = self.clients[client]
+                .channel_routes
+                .remove(&key)
+                .unwrap_or_default();
+            for (i, id) in routes {
+                let toward = self.node_link(i, home);
+                let me = Name::new("org", "sim", &format!("node-{i}"));
+                let mut message = subscribe_message(&me, &channel, id, None, Some(toward));
+                let Some(MessageType::Subscribe(s)) = message.message_type.take() else {
+                    unreachable!("built above")
+                };
+                message.message_type = Some(MessageType::Unsubscribe(pb::Unsubscribe {
+                    header: s.header,
+                    subscription_id: s.subscription_id,
+                }));
+                self.node_control(i, message, -1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection of node `i` toward node `home`.
+    fn node_link(&self, i: usize, home: usize) -> ConnId {
+        self.links
+            .iter()
+            .find_map(|l| match l.ends {
+                [(HostId::Node(a), conn), (HostId::Node(b), _)] if a == i && b == home => {
+                    Some(conn)
+                }
+                [(HostId::Node(a), _), (HostId::Node(b), conn)] if b == i && a == home => {
+                    Some(conn)
+                }
+                _ => None,
+            })
+            .expect("nodes are fully meshed")
+    }
+
+    /// A (un)subscription from node `i`'s own local connection (the control plane's part).
+    fn node_control(&mut self, i: usize, message: pb::Message, delta: i64) -> Result<(), Failure> {
+        let records = self.expected_records.entry(HostId::Node(i)).or_insert(0);
+        *records = records.saturating_add_signed(delta);
+        self.nodes[i].pending_acks += 1;
+        let (local, now) = (self.nodes[i].local, self.now);
+        self.hash_app_frame(HostId::Node(i), &message);
+        self.nodes[i]
+            .router
+            .handle_frame(local, message.encode_to_vec().into(), now);
+        self.drain(HostId::Node(i))
     }
 
     fn router_event(&mut self, host: HostId, output: Output) -> Result<(), Failure> {
@@ -1095,7 +1483,12 @@ impl Sim {
         let mut copies = 1;
         let mut jitter = Duration::ZERO;
         let offset = self.now.saturating_since(self.workload_start);
-        if self.phase == Phase::Workload && offset >= self.config.workload.faults_after {
+        // Channel (un)subscriptions and their acks are not lost or duplicated (a real client
+        // replays them after a redial); they are only delayed. Decoded only while one is due.
+        let control =
+            self.clients.iter().any(|c| c.awaiting.is_some()) && is_subscription_frame(&frame);
+        if !control && self.phase == Phase::Workload && offset >= self.config.workload.faults_after
+        {
             if faults.partitions.iter().any(|w| w.contains(offset))
                 || (faults.loss > 0.0 && self.net_rng.random_bool(faults.loss))
             {
@@ -1142,7 +1535,11 @@ impl Sim {
         }
         if self.phase != Phase::Setup {
             let expected = self.expected_records.get(&host).copied().unwrap_or(0);
-            if records != expected {
+            let (adds, removes) = match host {
+                HostId::Node(i) => self.node_pending.get(&i).copied().unwrap_or((0, 0)),
+                HostId::Client(_) => (0, 0),
+            };
+            if records + removes < expected || records > expected + adds {
                 return Err(self.fail(format!(
                     "{host:?}: {records} subscription records, expected {expected}"
                 )));
@@ -1161,9 +1558,13 @@ impl Sim {
                 )));
             }
         }
-        // Nothing in this simulation is malformed, forged, looping or unroutable.
+        // Nothing in this simulation is malformed, forged, looping or unroutable; except that a
+        // group's channel messages find no route where nobody else is subscribed to the channel
+        // (a group without members yet, or a node whose members left).
+        let group = self.model.group.is_some();
         let bad: Vec<String> = stats
             .drops()
+            .filter(|(reason, _)| !(group && *reason == crate::router::DropReason::NoRoute))
             .map(|(reason, n)| format!("{reason}: {n}"))
             .collect();
         if !bad.is_empty() {
@@ -1267,13 +1668,20 @@ impl Sim {
     }
 }
 
-fn action_session(action: &Action) -> usize {
+fn action_session(action: &Action) -> Option<usize> {
     match action {
         Action::Open { session, .. }
         | Action::Publish { session, .. }
         | Action::PublishTo { session, .. }
-        | Action::Close { session, .. } => *session,
+        | Action::Close { session, .. } => Some(*session),
+        _ => None,
     }
+}
+
+/// The channel of the group workload.
+pub fn group_channel() -> Name {
+    let (org, ns, chan) = scenario::GROUP_CHANNEL;
+    Name::new(org, ns, chan)
 }
 
 /// `org/sim/svc<k>`, any instance.
@@ -1332,6 +1740,26 @@ fn frame_summary(frame: &Bytes) -> String {
         (Some(MessageType::SubscriptionAck(_)), _) => "subscription ack".into(),
         (other, _) => format!("{other:?}"),
     }
+}
+
+fn is_subscription_frame(frame: &Bytes) -> bool {
+    let mut deframer = Deframer::default();
+    deframer.push(frame);
+    deframer
+        .next_frame()
+        .ok()
+        .flatten()
+        .and_then(|body| pb::Message::decode(body).ok())
+        .is_some_and(|m| {
+            matches!(
+                m.message_type,
+                Some(
+                    MessageType::Subscribe(_)
+                        | MessageType::Unsubscribe(_)
+                        | MessageType::SubscriptionAck(_)
+                )
+            )
+        })
 }
 
 fn humanize(d: Duration) -> String {

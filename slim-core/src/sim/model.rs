@@ -89,6 +89,16 @@ pub struct Outcome {
     pub acked_but_lost: u64,
     /// Messages the liveness check judged (reliable sessions nobody closed, peer not offline).
     pub judged: u64,
+    /// Group runs: messages published to the group.
+    pub group_published: u64,
+    /// Group runs: messages delivered to members.
+    pub group_delivered: u64,
+    /// Group runs: messages owed to a member that it never saw because its stream from that
+    /// sender started at a later id (a core bug, tolerated unless `group_strict_start`).
+    pub group_missed_before_start: u64,
+    /// Group runs: members whose member list still disagreed with the moderator's when the run
+    /// ended (a core bug, tolerated unless `group_strict_updates`).
+    pub group_stale_members: u64,
 }
 
 pub(crate) struct Model {
@@ -97,6 +107,11 @@ pub(crate) struct Model {
     pub sessions: Vec<Option<SessionModel>>,
     /// Per client: its sessions by id.
     by_client: Vec<BTreeMap<SessionId, (usize, Side)>>,
+    /// The run's group, once created.
+    pub group: Option<GroupModel>,
+    /// Members whose member list disagreed with the moderator's at the last membership check
+    /// (tolerated unless `SimConfig::group_strict_updates`).
+    pub stale_members: std::cell::Cell<u64>,
 }
 
 type Check = Result<(), String>;
@@ -109,6 +124,8 @@ impl Model {
             services,
             sessions: (0..sessions).map(|_| None).collect(),
             by_client: (0..clients).map(|_| BTreeMap::new()).collect(),
+            group: None,
+            stale_members: std::cell::Cell::new(0),
         }
     }
 
@@ -268,6 +285,9 @@ impl Model {
 
     /// A session event at client `client`: checked against everything known so far.
     pub fn on_event(&mut self, client: usize, event: &SessionEvent, _now: Timestamp) -> Check {
+        if let Some(check) = self.group_event(client, event) {
+            return check;
+        }
         match event {
             SessionEvent::Incoming {
                 session,
@@ -665,6 +685,17 @@ impl Model {
                 }
             }
         }
+        if let Some(g) = &self.group {
+            for m in &g.members {
+                o.group_published += m.published.len() as u64;
+                o.group_delivered += m
+                    .from
+                    .values()
+                    .map(|s| s.delivered.len() as u64)
+                    .sum::<u64>();
+            }
+            o.group_missed_before_start = self.group_missed();
+        }
         o
     }
 }
@@ -687,4 +718,401 @@ fn first_of(services: &[usize], service: usize) -> Result<usize, String> {
         .iter()
         .position(|s| *s == service)
         .ok_or_else(|| format!("no client offers service {service}"))
+}
+
+/// One member's view of the run's group.
+#[derive(Debug, Default)]
+pub(crate) struct GroupMember {
+    /// It has the session (the moderator from the start, a member from its `Incoming`).
+    pub joined: bool,
+    pub closed: Option<CloseReason>,
+    /// Per sender: what this member was told about the sender's messages.
+    pub from: BTreeMap<usize, GroupStream>,
+    /// Per message it published (index `id - 1`): the members it was owed to, as its own
+    /// layer's member list stood when it published (those not reported offline).
+    pub owed: Vec<BTreeSet<usize>>,
+    pub published: Vec<Bytes>,
+    pub acked: BTreeSet<u32>,
+    pub failed: BTreeSet<u32>,
+    /// Members this client reported offline (`MemberState`).
+    pub offline: BTreeSet<usize>,
+}
+
+/// A receiver's stream from one sender: it starts at the first id it sees (as the reference),
+/// then every id is delivered or reported lost, once, in order.
+#[derive(Debug, Default)]
+pub(crate) struct GroupStream {
+    pub delivered: BTreeSet<u32>,
+    pub lost: BTreeSet<u32>,
+    pub last: Option<u32>,
+    /// The first id delivered or reported lost: the stream's start.
+    pub first: Option<u32>,
+}
+
+/// The run's group (at most one).
+#[derive(Debug)]
+pub(crate) struct GroupModel {
+    pub moderator: usize,
+    pub id: SessionId,
+    pub reliable: bool,
+    pub members: Vec<GroupMember>,
+    pub close_requested: bool,
+    /// Members the moderator asked to remove.
+    pub remove_requested: BTreeSet<usize>,
+    /// Removals the moderator reported complete (`MemberLeft`), with how many messages each
+    /// client had published then: the removed member may receive none after those.
+    pub removed: BTreeMap<usize, Vec<usize>>,
+    /// Whether a message owed to a member may be missing because its stream from that sender
+    /// started after it (see [`SimConfig::group_strict_start`](super::SimConfig)).
+    pub strict_start: bool,
+    /// Invitees the moderator reported `InviteFailed` for.
+    pub invite_failed: BTreeSet<usize>,
+    /// Judge invitees the moderator gave up on although they joined (see
+    /// [`SimConfig::group_strict_invite`](super::SimConfig)).
+    pub strict_invite: bool,
+}
+
+impl GroupModel {
+    pub fn new(moderator: usize, id: SessionId, reliable: bool, clients: usize) -> Self {
+        let mut members: Vec<GroupMember> = (0..clients).map(|_| GroupMember::default()).collect();
+        members[moderator].joined = true;
+        GroupModel {
+            moderator,
+            id,
+            reliable,
+            members,
+            close_requested: false,
+            remove_requested: BTreeSet::new(),
+            removed: BTreeMap::new(),
+            strict_start: false,
+            invite_failed: BTreeSet::new(),
+            strict_invite: false,
+        }
+    }
+
+    /// Client `client` has the group open (joined, not closed).
+    pub fn open(&self, client: usize) -> bool {
+        let m = &self.members[client];
+        m.joined && m.closed.is_none()
+    }
+
+    /// A client that joined although the moderator reported its invite failed: the moderator
+    /// does not count it as a member, it thinks it is one (a core bug, not judged unless
+    /// `strict_invite`).
+    pub fn disowned(&self, client: usize) -> bool {
+        !self.strict_invite && self.invite_failed.contains(&client) && self.members[client].joined
+    }
+}
+
+impl Model {
+    /// The client whose full name this is.
+    pub fn client_of(&self, name: &Name) -> Option<usize> {
+        self.names.iter().position(|n| n.key() == name.key())
+    }
+
+    pub fn group_created(&mut self, moderator: usize, id: SessionId, reliable: bool) -> Check {
+        if self.by_client[moderator].contains_key(&id) {
+            return Err(format!(
+                "client {moderator}: group id {id} collides with one of its p2p sessions"
+            ));
+        }
+        self.group = Some(GroupModel::new(moderator, id, reliable, self.names.len()));
+        Ok(())
+    }
+
+    /// Client `client` published on the group; `members` is its layer's member list then.
+    pub fn group_published(
+        &mut self,
+        client: usize,
+        payload: Bytes,
+        members: &[Name],
+        held: bool,
+        result: Result<u32, crate::session::SessionError>,
+    ) -> Check {
+        let owed: BTreeSet<usize> = members
+            .iter()
+            .filter_map(|n| self.client_of(n))
+            .filter(|c| *c != client)
+            .collect();
+        let Some(g) = self.group.as_mut() else {
+            return Ok(());
+        };
+        let m = &mut g.members[client];
+        let expected = m.published.len() as u32 + 1;
+        match result {
+            Ok(id) if id == expected => {
+                let owed = owed.difference(&m.offline).copied().collect();
+                m.owed.push(owed);
+                m.published.push(payload);
+                Ok(())
+            }
+            Ok(id) => Err(format!(
+                "client {client}: group publish returned id {id}, expected {expected}"
+            )),
+            Err(crate::session::SessionError::Closing(_)) => Ok(()),
+            // Its `Closed` waits behind a channel unsubscription the driver carries out first.
+            Err(crate::session::SessionError::UnknownSession(_)) if held => Ok(()),
+            Err(error) => Err(format!("client {client}: group publish refused: {error}")),
+        }
+    }
+
+    fn group_event(&mut self, client: usize, event: &SessionEvent) -> Option<Check> {
+        let g = self.group.as_ref()?;
+        let session = match event {
+            SessionEvent::Incoming { session, .. }
+            | SessionEvent::Established { session, .. }
+            | SessionEvent::Message { session, .. }
+            | SessionEvent::Delivered { session, .. }
+            | SessionEvent::SendFailed { session, .. }
+            | SessionEvent::MessageLost { session, .. }
+            | SessionEvent::MemberJoined { session, .. }
+            | SessionEvent::MemberLeft { session, .. }
+            | SessionEvent::MemberState { session, .. }
+            | SessionEvent::InviteFailed { session, .. }
+            | SessionEvent::Closed { session, .. } => *session,
+        };
+        if session != g.id || self.by_client[client].contains_key(&session) {
+            return None;
+        }
+        Some(self.on_group_event(client, event))
+    }
+
+    fn on_group_event(&mut self, client: usize, event: &SessionEvent) -> Check {
+        let names = &self.names;
+        let g = self.group.as_mut().expect("checked");
+        let sid = g.id;
+        let who = |n: &Name| names.iter().position(|x| x.key() == n.key());
+        if let SessionEvent::Incoming { peer, group, .. } = event {
+            let m = &g.members[client];
+            if !group || m.joined || client == g.moderator {
+                return Err(format!(
+                    "client {client}: unexpected Incoming for group {sid} (group: {group}, joined: {})",
+                    m.joined
+                ));
+            }
+            if who(peer) != Some(g.moderator) {
+                return Err(format!(
+                    "client {client}: group {sid} joined from {peer}, not the moderator"
+                ));
+            }
+            g.members[client].joined = true;
+            return Ok(());
+        }
+        let m = &g.members[client];
+        if !m.joined {
+            return Err(format!(
+                "client {client}: {event:?} for group {sid}, which it never joined"
+            ));
+        }
+        if let Some(reason) = &m.closed {
+            return Err(format!(
+                "client {client}: {event:?} for group {sid} after it was closed ({reason:?})"
+            ));
+        }
+        match event {
+            SessionEvent::Message {
+                source,
+                id,
+                payload,
+                ..
+            } => {
+                let Some(sender) = who(source).filter(|s| *s != client) else {
+                    return Err(format!(
+                        "client {client}: group {sid}: message {id} from {source}"
+                    ));
+                };
+                if g.members[sender]
+                    .published
+                    .get((*id as usize).wrapping_sub(1))
+                    != Some(payload)
+                {
+                    return Err(format!(
+                        "client {client}: group {sid}: message {id} from client {sender} is not what it published"
+                    ));
+                }
+                if let Some(counts) = g.removed.get(&client) {
+                    if *id as usize > counts[sender] {
+                        return Err(format!(
+                            "client {client}: group {sid}: message {id} from client {sender}, published after its removal completed"
+                        ));
+                    }
+                }
+                let reliable = g.reliable;
+                let stream = g.members[client].from.entry(sender).or_default();
+                // Best-effort groups, as best-effort p2p sessions, may deliver a duplicate.
+                if !stream.delivered.insert(*id) && reliable {
+                    return Err(format!(
+                        "client {client}: group {sid}: message {id} from client {sender} delivered twice"
+                    ));
+                }
+                if reliable {
+                    if let Some(last) = stream.last {
+                        if *id != last + 1 {
+                            return Err(format!(
+                                "client {client}: group {sid}: message {id} from client {sender} delivered after {last} ({})",
+                                skipped_or_reordered(*id, last)
+                            ));
+                        }
+                    }
+                    stream.last = Some(*id);
+                }
+                stream.first.get_or_insert(*id);
+                Ok(())
+            }
+            SessionEvent::MessageLost { source, id, .. } => {
+                let Some(sender) = who(source) else {
+                    return Err(format!(
+                        "client {client}: group {sid}: loss reported for unknown {source}"
+                    ));
+                };
+                if !g.reliable || *id as usize > g.members[sender].published.len() {
+                    return Err(format!(
+                        "client {client}: group {sid}: message {id} from client {sender} reported lost \
+                         (reliable: {}, published: {})",
+                        g.reliable,
+                        g.members[sender].published.len()
+                    ));
+                }
+                let stream = g.members[client].from.entry(sender).or_default();
+                if let Some(last) = stream.last {
+                    if *id != last + 1 {
+                        return Err(format!(
+                            "client {client}: group {sid}: message {id} from client {sender} reported lost after {last} ({})",
+                            skipped_or_reordered(*id, last)
+                        ));
+                    }
+                }
+                stream.last = Some(*id);
+                stream.first.get_or_insert(*id);
+                stream.lost.insert(*id);
+                Ok(())
+            }
+            SessionEvent::Delivered { id, .. } | SessionEvent::SendFailed { id, .. } => {
+                let m = &mut g.members[client];
+                if *id == 0 || *id as usize > m.published.len() {
+                    return Err(format!(
+                        "client {client}: group {sid}: outcome for message {id}, but {} were published",
+                        m.published.len()
+                    ));
+                }
+                if m.acked.contains(id) || m.failed.contains(id) {
+                    return Err(format!(
+                        "client {client}: group {sid}: second outcome for message {id}: {event:?}"
+                    ));
+                }
+                if matches!(event, SessionEvent::Delivered { .. }) {
+                    m.acked.insert(*id);
+                } else {
+                    m.failed.insert(*id);
+                }
+                Ok(())
+            }
+            SessionEvent::MemberLeft { member, .. } => {
+                if client == g.moderator {
+                    if let Some(left) = who(member) {
+                        let counts = g.members.iter().map(|m| m.published.len()).collect();
+                        if g.remove_requested.contains(&left) {
+                            g.removed.insert(left, counts);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            SessionEvent::MemberState { member, online, .. } => {
+                if let Some(c) = who(member) {
+                    let offline = &mut g.members[client].offline;
+                    if *online {
+                        offline.remove(&c);
+                    } else {
+                        offline.insert(c);
+                    }
+                }
+                Ok(())
+            }
+            SessionEvent::InviteFailed { invitee, .. } => {
+                if client == g.moderator {
+                    if let Some(c) = who(invitee) {
+                        g.invite_failed.insert(c);
+                    }
+                }
+                Ok(())
+            }
+            SessionEvent::MemberJoined { .. } => Ok(()),
+            SessionEvent::Closed { reason, .. } => {
+                g.members[client].closed = Some(reason.clone());
+                Ok(())
+            }
+            SessionEvent::Incoming { .. } | SessionEvent::Established { .. } => Err(format!(
+                "client {client}: group {sid}: unexpected {event:?}"
+            )),
+        }
+    }
+
+    /// Group liveness once the network healed and settled: every message a sender that is still
+    /// in the group published to a member still in it (per the sender's member list then, not
+    /// offline) was delivered or reported lost there, or failed at the sender; the sender
+    /// learned an outcome.
+    pub fn group_unresolved(&self) -> Vec<String> {
+        self.group_check(&mut 0)
+    }
+
+    /// Owed messages tolerated as missing (before the receiver's stream started).
+    pub fn group_missed(&self) -> u64 {
+        let mut missed = 0;
+        self.group_check(&mut missed);
+        missed
+    }
+
+    fn group_check(&self, missed: &mut u64) -> Vec<String> {
+        let mut problems = Vec::new();
+        let Some(g) = &self.group else {
+            return problems;
+        };
+        if !g.reliable || g.close_requested || !g.open(g.moderator) {
+            return problems;
+        }
+        for (sender, m) in g.members.iter().enumerate() {
+            if !g.open(sender) || g.disowned(sender) {
+                continue;
+            }
+            for (index, owed) in m.owed.iter().enumerate() {
+                let id = index as u32 + 1;
+                let mut waited = false;
+                for &receiver in owed {
+                    if !g.open(receiver)
+                        || g.remove_requested.contains(&receiver)
+                        || g.disowned(receiver)
+                    {
+                        continue;
+                    }
+                    waited = true;
+                    let stream = g.members[receiver].from.get(&sender);
+                    if !g.strict_start
+                        && stream.and_then(|s| s.first).is_some_and(|first| id < first)
+                    {
+                        *missed += 1;
+                        continue;
+                    }
+                    // As for p2p: the sender's `SendFailed` accounts for it too (a receiver
+                    // only learns of a gap from a later message).
+                    if !m.failed.contains(&id)
+                        && !stream
+                            .is_some_and(|s| s.delivered.contains(&id) || s.lost.contains(&id))
+                    {
+                        problems.push(format!(
+                            "group {}: message {id} from client {sender} neither delivered to nor reported lost by client {receiver}",
+                            g.id
+                        ));
+                    }
+                }
+                if waited && !m.acked.contains(&id) && !m.failed.contains(&id) {
+                    problems.push(format!(
+                        "group {}: client {sender} never learned the outcome of message {id}",
+                        g.id
+                    ));
+                }
+            }
+        }
+        problems
+    }
 }

@@ -16,6 +16,11 @@ pub(crate) const STREAM_SCENARIO: u64 = 1;
 pub(crate) const STREAM_NETWORK: u64 = 2;
 pub(crate) const STREAM_CORES: u64 = 3;
 pub(crate) const STREAM_PAYLOADS: u64 = 4;
+/// The group workload of a seed is drawn from its own stream: adding it left the p2p scenarios
+/// of every seed unchanged.
+pub(crate) const STREAM_GROUP: u64 = 5;
+/// The channel of the group workload (`org/sim/chan`).
+pub const GROUP_CHANNEL: (&str, &str, &str) = ("org", "sim", "chan");
 
 /// A time window, as offsets from the moment the workload starts (faults are switched on then).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +122,21 @@ pub enum Action {
     },
     /// One side closes the session.
     Close { session: usize, side: Side },
+    /// Client `client` creates the run's group (at most one) on [`GROUP_CHANNEL`] and
+    /// moderates it.
+    GroupCreate {
+        client: usize,
+        reliability: Option<Reliability>,
+    },
+    /// The moderator invites any instance of client `member`'s service (its service must be
+    /// offered by that client alone).
+    GroupInvite { member: usize },
+    /// Client `client` publishes `count` messages to the group (skipped while it is not in it).
+    GroupPublish { client: usize, count: u32 },
+    /// The moderator removes client `member` (skipped while it is not a member).
+    GroupRemove { member: usize },
+    /// The moderator closes the group.
+    GroupClose,
 }
 
 /// The workload: actions at offsets from the start of the workload phase.
@@ -146,17 +166,44 @@ pub struct SimConfig {
     pub workload: Workload,
     /// How long after the heal the run may take to settle before liveness is judged.
     pub settle: Duration,
+    /// Group runs: a message owed to a member must be delivered or reported lost there even
+    /// when the member's stream from that sender started at a later id. Off by default: the
+    /// receiver starts a group stream at the first id it sees and drops (yet acknowledges)
+    /// earlier ones that arrive late (see `tests/sim.rs`, `group_stream_starts_at_first_id_seen`).
+    pub group_strict_start: bool,
+    /// Group runs: judge an invitee the moderator reported `InviteFailed` for although it
+    /// joined (it has the group, the moderator does not count it). Off by default (see
+    /// `tests/sim.rs`, `failed_invite_leaves_a_member_behind`).
+    pub group_strict_invite: bool,
+    /// Group runs: every member's member list must match the moderator's after the heal. Off
+    /// by default: a member that missed a `GroupUpdate` until its retries ran out keeps a stale
+    /// list forever (see `tests/sim.rs`, `missed_update_leaves_a_stale_member_list`); such
+    /// members are counted in `Outcome::group_stale_members` instead.
+    pub group_strict_updates: bool,
 }
 
 /// Knobs of the swarm generator that switch whole scenario families on or off. The draws are made
 /// either way, so switching a family does not change the rest of a seed's scenario.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Swarm {
     /// In about 5 % of the seeds one session publishes 513–800 messages at once: more than the
     /// sender's retransmission buffer (512) holds, so losses hit evicted messages. Off by
     /// default until the receiver reports such losses in order (see the report in
     /// `tests/sim.rs`, `burst_beyond_the_retransmission_buffer`).
     pub bursts: bool,
+    /// In about 30 % of the seeds (drawn from a stream of their own) one client creates a group,
+    /// invites the others whose service it can name unambiguously, broadcasts, members publish
+    /// (fan-in), one member may be removed, and the group may be closed. On by default.
+    pub groups: bool,
+}
+
+impl Default for Swarm {
+    fn default() -> Self {
+        Swarm {
+            bursts: false,
+            groups: true,
+        }
+    }
 }
 
 impl Swarm {
@@ -337,6 +384,10 @@ impl SimConfig {
                 },
             ));
         }
+        if swarm.groups {
+            let span = group_workload(seed, &clients, total, &mut actions);
+            max_retry_span = max_retry_span.max(span);
+        }
         // Stable: actions at the same instant keep their generation order.
         actions.sort_by_key(|(at, _)| *at);
         SimConfig {
@@ -351,6 +402,9 @@ impl SimConfig {
                 faults_after: Duration::ZERO,
             },
             settle: max_retry_span * 3 + Duration::from_secs(10),
+            group_strict_start: false,
+            group_strict_invite: false,
+            group_strict_updates: false,
         }
     }
 
@@ -367,6 +421,9 @@ impl SimConfig {
             clients,
             workload: Workload::default(),
             settle: Duration::from_secs(60),
+            group_strict_start: false,
+            group_strict_invite: false,
+            group_strict_updates: false,
         }
     }
 
@@ -419,4 +476,79 @@ impl SimConfig {
             .max()
             .unwrap_or(0)
     }
+}
+
+/// The group workload of a seed, if it has one (about 30 % of the seeds): adds its actions and
+/// returns the longest retry span of its timers.
+fn group_workload(
+    seed: u64,
+    clients: &[ClientSpec],
+    total: u64,
+    actions: &mut Vec<(Duration, Action)>,
+) -> Duration {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(STREAM_GROUP);
+    let ms = |v: u64| Duration::from_millis(v);
+    if !rng.random_bool(0.3) {
+        return Duration::ZERO;
+    }
+    let moderator = rng.random_range(0..clients.len());
+    // Invitees: clients whose service nobody else offers (an invite names a service).
+    let members: Vec<usize> = (0..clients.len())
+        .filter(|&c| c != moderator)
+        .filter(|&c| {
+            clients
+                .iter()
+                .filter(|o| o.service == clients[c].service)
+                .count()
+                == 1
+        })
+        .collect();
+    let reliability = rng.random_bool(0.9).then(|| Reliability {
+        interval: ms(rng.random_range(100..=500)),
+        max_retries: rng.random_range(5..=20),
+    });
+    let create_at = rng.random_range(0..=total / 4);
+    actions.push((
+        ms(create_at),
+        Action::GroupCreate {
+            client: moderator,
+            reliability,
+        },
+    ));
+    for &member in &members {
+        actions.push((
+            ms(rng.random_range(create_at..=create_at + total / 4)),
+            Action::GroupInvite { member },
+        ));
+    }
+    for _ in 0..rng.random_range(1..=10) {
+        let client = if rng.random_bool(0.6) || members.is_empty() {
+            moderator
+        } else {
+            members[rng.random_range(0..members.len())]
+        };
+        actions.push((
+            ms(rng.random_range(create_at..=total)),
+            Action::GroupPublish {
+                client,
+                count: rng.random_range(1..=5),
+            },
+        ));
+    }
+    if !members.is_empty() && rng.random_bool(0.4) {
+        actions.push((
+            ms(rng.random_range(create_at + total / 4..=total)),
+            Action::GroupRemove {
+                member: members[rng.random_range(0..members.len())],
+            },
+        ));
+    }
+    if rng.random_bool(0.2) {
+        actions.push((
+            ms(rng.random_range(total * 3 / 4..=total)),
+            Action::GroupClose,
+        ));
+    }
+    reliability.map_or(Duration::ZERO, |r| r.interval * (r.max_retries + 2))
 }
