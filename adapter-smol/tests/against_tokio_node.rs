@@ -6,46 +6,20 @@ use std::time::Duration;
 
 use slim_proto::Name;
 use slim_smol::Client;
-use slim_tokio::config::{NodeConfig, ServerConfig};
 
-fn start_node() -> (std::net::SocketAddr, std::sync::mpsc::Sender<()>) {
-    start_node_on("127.0.0.1:0".parse().unwrap())
+mod common;
+
+use common::TestNode;
+
+/// A node on loopback, as an address and the handle that stops it.
+fn start_node() -> (std::net::SocketAddr, TestNode) {
+    let node = TestNode::start();
+    (node.addr, node)
 }
 
-/// A node on `addr`; the port of a node just stopped may take a moment to be free again.
-fn start_node_on(
-    addr: std::net::SocketAddr,
-) -> (std::net::SocketAddr, std::sync::mpsc::Sender<()>) {
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(async move {
-            let mut attempts = 0;
-            let node = loop {
-                let started = slim_tokio::Node::start(NodeConfig {
-                    servers: vec![ServerConfig { addr, tls: None }],
-                    ..NodeConfig::default()
-                })
-                .await;
-                match started {
-                    Ok(node) => break node,
-                    Err(_) if attempts < 100 => {
-                        attempts += 1;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(error) => panic!("cannot start a node on {addr}: {error}"),
-                }
-            };
-            addr_tx.send(node.local_addrs()[0]).unwrap();
-            tokio::task::spawn_blocking(move || stop_rx.recv())
-                .await
-                .unwrap()
-                .ok();
-            node.shutdown().await;
-        });
-    });
-    (addr_rx.recv().unwrap(), stop_tx)
+fn start_node_on(addr: std::net::SocketAddr) -> (std::net::SocketAddr, TestNode) {
+    let node = TestNode::start_on(addr);
+    (node.addr, node)
 }
 
 #[test]
@@ -75,7 +49,7 @@ fn smol_clients_exchange_messages_through_the_node() {
             assert_eq!(alice.recv().await.unwrap().payload, payload);
         }
     });
-    stop.send(()).unwrap();
+    drop(stop);
 }
 
 /// The node restarts on the same port: the client redials, makes its subscription again, and
@@ -92,7 +66,7 @@ fn client_reconnects_and_resubscribes_after_the_node_restarts() {
         alice
     });
     assert_eq!(alice.reconnects(), 0);
-    stop.send(()).unwrap();
+    drop(stop);
     // While the node is away, a new subscription waits for the next link.
     std::thread::sleep(Duration::from_millis(300));
     let alias = Name::with_id("org", "ns", "alice-alias", 1);
@@ -139,5 +113,5 @@ fn client_reconnects_and_resubscribes_after_the_node_restarts() {
         assert_eq!(&alice.recv().await.unwrap().payload[..], b"to the alias");
         assert_eq!(alice.reconnects(), 1);
     });
-    stop.send(()).unwrap();
+    drop(stop);
 }

@@ -638,32 +638,13 @@ impl SessionLayer {
         let metadata: BTreeMap<String, String> = [(PUBLISH_TO.to_string(), "TRUE".to_string())]
             .into_iter()
             .collect();
-        if s.reliability.is_some() {
-            s.sender.sent(
-                Outgoing {
-                    id,
-                    payload: payload.clone(),
-                    payload_type: "msg".into(),
-                    metadata: metadata.clone(),
-                },
-                vec![target.clone()],
-                now,
-            );
-        }
-        let session_type = s.session_type;
-        let message = self.build(
-            session_type,
-            Mt::Msg,
-            session,
+        let outgoing = Outgoing {
             id,
-            &me,
-            &target,
-            1,
-            app_payload(payload, "msg"),
+            payload,
+            payload_type: "msg".into(),
             metadata,
-            now,
-        );
-        self.emit_send(message);
+        };
+        self.transmit_data(session, outgoing, &target, 1, vec![target.clone()], now);
         Ok(id)
     }
 
@@ -1888,34 +1869,49 @@ impl SessionLayer {
         let id = s.sender.allocate_id();
         let (destination, fanout) = s.data_destination();
         s.sent_since_heartbeat = true;
+        let receivers = s.receivers(&me);
+        let outgoing = Outgoing {
+            id,
+            payload,
+            payload_type,
+            metadata,
+        };
+        self.transmit_data(session, outgoing, &destination, fanout, receivers, now);
+        id
+    }
+
+    /// Sends a data message; in a reliable session it is kept for retransmission until each
+    /// of `receivers` acknowledged it.
+    fn transmit_data(
+        &mut self,
+        session: SessionId,
+        outgoing: Outgoing,
+        destination: &Name,
+        fanout: u32,
+        receivers: Vec<Name>,
+        now: Timestamp,
+    ) {
+        let me = self.name.clone();
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
         if s.reliability.is_some() {
-            let receivers = s.receivers(&me);
-            s.sender.sent(
-                Outgoing {
-                    id,
-                    payload: payload.clone(),
-                    payload_type: payload_type.clone(),
-                    metadata: metadata.clone(),
-                },
-                receivers,
-                now,
-            );
+            s.sender.sent(outgoing.clone(), receivers, now);
         }
         let session_type = s.session_type;
         let message = self.build(
             session_type,
             Mt::Msg,
             session,
-            id,
+            outgoing.id,
             &me,
-            &destination,
+            destination,
             fanout,
-            app_payload(payload, &payload_type),
-            metadata,
+            app_payload(outgoing.payload, &outgoing.payload_type),
+            outgoing.metadata,
             now,
         );
         self.emit_send(message);
-        id
     }
 
     fn sender_event(&mut self, session: SessionId, event: SenderEvent, now: Timestamp) {
