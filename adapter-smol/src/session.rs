@@ -524,6 +524,7 @@ impl Driver {
             // The application is behind on events. Keep serving its commands meanwhile: it may
             // be waiting for one (a publish's answer) before it reads events again. A send
             // future dropped unfinished has sent nothing, hence the clone.
+            #[allow(clippy::large_enum_variant)] // one short-lived value per wait
             enum Slot {
                 Sent(Go),
                 Command(Option<Command>),

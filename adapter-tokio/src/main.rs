@@ -105,6 +105,7 @@ fn run_group(args: GroupArgs) -> anyhow::Result<()> {
             max_retries: 10,
         },
         timeout: std::time::Duration::from_secs_f64(args.timeout.max(1.0)),
+        mls: args.app.mls,
     };
     let runtime = client_runtime()?;
     let report = runtime.block_on(slim_tokio::tools::run_group(&config))?;
@@ -140,7 +141,8 @@ struct AppArgs {
     /// Shared secret of the deployment (at least 32 bytes), for identity tokens.
     #[arg(long, env = "SLIM_SECRET")]
     secret: Option<String>,
-    /// End-to-end encryption with MLS (not available yet: refused with an error).
+    /// End-to-end encryption with MLS (RFC 9420, ciphersuite 0x0002 as the reference): sessions
+    /// we open are encrypted; `reply` accepts only encrypted sessions.
     #[arg(long)]
     mls: bool,
 }
@@ -163,9 +165,10 @@ fn event_json(event: &slim_core::session::SessionEvent) -> Option<String> {
             session,
             peer,
             group,
+            mls,
             ..
         } => {
-            serde_json::json!({"ev": "session", "session": session, "peer": peer.to_string(), "group": group})
+            serde_json::json!({"ev": "session", "session": session, "peer": peer.to_string(), "group": group, "mls": mls})
         }
         E::Message {
             session,
@@ -219,9 +222,6 @@ struct RequestArgs {
 
 impl AppArgs {
     fn resolve(&self) -> anyhow::Result<(slim_proto::Name, String)> {
-        if self.mls {
-            anyhow::bail!("--mls: MLS sessions are not implemented in slim-tokio yet");
-        }
         let name =
             slim_proto::Name::parse(&self.name).with_context(|| format!("--name {}", self.name))?;
         let secret = match &self.secret {
@@ -253,6 +253,7 @@ fn run_reply(args: ReplyArgs) -> anyhow::Result<()> {
             &args.app.endpoint,
             name,
             &secret,
+            args.app.mls,
             |full| {
                 tracing::info!(name = %full, "ready: answering sessions");
                 if args.json {
@@ -299,6 +300,7 @@ fn run_request(args: RequestArgs) -> anyhow::Result<()> {
             interval: std::time::Duration::from_secs(1),
             max_retries: 10,
         }),
+        mls: args.app.mls,
     };
     let runtime = client_runtime()?;
     let report = runtime.block_on(slim_tokio::tools::run_request(&config))?;

@@ -24,6 +24,8 @@ pub struct RequestConfig {
     /// How long to wait for each reply.
     pub timeout: Duration,
     pub reliability: Option<Reliability>,
+    /// End-to-end encryption with MLS.
+    pub mls: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -60,6 +62,7 @@ pub async fn run_request(config: &RequestConfig) -> Result<RequestReport, AppErr
     let app = App::connect(&config.endpoint, config.name.clone(), &config.secret).await?;
     let session_config = SessionConfig {
         reliability: config.reliability,
+        mls: config.mls,
         ..SessionConfig::default()
     };
     let session = app.open_session(&config.to, session_config).await?;
@@ -141,6 +144,8 @@ pub struct GroupConfig {
     pub reliability: Reliability,
     /// How long to wait for all acknowledgements of one round of broadcasts.
     pub timeout: Duration,
+    /// End-to-end encryption with MLS.
+    pub mls: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -177,6 +182,7 @@ pub async fn run_group(config: &GroupConfig) -> Result<GroupReport, AppError> {
             &config.channel,
             SessionConfig {
                 reliability: Some(config.reliability),
+                mls: config.mls,
                 ..SessionConfig::default()
             },
         )
@@ -257,12 +263,13 @@ pub struct ReplyStats {
     pub replies: u64,
 }
 
-/// Accepts every session and answers each message with `reply|` + the message, until
-/// `stop` resolves.
+/// Accepts every session (with `require_mls`, only end-to-end encrypted ones: others are
+/// closed at once) and answers each message with `reply|` + the message, until `stop` resolves.
 pub async fn run_reply(
     endpoint: &str,
     name: Name,
     secret: &str,
+    require_mls: bool,
     ready: impl FnOnce(&Name),
     mut observe: impl FnMut(&SessionEvent),
     stop: impl std::future::Future<Output = ()>,
@@ -279,6 +286,17 @@ pub async fn run_reply(
         };
         observe(&event);
         match event {
+            SessionEvent::Incoming {
+                session,
+                peer,
+                mls: false,
+                ..
+            } if require_mls => {
+                tracing::warn!(session, %peer, "closing a session without MLS (--mls requires it)");
+                if let Err(error) = app.close(session).await {
+                    tracing::warn!(session, %error, "cannot close");
+                }
+            }
             SessionEvent::Incoming {
                 session,
                 peer,

@@ -10,6 +10,7 @@
 //! `stats()` with a reason, and traced.
 
 pub mod fuzzing;
+pub mod group;
 pub mod identity;
 pub mod router;
 pub mod session;

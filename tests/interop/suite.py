@@ -32,7 +32,8 @@ HERE = os.path.dirname(os.path.realpath(__file__))
 ROLE_PY = os.path.join(HERE, "role.py")
 NEW, OLD = "3.3.8", "2.0.0"
 CASES = ["p2p_plain", "p2p_mls", "p2p_v200", "group_mls", "anycast", "rust_request", "rust_reply",
-         "rust_group", "rust_member"]
+         "rust_group", "rust_member", "rust_request_mls", "rust_reply_mls", "rust_group_mls",
+         "rust_member_mls"]
 P2P_EXCHANGES = 100
 GROUP_MEMBERS = 3
 GROUP_MSGS = 10
@@ -479,7 +480,15 @@ async def run_rust(ctx, label, *args, wait=True):
     return proc.returncode, out.decode(errors="replace")
 
 
-async def case_rust_request(ctx):
+def mls_flag(mls):
+    return ["--mls"] if mls else []
+
+
+def mls_label(mls):
+    return " MLS" if mls else ""
+
+
+async def case_rust_request(ctx, mls=False):
     """slim-tokio request (ours) -> slim-bindings 3.3.8 responder, 100 requests byte-exact."""
     resp_name = ctx.name("resp")
     ctx.set_step("start the slim-bindings responder")
@@ -489,7 +498,7 @@ async def case_rust_request(ctx):
     code, out = await run_rust(ctx, "rust-request", "request", "--endpoint", ctx.endpoint,
                                "--name", ctx.name("rust-init"), "--to", resp_name,
                                "--count", P2P_EXCHANGES, "--size", 1000, "--secret", ctx.secret,
-                               "--json")
+                               "--json", *mls_flag(mls))
     lines = [l for l in out.splitlines() if l.startswith("{")]
     if not lines:
         raise CaseFailure(f"slim-tokio request exited {code} without a JSON summary")
@@ -499,15 +508,20 @@ async def case_rust_request(ctx):
     ctx.set_step("responder accounting")
     await resp.wait(lambda: any(e["count"] >= P2P_EXCHANGES for e in resp.of("served")),
                     ctx.step, timeout=10)
-    return f"rust->3.3.8 {rep['received']}/{P2P_EXCHANGES} byte-exact, p50 {rep['p50_us']:.0f}us"
+    served = [e for e in resp.of("session")]
+    if served and served[0].get("mls") is not None and served[0]["mls"] != mls:
+        raise CaseFailure(f"responder's session has MLS {'on' if served[0]['mls'] else 'off'}")
+    return (f"rust->3.3.8 {rep['received']}/{P2P_EXCHANGES} byte-exact, "
+            f"p50 {rep['p50_us']:.0f}us{mls_label(mls)}")
 
 
-async def case_rust_reply(ctx):
-    """slim-bindings 3.3.8 and 2.0.0 initiators -> slim-tokio reply (ours)."""
+async def case_rust_reply(ctx, mls=False):
+    """slim-bindings 3.3.8 and 2.0.0 initiators -> slim-tokio reply (ours); with MLS only 3.3.8."""
     rust_name = ctx.name("rust-resp")
     ctx.set_step("start slim-tokio reply")
     proc, log = await run_rust(ctx, "rust-reply", "reply", "--endpoint", ctx.endpoint,
-                               "--name", rust_name, "--secret", ctx.secret, wait=False)
+                               "--name", rust_name, "--secret", ctx.secret, *mls_flag(mls),
+                               wait=False)
     try:
         log_path = os.path.join(ctx.logs, "rust-reply.log")
         while True:
@@ -520,18 +534,19 @@ async def case_rust_reply(ctx):
                 raise CaseFailure("slim-tokio reply did not get ready")
             await asyncio.sleep(0.1)
         results = []
-        for version in (NEW, OLD):
+        for version in ((NEW,) if mls else (NEW, OLD)):
             ctx.set_step(f"{version} initiator exchanges {P2P_EXCHANGES} messages with slim-tokio")
             init = await ctx.spawn(f"initiator-{version}", version, "initiator",
                                    "--local", ctx.name(f"init{version.replace('.', '')}"),
                                    "--remote", rust_name, "--expect-prefix", "reply",
-                                   "--count", P2P_EXCHANGES, "--max-size", 4096, "--seed", ctx.seed)
+                                   "--count", P2P_EXCHANGES, "--max-size", 4096, "--seed", ctx.seed,
+                                   *mls_flag(mls))
             await init.ready()
             rep = (await init.event("result", ctx.step))["sessions"][0]
             if rep["errors"] or rep["mismatches"] or rep["ok"] != P2P_EXCHANGES:
                 raise CaseFailure(f"{version}->rust: {rep['ok']}/{P2P_EXCHANGES} ok; "
                                   f"errors {rep['errors'][:1]} mismatches {rep['mismatches'][:1]}")
-            results.append(f"{version}->rust {rep['ok']}/{P2P_EXCHANGES} byte-exact")
+            results.append(f"{version}->rust {rep['ok']}/{P2P_EXCHANGES} byte-exact{mls_label(mls)}")
         return "; ".join(results)
     finally:
         if proc.returncode is None:
@@ -580,7 +595,7 @@ async def stop_rust(proc, log):
     log.close()
 
 
-async def case_rust_group(ctx):
+async def case_rust_group(ctx, mls=False):
     """slim-tokio group (ours) moderates three slim-bindings 3.3.8 members: invite, broadcast,
     remove one, broadcast again; every remaining member gets everything, in order."""
     labels = [f"member{i}" for i in range(GROUP_MEMBERS)]
@@ -594,7 +609,7 @@ async def case_rust_group(ctx):
     code, out = await run_rust(ctx, "rust-group", "group", "--endpoint", ctx.endpoint,
                                "--name", ctx.name("rust-mod"), "--channel", ctx.name("chan"),
                                *invites, "--count", GROUP_MSGS, "--remove", names["member0"],
-                               "--secret", ctx.secret, "--json")
+                               "--secret", ctx.secret, "--json", *mls_flag(mls))
     lines = [l for l in out.splitlines() if l.startswith("{")]
     if code != 0 or not lines:
         raise CaseFailure(f"slim-tokio group exited {code}: {lines[-1:] or 'no summary'}")
@@ -603,6 +618,10 @@ async def case_rust_group(ctx):
         raise CaseFailure(f"moderator report {rep}")
     ctx.set_step("members' view")
     victim, rest = members[0], members[1:]
+    for m in members:
+        joined = (await m.event("joined", f"{m.label} joins"))
+        if joined.get("mls") is not None and joined["mls"] != mls:
+            raise CaseFailure(f"{m.label} joined with MLS {'on' if joined['mls'] else 'off'}")
     await victim.event("session_end", "member0 is told it was removed")
 
     def seqs(role):
@@ -616,22 +635,23 @@ async def case_rust_group(ctx):
     if seqs(victim) != list(range(GROUP_MSGS)):
         raise CaseFailure(f"removed member got {seqs(victim)}, expected exactly the first round")
     return (f"rust moderator: {GROUP_MEMBERS} 3.3.8 members joined, {GROUP_MSGS} broadcast acked by all, "
-            f"member0 removed (nothing after), {GROUP_MSGS} more to {len(rest)}")
+            f"member0 removed (nothing after), {GROUP_MSGS} more to {len(rest)}{mls_label(mls)}")
 
 
-async def case_rust_member(ctx):
+async def case_rust_member(ctx, mls=False):
     """A slim-bindings 3.3.8 moderator invites slim-tokio (ours) and a 3.3.8 member; broadcast and
     fan-in reach ours; then ours is removed and gets nothing more."""
     rust_name, other = ctx.name("rust-member"), ctx.name("member")
     ctx.set_step("start slim-tokio reply (member) and a slim-bindings member")
     proc, log = await run_rust(ctx, "rust-member", "reply", "--endpoint", ctx.endpoint,
-                               "--name", rust_name, "--secret", ctx.secret, "--json", wait=False)
+                               "--name", rust_name, "--secret", ctx.secret, "--json", *mls_flag(mls),
+                               wait=False)
     ours = RustEvents(proc)
     try:
         await ours.wait(ctx, lambda: ours.of("ready"), "slim-tokio reply gets ready")
         mem = await ctx.spawn("member", NEW, "member", "--local", other)
         mod = await ctx.spawn("moderator", NEW, "moderator", "--local", ctx.name("moderator"),
-                              "--channel", ctx.name("chan"))
+                              "--channel", ctx.name("chan"), *mls_flag(mls))
         await mem.ready()
         await mod.ready()
         created = await mod.event("created", "moderator creates the group")
@@ -641,6 +661,8 @@ async def case_rust_member(ctx):
         await ours.wait(ctx, lambda: any(e["group"] for e in ours.of("session")), "ours joins the group")
         if ours.of("session")[0]["session"] != created["sid"]:
             raise CaseFailure(f"ours joined session {ours.of('session')[0]['session']}, not {created['sid']}")
+        if ours.of("session")[0].get("mls") != mls:
+            raise CaseFailure(f"ours joined with MLS {ours.of('session')[0].get('mls')}, expected {mls}")
         ctx.set_step("broadcast and fan-in")
         phase1 = hexes(blobs(ctx, "g1", GROUP_MSGS, 2048))
         mod.send(cmd="publish", hex=phase1)
@@ -666,7 +688,7 @@ async def case_rust_member(ctx):
         if len(ours.of("msg")) != before:
             raise CaseFailure(f"ours received {len(ours.of('msg')) - before} msgs after its removal")
         return (f"3.3.8 moderator: ours joined, got {GROUP_MSGS} broadcast in order + fan-in, "
-                f"removed (nothing after)")
+                f"removed (nothing after){mls_label(mls)}")
     finally:
         await stop_rust(proc, log)
 
@@ -674,7 +696,11 @@ async def case_rust_member(ctx):
 CASE_FUNCS = {"p2p_plain": case_p2p_plain, "p2p_mls": case_p2p_mls,
               "p2p_v200": case_p2p_v200, "group_mls": case_group_mls, "anycast": case_anycast,
               "rust_request": case_rust_request, "rust_reply": case_rust_reply,
-              "rust_group": case_rust_group, "rust_member": case_rust_member}
+              "rust_group": case_rust_group, "rust_member": case_rust_member,
+              "rust_request_mls": lambda ctx: case_rust_request(ctx, mls=True),
+              "rust_reply_mls": lambda ctx: case_rust_reply(ctx, mls=True),
+              "rust_group_mls": lambda ctx: case_rust_group(ctx, mls=True),
+              "rust_member_mls": lambda ctx: case_rust_member(ctx, mls=True)}
 
 
 async def drive(args):

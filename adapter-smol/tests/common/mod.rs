@@ -201,7 +201,17 @@ pub struct Requested {
 /// Opens a session to `service`, sends `count` requests one after the other, checks that each
 /// reply is `reply|` + the request byte for byte, then closes and waits for `Closed`.
 pub async fn request<A: SessionApp>(app: &A, service: &Name, count: usize) -> Requested {
-    let session = app.open_session(service, reliable()).await.unwrap();
+    request_with(app, service, count, reliable()).await
+}
+
+/// [`request`] on a session opened with `config`.
+pub async fn request_with<A: SessionApp>(
+    app: &A,
+    service: &Name,
+    count: usize,
+    config: SessionConfig,
+) -> Requested {
+    let session = app.open_session(service, config).await.unwrap();
     let mut replies = 0;
     for i in 0..count {
         let request = request_payload(i);
@@ -249,6 +259,8 @@ pub async fn request<A: SessionApp>(app: &A, service: &Name, count: usize) -> Re
 pub struct Responded {
     pub session: SessionId,
     pub peer: Name,
+    /// Whether the session was end-to-end encrypted.
+    pub mls: bool,
     pub messages: usize,
     pub bytes: usize,
     pub close: CloseReason,
@@ -257,8 +269,10 @@ pub struct Responded {
 /// Accepts one session and answers each message with `reply|` + the message until the
 /// session is closed.
 pub async fn respond<A: SessionApp>(app: &A) -> Responded {
-    let (session, peer) = match app.next_event().await.unwrap() {
-        SessionEvent::Incoming { session, peer, .. } => (session, peer),
+    let (session, peer, mls) = match app.next_event().await.unwrap() {
+        SessionEvent::Incoming {
+            session, peer, mls, ..
+        } => (session, peer, mls),
         other => panic!("responder: unexpected {other:?} before the session"),
     };
     let (mut messages, mut bytes) = (0, 0);
@@ -286,6 +300,7 @@ pub async fn respond<A: SessionApp>(app: &A) -> Responded {
     Responded {
         session,
         peer,
+        mls,
         messages,
         bytes,
         close,
@@ -410,12 +425,24 @@ pub async fn fill_up<A: SessionApp>(
 /// A group member: takes the moderator's invitation, collects the broadcasts until its
 /// session ends; returns them and why it ended.
 pub async fn group_member<A: SessionApp>(app: &A) -> (Vec<Bytes>, CloseReason) {
+    group_member_expecting(app, false).await
+}
+
+/// [`group_member`] of a group whose encryption must be `mls`.
+pub async fn group_member_expecting<A: SessionApp>(
+    app: &A,
+    mls: bool,
+) -> (Vec<Bytes>, CloseReason) {
     let session = match app.next_event().await.unwrap() {
         SessionEvent::Incoming {
             session,
             group: true,
+            mls: encrypted,
             ..
-        } => session,
+        } => {
+            assert_eq!(encrypted, mls, "member: the group's MLS setting");
+            session
+        }
         other => panic!("member: unexpected {other:?} before the invitation"),
     };
     let mut messages = Vec::new();

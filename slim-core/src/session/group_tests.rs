@@ -150,6 +150,7 @@ fn reliable() -> SessionConfig {
             max_retries: 5,
         }),
         metadata: BTreeMap::new(),
+        mls: false,
     }
 }
 

@@ -30,8 +30,10 @@ use slim_proto::pb::command_payload::CommandPayloadType as Cmd;
 use slim_proto::pb::{self, SessionMessageType as Mt, SessionType};
 use slim_proto::{Name, NameKey};
 
+use super::mls::{PayloadError, SessionMls, TokenVerifier};
 use super::receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 use super::sender::{Outgoing, ReliableSender, SenderEvent};
+use crate::group::{CommitError, CommitOut, DecryptError, GroupConfig, MlsIdentity};
 use crate::identity::{
     self, new_identity_id, sign_control_message, verify_e2e_header, verify_payload, IdError,
     SecretError, SharedSecret, SigningKey, PAYLOAD_SIG_KEY,
@@ -78,6 +80,9 @@ pub struct SessionConfig {
     pub reliability: Option<Reliability>,
     /// Copied onto join requests; becomes the peers' session metadata.
     pub metadata: BTreeMap<String, String>,
+    /// End-to-end encryption with an MLS group (spec §4.4–§4.7): data payloads are MLS
+    /// ciphertext that only the session's members can read.
+    pub mls: bool,
 }
 
 /// Settings of one application's session layer.
@@ -130,6 +135,8 @@ pub enum CloseReason {
     Removed,
     /// The handshake did not get an answer.
     NoAnswer(&'static str),
+    /// The peer's MLS material was refused, or our MLS group could not be set up.
+    Refused(&'static str),
 }
 
 /// What the application is told.
@@ -142,6 +149,8 @@ pub enum SessionEvent {
         session: SessionId,
         peer: Name,
         group: bool,
+        /// Whether the session is end-to-end encrypted with MLS.
+        mls: bool,
         metadata: BTreeMap<String, String>,
     },
     Message {
@@ -217,10 +226,15 @@ pub enum SessionDrop {
     Duplicate,
     /// A sequence id far beyond what the session can hold.
     OutOfWindow,
+    /// MLS: a data payload that does not decrypt, or whose authenticated data does not match
+    /// its header.
+    Undecryptable,
+    /// MLS: a key package, welcome or commit that was refused (or missing where MLS is on).
+    BadMls,
 }
 
 impl SessionDrop {
-    pub const ALL: [SessionDrop; 7] = [
+    pub const ALL: [SessionDrop; 9] = [
         SessionDrop::Malformed,
         SessionDrop::BadToken,
         SessionDrop::BadSignature,
@@ -228,6 +242,8 @@ impl SessionDrop {
         SessionDrop::Unexpected,
         SessionDrop::Duplicate,
         SessionDrop::OutOfWindow,
+        SessionDrop::Undecryptable,
+        SessionDrop::BadMls,
     ];
 }
 
@@ -358,6 +374,8 @@ struct Session {
     offline: BTreeSet<NameKey>,
     /// Direct messages already delivered, by source and id.
     seen_direct: VecDeque<(NameKey, u32)>,
+    /// The session's MLS group when it is end-to-end encrypted.
+    mls: Option<SessionMls>,
 }
 
 impl Session {
@@ -406,6 +424,8 @@ pub struct SessionLayer {
     sessions: FxHashMap<SessionId, Session>,
     out: VecDeque<Output>,
     stats: SessionStats,
+    /// Template of every MLS group's settings (each gets its own seed).
+    mls_config: GroupConfig,
 }
 
 impl SessionLayer {
@@ -430,7 +450,14 @@ impl SessionLayer {
             sessions: FxHashMap::default(),
             out: VecDeque::new(),
             stats: SessionStats::default(),
+            mls_config: GroupConfig::default(),
         })
+    }
+
+    /// Settings for the MLS groups of sessions opened or joined from now on (ciphersuite,
+    /// crypto backend, reordering tolerance); each group's random seed is drawn from ours.
+    pub fn set_mls_config(&mut self, config: GroupConfig) {
+        self.mls_config = config;
     }
 
     /// This application's name, with the instance id derived from its identity.
@@ -469,7 +496,15 @@ impl SessionLayer {
         );
         session.state = State::Opening;
         session.metadata = config.metadata;
+        let mls_ok = !config.mls || self.attach_mls_group(&mut session, now);
         self.sessions.insert(id, session);
+        if !mls_ok {
+            self.finish(
+                id,
+                CloseReason::Refused("the MLS group could not be created"),
+            );
+            return id;
+        }
         // Discovery goes to any instance; the reply tells us which one answered.
         self.send_control(
             id,
@@ -517,9 +552,16 @@ impl SessionLayer {
             busy: false,
             seen_updates: VecDeque::new(),
         });
+        let mls_ok = !config.mls || self.attach_mls_group(&mut session, now);
         self.sessions.insert(id, session);
         self.out.push_back(Output::Subscribe(data));
         self.out.push_back(Output::Subscribe(control));
+        if !mls_ok {
+            self.finish(
+                id,
+                CloseReason::Refused("the MLS group could not be created"),
+            );
+        }
         id
     }
 
@@ -809,7 +851,7 @@ impl SessionLayer {
                 self.stats.unsigned_payloads += 1;
             }
         }
-        let received = Received {
+        let mut received = Received {
             source,
             session_type,
             message_type,
@@ -819,7 +861,55 @@ impl SessionLayer {
             content: publish.msg.clone(),
             metadata: message.metadata.clone(),
         };
+        if matches!(message_type, Mt::Msg | Mt::RtxReply)
+            && !received.error
+            && !self.open_mls_payload(publish, &mut received, now)
+        {
+            return;
+        }
         self.dispatch(received, now);
+    }
+
+    /// Decrypts the payload of a data message of an MLS session in `received`. False when
+    /// the message was dealt with here (dropped, or a replayed copy re-acknowledged).
+    fn open_mls_payload(
+        &mut self,
+        publish: &pb::Publish,
+        received: &mut Received,
+        now: Timestamp,
+    ) -> bool {
+        let Some(s) = self.sessions.get_mut(&received.session_id) else {
+            return true; // dispatch counts the unknown session
+        };
+        let reliable = s.reliability.is_some();
+        let Some(mls) = s.mls.as_mut() else {
+            return true;
+        };
+        match mls.open(publish) {
+            Ok(plaintext) => {
+                if let Some(pb::content::ContentType::AppPayload(app)) = received
+                    .content
+                    .as_mut()
+                    .and_then(|c| c.content_type.as_mut())
+                {
+                    app.blob = plaintext.into();
+                }
+                true
+            }
+            // The same ciphertext again (a peer that retransmits the bytes it sent first): we
+            // decrypted it before, so the sender only missed our ack.
+            Err(PayloadError::Decrypt(DecryptError::Generation(_))) => {
+                self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
+                if reliable && received.message_type == Mt::Msg {
+                    self.send_msg_ack(received, now);
+                }
+                false
+            }
+            Err(error) => {
+                self.drop_message(SessionDrop::Undecryptable, &error.to_string());
+                false
+            }
+        }
     }
 
     // ------------------------------------------------------------------ receive
@@ -971,11 +1061,13 @@ impl SessionLayer {
                 Some(r) => self.p2p_join(session, r.source, now),
                 None => self.finish(session, CloseReason::NoAnswer("discovery")),
             },
-            Purpose::Join if answered => self.p2p_welcome(session, now),
-            Purpose::Join => {
-                self.abandon(session, now);
-                self.finish(session, CloseReason::NoAnswer("join"))
-            }
+            Purpose::Join => match reply {
+                Some(r) => self.p2p_welcome(session, &r, now),
+                None => {
+                    self.abandon(session, now);
+                    self.finish(session, CloseReason::NoAnswer("join"))
+                }
+            },
             Purpose::Welcome if answered => self.on_established(session, now),
             Purpose::Welcome => {
                 self.abandon(session, now);
@@ -989,10 +1081,10 @@ impl SessionLayer {
                     self.invite_failed(session, invitee, "no instance answered the discovery", now)
                 }
             },
-            Purpose::InviteJoin(invitee) if answered => self.invite_welcome(session, invitee, now),
-            Purpose::InviteJoin(invitee) => {
-                self.invite_failed(session, invitee, "no join reply", now)
-            }
+            Purpose::InviteJoin(invitee) => match reply {
+                Some(r) => self.invite_welcome(session, invitee, &r, now),
+                None => self.invite_failed(session, invitee, "no join reply", now),
+            },
             Purpose::InviteWelcome(invitee) if !answered => {
                 if let Some(g) = self
                     .sessions
@@ -1081,17 +1173,39 @@ impl SessionLayer {
             .filter(|(k, _)| k.as_str() != PAYLOAD_SIG_KEY)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        if let Some(settings) = join.mls_settings {
+            // The key package goes out with the reply; the welcome will bring the group.
+            let identity = self.mls_identity(now);
+            let config = self.group_config();
+            match SessionMls::join(
+                &identity,
+                config,
+                settings.header_integrity_validation_percent,
+            ) {
+                Ok(mls) => session.mls = Some(mls),
+                Err(error) => {
+                    self.drop_message(SessionDrop::BadMls, &format!("no key package: {error}"));
+                    return;
+                }
+            }
+        }
         self.sessions.insert(m.session_id, session);
         self.send_join_reply(&m, now);
     }
 
     fn send_join_reply(&mut self, m: &Received, now: Timestamp) {
         let me = self.name.clone();
+        let key_package = self
+            .sessions
+            .get(&m.session_id)
+            .and_then(|s| s.mls.as_ref())
+            .and_then(|mls| mls.key_package())
+            .map(Bytes::copy_from_slice);
         let reply = self.reply(
             m,
             Mt::JoinReply,
             command(Cmd::JoinReply(pb::JoinReplyPayload {
-                key_package: None,
+                key_package,
                 participant: Some(participant(&me)),
             })),
             now,
@@ -1104,6 +1218,26 @@ impl SessionLayer {
             self.drop_message(SessionDrop::Malformed, "welcome without payload");
             return;
         };
+        let verifier = TokenVerifier {
+            secret: &self.secret,
+            now_unix: self.unix_at_zero + now.as_micros() / 1_000_000,
+        };
+        let Some(s) = self.sessions.get_mut(&m.session_id) else {
+            return;
+        };
+        let joined = match (s.mls.as_mut(), &welcome.mls) {
+            (None, None) => Ok(()),
+            (Some(mls), Some(payload)) => {
+                mls.welcome(payload, &verifier).map_err(|e| e.to_string())
+            }
+            (Some(_), None) => Err("welcome without MLS content for an MLS session".to_owned()),
+            (None, Some(_)) => Err("MLS welcome for a session without MLS".to_owned()),
+        };
+        if let Err(error) = joined {
+            // Not acknowledged: a welcome that is really ours may still come.
+            self.drop_message(SessionDrop::BadMls, &error);
+            return;
+        }
         let Some(s) = self.sessions.get_mut(&m.session_id) else {
             return;
         };
@@ -1128,6 +1262,11 @@ impl SessionLayer {
             self.drop_message(SessionDrop::Malformed, "group update without payload");
             return;
         };
+        if let Err(error) = self.apply_update_commit(&m, &update, now) {
+            // Not acknowledged: the moderator retries, and a retransmission may still apply.
+            self.drop_message(SessionDrop::BadMls, &error);
+            return;
+        }
         let Some(group) = self
             .sessions
             .get_mut(&m.session_id)
@@ -1187,6 +1326,37 @@ impl SessionLayer {
         }
     }
 
+    /// The MLS commit of a group update of an MLS session, applied in `commit_id` order (a
+    /// retransmitted update's commit is a duplicate and changes nothing).
+    fn apply_update_commit(
+        &mut self,
+        m: &Received,
+        update: &pb::GroupUpdatePayload,
+        now: Timestamp,
+    ) -> Result<(), String> {
+        let verifier = TokenVerifier {
+            secret: &self.secret,
+            now_unix: self.unix_at_zero + now.as_micros() / 1_000_000,
+        };
+        let Some(s) = self.sessions.get_mut(&m.session_id) else {
+            return Ok(());
+        };
+        let Some(mls) = s.mls.as_mut() else {
+            return match update.mls {
+                None => Ok(()),
+                Some(_) => Err("MLS commit for a session without MLS".to_owned()),
+            };
+        };
+        let Some(payload) = &update.mls else {
+            return Err("group update without its MLS commit".to_owned());
+        };
+        match mls.commit(payload, &verifier) {
+            // Removed already: the leave request follows; the update is acknowledged all the same.
+            Ok(_) | Err(CommitError::NotAMember) => Ok(()),
+            Err(error) => Err(format!("commit {} refused: {error}", payload.commit_id)),
+        }
+    }
+
     /// A member asked the moderator to let it go.
     fn on_member_leaving(&mut self, m: Received, now: Timestamp) {
         let reply = self.reply(
@@ -1225,6 +1395,7 @@ impl SessionLayer {
                 session,
                 peer: s.peer.clone(),
                 group: s.group.is_some(),
+                mls: s.mls.is_some(),
                 metadata: s.metadata.clone(),
             },
         };
@@ -1326,8 +1497,10 @@ impl SessionLayer {
             if let Some(h) = header_mut(&mut reply) {
                 h.error = Some(true);
             }
+            self.emit_send(reply);
+        } else {
+            self.emit_data(m.session_id, reply);
         }
-        self.emit_send(reply);
     }
 
     fn on_rtx_reply(&mut self, m: Received, now: Timestamp) {
@@ -1521,6 +1694,7 @@ impl SessionLayer {
         s.peer = peer.clone();
         let timer_settings = timer_settings(s.reliability);
         let metadata = s.metadata.clone();
+        let mls_settings = s.mls.as_ref().map(SessionMls::settings);
         self.send_control(
             session,
             Purpose::Join,
@@ -1531,7 +1705,7 @@ impl SessionLayer {
                 timer_settings,
                 channel: None,
                 control: None,
-                mls_settings: None,
+                mls_settings,
             }),
             metadata,
             Awaiting::Each(vec![peer]),
@@ -1539,7 +1713,19 @@ impl SessionLayer {
         );
     }
 
-    fn p2p_welcome(&mut self, session: SessionId, now: Timestamp) {
+    fn p2p_welcome(&mut self, session: SessionId, reply: &Received, now: Timestamp) {
+        let mls = match self.add_to_mls_group(session, reply, now) {
+            Ok(commit) => commit.map(|c| pb::MlsPayload {
+                commit_id: c.commit_id,
+                mls_content: c.welcome.unwrap_or_default().into(),
+            }),
+            Err(error) => {
+                self.drop_message(SessionDrop::BadMls, &error);
+                self.abandon(session, now);
+                self.finish(session, CloseReason::Refused("the peer's key package"));
+                return;
+            }
+        };
         let Some(s) = self.sessions.get(&session) else {
             return;
         };
@@ -1553,7 +1739,7 @@ impl SessionLayer {
             1,
             Cmd::GroupWelcome(pb::GroupWelcomePayload {
                 participants: vec![participant(&peer), participant(&me)],
-                mls: None,
+                mls,
             }),
             BTreeMap::new(),
             Awaiting::Each(vec![peer]),
@@ -1606,6 +1792,14 @@ impl SessionLayer {
                 now,
             ),
             Task::Remove(member) => {
+                let mls = self.remove_from_mls_group(session, &member);
+                let Some(group) = self
+                    .sessions
+                    .get_mut(&session)
+                    .and_then(|s| s.group.as_mut())
+                else {
+                    return;
+                };
                 // The update goes out when more than the moderator and the member are in the
                 // group (the list before removal has > 2 entries).
                 let others: Vec<Name> = group
@@ -1621,6 +1815,7 @@ impl SessionLayer {
                         &member,
                         others,
                         Purpose::RemoveUpdate(member.clone()),
+                        mls,
                         now,
                     );
                 } else {
@@ -1628,6 +1823,7 @@ impl SessionLayer {
                 }
             }
             Task::Departed(member) => {
+                let mls = self.remove_from_mls_group(session, &member);
                 self.forget_member(session, &member, now);
                 let others = self.others(session, &[&member]);
                 if others.is_empty() {
@@ -1639,9 +1835,91 @@ impl SessionLayer {
                         &member,
                         others,
                         Purpose::DepartureUpdate(member.clone()),
+                        mls,
                         now,
                     );
                 }
+            }
+        }
+    }
+
+    /// Adds the member whose JOIN_REPLY this is to the session's MLS group: the commit and
+    /// welcome to send, or `None` without MLS.
+    fn add_to_mls_group(
+        &mut self,
+        session: SessionId,
+        reply: &Received,
+        now: Timestamp,
+    ) -> Result<Option<CommitOut>, String> {
+        let verifier = TokenVerifier {
+            secret: &self.secret,
+            now_unix: self.unix_at_zero + now.as_micros() / 1_000_000,
+        };
+        let Some(mls) = self.sessions.get_mut(&session).and_then(|s| s.mls.as_mut()) else {
+            return Ok(None);
+        };
+        let Some(Cmd::JoinReply(join)) = command_of(&reply.content) else {
+            return Err("join reply without payload".to_owned());
+        };
+        let Some(key_package) = join.key_package else {
+            return Err("join reply without the key package an MLS session needs".to_owned());
+        };
+        mls.add(&key_package, &verifier)
+            .map(Some)
+            .map_err(|error| format!("key package refused: {error}"))
+    }
+
+    /// Removes a member from the session's MLS group: the commit for the others, or `None`
+    /// without MLS (or when the member never made it into the MLS group).
+    fn remove_from_mls_group(
+        &mut self,
+        session: SessionId,
+        member: &Name,
+    ) -> Option<pb::MlsPayload> {
+        let mls = self.sessions.get_mut(&session)?.mls.as_mut()?;
+        match mls.remove(member.id()) {
+            Ok(commit) => Some(pb::MlsPayload {
+                commit_id: commit.commit_id,
+                mls_content: commit.commit.into(),
+            }),
+            Err(error) => {
+                tracing::debug!(%member, %error, "member not removed from the MLS group");
+                None
+            }
+        }
+    }
+
+    /// A fresh identity for MLS credentials: the token (with our `pubkey` claim) and our key.
+    fn mls_identity(&mut self, now: Timestamp) -> MlsIdentity {
+        let token = self.secret.issue(
+            &self.identity_id,
+            &self.public_key,
+            self.unix_now(now),
+            &mut self.rng,
+        );
+        MlsIdentity::p256(token, self.key.clone())
+    }
+
+    /// The layer's MLS settings with a seed of the group's own.
+    fn group_config(&mut self) -> GroupConfig {
+        let mut config = self.mls_config.clone();
+        config.seed = self.rng.random();
+        config
+    }
+
+    /// Creates the MLS group of a session we open (p2p initiator or moderator); false if
+    /// openmls refused (a local fault, logged).
+    fn attach_mls_group(&mut self, session: &mut Session, now: Timestamp) -> bool {
+        let identity = self.mls_identity(now);
+        let config = self.group_config();
+        match SessionMls::create(&identity, config) {
+            Ok(mls) => {
+                session.mls = Some(mls);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "MLS group could not be created");
+                false
             }
         }
     }
@@ -1684,7 +1962,7 @@ impl SessionLayer {
             timer_settings: timer_settings(s.reliability),
             channel: Some(group.data.to_pb()),
             control: Some(group.control.to_pb()),
-            mls_settings: None,
+            mls_settings: s.mls.as_ref().map(SessionMls::settings),
         };
         let metadata = s.metadata.clone();
         self.send_control(
@@ -1700,7 +1978,34 @@ impl SessionLayer {
         );
     }
 
-    fn invite_welcome(&mut self, session: SessionId, invitee: Name, now: Timestamp) {
+    fn invite_welcome(
+        &mut self,
+        session: SessionId,
+        invitee: Name,
+        reply: &Received,
+        now: Timestamp,
+    ) {
+        let commit = match self.add_to_mls_group(session, reply, now) {
+            Ok(commit) => commit,
+            Err(error) => {
+                self.drop_message(SessionDrop::BadMls, &error);
+                self.invite_failed(session, invitee, "its MLS key package was refused", now);
+                return;
+            }
+        };
+        let (update_mls, welcome_mls) = match commit {
+            Some(c) => (
+                Some(pb::MlsPayload {
+                    commit_id: c.commit_id,
+                    mls_content: c.commit.into(),
+                }),
+                Some(pb::MlsPayload {
+                    commit_id: c.commit_id,
+                    mls_content: c.welcome.unwrap_or_default().into(),
+                }),
+            ),
+            None => (None, None),
+        };
         let me = self.name.clone();
         let Some(group) = self
             .sessions
@@ -1729,6 +2034,7 @@ impl SessionLayer {
                 &invitee,
                 existing,
                 Purpose::InviteUpdate(invitee.clone()),
+                update_mls,
                 now,
             );
         }
@@ -1740,7 +2046,7 @@ impl SessionLayer {
             1,
             Cmd::GroupWelcome(pb::GroupWelcomePayload {
                 participants,
-                mls: None,
+                mls: welcome_mls,
             }),
             BTreeMap::new(),
             Awaiting::Each(vec![invitee]),
@@ -1763,6 +2069,7 @@ impl SessionLayer {
     }
 
     /// A GROUP_UPDATE to the control channel, acknowledged by each of `awaiting`.
+    #[allow(clippy::too_many_arguments)]
     fn send_update(
         &mut self,
         session: SessionId,
@@ -1770,6 +2077,7 @@ impl SessionLayer {
         subject: &Name,
         awaiting: Vec<Name>,
         purpose: Purpose,
+        mls: Option<pb::MlsPayload>,
         now: Timestamp,
     ) {
         let Some(group) = self.sessions.get(&session).and_then(|s| s.group.as_ref()) else {
@@ -1780,7 +2088,7 @@ impl SessionLayer {
             op: op as i32,
             participant: Some(participant(subject)),
             participants: group.members.iter().map(participant).collect(),
-            mls: None,
+            mls,
         };
         self.send_control(
             session,
@@ -1911,7 +2219,7 @@ impl SessionLayer {
             outgoing.metadata,
             now,
         );
-        self.emit_send(message);
+        self.emit_data(session, message);
     }
 
     fn sender_event(&mut self, session: SessionId, event: SenderEvent, now: Timestamp) {
@@ -1939,7 +2247,7 @@ impl SessionLayer {
                     stored.metadata,
                     now,
                 );
-                self.emit_send(message);
+                self.emit_data(session, message);
             }
             SenderEvent::Delivered { id } => self
                 .out
@@ -2116,6 +2424,18 @@ impl SessionLayer {
         message
     }
 
+    /// Sends a data message (MSG, RTX_REPLY); in an MLS session its payload is encrypted first,
+    /// for every copy anew, as each copy's header (token, destination) is its AAD.
+    fn emit_data(&mut self, session: SessionId, mut message: pb::Message) {
+        if let Some(mls) = self.sessions.get_mut(&session).and_then(|s| s.mls.as_mut()) {
+            if let Err(error) = mls.seal(&mut message) {
+                tracing::warn!(session, %error, "data message not sent: MLS encryption failed");
+                return;
+            }
+        }
+        self.emit_send(message);
+    }
+
     fn emit_send(&mut self, message: pb::Message) {
         self.stats.sent += 1;
         self.out.push_back(Output::Send(Box::new(message)));
@@ -2167,6 +2487,7 @@ impl SessionLayer {
             last_heard: BTreeMap::new(),
             offline: BTreeSet::new(),
             seen_direct: VecDeque::new(),
+            mls: None,
         }
     }
 
@@ -2283,6 +2604,11 @@ impl SessionLayer {
             Some(g) => (g.control.clone(), MAX_FANOUT),
         };
         let session_type = s.session_type;
+        let epoch = s
+            .mls
+            .as_ref()
+            .and_then(SessionMls::epoch)
+            .unwrap_or(u64::MAX);
         let me = self.name.clone();
         let message_id = self.rng.random();
         let heartbeat = self.build(
@@ -2293,7 +2619,7 @@ impl SessionLayer {
             &me,
             &destination,
             fanout,
-            command(Cmd::Heartbeat(pb::HeartbeatPayload { epoch: u64::MAX })),
+            command(Cmd::Heartbeat(pb::HeartbeatPayload { epoch })),
             BTreeMap::new(),
             now,
         );

@@ -2,6 +2,7 @@
 //! top of the reliability halves ([`ReliableSender`], [`ReliableReceiver`]). Group sessions are next.
 
 pub mod layer;
+pub mod mls;
 pub mod receiver;
 pub mod sender;
 
@@ -10,5 +11,6 @@ pub use layer::{
     SessionError, SessionEvent, SessionId, SessionLayer, SessionStats,
 };
 
+pub use mls::{PayloadError, DEFAULT_VALIDATION_PERCENT};
 pub use receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 pub use sender::{Outgoing, ReliableSender, SenderEvent};

@@ -25,6 +25,7 @@ fn reliable() -> SessionConfig {
             max_retries: 3,
         }),
         metadata: BTreeMap::new(),
+        mls: false,
     }
 }
 
@@ -180,6 +181,7 @@ fn p2p_handshake_matches_the_reference_sequence() {
             session: sid,
             peer: p.a.name().clone(),
             group: false,
+            mls: false,
             metadata: [("purpose".to_string(), "test".to_string())]
                 .into_iter()
                 .collect()

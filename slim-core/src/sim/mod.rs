@@ -875,6 +875,7 @@ impl Sim {
                 let config = SessionConfig {
                     reliability,
                     metadata: BTreeMap::new(),
+                    ..SessionConfig::default()
                 };
                 let id =
                     self.clients[client]
@@ -947,6 +948,7 @@ impl Sim {
                 let config = SessionConfig {
                     reliability,
                     metadata: BTreeMap::new(),
+                    ..SessionConfig::default()
                 };
                 let channel = group_channel();
                 let id = self.clients[client]
