@@ -1,6 +1,20 @@
-//! `slim-tokio bench`: measures any SLIM node (ours or the reference) from the outside, with two
-//! clients on loopback: one-way throughput of raw publishes (1 publisher → node → 1 subscriber)
-//! and the round trip of a publish answered by a publish.
+//! `slim-tokio bench`: measures any SLIM node (ours or the reference) from the outside, with
+//! clients on this machine over loopback.
+//!
+//! * Raw data-plane publishes ([`raw`]): P publishers and S subscribers, each its own client and
+//!   connection, in three patterns: unicast (each message to one exact subscriber instance),
+//!   anycast (to a service name every subscriber serves: each message reaches exactly one) and
+//!   multicast (to a channel every subscriber joined: each message reaches all S). One-way
+//!   throughput with a bounded window, then the round trip of a publish answered by a publish.
+//! * A reliable p2p session between two of our session layers ([`run_p2p`]): acknowledged
+//!   one-way throughput, then request/reply round trips.
+//!
+//! Either phase can stop after a duration or a message count; a progress bar can be drawn on a
+//! terminal; given the node's pid, its CPU time and memory are read from `/proc` ([`probe`]).
+
+pub mod probe;
+mod progress;
+mod raw;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,11 +22,25 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use slim_proto::Name;
-use tokio::sync::Semaphore;
 
-use crate::app::{Client, ClientError};
+use crate::app::ClientError;
+use crate::session::AppError;
+use probe::{NodeProbe, NodeUsage};
+use progress::{Counters, Progress};
 
-/// What to run.
+/// The largest payload the bench sends: SLIM nodes accept gRPC messages of at most 4 MiB (ours by
+/// default, the reference's too), and the header (names, version, MAC) needs room besides the
+/// payload.
+pub const MAX_PAYLOAD: usize = slim_proto::DEFAULT_MAX_MESSAGE_SIZE - 4096;
+
+/// Payload bytes in flight at most, over all publishers, whatever `window` says. It keeps large
+/// messages under the node's per-connection queue (16 MiB; beyond it a node drops for a slow
+/// consumer instead of queueing) and under the clients' own queues: 1 MiB messages run with
+/// 8 in flight.
+pub const WINDOW_BYTES: usize = 8 * 1024 * 1024;
+
+/// What to run: one publisher → node → one subscriber (`run_publish`), or a reliable p2p session
+/// (`run_p2p`). [`LoadConfig`] has every other knob.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
     pub endpoint: String,
@@ -26,87 +54,279 @@ pub struct BenchConfig {
     pub window: usize,
 }
 
+/// When the throughput phase stops sending.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Stop {
+    /// After this long.
+    Duration(Duration),
+    /// After this many messages published in all (split evenly over the publishers).
+    Count(u64),
+}
+
+/// What the bench measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Raw publishes, each to one exact subscriber instance (round-robin over the subscribers).
+    Unicast,
+    /// Raw publishes to a service name that every subscriber serves with its own instance
+    /// (`fanout` 1): the node picks one instance per message.
+    Anycast,
+    /// Raw publishes to a channel every subscriber joined (`fanout` ≠ 1): each message reaches
+    /// all subscribers.
+    Multicast,
+    /// A reliable p2p session between two session layers.
+    P2p,
+}
+
+impl Mode {
+    /// The name in reports (`publish` for unicast, as `--mode publish` has always meant).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Unicast => "publish",
+            Mode::Anycast => "anycast",
+            Mode::Multicast => "multicast",
+            Mode::P2p => "p2p",
+        }
+    }
+}
+
+/// Everything `slim-tokio bench` can vary.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    pub endpoint: String,
+    pub mode: Mode,
+    /// Payload bytes per message, 8 ..= [`MAX_PAYLOAD`].
+    pub size: usize,
+    pub stop: Stop,
+    /// Sequential round trips measured after the throughput phase (plus a warm-up of a tenth,
+    /// at least 10).
+    pub round_trips: u64,
+    /// Messages in flight at most over all publishers (each gets `window / publishers`), and at
+    /// most [`WINDOW_BYTES`] of payload (p2p: and at most the session sender's 512-message
+    /// retransmission buffer).
+    pub window: usize,
+    /// Raw modes: clients that publish (each its own connection).
+    pub publishers: usize,
+    /// Raw modes: clients that receive (each its own connection).
+    pub subscribers: usize,
+    /// Draw a progress bar on stderr (the caller checks that stderr is a terminal).
+    pub progress: bool,
+    /// The node's process id, to report its CPU time and memory (Linux `/proc`).
+    pub node_pid: Option<u32>,
+}
+
+impl From<&BenchConfig> for LoadConfig {
+    fn from(config: &BenchConfig) -> LoadConfig {
+        LoadConfig {
+            endpoint: config.endpoint.clone(),
+            mode: Mode::Unicast,
+            size: config.size,
+            stop: Stop::Duration(config.duration),
+            round_trips: config.round_trips,
+            window: config.window,
+            publishers: 1,
+            subscribers: 1,
+            progress: false,
+            node_pid: None,
+        }
+    }
+}
+
+/// Why a bench could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    App(#[from] AppError),
+    #[error("invalid bench settings: {0}")]
+    Invalid(String),
+    #[error("cannot read the node's process {pid}: {reason}")]
+    Probe { pid: u32, reason: String },
+    #[error("a bench task failed: {0}")]
+    Task(String),
+}
+
 /// Results, medians and percentiles in microseconds.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
     pub mode: &'static str,
     pub size: usize,
+    pub publishers: usize,
+    pub subscribers: usize,
+    /// Messages published (p2p: sent on the session).
     pub sent: u64,
+    /// Deliveries expected: `sent` × the subscribers for multicast, `sent` otherwise.
+    pub expected: u64,
+    /// Deliveries counted by the receivers.
     pub received: u64,
+    /// Deliveries whose sequence number was not above the previous one from the same publisher
+    /// at the same receiver (reordered or duplicated).
     pub out_of_order: u64,
+    /// From the first publish to the last delivery.
     pub seconds: f64,
+    /// Deliveries per second.
     pub msgs_per_s: f64,
+    /// Publishes per second (equals `msgs_per_s` unless multicast).
+    pub published_per_s: f64,
+    /// Payload megabytes (10^6) delivered per second.
     pub mb_per_s: f64,
+    /// Messages in flight at most per publisher, after the byte cap.
+    pub window: usize,
     pub round_trips: u64,
+    /// Round trips not answered within 5 s (not samples).
+    pub round_trips_lost: u64,
     pub p50_us: f64,
     pub p90_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
+    /// The node's CPU and memory, with `--node-pid`.
+    pub node: Option<NodeUsage>,
 }
 
 impl BenchReport {
-    /// One JSON line (no serde needed for flat numbers).
+    /// Deliveries that never arrived.
+    pub fn lost(&self) -> u64 {
+        self.expected.saturating_sub(self.received)
+    }
+
+    /// One JSON line. The keys `msgs_per_s`, `p50_us` and `p99_us` are what scripts read
+    /// (`benches/compare.sh`); keep them.
     pub fn to_json(&self) -> String {
-        format!(
-            "{{\"mode\":\"{}\",\"size\":{},\"sent\":{},\"received\":{},\"lost\":{},\"out_of_order\":{},\"seconds\":{:.3},\"msgs_per_s\":{:.0},\"mb_per_s\":{:.2},\"round_trips\":{},\"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1}}}",
-            self.mode,
-            self.size,
-            self.sent,
-            self.received,
-            self.sent.saturating_sub(self.received),
-            self.out_of_order,
-            self.seconds,
-            self.msgs_per_s,
-            self.mb_per_s,
-            self.round_trips,
-            self.p50_us,
-            self.p90_us,
-            self.p99_us,
-            self.p999_us,
-            self.max_us
-        )
+        let round = |x: f64, digits: i32| {
+            let scale = 10f64.powi(digits);
+            (x * scale).round() / scale
+        };
+        let mut json = serde_json::json!({
+            "mode": self.mode,
+            "size": self.size,
+            "publishers": self.publishers,
+            "subscribers": self.subscribers,
+            "sent": self.sent,
+            "expected": self.expected,
+            "received": self.received,
+            "lost": self.lost(),
+            "out_of_order": self.out_of_order,
+            "seconds": round(self.seconds, 3),
+            "msgs_per_s": round(self.msgs_per_s, 0),
+            "published_per_s": round(self.published_per_s, 0),
+            "mb_per_s": round(self.mb_per_s, 2),
+            "window": self.window,
+            "round_trips": self.round_trips,
+            "round_trips_lost": self.round_trips_lost,
+            "p50_us": round(self.p50_us, 1),
+            "p90_us": round(self.p90_us, 1),
+            "p99_us": round(self.p99_us, 1),
+            "p999_us": round(self.p999_us, 1),
+            "max_us": round(self.max_us, 1),
+        });
+        if let (Some(node), Some(map)) = (&self.node, json.as_object_mut()) {
+            let fields = [
+                ("node_pid", serde_json::json!(node.pid)),
+                ("node_cpu_s", serde_json::json!(round(node.cpu_s, 3))),
+                (
+                    "node_throughput_cpu_s",
+                    serde_json::json!(round(node.throughput_cpu_s, 3)),
+                ),
+                ("node_cpu_pct", serde_json::json!(round(node.cpu_pct, 1))),
+                (
+                    "node_cpu_us_per_msg",
+                    serde_json::json!(round(node.cpu_us_per_msg, 2)),
+                ),
+                ("node_rss_start_kib", serde_json::json!(node.rss_start_kib)),
+                ("node_rss_end_kib", serde_json::json!(node.rss_end_kib)),
+                ("node_peak_rss_kib", serde_json::json!(node.peak_rss_kib)),
+                (
+                    "node_peak_rss_scope",
+                    serde_json::json!(if node.peak_is_of_run {
+                        "run"
+                    } else {
+                        "process"
+                    }),
+                ),
+            ];
+            for (key, value) in fields {
+                map.insert(key.to_owned(), value);
+            }
+        }
+        json.to_string()
     }
 }
 
 /// Counts of a throughput phase.
 struct Throughput {
     sent: u64,
+    expected: u64,
     received: u64,
     out_of_order: u64,
     seconds: f64,
+    window: usize,
 }
 
-fn round_trip_histogram() -> hdrhistogram::Histogram<u64> {
-    hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .expect("valid histogram bounds")
+/// Round trips of the second phase.
+struct RoundTrips {
+    histogram: hdrhistogram::Histogram<u64>,
+    lost: u64,
+}
+
+impl RoundTrips {
+    fn new() -> RoundTrips {
+        RoundTrips {
+            histogram: hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .expect("valid histogram bounds"),
+            lost: 0,
+        }
+    }
+
+    fn record(&mut self, elapsed: Duration) {
+        // Values beyond the bounds are clamped, never an error worth stopping for.
+        let _ = self
+            .histogram
+            .record(elapsed.as_micros().clamp(1, 60_000_000) as u64);
+    }
+}
+
+/// Warm-up round trips before the measured ones.
+fn warm_up(round_trips: u64) -> u64 {
+    (round_trips / 10).max(10)
 }
 
 fn report(
-    mode: &'static str,
-    size: usize,
+    config: &LoadConfig,
     t: Throughput,
-    histogram: &hdrhistogram::Histogram<u64>,
+    round_trips: &RoundTrips,
+    node: Option<NodeUsage>,
 ) -> BenchReport {
+    let histogram = &round_trips.histogram;
     let q = |p: f64| histogram.value_at_quantile(p) as f64;
     BenchReport {
-        mode,
-        size,
+        mode: config.mode.as_str(),
+        size: config.size,
+        publishers: config.publishers,
+        subscribers: config.subscribers,
         sent: t.sent,
+        expected: t.expected,
         received: t.received,
         out_of_order: t.out_of_order,
         seconds: t.seconds,
         msgs_per_s: t.received as f64 / t.seconds,
-        mb_per_s: (t.received as f64 * size as f64) / t.seconds / 1e6,
+        published_per_s: t.sent as f64 / t.seconds,
+        mb_per_s: (t.received as f64 * config.size as f64) / t.seconds / 1e6,
+        window: t.window,
         round_trips: histogram.len(),
+        round_trips_lost: round_trips.lost,
         p50_us: q(0.5),
         p90_us: q(0.9),
         p99_us: q(0.99),
         p999_us: q(0.999),
         max_us: histogram.max() as f64,
+        node,
     }
 }
 
+/// A payload of `size` bytes (at least 8) led by `seq`, big-endian.
 fn payload(seq: u64, size: usize) -> Bytes {
     let mut buf = vec![0u8; size.max(8)];
     buf[..8].copy_from_slice(&seq.to_be_bytes());
@@ -117,149 +337,125 @@ fn seq_of(payload: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(payload.get(..8)?.try_into().ok()?))
 }
 
-/// Raw data-plane publish: throughput, then round trips.
-pub async fn run_publish(config: &BenchConfig) -> Result<BenchReport, ClientError> {
+/// A random tag that keeps the names of concurrent benches on one node apart.
+fn random_tag() -> u64 {
     let mut tag = [0u8; 8];
+    // Without OS randomness the tag is 0: names may then collide with another bench, which only
+    // matters if two run at once.
     let _ = getrandom::fill(&mut tag);
-    let tag = u64::from_le_bytes(tag);
-    let pub_name = Name::with_id(
-        "bench",
-        "publish",
-        &format!("pub-{tag:x}"),
-        u128::from(tag) << 1,
-    );
-    let sub_name = Name::with_id(
-        "bench",
-        "publish",
-        &format!("sub-{tag:x}"),
-        (u128::from(tag) << 1) | 1,
-    );
-    let publisher = Arc::new(Client::connect(&config.endpoint, pub_name.clone()).await?);
-    let subscriber = Arc::new(Client::connect(&config.endpoint, sub_name.clone()).await?);
-    publisher.subscribe(&pub_name).await?;
-    subscriber.subscribe(&sub_name).await?;
+    u64::from_le_bytes(tag)
+}
 
-    // Throughput: the publisher keeps `window` messages in flight.
-    let window = Arc::new(Semaphore::new(config.window.max(1)));
-    let received = Arc::new(AtomicU64::new(0));
-    let sent = Arc::new(AtomicU64::new(0));
-    let done_sending = Arc::new(tokio::sync::Notify::new());
-    let receiver = {
-        let (subscriber, window, received, sent, done_sending) = (
-            subscriber.clone(),
-            window.clone(),
-            received.clone(),
-            sent.clone(),
-            done_sending.clone(),
-        );
-        tokio::spawn(async move {
-            let mut expected = 0u64;
-            let mut out_of_order = 0u64;
-            let mut last = Instant::now();
-            let sender_finished = done_sending.notified();
-            tokio::pin!(sender_finished);
-            let mut finished = false;
-            loop {
-                let idle = if finished {
-                    Duration::from_millis(500)
-                } else {
-                    Duration::from_secs(10)
-                };
-                let message = tokio::select! {
-                    () = &mut sender_finished, if !finished => { finished = true; continue; }
-                    m = tokio::time::timeout(idle, subscriber.recv()) => m,
-                };
-                let Ok(Ok(message)) = message else { break };
-                if seq_of(&message.payload) != Some(expected) {
-                    out_of_order += 1;
-                }
-                expected = seq_of(&message.payload).map_or(expected + 1, |s| s + 1);
-                last = Instant::now();
-                window.add_permits(1);
-                let count = received.fetch_add(1, Ordering::Relaxed) + 1;
-                if finished && count >= sent.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-            (last, out_of_order)
-        })
-    };
-    let start = Instant::now();
-    let mut seq = 0u64;
-    while start.elapsed() < config.duration {
-        match tokio::time::timeout(Duration::from_secs(2), window.acquire()).await {
-            Ok(Ok(permit)) => permit.forget(),
-            _ => break, // messages were lost: stop instead of waiting forever
-        }
-        publisher
-            .publish(&sub_name, payload(seq, config.size))
-            .await?;
-        seq += 1;
-        sent.store(seq, Ordering::Relaxed);
+/// Checks the settings every mode shares.
+fn validate(config: &LoadConfig) -> Result<(), BenchError> {
+    if config.size < 8 || config.size > MAX_PAYLOAD {
+        return Err(BenchError::Invalid(format!(
+            "--size {}: payloads are 8 to {MAX_PAYLOAD} bytes (a sequence number leads each; a \
+             SLIM node accepts messages of at most 4 MiB, header included)",
+            config.size
+        )));
     }
-    done_sending.notify_one();
-    let (last, out_of_order) = receiver.await.map_err(|_| ClientError::Closed)?;
-    let received = received.load(Ordering::Relaxed);
-    let seconds = last
-        .saturating_duration_since(start)
-        .as_secs_f64()
-        .max(1e-9);
-
-    // Round trips: the subscriber echoes, the publisher waits for each answer.
-    let echo = {
-        let (subscriber, pub_name) = (subscriber.clone(), pub_name.clone());
-        tokio::spawn(async move {
-            while let Ok(message) = subscriber.recv().await {
-                if subscriber
-                    .publish(&pub_name, message.payload)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        })
-    };
-    let mut histogram = round_trip_histogram();
-    let warm_up = (config.round_trips / 10).max(10);
-    for i in 0..warm_up + config.round_trips {
-        let t0 = Instant::now();
-        publisher
-            .publish(&sub_name, payload(i, config.size))
-            .await?;
-        match tokio::time::timeout(Duration::from_secs(5), publisher.recv()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => continue, // lost: not a sample
-        }
-        if i >= warm_up {
-            let _ = histogram.record(t0.elapsed().as_micros().max(1) as u64);
+    if config.stop == Stop::Count(0) {
+        return Err(BenchError::Invalid("--count must be at least 1".into()));
+    }
+    if let Stop::Duration(d) = config.stop {
+        if d.is_zero() {
+            return Err(BenchError::Invalid("--duration must be positive".into()));
         }
     }
-    echo.abort();
-    Ok(report(
-        "publish",
-        config.size,
-        Throughput {
-            sent: seq,
-            received,
-            out_of_order,
-            seconds,
-        },
-        &histogram,
-    ))
+    if config.window == 0 {
+        return Err(BenchError::Invalid("--window must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// Runs the bench `config` describes.
+pub async fn run(config: &LoadConfig) -> Result<BenchReport, BenchError> {
+    validate(config)?;
+    let probe = match config.node_pid {
+        Some(pid) => Some(NodeProbe::new(pid).map_err(|reason| BenchError::Probe { pid, reason })?),
+        None => None,
+    };
+    match config.mode {
+        Mode::P2p => p2p(config, probe.as_ref()).await,
+        Mode::Unicast | Mode::Anycast | Mode::Multicast => raw::run(config, probe.as_ref()).await,
+    }
+}
+
+/// Raw data-plane publish, one publisher → node → one subscriber: throughput, then round trips.
+pub async fn run_publish(config: &BenchConfig) -> Result<BenchReport, BenchError> {
+    run(&LoadConfig::from(config)).await
 }
 
 /// A reliable p2p session between two apps through the node: one-way throughput (every message
 /// acknowledged by the session layer), then request/reply round trips.
-pub async fn run_p2p(config: &BenchConfig) -> Result<BenchReport, crate::session::AppError> {
+pub async fn run_p2p(config: &BenchConfig) -> Result<BenchReport, BenchError> {
+    run(&LoadConfig {
+        mode: Mode::P2p,
+        ..LoadConfig::from(config)
+    })
+    .await
+}
+
+/// The node's counters before the throughput phase; turned into a [`NodeUsage`] at the end.
+struct NodeWatch<'a> {
+    probe: &'a NodeProbe,
+    at_start: probe::NodeSample,
+}
+
+impl<'a> NodeWatch<'a> {
+    fn start(probe: Option<&'a NodeProbe>) -> Result<Option<NodeWatch<'a>>, BenchError> {
+        let Some(probe) = probe else { return Ok(None) };
+        let at_start = probe.sample().map_err(|reason| BenchError::Probe {
+            pid: probe.pid(),
+            reason,
+        })?;
+        Ok(Some(NodeWatch { probe, at_start }))
+    }
+
+    fn sample(&self) -> Result<probe::NodeSample, BenchError> {
+        self.probe.sample().map_err(|reason| BenchError::Probe {
+            pid: self.probe.pid(),
+            reason,
+        })
+    }
+}
+
+/// Samples the node after the throughput phase and at the end.
+fn node_usage(
+    watch: Option<&NodeWatch<'_>>,
+    after_throughput: Option<probe::NodeSample>,
+    messages: u64,
+    seconds: f64,
+) -> Result<Option<NodeUsage>, BenchError> {
+    let (Some(watch), Some(after_throughput)) = (watch, after_throughput) else {
+        return Ok(None);
+    };
+    let end = watch.sample()?;
+    Ok(Some(NodeUsage::between(
+        watch.probe,
+        &watch.at_start,
+        &after_throughput,
+        &end,
+        messages,
+        seconds,
+    )))
+}
+
+/// See [`run_p2p`].
+async fn p2p(config: &LoadConfig, probe: Option<&NodeProbe>) -> Result<BenchReport, BenchError> {
     use crate::session::{App, Reliability, SessionConfig};
     use slim_core::session::SessionEvent;
 
+    if config.publishers != 1 || config.subscribers != 1 {
+        return Err(BenchError::Invalid(
+            "--mode p2p runs one session between two apps: --publishers and --subscribers apply \
+             to the raw modes only"
+                .into(),
+        ));
+    }
     const SECRET: &str = "slim-tokio-bench-shared-secret-0123456789";
-    let mut tag = [0u8; 8];
-    let _ = getrandom::fill(&mut tag);
-    let tag = u64::from_le_bytes(tag);
+    let tag = random_tag();
     let server_name = Name::new("bench", "p2p", &format!("server-{tag:x}"));
     let client = App::connect(
         &config.endpoint,
@@ -276,15 +472,21 @@ pub async fn run_p2p(config: &BenchConfig) -> Result<BenchReport, crate::session
         ..SessionConfig::default()
     };
     let session = client.open_session(&server_name, reliable).await?;
+    // Unacknowledged messages beyond the sender's retransmission buffer could not be resent if
+    // one were lost: the window stays within it.
+    let window = config
+        .window
+        .min(WINDOW_BYTES / (config.size + 512))
+        .clamp(1, slim_core::session::sender::PRODUCER_BUFFER);
 
     // The server counts, then echoes once told to (a payload of 8 bytes: u64::MAX).
-    let counted = Arc::new(AtomicU64::new(0));
+    let counters = Arc::new(Counters::default());
     let out_of_order = Arc::new(AtomicU64::new(0));
     let last_seen = Arc::new(std::sync::Mutex::new(Instant::now()));
     let server_task = {
-        let (server, counted, out_of_order, last_seen) = (
+        let (server, counters, out_of_order, last_seen) = (
             server.clone(),
-            counted.clone(),
+            counters.clone(),
             out_of_order.clone(),
             last_seen.clone(),
         );
@@ -312,17 +514,28 @@ pub async fn run_p2p(config: &BenchConfig) -> Result<BenchReport, crate::session
                     out_of_order.fetch_add(1, Ordering::Relaxed);
                 }
                 expected += 1;
-                counted.fetch_add(1, Ordering::Relaxed);
-                *last_seen.lock().expect("lock") = Instant::now();
+                counters.received.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut last) = last_seen.lock() {
+                    *last = Instant::now();
+                }
             }
         })
     };
     // Throughput: at most `window` messages not yet acknowledged.
+    let watch = NodeWatch::start(probe)?;
+    let bar = Progress::throughput(config.progress, config.stop, 1, counters.clone());
     let start = Instant::now();
     let mut sent = 0u64;
     let mut acked = 0u64;
-    while start.elapsed() < config.duration {
-        while sent - acked >= config.window.max(1) as u64 {
+    loop {
+        let more = match config.stop {
+            Stop::Duration(d) => start.elapsed() < d,
+            Stop::Count(n) => sent < n,
+        };
+        if !more {
+            break;
+        }
+        while sent - acked >= window as u64 {
             match tokio::time::timeout(Duration::from_secs(5), client.next_event()).await {
                 Ok(Ok(SessionEvent::Delivered { .. })) => acked += 1,
                 Ok(Ok(_)) => {}
@@ -331,6 +544,7 @@ pub async fn run_p2p(config: &BenchConfig) -> Result<BenchReport, crate::session
         }
         client.publish(session, payload(sent, config.size)).await?;
         sent += 1;
+        counters.sent.store(sent, Ordering::Relaxed);
     }
     let drain_deadline = Instant::now() + Duration::from_secs(10);
     while acked < sent && Instant::now() < drain_deadline {
@@ -340,19 +554,22 @@ pub async fn run_p2p(config: &BenchConfig) -> Result<BenchReport, crate::session
             _ => break,
         }
     }
-    let received = counted.load(Ordering::Relaxed);
+    drop(bar);
+    let after_throughput = watch.as_ref().map(NodeWatch::sample).transpose()?;
+    let received = counters.received.load(Ordering::Relaxed);
     let seconds = last_seen
         .lock()
-        .expect("lock")
-        .saturating_duration_since(start)
+        .map(|last| last.saturating_duration_since(start))
+        .unwrap_or_default()
         .as_secs_f64()
         .max(1e-9);
 
     client
         .publish(session, Bytes::from(u64::MAX.to_be_bytes().to_vec()))
         .await?;
-    let mut histogram = round_trip_histogram();
-    let warm_up = (config.round_trips / 10).max(10);
+    let mut round_trips = RoundTrips::new();
+    let warm_up = warm_up(config.round_trips);
+    let bar = Progress::round_trips(config.progress, warm_up + config.round_trips);
     for i in 0..warm_up + config.round_trips {
         let t0 = Instant::now();
         client.publish(session, payload(i, config.size)).await?;
@@ -366,20 +583,98 @@ pub async fn run_p2p(config: &BenchConfig) -> Result<BenchReport, crate::session
             }
         })
         .await;
-        if matches!(reply, Ok(true)) && i >= warm_up {
-            let _ = histogram.record(t0.elapsed().as_micros().max(1) as u64);
+        bar.inc();
+        match reply {
+            Ok(true) if i >= warm_up => round_trips.record(t0.elapsed()),
+            Ok(true) => {}
+            _ => round_trips.lost += 1,
         }
     }
+    drop(bar);
     server_task.abort();
+    let node = node_usage(watch.as_ref(), after_throughput, received, seconds)?;
     Ok(report(
-        "p2p",
-        config.size,
+        config,
         Throughput {
             sent,
+            expected: sent,
             received,
             out_of_order: out_of_order.load(Ordering::Relaxed),
             seconds,
+            window,
         },
-        &histogram,
+        &round_trips,
+        node,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> LoadConfig {
+        LoadConfig {
+            endpoint: "127.0.0.1:1".into(),
+            mode: Mode::Unicast,
+            size: 64,
+            stop: Stop::Count(10),
+            round_trips: 10,
+            window: 10,
+            publishers: 1,
+            subscribers: 1,
+            progress: false,
+            node_pid: None,
+        }
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused_before_connecting() {
+        let sizes = [7, MAX_PAYLOAD + 1];
+        for size in sizes {
+            let config = LoadConfig { size, ..base() };
+            assert!(matches!(validate(&config), Err(BenchError::Invalid(_))));
+        }
+        let config = LoadConfig {
+            stop: Stop::Count(0),
+            ..base()
+        };
+        assert!(matches!(validate(&config), Err(BenchError::Invalid(_))));
+        assert!(validate(&LoadConfig {
+            size: 1024 * 1024,
+            ..base()
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn json_keeps_the_keys_scripts_read() {
+        let t = Throughput {
+            sent: 10,
+            expected: 30,
+            received: 29,
+            out_of_order: 0,
+            seconds: 0.5,
+            window: 8,
+        };
+        let mut rt = RoundTrips::new();
+        rt.record(Duration::from_micros(70));
+        let report = report(
+            &LoadConfig {
+                mode: Mode::Multicast,
+                subscribers: 3,
+                ..base()
+            },
+            t,
+            &rt,
+            None,
+        );
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(json["mode"], "multicast");
+        assert_eq!(json["msgs_per_s"], 58.0);
+        assert_eq!(json["published_per_s"], 20.0);
+        assert_eq!(json["lost"], 1);
+        assert!(json["p50_us"].as_f64().unwrap() >= 70.0);
+        assert!(json["p99_us"].is_number());
+        assert!(json.get("node_cpu_s").is_none());
+    }
 }

@@ -46,7 +46,7 @@ struct Cli {
 
 #[derive(clap::Subcommand, Debug)]
 enum Command {
-    /// Measure a running SLIM node (ours or the reference) from two clients on this machine.
+    /// Measure a running SLIM node (ours or the reference) from clients on this machine.
     Bench(BenchArgs),
     /// Serve a name: accept every session and answer each message with `reply|` + the message.
     Reply(ReplyArgs),
@@ -323,82 +323,150 @@ fn run_request(args: RequestArgs) -> anyhow::Result<()> {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    slim-tokio bench --mode publish --size 64 --duration 5\n  \
+    slim-tokio bench --mode multicast --subscribers 10 --size 1024 --count 100000 --json\n  \
+    slim-tokio bench --mode anycast --subscribers 4 --publishers 2 --node-pid $(pidof slim-tokio)")]
 struct BenchArgs {
     /// The node to measure.
     #[arg(long, default_value = "http://127.0.0.1:46357")]
     endpoint: String,
-    /// publish: raw data-plane messages, 1 publisher -> node -> 1 subscriber;
+    /// publish: raw data-plane messages, each to one exact subscriber instance;
+    /// anycast: to a service every subscriber serves (each message reaches one);
+    /// multicast: to a channel every subscriber joined (each message reaches all);
     /// p2p: a reliable session between two apps.
     #[arg(long, value_enum, default_value = "publish")]
     mode: BenchMode,
-    /// Payload bytes per message (min 8).
+    /// Payload bytes per message (8 to 4 MiB - 4 KiB).
     #[arg(long, default_value_t = 64)]
     size: usize,
     /// Seconds of the throughput phase.
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
+    /// Publish this many messages in all (split over the publishers) instead of for --duration.
+    #[arg(long, conflicts_with = "duration")]
+    count: Option<u64>,
+    /// Raw modes: publishing clients (each its own connection).
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Raw modes: receiving clients (each its own connection).
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
     /// Round trips measured after the throughput phase.
     #[arg(long, default_value_t = 2000)]
     round_trips: u64,
-    /// Messages in flight at most during the throughput phase.
+    /// Messages in flight at most during the throughput phase, over all publishers (and at
+    /// most 8 MiB of payload).
     #[arg(long, default_value_t = 1000)]
     window: usize,
-    /// Print one JSON line instead of a table.
+    /// The node's process id: report its CPU time and memory (from /proc; resets its peak RSS
+    /// counter when permitted, so the peak is this run's).
+    #[arg(long, value_name = "PID")]
+    node_pid: Option<u32>,
+    /// Print one JSON line instead of a table (no progress bar).
     #[arg(long)]
     json: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum BenchMode {
+    /// Raw publishes to exact subscriber instances (1 -> 1 by default).
+    #[value(alias = "unicast")]
     Publish,
+    /// Raw publishes to a service name that every subscriber serves; the node picks one.
+    Anycast,
+    /// Raw publishes to a channel; every subscriber gets every message.
+    Multicast,
     /// A reliable p2p session (our session layer on both ends): acknowledged one-way
     /// throughput, then request/reply round trips.
     P2p,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    use slim_tokio::bench::{LoadConfig, Mode, Stop};
+    use std::io::IsTerminal as _;
+
     init_logging(Some("warn"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let config = slim_tokio::bench::BenchConfig {
+    if !(args.duration > 0.0 && args.duration.is_finite()) {
+        anyhow::bail!("--duration must be a positive number of seconds");
+    }
+    let config = LoadConfig {
         endpoint: args.endpoint.clone(),
-        size: args.size.max(8),
-        duration: std::time::Duration::from_secs_f64(args.duration.max(0.1)),
+        mode: match args.mode {
+            BenchMode::Publish => Mode::Unicast,
+            BenchMode::Anycast => Mode::Anycast,
+            BenchMode::Multicast => Mode::Multicast,
+            BenchMode::P2p => Mode::P2p,
+        },
+        size: args.size,
+        stop: match args.count {
+            Some(n) => Stop::Count(n),
+            None => Stop::Duration(std::time::Duration::from_secs_f64(args.duration)),
+        },
         round_trips: args.round_trips,
         window: args.window,
+        publishers: args.publishers,
+        subscribers: args.subscribers,
+        progress: !args.json && std::io::stderr().is_terminal(),
+        node_pid: args.node_pid,
     };
-    let report = match args.mode {
-        BenchMode::Publish => runtime
-            .block_on(slim_tokio::bench::run_publish(&config))
-            .map_err(anyhow::Error::from),
-        BenchMode::P2p => runtime
-            .block_on(slim_tokio::bench::run_p2p(&config))
-            .map_err(anyhow::Error::from),
-    }
-    .with_context(|| format!("benchmark against {}", args.endpoint))?;
+    let report = runtime
+        .block_on(slim_tokio::bench::run(&config))
+        .with_context(|| format!("benchmark against {}", args.endpoint))?;
     if args.json {
         println!("{}", report.to_json());
     } else {
         println!(
-            "mode {}  size {} B  endpoint {}",
-            report.mode, report.size, args.endpoint
+            "mode {}  size {} B  publishers {}  subscribers {}  window {}  endpoint {}",
+            report.mode,
+            report.size,
+            report.publishers,
+            report.subscribers,
+            report.window,
+            args.endpoint
         );
         println!(
-            "throughput  {:>12.0} msgs/s  {:>8.2} MB/s   ({} sent, {} received, {} out of order, {:.2} s)",
-            report.msgs_per_s, report.mb_per_s, report.sent, report.received, report.out_of_order, report.seconds
+            "throughput  {:>12.0} msgs/s  {:>8.2} MB/s   ({} published, {} of {} deliveries, {} out of order, {:.2} s)",
+            report.msgs_per_s, report.mb_per_s, report.sent, report.received, report.expected, report.out_of_order, report.seconds
         );
+        if report.expected != report.sent {
+            // Multicast: msgs/s counts deliveries; the publishes are fewer.
+            println!(
+                "publishes   {:>12.0} msgs/s  (each to {} subscribers)",
+                report.published_per_s, report.subscribers
+            );
+        }
         println!(
-            "round trip  p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us  ({} samples)",
-            report.p50_us, report.p90_us, report.p99_us, report.p999_us, report.max_us, report.round_trips
+            "round trip  p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us  ({} samples, {} unanswered)",
+            report.p50_us, report.p90_us, report.p99_us, report.p999_us, report.max_us, report.round_trips, report.round_trips_lost
         );
+        if let Some(node) = &report.node {
+            println!(
+                "node pid {}  CPU {:.2} s during throughput ({:.0} % of a core, {:.2} us per delivery), {:.2} s in all",
+                node.pid, node.throughput_cpu_s, node.cpu_pct, node.cpu_us_per_msg, node.cpu_s
+            );
+            println!(
+                "node RSS    {:.1} MiB at start  {:.1} MiB at end  peak {:.1} MiB ({})",
+                node.rss_start_kib as f64 / 1024.0,
+                node.rss_end_kib as f64 / 1024.0,
+                node.peak_rss_kib as f64 / 1024.0,
+                if node.peak_is_of_run {
+                    "of this run"
+                } else {
+                    "since the node started: its peak counter could not be reset"
+                }
+            );
+        }
     }
-    if report.received < report.sent {
+    if report.lost() > 0 {
         anyhow::bail!(
-            "{} of {} messages were lost",
-            report.sent - report.received,
-            report.sent
+            "{} of {} deliveries were lost",
+            report.lost(),
+            report.expected
         );
     }
     Ok(())
