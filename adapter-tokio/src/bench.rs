@@ -113,6 +113,8 @@ pub struct LoadConfig {
     pub progress: bool,
     /// The node's process id, to report its CPU time and memory (Linux `/proc`).
     pub node_pid: Option<u32>,
+    /// p2p: the session is end-to-end encrypted with MLS.
+    pub mls: bool,
 }
 
 impl From<&BenchConfig> for LoadConfig {
@@ -128,6 +130,7 @@ impl From<&BenchConfig> for LoadConfig {
             subscribers: 1,
             progress: false,
             node_pid: None,
+            mls: false,
         }
     }
 }
@@ -152,6 +155,8 @@ pub enum BenchError {
 #[derive(Debug, Clone)]
 pub struct BenchReport {
     pub mode: &'static str,
+    /// p2p: MLS-encrypted session.
+    pub mls: bool,
     pub size: usize,
     pub publishers: usize,
     pub subscribers: usize,
@@ -201,6 +206,7 @@ impl BenchReport {
         };
         let mut json = serde_json::json!({
             "mode": self.mode,
+            "mls": self.mls,
             "size": self.size,
             "publishers": self.publishers,
             "subscribers": self.subscribers,
@@ -303,6 +309,7 @@ fn report(
     let q = |p: f64| histogram.value_at_quantile(p) as f64;
     BenchReport {
         mode: config.mode.as_str(),
+        mls: config.mls,
         size: config.size,
         publishers: config.publishers,
         subscribers: config.subscribers,
@@ -365,6 +372,11 @@ fn validate(config: &LoadConfig) -> Result<(), BenchError> {
     }
     if config.window == 0 {
         return Err(BenchError::Invalid("--window must be at least 1".into()));
+    }
+    if config.mls && config.mode != Mode::P2p {
+        return Err(BenchError::Invalid(
+            "--mls applies to --mode p2p (raw publishes carry no session to encrypt)".into(),
+        ));
     }
     Ok(())
 }
@@ -469,6 +481,7 @@ async fn p2p(config: &LoadConfig, probe: Option<&NodeProbe>) -> Result<BenchRepo
             interval: Duration::from_secs(1),
             max_retries: 10,
         }),
+        mls: config.mls,
         ..SessionConfig::default()
     };
     let session = client.open_session(&server_name, reliable).await?;
@@ -624,6 +637,7 @@ mod tests {
             subscribers: 1,
             progress: false,
             node_pid: None,
+            mls: false,
         }
     }
 

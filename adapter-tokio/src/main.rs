@@ -363,6 +363,9 @@ struct BenchArgs {
     /// counter when permitted, so the peak is this run's).
     #[arg(long, value_name = "PID")]
     node_pid: Option<u32>,
+    /// p2p: encrypt the session end to end with MLS.
+    #[arg(long)]
+    mls: bool,
     /// Print one JSON line instead of a table (no progress bar).
     #[arg(long)]
     json: bool,
@@ -413,6 +416,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         subscribers: args.subscribers,
         progress: !args.json && std::io::stderr().is_terminal(),
         node_pid: args.node_pid,
+        mls: args.mls,
     };
     let report = runtime
         .block_on(slim_tokio::bench::run(&config))
@@ -421,8 +425,9 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", report.to_json());
     } else {
         println!(
-            "mode {}  size {} B  publishers {}  subscribers {}  window {}  endpoint {}",
+            "mode {}{}  size {} B  publishers {}  subscribers {}  window {}  endpoint {}",
             report.mode,
+            if report.mls { " (MLS)" } else { "" },
             report.size,
             report.publishers,
             report.subscribers,

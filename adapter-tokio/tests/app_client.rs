@@ -152,6 +152,38 @@ async fn bench_p2p_loses_nothing() {
     node.shutdown().await;
 }
 
+#[tokio::test]
+async fn bench_p2p_with_mls_loses_nothing() {
+    use slim_tokio::bench::{LoadConfig, Mode, Stop};
+    let node = node().await;
+    let config = LoadConfig {
+        endpoint: node.local_addrs()[0].to_string(),
+        mode: Mode::P2p,
+        size: 256,
+        stop: Stop::Count(100),
+        round_trips: 20,
+        window: 16,
+        publishers: 1,
+        subscribers: 1,
+        progress: false,
+        node_pid: None,
+        mls: true,
+    };
+    let report = slim_tokio::bench::run(&config).await.unwrap();
+    assert!(report.mls);
+    assert_eq!(report.sent, 100);
+    assert_eq!(report.received, report.sent, "{report:?}");
+    assert_eq!(report.out_of_order, 0);
+    assert_eq!(report.round_trips, 20);
+    // Raw modes have no session to encrypt: refused before connecting.
+    let raw = LoadConfig {
+        mode: Mode::Unicast,
+        ..config
+    };
+    assert!(slim_tokio::bench::run(&raw).await.is_err());
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_behind_on_its_events_still_gets_its_commands_answered() {
     use slim_tokio::session::{App, Reliability, SessionConfig};
