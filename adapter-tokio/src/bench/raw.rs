@@ -453,6 +453,7 @@ mod tests {
             subscribers: 3,
             progress: false,
             node_pid: Some(std::process::id()),
+            mls: false,
         }
     }
 

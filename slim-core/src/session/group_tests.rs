@@ -338,8 +338,6 @@ fn lost_updates_and_data_are_recovered() {
         .unwrap();
     net.run();
     // The update announcing b is lost once on its way to a, and so is the second broadcast.
-    // (A stream starts at the first id a receiver sees, as in the reference, so a gap is only
-    // recoverable after that.)
     let mut dropped_update = false;
     let mut dropped_msg = false;
     net.keep = Box::new(move |_, to, m| {
@@ -505,4 +503,254 @@ fn silent_peers_are_marked_offline_after_three_heartbeats() {
         M,
         |e| matches!(e, SessionEvent::MemberState { online: false, member, .. } if *member != c)
     ));
+}
+
+fn source(m: &pb::Message) -> NameKey {
+    match &m.message_type {
+        Some(pb::message::MessageType::Publish(p)) => {
+            NameKey::from_pb(p.header.as_ref().unwrap().source.as_ref().unwrap()).unwrap()
+        }
+        _ => panic!("not a publish"),
+    }
+}
+
+fn ids_from(net: &Net, i: usize, session: SessionId, from: usize) -> Vec<u32> {
+    let sender = net.apps[from].name().clone();
+    net.events[i]
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::Message {
+                session: s,
+                source,
+                id,
+                ..
+            } if *s == session && *source == sender => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn invite(net: &mut Net, sid: SessionId, service: &str) {
+    let now = net.now;
+    net.apps[M]
+        .invite(sid, &Name::new("org", "ns", service), now)
+        .unwrap();
+}
+
+#[test]
+fn a_newcomer_gets_what_was_meant_for_it_even_when_overtaken() {
+    // The reference starts a member's stream from a sender at the first id it sees: an earlier
+    // id that the network delays behind it is never delivered (and was acknowledged all the
+    // same). Our welcome says where each stream starts for the newcomer.
+    let mut net = Net::new(&["moderator", "a", "b", "c"]);
+    let sid = net.apps[M].create_group(&Name::new("org", "ns", "chan"), reliable(), net.now);
+    invite(&mut net, sid, "a");
+    net.run();
+    // Before B joins: the moderator's 1–2 and A's 1–2, which B is not owed.
+    for app in [M, A, M, A] {
+        net.apps[app]
+            .publish(sid, Bytes::from_static(b"early"), net.now)
+            .unwrap();
+    }
+    net.run();
+    invite(&mut net, sid, "b");
+    net.run();
+    // After: the moderator's 3–5 and A's 3–5. B's first copies of the moderator's 3–4 and of
+    // A's 3 are lost: B sees 5 (or 4) first, and gets the rest again only later.
+    let (m_name, a_name) = (net.apps[M].name().key(), net.apps[A].name().key());
+    let mut dropped = BTreeSet::new();
+    net.keep = Box::new(move |_, to, m| {
+        let mut first_copy = |id: u32| dropped.insert((source(m), id));
+        match kind(m) {
+            Mt::Msg if to == B && source(m) == m_name && mid(m) < 5 => !first_copy(mid(m)),
+            Mt::Msg if to == B && source(m) == a_name && mid(m) == 3 => !first_copy(mid(m)),
+            _ => true,
+        }
+    });
+    for app in [M, M, M, A, A, A] {
+        net.apps[app]
+            .publish(sid, Bytes::from_static(b"late"), net.now)
+            .unwrap();
+    }
+    net.settle(Duration::from_secs(5));
+    assert_eq!(
+        ids_from(&net, B, sid, M),
+        vec![3, 4, 5],
+        "from the moderator"
+    );
+    assert_eq!(ids_from(&net, B, sid, A), vec![3, 4, 5], "from A");
+    // An id from before B joined is neither delivered nor acknowledged.
+    let acks_before = net.apps[B].stats().sent;
+    let early = net.apps[M].sessions[&sid]
+        .sender
+        .buffered(1)
+        .cloned()
+        .unwrap();
+    let me = net.apps[M].name().clone();
+    let data = net.apps[M].sessions[&sid]
+        .group
+        .as_ref()
+        .unwrap()
+        .data
+        .clone();
+    let replay = net.apps[M].build(
+        SessionType::Multicast,
+        Mt::Msg,
+        sid,
+        1,
+        &me,
+        &data,
+        MAX_FANOUT,
+        app_payload(early.payload, &early.payload_type),
+        BTreeMap::new(),
+        net.now,
+    );
+    net.apps[B].handle_message(replay, net.now);
+    assert_eq!(net.apps[B].stats().sent, acks_before, "no ack");
+    assert_eq!(ids_from(&net, B, sid, M), vec![3, 4, 5]);
+    // C joins after B: its stream starts at 1 for B, even when B hears of C through C's data
+    // (its 2, C's 1 being lost once) before the update announcing C.
+    let c_name = net.apps[C].name().key();
+    let mut dropped = BTreeSet::new();
+    net.keep = Box::new(move |_, to, m| match kind(m) {
+        Mt::GroupUpdate if to == B => false,
+        Mt::Msg if to == B && source(m) == c_name && mid(m) == 1 => !dropped.insert(1),
+        _ => true,
+    });
+    invite(&mut net, sid, "c");
+    net.run();
+    for _ in 0..2 {
+        net.apps[C]
+            .publish(sid, Bytes::from_static(b"from c"), net.now)
+            .unwrap();
+    }
+    net.run();
+    net.keep = Box::new(|_, _, _| true);
+    net.settle(Duration::from_secs(5));
+    assert_eq!(ids_from(&net, B, sid, C), vec![1, 2]);
+    for i in [M, A, B, C] {
+        assert!(
+            !net.has(i, |e| matches!(e, SessionEvent::MessageLost { .. })),
+            "app {i}"
+        );
+    }
+    assert_eq!(net.apps[B].members(sid).unwrap().len(), 4);
+}
+
+#[test]
+fn a_failed_invite_is_withdrawn_everywhere() {
+    // Every ack B sends is lost, and so is every ack of the update announcing B (from A): the
+    // welcome and the update run out of retries at the same instant. B joined all the same.
+    let mut net = Net::new(&["moderator", "a", "b"]);
+    let sid = net.apps[M].create_group(&Name::new("org", "ns", "chan"), reliable(), net.now);
+    invite(&mut net, sid, "a");
+    net.run();
+    let mut leave_dropped = false;
+    net.keep = Box::new(move |from, to, m| match kind(m) {
+        Mt::GroupAck => from != B && from != A,
+        // The first request to leave is lost too: B is told again when it is next heard from.
+        Mt::LeaveRequest if to == B && !leave_dropped => {
+            leave_dropped = true;
+            false
+        }
+        _ => true,
+    });
+    invite(&mut net, sid, "b");
+    net.settle(Duration::from_secs(4));
+    assert!(net.has(B, |e| matches!(e, SessionEvent::Incoming { .. })));
+    let b = net.apps[B].name().clone();
+    let outcomes: Vec<&SessionEvent> = net.events[M]
+        .iter()
+        .filter(|e| match e {
+            SessionEvent::MemberJoined { member, .. } => *member == b,
+            SessionEvent::InviteFailed { .. } => true,
+            _ => false,
+        })
+        .collect();
+    assert!(
+        matches!(outcomes[..], [SessionEvent::InviteFailed { .. }]),
+        "one outcome: {outcomes:?}"
+    );
+    assert_eq!(
+        net.apps[M].members(sid).unwrap().len(),
+        2,
+        "B is not a member"
+    );
+    assert_eq!(
+        net.apps[A].members(sid).unwrap().len(),
+        2,
+        "A was told B is out"
+    );
+    // B still thinks it is in (the request to leave was lost) until it speaks: its heartbeat
+    // gets it told again.
+    assert!(net.apps[B].members(sid).is_some());
+    net.settle(HEARTBEAT_INTERVAL * 2);
+    assert!(net.has(B, |e| *e
+        == SessionEvent::Closed {
+            session: sid,
+            reason: CloseReason::Removed
+        }));
+    assert_eq!(net.apps[B].session_count(), 0);
+    assert_eq!(net.subs[B].len(), 1, "B left both channels");
+    // The next invite runs (the task ended once).
+    invite(&mut net, sid, "b");
+    net.keep = Box::new(|_, _, _| true);
+    net.settle(Duration::from_secs(4));
+    assert!(net.has(
+        M,
+        |e| matches!(e, SessionEvent::MemberJoined { member, .. } if *member == b)
+    ));
+    assert_eq!(net.apps[A].members(sid).unwrap().len(), 3);
+}
+
+#[test]
+fn a_member_that_missed_an_update_is_brought_up_to_date() {
+    // A is cut off from the control channel while C is invited: the update announcing C runs
+    // out of retries and C joins without A knowing.
+    let (mut net, sid) = {
+        let mut net = Net::new(&["moderator", "a", "b", "c"]);
+        let sid = net.apps[M].create_group(&Name::new("org", "ns", "chan"), reliable(), net.now);
+        invite(&mut net, sid, "a");
+        invite(&mut net, sid, "b");
+        net.run();
+        (net, sid)
+    };
+    let missed = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let keep = missed.clone();
+    net.keep = Box::new(move |_, to, m| {
+        if to == A && kind(m) == Mt::GroupUpdate {
+            keep.borrow_mut().get_or_insert_with(|| m.clone());
+            return false;
+        }
+        true
+    });
+    invite(&mut net, sid, "c");
+    net.settle(Duration::from_secs(4));
+    let c = net.apps[C].name().clone();
+    assert!(net.has(
+        M,
+        |e| matches!(e, SessionEvent::MemberJoined { member, .. } if *member == c)
+    ));
+    assert_eq!(net.apps[A].members(sid).unwrap().len(), 3, "A missed C");
+    // The network heals; A's next heartbeat gets it the current list.
+    net.keep = Box::new(|_, _, _| true);
+    net.settle(HEARTBEAT_INTERVAL * 2);
+    assert_eq!(net.apps[A].members(sid).unwrap().len(), 4);
+    assert!(net.has(
+        A,
+        |e| matches!(e, SessionEvent::MemberJoined { member, .. } if *member == c)
+    ));
+    // A late copy of the update it missed, overtaken by a later list (B's removal), does not
+    // take A back to the older list.
+    net.apps[M]
+        .remove(sid, &Name::new("org", "ns", "b"), net.now)
+        .unwrap();
+    net.run();
+    assert_eq!(net.apps[A].members(sid).unwrap().len(), 3);
+    let late = missed.borrow_mut().take().expect("the update A missed");
+    net.apps[A].handle_message(late, net.now);
+    net.run();
+    let members = net.apps[A].members(sid).unwrap();
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(!members.contains(net.apps[B].name()));
 }

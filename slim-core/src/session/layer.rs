@@ -8,6 +8,14 @@
 //! * reliable data (acks, retransmission, gap requests, loss reported without ending the session)
 //!   or best-effort data.
 //!
+//! Where the reference leaves a group inconsistent, ours goes further, within its wire format
+//! (metadata keys it ignores, messages it already knows): the moderator's welcome says where
+//! each member's data stream starts for the newcomer (`STREAM_STARTS`), and a newcomer's
+//! stream starts at 1 for everyone already in; member lists carry a version
+//! (`GROUP_VERSION`); a member that missed an update gets the list again when next heard
+//! from; an invite whose welcome goes unacknowledged is withdrawn from everyone, and a
+//! non-member that acts as a member is asked to leave.
+//!
 //! Sans-IO like every core: the driver hands in the messages the application's local router
 //! delivered ([`SessionLayer::handle_message`]) and the application's commands; it carries out
 //! every [`Output`] in order — messages to send, channel subscriptions to make or drop (a
@@ -66,6 +74,20 @@ const PUBLISH_TO: &str = "PUBLISH_TO";
 const SEEN_DIRECT: usize = 256;
 /// The version string in the headers we send (the reference puts its own version there).
 const HEADER_VERSION: &str = "3.4.6";
+/// Metadata of our group welcomes: where the data stream of each member listed starts for the
+/// new member (ids separated by commas, in the order of the welcome's participants; 0 = none).
+/// Without it a member starts a stream at the first id it sees, as the reference does, and an
+/// earlier id meant for it that the network delays behind that one is never delivered. Only
+/// the sender knows where its stream starts for a new member, and the reference carries that
+/// nowhere: the moderator knows it for its own stream and bounds it from below for the others'
+/// (see `stream_starts`). Reference members ignore the key.
+const STREAM_STARTS: &str = "slim-rs-stream-starts";
+/// Metadata of our welcomes and group updates: the version of the member list they carry (it
+/// grows with every list the moderator sends), so that a member never goes back to an older
+/// list when two updates cross on the network. Reference members ignore the key.
+const GROUP_VERSION: &str = "slim-rs-group-version";
+/// Departed group members remembered per session, to drop their late messages.
+const DEPARTED: usize = 256;
 
 /// Data reliability: acks and retransmission (on iff both are set, as in the reference).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,8 +324,14 @@ enum Purpose {
     InviteUpdate(Name),
     RemoveUpdate(Name),
     RemoveLeave(Name),
-    /// The update telling the others that a member left on its own.
+    /// The update telling the others that a member left on its own (or that an invitee we
+    /// gave up on is not one).
     DepartureUpdate(Name),
+    /// The current member list, again, for a member that missed an update.
+    Resync(Name),
+    /// The update announcing an invitee whose invite was withdrawn (MLS sessions: its commit
+    /// must still reach the members).
+    Withdrawn(Name),
 }
 
 /// Who must answer a control message.
@@ -349,6 +377,39 @@ struct Group {
     busy: bool,
     /// Participant: updates already applied (retransmissions are acked again, not re-applied).
     seen_updates: VecDeque<u32>,
+    /// Members that left or were removed. Their late messages are dropped: a stream from them
+    /// that started again would repeat or skip ids.
+    departed: VecDeque<NameKey>,
+    /// Moderator: the version of the last member list sent ([`GROUP_VERSION`]). Participant: of
+    /// the last one applied.
+    version: u64,
+    /// Moderator: members that did not acknowledge an update before its retries ran out. They
+    /// get the current member list again as soon as they are heard from.
+    stale: BTreeSet<NameKey>,
+    /// Moderator: when each non-member that still acts as a member was last told to leave.
+    evicted: BTreeMap<NameKey, Timestamp>,
+}
+
+impl Group {
+    fn new(data: Name, control: Name, members: Vec<Name>, subscribed: bool) -> Self {
+        Group {
+            data,
+            control,
+            members,
+            subscribed,
+            tasks: VecDeque::new(),
+            busy: false,
+            seen_updates: VecDeque::new(),
+            departed: VecDeque::new(),
+            version: 0,
+            stale: BTreeSet::new(),
+            evicted: BTreeMap::new(),
+        }
+    }
+
+    fn is_member(&self, name: &NameKey) -> bool {
+        self.members.iter().any(|n| n.key() == *name)
+    }
 }
 
 struct Session {
@@ -543,15 +604,12 @@ impl SessionLayer {
         );
         session.state = State::Established;
         session.metadata = config.metadata;
-        session.group = Some(Group {
-            data: data.clone(),
-            control: control.clone(),
-            members: vec![self.name.clone()],
-            subscribed: true,
-            tasks: VecDeque::new(),
-            busy: false,
-            seen_updates: VecDeque::new(),
-        });
+        session.group = Some(Group::new(
+            data.clone(),
+            control.clone(),
+            vec![self.name.clone()],
+            true,
+        ));
         let mls_ok = !config.mls || self.attach_mls_group(&mut session, now);
         self.sessions.insert(id, session);
         self.out.push_back(Output::Subscribe(data));
@@ -951,7 +1009,16 @@ impl SessionLayer {
         let from_member = session
             .group
             .as_ref()
-            .is_some_and(|g| g.members.iter().any(|n| n.key() == m.source.key()));
+            .is_some_and(|g| g.is_member(&m.source.key()));
+        if is_moderator && state == State::Established && acts_as_member(m.message_type) {
+            if from_member {
+                self.resync_if_stale(m.session_id, &m.source, now);
+            } else if m.source.key() != self.name.key() {
+                // It acts as a member of our group but is not one: an invitee we gave up on
+                // after it joined, or a member whose leave request never reached it.
+                self.evict(m.session_id, &m.source, now);
+            }
+        }
         match (m.message_type, state) {
             (Mt::JoinRequest, State::AwaitingWelcome | State::Established) if from_peer => {
                 // Our reply was lost: answer again.
@@ -972,6 +1039,16 @@ impl SessionLayer {
                 self.finish(m.session_id, CloseReason::Peer);
             }
             (Mt::LeaveRequest, _) if is_moderator && from_member => self.on_member_leaving(m, now),
+            (Mt::LeaveRequest, _) if is_moderator => {
+                // A member that already left asks again: our reply was lost.
+                let reply = self.reply(
+                    &m,
+                    Mt::LeaveReply,
+                    command(Cmd::LeaveReply(pb::LeaveReplyPayload {})),
+                    now,
+                );
+                self.emit_send(reply);
+            }
             (Mt::LeaveRequest, _) if from_peer => {
                 let reply = self.reply(
                     &m,
@@ -980,14 +1057,11 @@ impl SessionLayer {
                     now,
                 );
                 self.emit_send(reply);
-                let reason = if self
-                    .sessions
-                    .get(&m.session_id)
-                    .is_some_and(|s| s.group.is_some())
-                {
-                    CloseReason::Removed
-                } else {
-                    CloseReason::Peer
+                let reason = match self.sessions.get(&m.session_id) {
+                    // We were leaving anyway: the moderator crossed our request with its own.
+                    Some(s) if s.state == State::Closing => CloseReason::Local,
+                    Some(s) if s.group.is_some() => CloseReason::Removed,
+                    _ => CloseReason::Peer,
                 };
                 self.finish(m.session_id, reason);
             }
@@ -1033,6 +1107,12 @@ impl SessionLayer {
             self.drop_message(SessionDrop::Unexpected, "reply to nothing we wait for");
             return;
         };
+        if s.pending[index].message_type == Mt::GroupUpdate {
+            // It has the member list of this update (every update carries the whole list).
+            if let Some(g) = s.group.as_mut() {
+                g.stale.remove(&m.source.key());
+            }
+        }
         let done = match &mut s.pending[index].awaiting {
             Awaiting::AnyOf(_) => true,
             Awaiting::Each(names) => {
@@ -1086,14 +1166,7 @@ impl SessionLayer {
                 None => self.invite_failed(session, invitee, "no join reply", now),
             },
             Purpose::InviteWelcome(invitee) if !answered => {
-                if let Some(g) = self
-                    .sessions
-                    .get_mut(&session)
-                    .and_then(|s| s.group.as_mut())
-                {
-                    g.members.retain(|n| n.key() != invitee.key());
-                }
-                self.invite_failed(session, invitee, "the welcome was not acknowledged", now);
+                self.invite_withdrawn(session, invitee, now)
             }
             // Members that never acked an update are left as they are: the reference goes on too.
             Purpose::InviteWelcome(invitee) | Purpose::InviteUpdate(invitee) => {
@@ -1117,6 +1190,8 @@ impl SessionLayer {
                 self.task_done(session, now);
             }
             Purpose::DepartureUpdate(_) => self.task_done(session, now),
+            // Unanswered, the member stays stale and gets the list again when next heard from.
+            Purpose::Resync(_) | Purpose::Withdrawn(_) => {}
         }
     }
 
@@ -1141,15 +1216,7 @@ impl SessionLayer {
                     );
                     return;
                 };
-                Some(Group {
-                    data,
-                    control,
-                    members: Vec::new(),
-                    subscribed: false,
-                    tasks: VecDeque::new(),
-                    busy: false,
-                    seen_updates: VecDeque::new(),
-                })
+                Some(Group::new(data, control, Vec::new(), false))
             }
             _ => None,
         };
@@ -1242,11 +1309,27 @@ impl SessionLayer {
             return;
         };
         if let Some(group) = &mut s.group {
-            group.members = welcome
+            let listed: Vec<Option<Name>> = welcome
                 .participants
                 .iter()
-                .filter_map(|p| p.name.as_ref().and_then(Name::from_pb))
+                .map(|p| p.name.as_ref().and_then(Name::from_pb))
                 .collect();
+            // Where each member's stream starts for us, when the moderator says (ours does).
+            if let Some(starts) = m
+                .metadata
+                .get(STREAM_STARTS)
+                .and_then(|v| parse_stream_starts(v, listed.len()))
+            {
+                for (name, start) in listed.iter().zip(starts) {
+                    if let Some(name) = name.as_ref().filter(|n| n.key() != self.name.key()) {
+                        if start > 0 {
+                            s.receiver.expect(name, start);
+                        }
+                    }
+                }
+            }
+            group.members = listed.into_iter().flatten().collect();
+            group.version = group_version(&m.metadata).unwrap_or(0).max(group.version);
             group.subscribed = true;
             let (data, control) = (group.data.clone(), group.control.clone());
             // On the channels before acknowledging, so nothing sent after our ack misses us.
@@ -1284,25 +1367,38 @@ impl SessionLayer {
             group.seen_updates.pop_front();
         }
         group.seen_updates.push_back(m.message_id);
+        if let Some(version) = group_version(&m.metadata) {
+            if version < group.version {
+                // An older list than ours: this update crossed a later one on the network.
+                self.drop_message(SessionDrop::Unexpected, "group update older than our list");
+                self.ack(&m, now);
+                return;
+            }
+            group.version = version;
+        }
         let subject = update
             .participant
             .as_ref()
             .and_then(|p| p.name.as_ref())
             .and_then(Name::from_pb);
+        let listed: Vec<Name> = update
+            .participants
+            .iter()
+            .filter_map(|p| p.name.as_ref().and_then(Name::from_pb))
+            .collect();
         let before: Vec<Name> = group.members.clone();
-        match pb::GroupUpdateOp::try_from(update.op) {
-            Ok(pb::GroupUpdateOp::Remove) => {
-                if let Some(subject) = &subject {
-                    group.members.retain(|n| n.key() != subject.key());
+        let remove = pb::GroupUpdateOp::try_from(update.op) == Ok(pb::GroupUpdateOp::Remove);
+        // Every update lists the whole group (a removal: as it was before), so a member that
+        // missed an earlier update catches up with the next one.
+        if remove {
+            if let Some(subject) = &subject {
+                if !listed.is_empty() {
+                    group.members = listed;
                 }
+                group.members.retain(|n| n.key() != subject.key());
             }
-            _ => {
-                group.members = update
-                    .participants
-                    .iter()
-                    .filter_map(|p| p.name.as_ref().and_then(Name::from_pb))
-                    .collect();
-            }
+        } else if !listed.is_empty() {
+            group.members = listed;
         }
         let after = group.members.clone();
         self.ack(&m, now);
@@ -1310,6 +1406,7 @@ impl SessionLayer {
             .iter()
             .filter(|n| !before.iter().any(|b| b.key() == n.key()))
         {
+            self.member_arrived(m.session_id, joined);
             self.out
                 .push_back(Output::Event(SessionEvent::MemberJoined {
                     session: m.session_id,
@@ -1324,6 +1421,30 @@ impl SessionLayer {
                 self.forget_member_announcing(m.session_id, left, true, now);
             }
         }
+        // Removed before we even heard of it: its late messages are dropped all the same.
+        if let Some(subject) = subject.filter(|n| {
+            remove && n.key() != self.name.key() && !before.iter().any(|b| b.key() == n.key())
+        }) {
+            self.forget_member(m.session_id, &subject, now);
+        }
+    }
+
+    /// A participant learned of a member it did not have: it joined after us (or was invited
+    /// again after it left), so everything it sends is meant for us from its first message.
+    fn member_arrived(&mut self, session: SessionId, member: &Name) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(group) = s.group.as_mut() else {
+            return;
+        };
+        let key = member.key();
+        if let Some(at) = group.departed.iter().position(|k| *k == key) {
+            // Its stream starts over.
+            group.departed.remove(at);
+            s.receiver.remove_source(&key);
+        }
+        s.receiver.expect(member, 1);
     }
 
     /// The MLS commit of a group update of an MLS session, applied in `commit_id` order (a
@@ -1371,7 +1492,14 @@ impl SessionLayer {
             .get_mut(&m.session_id)
             .and_then(|s| s.group.as_mut())
         {
-            group.tasks.push_back(Task::Departed(m.source));
+            // A retransmitted request (our reply was lost) does not queue a second departure.
+            let queued = group
+                .tasks
+                .iter()
+                .any(|t| matches!(t, Task::Departed(n) if n.key() == m.source.key()));
+            if !queued {
+                group.tasks.push_back(Task::Departed(m.source));
+            }
         }
         self.start_next_task(m.session_id, now);
     }
@@ -1416,6 +1544,10 @@ impl SessionLayer {
             );
             return;
         };
+        if !self.admit_group_source(m.session_id, &m.source) {
+            self.drop_message(SessionDrop::Unexpected, "data from a non-member");
+            return;
+        }
         let incoming = Incoming {
             payload: app.blob,
             payload_type: app.payload_type,
@@ -1451,6 +1583,13 @@ impl SessionLayer {
                 );
                 return;
             }
+            Verdict::BeforeStart => {
+                self.drop_message(
+                    SessionDrop::Unexpected,
+                    "sequence id sent before we were among its receivers",
+                );
+                return;
+            }
         }
         // A message we already reported lost is not acknowledged when a late copy comes: the
         // sender must not think it delivered.
@@ -1464,6 +1603,30 @@ impl SessionLayer {
         }
         self.send_msg_ack(&m, now);
         self.receiver_events(m.session_id, events, now);
+    }
+
+    /// Whether data from `source` belongs to the session's streams. In a group: from members;
+    /// a participant also takes it from a newcomer whose announcement has not reached it yet,
+    /// but not from a member that left (its stream is over). p2p: always.
+    fn admit_group_source(&mut self, session: SessionId, source: &Name) -> bool {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return false;
+        };
+        let Some(group) = &s.group else {
+            return true;
+        };
+        let key = source.key();
+        if group.is_member(&key) {
+            return true;
+        }
+        if s.role == Role::Initiator || group.departed.contains(&key) {
+            // The moderator decides who is a member: anyone else is told to leave (dispatch).
+            return false;
+        }
+        // Everyone a newcomer sends is meant for us too (the member list of its welcome has
+        // us in it), from its first message on.
+        s.receiver.expect(source, 1);
+        true
     }
 
     fn on_rtx_request(&mut self, m: Received, now: Timestamp) {
@@ -1504,6 +1667,10 @@ impl SessionLayer {
     }
 
     fn on_rtx_reply(&mut self, m: Received, now: Timestamp) {
+        if !self.admit_group_source(m.session_id, &m.source) {
+            self.drop_message(SessionDrop::Unexpected, "retransmission from a non-member");
+            return;
+        }
         let mut events = Vec::new();
         if m.error {
             if let Some(s) = self.sessions.get_mut(&m.session_id) {
@@ -1529,12 +1696,16 @@ impl SessionLayer {
                 s.receiver
                     .on_message(&m.source, m.message_id, incoming, now, &mut events);
             let lost = s.receiver.is_lost(&m.source.key(), m.message_id);
-            if verdict == Verdict::Duplicate {
-                self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
+            match verdict {
+                Verdict::Duplicate => self.stats.dropped[SessionDrop::Duplicate as usize] += 1,
+                Verdict::BeforeStart | Verdict::OutOfWindow => {
+                    self.stats.dropped[SessionDrop::Unexpected as usize] += 1
+                }
+                Verdict::Accepted => {}
             }
             // Our sender does not take the RTX request as the ack (it may have been answered
             // in vain), so the answer is acknowledged like the message itself.
-            if verdict != Verdict::OutOfWindow && !lost {
+            if matches!(verdict, Verdict::Accepted | Verdict::Duplicate) && !lost {
                 self.send_msg_ack(&m, now);
             }
         }
@@ -1813,6 +1984,7 @@ impl SessionLayer {
                         session,
                         pb::GroupUpdateOp::Remove,
                         &member,
+                        None,
                         others,
                         Purpose::RemoveUpdate(member.clone()),
                         mls,
@@ -1833,6 +2005,7 @@ impl SessionLayer {
                         session,
                         pb::GroupUpdateOp::Remove,
                         &member,
+                        None,
                         others,
                         Purpose::DepartureUpdate(member.clone()),
                         mls,
@@ -1951,6 +2124,140 @@ impl SessionLayer {
         self.task_done(session, now);
     }
 
+    /// The welcome went unacknowledged: the invite failed. The invitee may have joined all the
+    /// same (only its acks were lost), and the members may have been told it joined. So it is
+    /// taken out everywhere: the update announcing it is withdrawn, the others get a removal
+    /// update, and the invitee is asked to leave (again whenever it is heard from later). The
+    /// invite task ends with that update.
+    fn invite_withdrawn(&mut self, session: SessionId, invitee: Name, now: Timestamp) {
+        let key = invitee.key();
+        // It is in our MLS group since the commit the update carries: out again with another.
+        let mls = self.remove_from_mls_group(session, &invitee);
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if s.mls.is_some() {
+            // The members need the commit that added it to follow the group's epochs: that
+            // update goes on, but its outcome no longer completes the invite.
+            for p in &mut s.pending {
+                if matches!(&p.purpose, Purpose::InviteUpdate(n) if n.key() == key) {
+                    p.purpose = Purpose::Withdrawn(invitee.clone());
+                }
+            }
+        } else {
+            s.pending
+                .retain(|p| !matches!(&p.purpose, Purpose::InviteUpdate(n) if n.key() == key));
+        }
+        if let Some(g) = s.group.as_mut() {
+            g.members.retain(|n| n.key() != key);
+        }
+        // No longer a member: forgotten without a `MemberLeft`.
+        self.forget_member(session, &invitee, now);
+        self.out
+            .push_back(Output::Event(SessionEvent::InviteFailed {
+                session,
+                invitee: invitee.clone(),
+                reason: "the welcome was not acknowledged",
+            }));
+        self.evict(session, &invitee, now);
+        let others = self.others(session, &[]);
+        if others.is_empty() {
+            self.task_done(session, now);
+        } else {
+            self.send_update(
+                session,
+                pb::GroupUpdateOp::Remove,
+                &invitee,
+                None,
+                others,
+                Purpose::DepartureUpdate(invitee.clone()),
+                mls,
+                now,
+            );
+        }
+    }
+
+    /// Tells a non-member that acts as a member of our group to leave it. Not retried: it is
+    /// told again the next time it is heard from (it heartbeats while it thinks it is in), at
+    /// most once per control interval.
+    fn evict(&mut self, session: SessionId, stranger: &Name, now: Timestamp) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let interval = s.control_interval;
+        let Some(group) = s.group.as_mut() else {
+            return;
+        };
+        let key = stranger.key();
+        if group
+            .evicted
+            .get(&key)
+            .is_some_and(|at| now.saturating_since(*at) < interval)
+        {
+            return;
+        }
+        if group.evicted.len() >= DEPARTED {
+            // Forget the longest-evicted stranger: at worst it is told to leave again sooner.
+            if let Some(oldest) = group
+                .evicted
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(k, _)| *k)
+            {
+                group.evicted.remove(&oldest);
+            }
+        }
+        group.evicted.insert(key, now);
+        let session_type = s.session_type;
+        let me = self.name.clone();
+        let message_id = self.rng.random();
+        let leave = self.build(
+            session_type,
+            Mt::LeaveRequest,
+            session,
+            message_id,
+            &me,
+            stranger,
+            1,
+            command(Cmd::LeaveRequest(pb::LeaveRequestPayload {})),
+            BTreeMap::new(),
+            now,
+        );
+        self.emit_send(leave);
+    }
+
+    /// A member that missed an update was heard from: it gets the current member list (an ADD
+    /// update listing everyone, to it alone), unless that is already on its way.
+    fn resync_if_stale(&mut self, session: SessionId, member: &Name, now: Timestamp) {
+        let me = self.name.clone();
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
+        let key = member.key();
+        // With MLS a member that missed an update missed its commit too: a member list does
+        // not bring it back to the group's epoch (that takes the rejoin of spec §4.6).
+        let stale = s.mls.is_none() && s.group.as_ref().is_some_and(|g| g.stale.contains(&key));
+        let on_its_way = s
+            .pending
+            .iter()
+            .any(|p| matches!(&p.purpose, Purpose::Resync(n) if n.key() == key));
+        if !stale || on_its_way {
+            return;
+        }
+        // The subject is the moderator, whom every member has already: a reference member
+        // (which applies only the subject of an update) changes nothing.
+        self.send_update(
+            session,
+            pb::GroupUpdateOp::Add,
+            &me,
+            Some(member.clone()),
+            vec![member.clone()],
+            Purpose::Resync(member.clone()),
+            None,
+            now,
+        );
+    }
+
     fn invite_join(&mut self, session: SessionId, invitee: Name, now: Timestamp) {
         let Some(s) = self.sessions.get(&session) else {
             return;
@@ -2007,13 +2314,13 @@ impl SessionLayer {
             None => (None, None),
         };
         let me = self.name.clone();
-        let Some(group) = self
-            .sessions
-            .get_mut(&session)
-            .and_then(|s| s.group.as_mut())
-        else {
+        let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
+        let Some(group) = s.group.as_mut() else {
+            return;
+        };
+        let key = invitee.key();
         let existing: Vec<Name> = group
             .members
             .iter()
@@ -2023,20 +2330,47 @@ impl SessionLayer {
         if group.members.len() == 1 {
             // As the reference: the first member is listed before the moderator.
             group.members.insert(0, invitee.clone());
-        } else if !group.members.iter().any(|n| n.key() == invitee.key()) {
+        } else if !group.is_member(&key) {
             group.members.push(invitee.clone());
         }
+        group.departed.retain(|k| *k != key);
+        group.evicted.remove(&key);
+        group.stale.remove(&key);
         let participants: Vec<pb::Participant> = group.members.iter().map(participant).collect();
-        if group.members.len() > 2 {
+        let starts = s
+            .reliability
+            .is_some()
+            .then(|| stream_starts(s, &me, &invitee));
+        // Its stream starts at 1 for us: the member list of its welcome has us.
+        s.receiver.remove_source(&key);
+        s.receiver.expect(&invitee, 1);
+        let member_count = participants.len();
+        if member_count > 2 {
             self.send_update(
                 session,
                 pb::GroupUpdateOp::Add,
                 &invitee,
+                None,
                 existing,
                 Purpose::InviteUpdate(invitee.clone()),
                 update_mls,
                 now,
             );
+        } else {
+            self.next_group_version(session);
+        }
+        // The welcome carries the same list as the update, under the same version.
+        let Some(version) = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.group.as_ref())
+            .map(|g| g.version)
+        else {
+            return;
+        };
+        let mut metadata = BTreeMap::from([(GROUP_VERSION.to_string(), version.to_string())]);
+        if let Some(starts) = starts {
+            metadata.insert(STREAM_STARTS.to_string(), starts);
         }
         self.send_control(
             session,
@@ -2048,10 +2382,21 @@ impl SessionLayer {
                 participants,
                 mls: welcome_mls,
             }),
-            BTreeMap::new(),
+            metadata,
             Awaiting::Each(vec![invitee]),
             now,
         );
+    }
+
+    /// The next version of the member list (see [`GROUP_VERSION`]).
+    fn next_group_version(&mut self, session: SessionId) -> u64 {
+        self.sessions
+            .get_mut(&session)
+            .and_then(|s| s.group.as_mut())
+            .map_or(0, |g| {
+                g.version += 1;
+                g.version
+            })
     }
 
     fn remove_leave(&mut self, session: SessionId, member: Name, now: Timestamp) {
@@ -2068,36 +2413,65 @@ impl SessionLayer {
         );
     }
 
-    /// A GROUP_UPDATE to the control channel, acknowledged by each of `awaiting`.
+    /// A GROUP_UPDATE with the current member list (a removal: the list before it, as the
+    /// reference sends it), to the control channel (or to `to` alone), acknowledged by each of
+    /// `awaiting`.
     #[allow(clippy::too_many_arguments)]
     fn send_update(
         &mut self,
         session: SessionId,
         op: pb::GroupUpdateOp,
         subject: &Name,
+        to: Option<Name>,
         awaiting: Vec<Name>,
         purpose: Purpose,
         mls: Option<pb::MlsPayload>,
         now: Timestamp,
     ) {
-        let Some(group) = self.sessions.get(&session).and_then(|s| s.group.as_ref()) else {
+        let version = self.next_group_version(session);
+        let Some(s) = self.sessions.get(&session) else {
             return;
         };
-        let control = group.control.clone();
+        let Some(group) = s.group.as_ref() else {
+            return;
+        };
+        // A member being removed stays in our list until it confirms it left, but the others
+        // were already told it is out: a list sent meanwhile (a resync) must not bring it back.
+        let removing: Vec<NameKey> = s
+            .pending
+            .iter()
+            .filter_map(|p| match &p.purpose {
+                Purpose::RemoveUpdate(n) | Purpose::RemoveLeave(n) => Some(n.key()),
+                _ => None,
+            })
+            .collect();
+        let mut participants: Vec<pb::Participant> = group
+            .members
+            .iter()
+            .filter(|n| op == pb::GroupUpdateOp::Remove || !removing.contains(&n.key()))
+            .map(participant)
+            .collect();
+        if op == pb::GroupUpdateOp::Remove && !group.is_member(&subject.key()) {
+            participants.push(participant(subject));
+        }
+        let (destination, fanout) = match to {
+            Some(member) => (member, 1),
+            None => (group.control.clone(), MAX_FANOUT),
+        };
         let payload = pb::GroupUpdatePayload {
             op: op as i32,
             participant: Some(participant(subject)),
-            participants: group.members.iter().map(participant).collect(),
+            participants,
             mls,
         };
         self.send_control(
             session,
             purpose,
             Mt::GroupUpdate,
-            control,
-            MAX_FANOUT,
+            destination,
+            fanout,
             Cmd::GroupUpdate(payload),
-            BTreeMap::new(),
+            BTreeMap::from([(GROUP_VERSION.to_string(), version.to_string())]),
             Awaiting::Each(awaiting),
             now,
         );
@@ -2137,11 +2511,19 @@ impl SessionLayer {
             return;
         };
         let mut events = Vec::new();
-        s.sender.remove_endpoint(&member.key(), &mut events);
-        s.receiver.remove_source(&member.key());
+        let key = member.key();
+        s.sender.remove_endpoint(&key, &mut events);
+        s.receiver.remove_source(&key);
         let was_member = s.group.as_mut().is_some_and(|g| {
             let before = g.members.len();
-            g.members.retain(|n| n.key() != member.key());
+            g.members.retain(|n| n.key() != key);
+            g.stale.remove(&key);
+            if !g.departed.contains(&key) {
+                if g.departed.len() == DEPARTED {
+                    g.departed.pop_front();
+                }
+                g.departed.push_back(key);
+            }
             g.members.len() != before
         });
         for p in &mut s.pending {
@@ -2547,24 +2929,40 @@ impl SessionLayer {
         let mut due = Vec::new();
         let mut expired = Vec::new();
         let interval = s.control_interval;
-        let mut index = 0;
-        while index < s.pending.len() {
-            let p = &mut s.pending[index];
+        for p in &mut s.pending {
             if p.deadline > now {
-                index += 1;
-            } else if p.retries_left == 0 {
-                expired.push(s.pending.remove(index));
+                continue;
+            }
+            if p.retries_left == 0 {
+                expired.push(p.message_id);
             } else {
                 p.retries_left -= 1;
                 p.deadline = now + interval;
                 due.push(p.clone());
-                index += 1;
             }
         }
         for pending in &due {
             self.transmit_control(id, pending, now);
         }
-        for pending in expired {
+        // One at a time, each taken out of `pending` only when its turn comes: what a handler
+        // asks about (is the invitee's welcome still awaited?) sees the ones that expired at
+        // the same instant as still awaited, and a handler may withdraw one before its turn.
+        for message_id in expired {
+            let Some(s) = self.sessions.get_mut(&id) else {
+                return;
+            };
+            let Some(index) = s.pending.iter().position(|p| {
+                p.message_id == message_id && p.retries_left == 0 && p.deadline <= now
+            }) else {
+                continue;
+            };
+            let pending = s.pending.remove(index);
+            if let (Mt::GroupUpdate, Awaiting::Each(missing), Some(g)) =
+                (pending.message_type, &pending.awaiting, s.group.as_mut())
+            {
+                // They may have kept an older member list: resynchronised when heard from.
+                g.stale.extend(missing.iter().map(Name::key));
+            }
             self.on_control_done(id, pending.purpose, None, now);
         }
         // Data retransmission and gap requests.
@@ -2707,6 +3105,69 @@ fn participant(name: &Name) -> pb::Participant {
         }),
         status: pb::ParticipantState::Online as i32,
     }
+}
+
+/// Messages only a member of a group sends in it (data, its acks and gap requests, liveness).
+fn acts_as_member(message_type: Mt) -> bool {
+    matches!(
+        message_type,
+        Mt::Msg
+            | Mt::MsgAck
+            | Mt::RtxRequest
+            | Mt::RtxReply
+            | Mt::Heartbeat
+            | Mt::UpdateParticipantState
+    )
+}
+
+/// [`STREAM_STARTS`] for a welcome to `invitee`, in the order of the group's member list.
+/// Our own stream starts for it at our next id: from now on it is among our receivers. Another
+/// member adds it when the update announcing it arrives, at an id we cannot know but that is
+/// above every id of its that we have seen (sent before that update was): the stream is
+/// declared to start there. Ids between that and where the member really starts for it are
+/// not owed to the invitee; it gets them all the same (they pass on the channel, or are asked
+/// for), so none is skipped.
+fn stream_starts(s: &Session, me: &Name, invitee: &Name) -> String {
+    let Some(group) = &s.group else {
+        return String::new();
+    };
+    group
+        .members
+        .iter()
+        .map(|n| {
+            let start = if n.key() == invitee.key() {
+                0
+            } else if n.key() == me.key() {
+                s.sender.next_id()
+            } else {
+                s.receiver
+                    .highest_seen(&n.key())
+                    .map_or(1, |seen| seen.saturating_add(1))
+            };
+            start.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// [`STREAM_STARTS`] as received: one sequence id (or 0) per participant, or nothing if it
+/// does not fit.
+fn parse_stream_starts(value: &str, participants: usize) -> Option<Vec<u32>> {
+    let starts: Vec<u32> = value
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse()
+                .ok()
+                .filter(|id| *id <= super::sender::MAX_SEQUENCE_ID)
+        })
+        .collect::<Option<_>>()?;
+    (starts.len() == participants).then_some(starts)
+}
+
+/// [`GROUP_VERSION`] of a welcome or an update, if it has a valid one.
+fn group_version(metadata: &BTreeMap<String, String>) -> Option<u64> {
+    metadata.get(GROUP_VERSION)?.trim().parse().ok()
 }
 
 fn header_mut(message: &mut pb::Message) -> Option<&mut pb::SlimHeader> {

@@ -1,11 +1,13 @@
 //! The receiving half of a reliable session (spec §4.3, captures/flows f1–f9).
 //!
-//! Per source, messages are released in sequence order. The first id seen from a source starts
-//! its stream; later ids above the next expected one are held back and every missing id is asked
-//! for again (RTX_REQUEST) every `interval`, up to `max_retries` times; after that the id is
-//! reported lost and the stream moves on — the session is not torn down. Duplicates and ids
-//! already released are dropped; ids absurdly far ahead are refused (a window bounds the memory
-//! a peer can make us hold).
+//! Per source, messages are released in sequence order. A stream starts where the session
+//! declares it ([`ReliableReceiver::expect`]: a p2p peer at 1, a group member where the moderator
+//! said its stream starts for us), else, as in the reference, at the first id seen. Ids below the
+//! start were never meant for us and are refused ([`Verdict::BeforeStart`]). Later ids above the
+//! next expected one are held back and every missing id is asked for again (RTX_REQUEST) every
+//! `interval`, up to `max_retries` times; after that the id is reported lost and the stream
+//! moves on — the session is not torn down. Duplicates and ids already released are dropped;
+//! ids absurdly far ahead are refused (a window bounds the memory a peer can make us hold).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -14,6 +16,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use slim_proto::{Name, NameKey};
 
+use super::sender::MAX_SEQUENCE_ID;
 use crate::Timestamp;
 
 /// How far ahead of the next expected id a message may be and still be held.
@@ -49,6 +52,9 @@ pub enum Verdict {
     Duplicate,
     /// Too far ahead of the stream: dropped.
     OutOfWindow,
+    /// Below where the stream starts for us: sent before we were among its receivers. Not
+    /// delivered, so not acknowledged either (an ack must mean delivered).
+    BeforeStart,
 }
 
 #[derive(Debug)]
@@ -60,6 +66,8 @@ struct Rtx {
 #[derive(Debug)]
 struct Stream {
     source: Name,
+    /// The first id of the stream (declared, or the first one seen).
+    start: u32,
     next: u32,
     held: BTreeMap<u32, Incoming>,
     missing: BTreeMap<u32, Rtx>,
@@ -68,6 +76,20 @@ struct Stream {
     gone: BTreeSet<u32>,
     /// Ids already reported lost (their late copies are neither delivered nor acknowledged).
     lost_before: BTreeSet<u32>,
+}
+
+impl Stream {
+    fn new(source: &Name, start: u32) -> Self {
+        Stream {
+            source: source.clone(),
+            start,
+            next: start,
+            held: BTreeMap::new(),
+            missing: BTreeMap::new(),
+            gone: BTreeSet::new(),
+            lost_before: BTreeSet::new(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -89,16 +111,27 @@ impl ReliableReceiver {
     }
 
     /// Declares where `source`'s stream starts (a p2p peer always starts at 1), so that a first
-    /// message that is lost is asked for, and a bogus first id cannot move the stream.
+    /// message that is lost or overtaken is asked for, and a bogus first id cannot move the
+    /// stream. No effect once the stream exists.
     pub fn expect(&mut self, source: &Name, first_id: u32) {
-        self.streams.entry(source.key()).or_insert_with(|| Stream {
-            source: source.clone(),
-            next: first_id,
-            held: BTreeMap::new(),
-            missing: BTreeMap::new(),
-            gone: BTreeSet::new(),
-            lost_before: BTreeSet::new(),
-        });
+        self.streams
+            .entry(source.key())
+            .or_insert_with(|| Stream::new(source, first_id.clamp(1, MAX_SEQUENCE_ID)));
+    }
+
+    /// The highest id seen from `source` (delivered, held, or known lost), if any: every id up
+    /// to it was sent already.
+    pub fn highest_seen(&self, source: &NameKey) -> Option<u32> {
+        let s = self.streams.get(source)?;
+        let released = (s.next > s.start).then(|| s.next - 1);
+        [
+            released,
+            s.held.keys().next_back().copied(),
+            s.gone.iter().next_back().copied(),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
     }
 
     /// A data message (MSG, or a successful RTX_REPLY) with sequence id `id`.
@@ -110,15 +143,19 @@ impl ReliableReceiver {
         now: Timestamp,
         events: &mut Vec<ReceiverEvent>,
     ) -> Verdict {
+        if id > MAX_SEQUENCE_ID {
+            // Sequence ids stop there (direct messages, above it, never come here): refused
+            // before it can start or move a stream to where counting on would overflow.
+            return Verdict::OutOfWindow;
+        }
         let key = source.key();
-        let stream = self.streams.entry(key).or_insert_with(|| Stream {
-            source: source.clone(),
-            next: id,
-            held: BTreeMap::new(),
-            missing: BTreeMap::new(),
-            gone: BTreeSet::new(),
-            lost_before: BTreeSet::new(),
-        });
+        let stream = self
+            .streams
+            .entry(key)
+            .or_insert_with(|| Stream::new(source, id));
+        if id < stream.start {
+            return Verdict::BeforeStart;
+        }
         if id < stream.next || stream.held.contains_key(&id) || stream.gone.contains(&id) {
             return Verdict::Duplicate;
         }
@@ -410,6 +447,20 @@ mod tests {
     }
 
     #[test]
+    fn ids_beyond_the_sequence_are_refused() {
+        let mut r = ReliableReceiver::new(SEC, 3);
+        let mut ev = Vec::new();
+        assert_eq!(
+            r.on_message(&src(), u32::MAX, m(1), Timestamp::ZERO, &mut ev),
+            Verdict::OutOfWindow
+        );
+        assert!(ev.is_empty());
+        assert_eq!(r.highest_seen(&src().key()), None, "no stream started");
+        r.on_message(&src(), MAX_SEQUENCE_ID, m(2), Timestamp::ZERO, &mut ev);
+        assert_eq!(delivered(&ev), vec![MAX_SEQUENCE_ID]);
+    }
+
+    #[test]
     fn an_expected_stream_requests_a_lost_first_message() {
         let mut r = ReliableReceiver::new(SEC, 3);
         r.expect(&src(), 1);
@@ -421,6 +472,36 @@ mod tests {
                 source: src(),
                 id: 1
             }]
+        );
+    }
+
+    #[test]
+    fn ids_below_a_declared_start_are_refused() {
+        let mut r = ReliableReceiver::new(SEC, 3);
+        r.expect(&src(), 5);
+        let mut ev = Vec::new();
+        assert_eq!(
+            r.on_message(&src(), 4, m(4), Timestamp::ZERO, &mut ev),
+            Verdict::BeforeStart
+        );
+        assert_eq!(r.highest_seen(&src().key()), None);
+        // 7 overtook 5 and 6: both are asked for, then everything comes out in order.
+        r.on_message(&src(), 7, m(7), Timestamp::ZERO, &mut ev);
+        assert_eq!(r.highest_seen(&src().key()), Some(7));
+        r.on_message(&src(), 6, m(6), Timestamp::ZERO, &mut ev);
+        r.on_message(&src(), 5, m(5), Timestamp::ZERO, &mut ev);
+        assert_eq!(delivered(&ev), vec![5, 6, 7]);
+        assert_eq!(
+            r.on_message(&src(), 5, m(5), Timestamp::ZERO, &mut ev),
+            Verdict::Duplicate,
+            "a delivered id is a duplicate (acknowledged again), not before the start"
+        );
+        // Without a declared start, the first id seen starts the stream (as the reference).
+        let other = Name::with_id("o", "n", "src", 2);
+        r.on_message(&other, 9, m(9), Timestamp::ZERO, &mut ev);
+        assert_eq!(
+            r.on_message(&other, 8, m(8), Timestamp::ZERO, &mut ev),
+            Verdict::BeforeStart
         );
     }
 

@@ -71,7 +71,12 @@ impl ReliableSender {
         }
     }
 
-    /// The id the next message will carry.
+    /// The id the next message will carry, without taking it.
+    pub fn next_id(&self) -> u32 {
+        self.next_id
+    }
+
+    /// Takes the id the next message will carry.
     pub fn allocate_id(&mut self) -> u32 {
         let id = self.next_id;
         self.next_id = if id >= MAX_SEQUENCE_ID { 1 } else { id + 1 };

@@ -93,12 +93,6 @@ pub struct Outcome {
     pub group_published: u64,
     /// Group runs: messages delivered to members.
     pub group_delivered: u64,
-    /// Group runs: messages owed to a member that it never saw because its stream from that
-    /// sender started at a later id (a core bug, tolerated unless `group_strict_start`).
-    pub group_missed_before_start: u64,
-    /// Group runs: members whose member list still disagreed with the moderator's when the run
-    /// ended (a core bug, tolerated unless `group_strict_updates`).
-    pub group_stale_members: u64,
 }
 
 pub(crate) struct Model {
@@ -109,9 +103,6 @@ pub(crate) struct Model {
     by_client: Vec<BTreeMap<SessionId, (usize, Side)>>,
     /// The run's group, once created.
     pub group: Option<GroupModel>,
-    /// Members whose member list disagreed with the moderator's at the last membership check
-    /// (tolerated unless `SimConfig::group_strict_updates`).
-    pub stale_members: std::cell::Cell<u64>,
 }
 
 type Check = Result<(), String>;
@@ -125,7 +116,6 @@ impl Model {
             sessions: (0..sessions).map(|_| None).collect(),
             by_client: (0..clients).map(|_| BTreeMap::new()).collect(),
             group: None,
-            stale_members: std::cell::Cell::new(0),
         }
     }
 
@@ -694,7 +684,6 @@ impl Model {
                     .map(|s| s.delivered.len() as u64)
                     .sum::<u64>();
             }
-            o.group_missed_before_start = self.group_missed();
         }
         o
     }
@@ -736,9 +725,12 @@ pub(crate) struct GroupMember {
     pub failed: BTreeSet<u32>,
     /// Members this client reported offline (`MemberState`).
     pub offline: BTreeSet<usize>,
+    /// When it joined, in join order (the moderator first, at 0).
+    pub join_order: Option<u32>,
 }
 
-/// A receiver's stream from one sender: it starts at the first id it sees (as the reference),
+/// A receiver's stream from one sender: it starts where the sender started sending to it (at 1
+/// for a sender that joined after it),
 /// then every id is delivered or reported lost, once, in order.
 #[derive(Debug, Default)]
 pub(crate) struct GroupStream {
@@ -762,20 +754,19 @@ pub(crate) struct GroupModel {
     /// Removals the moderator reported complete (`MemberLeft`), with how many messages each
     /// client had published then: the removed member may receive none after those.
     pub removed: BTreeMap<usize, Vec<usize>>,
-    /// Whether a message owed to a member may be missing because its stream from that sender
-    /// started after it (see [`SimConfig::group_strict_start`](super::SimConfig)).
-    pub strict_start: bool,
-    /// Invitees the moderator reported `InviteFailed` for.
-    pub invite_failed: BTreeSet<usize>,
-    /// Judge invitees the moderator gave up on although they joined (see
-    /// [`SimConfig::group_strict_invite`](super::SimConfig)).
-    pub strict_invite: bool,
+    /// Members that joined so far.
+    pub joins: u32,
+    /// Invites the moderator accepted, per invitee.
+    pub invited: BTreeMap<usize, u32>,
+    /// Outcomes the moderator reported (`MemberJoined`, `InviteFailed`), per invitee.
+    pub invite_outcomes: BTreeMap<usize, u32>,
 }
 
 impl GroupModel {
     pub fn new(moderator: usize, id: SessionId, reliable: bool, clients: usize) -> Self {
         let mut members: Vec<GroupMember> = (0..clients).map(|_| GroupMember::default()).collect();
         members[moderator].joined = true;
+        members[moderator].join_order = Some(0);
         GroupModel {
             moderator,
             id,
@@ -784,23 +775,40 @@ impl GroupModel {
             close_requested: false,
             remove_requested: BTreeSet::new(),
             removed: BTreeMap::new(),
-            strict_start: false,
-            invite_failed: BTreeSet::new(),
-            strict_invite: false,
+            joins: 0,
+            invited: BTreeMap::new(),
+            invite_outcomes: BTreeMap::new(),
         }
+    }
+
+    /// A reliable stream from a sender that joined after the receiver starts at 1 (the sender's
+    /// member list, from its welcome, has the receiver): the first id it delivers or reports
+    /// lost.
+    fn check_stream_start(&self, receiver: usize, sender: usize, id: u32) -> Result<(), String> {
+        let later = match (
+            self.members[receiver].join_order,
+            self.members[sender].join_order,
+        ) {
+            (Some(r), Some(s)) => s > r,
+            _ => false,
+        };
+        let fresh = self.members[receiver]
+            .from
+            .get(&sender)
+            .is_none_or(|s| s.first.is_none());
+        if self.reliable && later && fresh && id != 1 {
+            return Err(format!(
+                "client {receiver}: group {}: its stream from client {sender}, who joined after it, starts at {id}",
+                self.id
+            ));
+        }
+        Ok(())
     }
 
     /// Client `client` has the group open (joined, not closed).
     pub fn open(&self, client: usize) -> bool {
         let m = &self.members[client];
         m.joined && m.closed.is_none()
-    }
-
-    /// A client that joined although the moderator reported its invite failed: the moderator
-    /// does not count it as a member, it thinks it is one (a core bug, not judged unless
-    /// `strict_invite`).
-    pub fn disowned(&self, client: usize) -> bool {
-        !self.strict_invite && self.invite_failed.contains(&client) && self.members[client].joined
     }
 }
 
@@ -895,7 +903,9 @@ impl Model {
                     "client {client}: group {sid} joined from {peer}, not the moderator"
                 ));
             }
+            g.joins += 1;
             g.members[client].joined = true;
+            g.members[client].join_order = Some(g.joins);
             return Ok(());
         }
         let m = &g.members[client];
@@ -938,6 +948,7 @@ impl Model {
                     }
                 }
                 let reliable = g.reliable;
+                g.check_stream_start(client, sender, *id)?;
                 let stream = g.members[client].from.entry(sender).or_default();
                 // Best-effort groups, as best-effort p2p sessions, may deliver a duplicate.
                 if !stream.delivered.insert(*id) && reliable {
@@ -973,6 +984,7 @@ impl Model {
                         g.members[sender].published.len()
                     ));
                 }
+                g.check_stream_start(client, sender, *id)?;
                 let stream = g.members[client].from.entry(sender).or_default();
                 if let Some(last) = stream.last {
                     if *id != last + 1 {
@@ -1029,14 +1041,42 @@ impl Model {
                 }
                 Ok(())
             }
-            SessionEvent::InviteFailed { invitee, .. } => {
-                if client == g.moderator {
-                    if let Some(c) = who(invitee) {
-                        g.invite_failed.insert(c);
-                    }
+            SessionEvent::InviteFailed {
+                invitee: member, ..
+            }
+            | SessionEvent::MemberJoined { member, .. }
+                if client == g.moderator =>
+            {
+                // One outcome per invite: `MemberJoined` or `InviteFailed` (which names the
+                // service invited when no instance answered).
+                let by_service = |n: &Name| {
+                    names
+                        .iter()
+                        .position(|x| x.key().components == n.key().components)
+                };
+                let invitee = if member.id() == slim_proto::name::ANY_INSTANCE {
+                    by_service(member)
+                } else {
+                    who(member)
+                };
+                let Some(c) = invitee else {
+                    return Err(format!(
+                        "client {client}: group {sid}: invite outcome for a stranger: {event:?}"
+                    ));
+                };
+                let outcomes = g.invite_outcomes.entry(c).or_default();
+                *outcomes += 1;
+                if *outcomes > g.invited.get(&c).copied().unwrap_or(0) {
+                    return Err(format!(
+                        "client {client}: group {sid}: {outcomes} outcome(s) for {} invite(s) of client {c}, the last {event:?}",
+                        g.invited.get(&c).copied().unwrap_or(0)
+                    ));
                 }
                 Ok(())
             }
+            SessionEvent::InviteFailed { .. } => Err(format!(
+                "client {client}: group {sid}: invite outcome at a member: {event:?}"
+            )),
             SessionEvent::MemberJoined { .. } => Ok(()),
             SessionEvent::Closed { reason, .. } => {
                 g.members[client].closed = Some(reason.clone());
@@ -1053,17 +1093,6 @@ impl Model {
     /// offline) was delivered or reported lost there, or failed at the sender; the sender
     /// learned an outcome.
     pub fn group_unresolved(&self) -> Vec<String> {
-        self.group_check(&mut 0)
-    }
-
-    /// Owed messages tolerated as missing (before the receiver's stream started).
-    pub fn group_missed(&self) -> u64 {
-        let mut missed = 0;
-        self.group_check(&mut missed);
-        missed
-    }
-
-    fn group_check(&self, missed: &mut u64) -> Vec<String> {
         let mut problems = Vec::new();
         let Some(g) = &self.group else {
             return problems;
@@ -1072,27 +1101,18 @@ impl Model {
             return problems;
         }
         for (sender, m) in g.members.iter().enumerate() {
-            if !g.open(sender) || g.disowned(sender) {
+            if !g.open(sender) {
                 continue;
             }
             for (index, owed) in m.owed.iter().enumerate() {
                 let id = index as u32 + 1;
                 let mut waited = false;
                 for &receiver in owed {
-                    if !g.open(receiver)
-                        || g.remove_requested.contains(&receiver)
-                        || g.disowned(receiver)
-                    {
+                    if !g.open(receiver) || g.remove_requested.contains(&receiver) {
                         continue;
                     }
                     waited = true;
                     let stream = g.members[receiver].from.get(&sender);
-                    if !g.strict_start
-                        && stream.and_then(|s| s.first).is_some_and(|first| id < first)
-                    {
-                        *missed += 1;
-                        continue;
-                    }
                     // As for p2p: the sender's `SendFailed` accounts for it too (a receiver
                     // only learns of a gap from a later message).
                     if !m.failed.contains(&id)
