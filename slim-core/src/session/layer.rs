@@ -332,6 +332,12 @@ enum Purpose {
     /// The update announcing an invitee whose invite was withdrawn (MLS sessions: its commit
     /// must still reach the members).
     Withdrawn(Name),
+    /// Participant: our UPDATE_PARTICIPANT_STATE (soft close / back online).
+    StateUpdate,
+    /// Participant: our REJOIN_REQUEST (our MLS epoch was found stale).
+    Rejoin,
+    /// Moderator: the GROUP_UPDATE op=REJOIN for a member that rejoined the MLS group.
+    RejoinUpdate(Name),
 }
 
 /// Who must answer a control message.
@@ -363,6 +369,13 @@ enum Task {
     Invite(Name),
     Remove(Name),
     Departed(Name),
+    /// A member's REJOIN_REQUEST (the request's id, for the reply, and its key package).
+    Rejoin {
+        member: Name,
+        session_type: SessionType,
+        message_id: u32,
+        key_package: Bytes,
+    },
 }
 
 #[derive(Debug)]
@@ -388,6 +401,9 @@ struct Group {
     stale: BTreeSet<NameKey>,
     /// Moderator: when each non-member that still acts as a member was last told to leave.
     evicted: BTreeMap<NameKey, Timestamp>,
+    /// Moderator: the last REJOIN_REPLY sent to each member, by request id (a retransmitted
+    /// request gets the same reply again, not a second commit).
+    rejoin_replies: BTreeMap<NameKey, (u32, pb::RejoinReplyPayload)>,
 }
 
 impl Group {
@@ -404,6 +420,7 @@ impl Group {
             version: 0,
             stale: BTreeSet::new(),
             evicted: BTreeMap::new(),
+            rejoin_replies: BTreeMap::new(),
         }
     }
 
@@ -863,6 +880,65 @@ impl SessionLayer {
         }
     }
 
+    /// Soft close (`online = false`) or back online (spec §4.6): tells the other members with
+    /// an UPDATE_PARTICIPANT_STATE carrying our MLS epoch (u64::MAX without MLS), to the
+    /// control channel (p2p: to the peer), acknowledged with GROUP_ACK. Coming back online
+    /// with a stale epoch, members answer GROUP_NACK: we then rejoin the MLS group through
+    /// the moderator (REJOIN_REQUEST / REJOIN_REPLY) on our own.
+    pub fn set_online(
+        &mut self,
+        session: SessionId,
+        online: bool,
+        now: Timestamp,
+    ) -> Result<(), SessionError> {
+        let me = self.name.clone();
+        let s = self
+            .sessions
+            .get(&session)
+            .ok_or(SessionError::UnknownSession(session))?;
+        match s.state {
+            State::Established => {}
+            State::Closing => return Err(SessionError::Closing(session)),
+            State::Opening | State::AwaitingWelcome => {
+                return Err(SessionError::NotEstablished(session))
+            }
+        }
+        let epoch = s
+            .mls
+            .as_ref()
+            .and_then(SessionMls::epoch)
+            .unwrap_or(u64::MAX);
+        let (destination, fanout) = match &s.group {
+            None => (s.peer.clone(), 1),
+            Some(g) => (g.control.clone(), MAX_FANOUT),
+        };
+        let others = s.peers(&me);
+        if others.is_empty() {
+            return Ok(()); // nobody to tell
+        }
+        let new_state = if online {
+            pb::ParticipantState::Online
+        } else {
+            pb::ParticipantState::Offline
+        };
+        self.send_control(
+            session,
+            Purpose::StateUpdate,
+            Mt::UpdateParticipantState,
+            destination,
+            fanout,
+            Cmd::UpdateParticipantState(pb::UpdateParticipantStatePayload {
+                participant: Some(me.to_pb()),
+                new_state: new_state as i32,
+                epoch,
+            }),
+            BTreeMap::new(),
+            Awaiting::Each(others),
+            now,
+        );
+        Ok(())
+    }
+
     /// A message the application's router delivered.
     pub fn handle_message(&mut self, message: pb::Message, now: Timestamp) {
         self.stats.received += 1;
@@ -989,7 +1065,12 @@ impl SessionLayer {
                 self.on_join_request(m, now);
                 return;
             }
-            Mt::DiscoveryReply | Mt::JoinReply | Mt::GroupAck | Mt::LeaveReply => {
+            Mt::DiscoveryReply
+            | Mt::JoinReply
+            | Mt::GroupAck
+            | Mt::GroupNack
+            | Mt::LeaveReply
+            | Mt::RejoinReply => {
                 self.on_reply(m, now);
                 return;
             }
@@ -1080,6 +1161,9 @@ impl SessionLayer {
             (Mt::UpdateParticipantState, _) if from_member || from_peer => {
                 self.on_participant_state(m, now)
             }
+            (Mt::RejoinRequest, State::Established) if is_moderator && from_member => {
+                self.on_rejoin_request(m, now)
+            }
             _ => self.drop_message(
                 SessionDrop::Unexpected,
                 "not expected in this session state",
@@ -1095,7 +1179,7 @@ impl SessionLayer {
         };
         let Some(index) = s.pending.iter().position(|p| {
             p.message_id == m.message_id
-                && reply_to(p.message_type) == Some(m.message_type)
+                && answers(p.message_type, m.message_type)
                 && match &p.awaiting {
                     Awaiting::AnyOf(service) => {
                         service.key().components == m.source.key().components
@@ -1113,6 +1197,24 @@ impl SessionLayer {
                 g.stale.remove(&m.source.key());
             }
         }
+        let purpose = s.pending[index].purpose.clone();
+        if m.message_type == Mt::RejoinReply && !self.on_rejoin_reply(&m, now) {
+            return; // not a welcome of ours: the request is re-sent, a good reply may come
+        }
+        if m.message_type == Mt::GroupNack && purpose == Purpose::StateUpdate {
+            // Our epoch is older than this member's: we missed a commit (spec §4.6).
+            self.start_rejoin(m.session_id, now);
+        }
+        let Some(s) = self.sessions.get_mut(&m.session_id) else {
+            return;
+        };
+        let Some(index) = s
+            .pending
+            .iter()
+            .position(|p| p.message_id == m.message_id && p.purpose == purpose)
+        else {
+            return;
+        };
         let done = match &mut s.pending[index].awaiting {
             Awaiting::AnyOf(_) => true,
             Awaiting::Each(names) => {
@@ -1192,6 +1294,11 @@ impl SessionLayer {
             Purpose::DepartureUpdate(_) => self.task_done(session, now),
             // Unanswered, the member stays stale and gets the list again when next heard from.
             Purpose::Resync(_) | Purpose::Withdrawn(_) => {}
+            // Acked or NACKed (a NACK started the rejoin), or nobody answered: nothing to do.
+            Purpose::StateUpdate => {}
+            // Unanswered: the next NACK starts it again (with the same key package).
+            Purpose::Rejoin => {}
+            Purpose::RejoinUpdate(_) => self.task_done(session, now),
         }
     }
 
@@ -1759,13 +1866,31 @@ impl SessionLayer {
             );
             return;
         };
-        self.ack(&m, now);
+        let online = update.new_state != pb::ParticipantState::Offline as i32;
+        // Back online with an older epoch than ours: it missed a commit and must rejoin.
+        let stale = online
+            && self
+                .sessions
+                .get(&m.session_id)
+                .and_then(|s| s.mls.as_ref())
+                .and_then(SessionMls::epoch)
+                .is_some_and(|ours| update.epoch < ours);
+        if stale {
+            let nack = self.reply(
+                &m,
+                Mt::GroupNack,
+                command(Cmd::GroupNack(pb::GroupNackPayload {})),
+                now,
+            );
+            self.emit_send(nack);
+        } else {
+            self.ack(&m, now);
+        }
         let member = update
             .participant
             .as_ref()
             .and_then(Name::from_pb)
             .unwrap_or(m.source);
-        let online = update.new_state != pb::ParticipantState::Offline as i32;
         let Some(s) = self.sessions.get_mut(&m.session_id) else {
             return;
         };
@@ -1781,6 +1906,221 @@ impl SessionLayer {
                 online,
             }));
         }
+    }
+
+    /// Participant: a member NACKed our state update (our MLS epoch is stale): a fresh key
+    /// package goes to the moderator in a REJOIN_REQUEST (once; it is re-sent until answered).
+    fn start_rejoin(&mut self, session: SessionId, now: Timestamp) {
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
+        if s.is_moderator()
+            || s.group.is_none()
+            || s.mls.is_none()
+            || s.pending.iter().any(|p| p.purpose == Purpose::Rejoin)
+        {
+            return;
+        }
+        let moderator = s.peer.clone();
+        let identity = self.mls_identity(now);
+        let config = self.group_config();
+        let Some(mls) = self.sessions.get_mut(&session).and_then(|s| s.mls.as_mut()) else {
+            return;
+        };
+        let key_package = match mls.start_rejoin(&identity, config) {
+            Ok(key_package) => key_package,
+            Err(error) => {
+                tracing::warn!(session, %error, "no key package for the rejoin");
+                return;
+            }
+        };
+        let me = self.name.clone();
+        self.send_control(
+            session,
+            Purpose::Rejoin,
+            Mt::RejoinRequest,
+            moderator.clone(),
+            1,
+            Cmd::RejoinRequest(pb::RejoinRequestPayload {
+                participant: Some(me.to_pb()),
+                key_package: key_package.into(),
+            }),
+            BTreeMap::new(),
+            Awaiting::Each(vec![moderator]),
+            now,
+        );
+    }
+
+    /// Participant: the REJOIN_REPLY to our REJOIN_REQUEST; its welcome puts us in the group
+    /// at the moderator's epoch. False (and counted) when it cannot be used.
+    fn on_rejoin_reply(&mut self, m: &Received, now: Timestamp) -> bool {
+        let Some(Cmd::RejoinReply(reply)) = command_of(&m.content) else {
+            self.drop_message(SessionDrop::Malformed, "rejoin reply without payload");
+            return false;
+        };
+        let verifier = TokenVerifier {
+            secret: &self.secret,
+            now_unix: self.unix_at_zero + now.as_micros() / 1_000_000,
+        };
+        let Some(mls) = self
+            .sessions
+            .get_mut(&m.session_id)
+            .and_then(|s| s.mls.as_mut())
+        else {
+            self.drop_message(SessionDrop::Unexpected, "rejoin reply without MLS");
+            return false;
+        };
+        if let Err(error) = mls.rejoin_welcome(reply.commit_id, &reply.mls_content, &verifier) {
+            self.drop_message(SessionDrop::BadMls, &format!("rejoin welcome: {error}"));
+            return false;
+        }
+        // The reference acknowledges the reply too (flows g2/g3).
+        self.ack(m, now);
+        true
+    }
+
+    /// Moderator: a member with a stale epoch asks to rejoin the MLS group. Queued as a
+    /// membership task; a retransmitted request gets the reply it already had.
+    fn on_rejoin_request(&mut self, m: Received, now: Timestamp) {
+        let Some(Cmd::RejoinRequest(request)) = command_of(&m.content) else {
+            self.drop_message(SessionDrop::Malformed, "rejoin request without payload");
+            return;
+        };
+        let named = request.participant.as_ref().and_then(Name::from_pb);
+        if named.is_some_and(|n| n.key() != m.source.key()) {
+            self.drop_message(SessionDrop::Unexpected, "rejoin request for someone else");
+            return;
+        }
+        if request.key_package.is_empty() {
+            self.drop_message(SessionDrop::BadMls, "rejoin request without key package");
+            return;
+        }
+        let Some(s) = self.sessions.get_mut(&m.session_id) else {
+            return;
+        };
+        if s.mls.is_none() {
+            self.drop_message(SessionDrop::Unexpected, "rejoin request without MLS");
+            return;
+        }
+        let Some(group) = s.group.as_mut() else {
+            return;
+        };
+        let key = m.source.key();
+        if let Some((_, reply)) = group
+            .rejoin_replies
+            .get(&key)
+            .filter(|(id, _)| *id == m.message_id)
+        {
+            // Our reply was lost.
+            let reply = reply.clone();
+            self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
+            let message = self.reply(&m, Mt::RejoinReply, command(Cmd::RejoinReply(reply)), now);
+            self.emit_send(message);
+            return;
+        }
+        let queued = group.tasks.iter().any(|t| {
+            matches!(t, Task::Rejoin { member, message_id, .. }
+                if member.key() == key && *message_id == m.message_id)
+        });
+        let running = s
+            .pending
+            .iter()
+            .any(|p| matches!(&p.purpose, Purpose::RejoinUpdate(n) if n.key() == key));
+        if queued || running {
+            self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
+            return;
+        }
+        group.tasks.push_back(Task::Rejoin {
+            member: m.source.clone(),
+            session_type: m.session_type,
+            message_id: m.message_id,
+            key_package: request.key_package,
+        });
+        self.start_next_task(m.session_id, now);
+    }
+
+    /// Moderator: the rejoin of `member`: one MLS commit removing its old leaf and adding its
+    /// new key package; REJOIN_REPLY with the welcome to it, GROUP_UPDATE op=REJOIN with the
+    /// commit to the control channel.
+    fn rejoin_task(
+        &mut self,
+        session: SessionId,
+        member: Name,
+        session_type: SessionType,
+        message_id: u32,
+        key_package: &[u8],
+        now: Timestamp,
+    ) {
+        let verifier = TokenVerifier {
+            secret: &self.secret,
+            now_unix: self.unix_at_zero + now.as_micros() / 1_000_000,
+        };
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let still_member = s.group.as_ref().is_some_and(|g| g.is_member(&member.key()));
+        let result = match s.mls.as_mut() {
+            Some(mls) if still_member => mls
+                .rejoin(member.id(), key_package, &verifier)
+                .map_err(|e| e.to_string()),
+            _ => Err("not a member of an MLS group".to_owned()),
+        };
+        let commit = match result {
+            Ok(commit) => commit,
+            Err(error) => {
+                self.drop_message(SessionDrop::BadMls, &format!("rejoin refused: {error}"));
+                self.task_done(session, now);
+                return;
+            }
+        };
+        let reply = pb::RejoinReplyPayload {
+            commit_id: commit.commit_id,
+            mls_content: commit.welcome.unwrap_or_default().into(),
+        };
+        if let Some(g) = self
+            .sessions
+            .get_mut(&session)
+            .and_then(|s| s.group.as_mut())
+        {
+            g.stale.remove(&member.key());
+            g.rejoin_replies
+                .insert(member.key(), (message_id, reply.clone()));
+        }
+        let me = self.name.clone();
+        let message = self.build(
+            session_type,
+            Mt::RejoinReply,
+            session,
+            message_id,
+            &me,
+            &member,
+            1,
+            command(Cmd::RejoinReply(reply)),
+            BTreeMap::new(),
+            now,
+        );
+        self.emit_send(message);
+        // Every member applies the commit; the rejoiner acknowledges the update too (it gets
+        // it on the control channel, as reference members do).
+        let awaiting = self.others(session, &[]);
+        if awaiting.is_empty() {
+            self.task_done(session, now);
+            return;
+        }
+        let mls = pb::MlsPayload {
+            commit_id: commit.commit_id,
+            mls_content: commit.commit.into(),
+        };
+        self.send_update(
+            session,
+            pb::GroupUpdateOp::Rejoin,
+            &member,
+            None,
+            awaiting,
+            Purpose::RejoinUpdate(member.clone()),
+            Some(mls),
+            now,
+        );
     }
 
     /// Peers silent for three heartbeat periods are marked offline.
@@ -1994,6 +2334,12 @@ impl SessionLayer {
                     self.remove_leave(session, member, now);
                 }
             }
+            Task::Rejoin {
+                member,
+                session_type,
+                message_id,
+                key_package,
+            } => self.rejoin_task(session, member, session_type, message_id, &key_package, now),
             Task::Departed(member) => {
                 let mls = self.remove_from_mls_group(session, &member);
                 self.forget_member(session, &member, now);
@@ -2518,6 +2864,7 @@ impl SessionLayer {
             let before = g.members.len();
             g.members.retain(|n| n.key() != key);
             g.stale.remove(&key);
+            g.rejoin_replies.remove(&key);
             if !g.departed.contains(&key) {
                 if g.departed.len() == DEPARTED {
                     g.departed.pop_front();
@@ -3043,8 +3390,17 @@ fn reply_to(request: Mt) -> Option<Mt> {
         Mt::JoinRequest => Some(Mt::JoinReply),
         Mt::GroupWelcome | Mt::GroupClose | Mt::GroupUpdate => Some(Mt::GroupAck),
         Mt::LeaveRequest => Some(Mt::LeaveReply),
+        Mt::UpdateParticipantState => Some(Mt::GroupAck),
+        Mt::RejoinRequest => Some(Mt::RejoinReply),
         _ => None,
     }
+}
+
+/// Whether `reply` answers a control message of type `request`: its reply, or a GROUP_NACK
+/// to a participant state update (a member telling us our epoch is stale).
+fn answers(request: Mt, reply: Mt) -> bool {
+    reply_to(request) == Some(reply)
+        || (request == Mt::UpdateParticipantState && reply == Mt::GroupNack)
 }
 
 fn timer_settings(reliability: Option<Reliability>) -> Option<pb::TimerSettings> {

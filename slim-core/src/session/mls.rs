@@ -68,6 +68,9 @@ impl TokenVerifier<'_> {
 #[derive(Debug)]
 pub struct SessionMls {
     state: State,
+    /// Participant rejoining (spec §4.6 soft close / rejoin): the fresh key package sent in the
+    /// REJOIN_REQUEST, waiting for the REJOIN_REPLY's welcome. The old group stays in use.
+    rejoining: Option<(Box<PendingJoin>, Vec<u8>)>,
     validation_percent: u32,
     /// Sampling accumulator: a message is checked each time it passes 100.
     sampled: u32,
@@ -78,6 +81,7 @@ impl SessionMls {
     pub fn create(identity: &MlsIdentity, config: GroupConfig) -> Result<Self, SetupError> {
         Ok(Self {
             state: State::Active(Box::new(GroupCore::create(identity, config)?)),
+            rejoining: None,
             validation_percent: DEFAULT_VALIDATION_PERCENT,
             sampled: 0,
         })
@@ -95,6 +99,7 @@ impl SessionMls {
                 pending: Box::new(pending),
                 key_package,
             },
+            rejoining: None,
             validation_percent: validation_percent.min(100),
             sampled: 0,
         })
@@ -166,6 +171,65 @@ impl SessionMls {
             self.state = State::Gone;
         }
         Ok(removed_us)
+    }
+
+    /// Participant: a fresh key package for a REJOIN_REQUEST (the same one while a rejoin is
+    /// already under way). The current group state is kept until the welcome comes.
+    pub fn start_rejoin(
+        &mut self,
+        identity: &MlsIdentity,
+        config: GroupConfig,
+    ) -> Result<Vec<u8>, SetupError> {
+        if let Some((_, key_package)) = &self.rejoining {
+            return Ok(key_package.clone());
+        }
+        let (pending, key_package) = GroupCore::key_package(identity, config)?;
+        self.rejoining = Some((Box::new(pending), key_package.clone()));
+        Ok(key_package)
+    }
+
+    /// Whether a rejoin waits for its welcome.
+    pub fn is_rejoining(&self) -> bool {
+        self.rejoining.is_some()
+    }
+
+    /// Participant: joins again with the welcome of a REJOIN_REPLY; the group replaces the
+    /// old state. A welcome that is not ours leaves the rejoin pending.
+    pub fn rejoin_welcome(
+        &mut self,
+        commit_id: u32,
+        welcome: &[u8],
+        verifier: &TokenVerifier<'_>,
+    ) -> Result<(), JoinError> {
+        let Some((pending, _)) = self.rejoining.as_mut() else {
+            return Err(JoinError::AlreadyJoined);
+        };
+        let verify = |token: &str| verifier.verify(token);
+        let group = pending.join(welcome, commit_id, &verify)?;
+        self.rejoining = None;
+        self.state = State::Active(Box::new(group));
+        Ok(())
+    }
+
+    /// Moderator: replaces the leaf of the member whose name's instance id derives from its
+    /// identity with the new key package of its REJOIN_REQUEST (remove + add, one commit).
+    pub fn rejoin(
+        &mut self,
+        instance_id: u128,
+        key_package: &[u8],
+        verifier: &TokenVerifier<'_>,
+    ) -> Result<CommitOut, CommitError> {
+        let State::Active(group) = &mut self.state else {
+            return Err(CommitError::NotAMember);
+        };
+        let old_id = group
+            .members()
+            .iter()
+            .filter_map(|m| m.id.clone())
+            .find(|id| slim_proto::name::app_instance_id(id) == instance_id)
+            .ok_or(CommitError::UnknownMember)?;
+        let verify = |token: &str| verifier.verify(token);
+        group.rejoin_member(&old_id, key_package, &verify)
     }
 
     /// Moderator: adds the member whose key package came in its JOIN_REPLY.

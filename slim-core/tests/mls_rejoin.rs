@@ -1,0 +1,484 @@
+//! Soft close / rejoin of MLS group sessions (spec §4.6): UPDATE_PARTICIPANT_STATE acked or
+//! NACKed, REJOIN_REQUEST / REJOIN_REPLY, GROUP_UPDATE op=REJOIN. Same toy network as
+//! `mls_sessions.rs`, its hook seeing each copy's target.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use slim_core::group::wire::{inspect, MlsContent, MlsKind};
+use slim_core::session::{
+    LayerConfig, Output, Reliability, SessionConfig, SessionDrop, SessionEvent, SessionId,
+    SessionLayer,
+};
+use slim_core::Timestamp;
+use slim_proto::name::ANY_INSTANCE;
+use slim_proto::pb::command_payload::CommandPayloadType as Cmd;
+use slim_proto::pb::{self, SessionMessageType as Mt};
+use slim_proto::{Name, NameKey};
+
+const SECRET: &str = "interop-shared-secret-0123456789abcdef-0123456789";
+const UNIX0: u64 = 1_795_600_000;
+
+/// What the hook does with a message in flight.
+enum Fate {
+    Deliver,
+    Drop,
+}
+
+/// `(from, to, message)`, for each copy.
+type Hook = Box<dyn FnMut(usize, usize, &mut pb::Message) -> Fate>;
+
+struct Net {
+    apps: Vec<SessionLayer>,
+    subs: Vec<Vec<NameKey>>,
+    events: Vec<Vec<SessionEvent>>,
+    /// Every message sent, as it left its sender.
+    wire: Vec<(usize, pb::Message)>,
+    now: Timestamp,
+    hook: Hook,
+}
+
+fn publish(m: &pb::Message) -> &pb::Publish {
+    match &m.message_type {
+        Some(pb::message::MessageType::Publish(p)) => p,
+        _ => panic!("not a publish"),
+    }
+}
+
+fn publish_mut(m: &mut pb::Message) -> &mut pb::Publish {
+    match &mut m.message_type {
+        Some(pb::message::MessageType::Publish(p)) => p,
+        _ => panic!("not a publish"),
+    }
+}
+
+fn kind(m: &pb::Message) -> Mt {
+    Mt::try_from(publish(m).session.as_ref().unwrap().session_message_type).unwrap()
+}
+
+fn command(m: &pb::Message) -> Option<Cmd> {
+    match publish(m).msg.as_ref()?.content_type.as_ref()? {
+        pb::content::ContentType::CommandPayload(c) => c.command_payload_type.clone(),
+        _ => None,
+    }
+}
+
+fn encrypted() -> SessionConfig {
+    SessionConfig {
+        reliability: Some(Reliability {
+            interval: Duration::from_millis(200),
+            max_retries: 5,
+        }),
+        metadata: BTreeMap::new(),
+        mls: true,
+    }
+}
+
+impl Net {
+    fn new(services: &[&str]) -> Net {
+        Self::with_secrets(&services.iter().map(|s| (*s, SECRET)).collect::<Vec<_>>())
+    }
+
+    fn with_secrets(apps: &[(&str, &str)]) -> Net {
+        let apps: Vec<SessionLayer> = apps
+            .iter()
+            .enumerate()
+            .map(|(i, (service, secret))| {
+                SessionLayer::new(
+                    LayerConfig {
+                        name: Name::new("org", "ns", service),
+                        secret: (*secret).into(),
+                        unix_at_zero: UNIX0,
+                    },
+                    [i as u8 + 7; 32],
+                )
+                .unwrap()
+            })
+            .collect();
+        Net {
+            subs: apps.iter().map(|a| vec![a.name().key()]).collect(),
+            events: vec![Vec::new(); apps.len()],
+            apps,
+            wire: Vec::new(),
+            now: Timestamp::ZERO,
+            hook: Box::new(|_, _, _| Fate::Deliver),
+        }
+    }
+
+    fn name(&self, i: usize) -> Name {
+        self.apps[i].name().clone()
+    }
+
+    fn targets(&self, from: usize, m: &pb::Message) -> Vec<usize> {
+        let header = publish(m).header.as_ref().unwrap();
+        let dest = NameKey::from_pb(header.destination.as_ref().unwrap()).unwrap();
+        let matching = (0..self.apps.len()).filter(|j| *j != from).filter(|j| {
+            self.subs[*j].iter().any(|k| {
+                k.components == dest.components && (dest.id == ANY_INSTANCE || k.id == dest.id)
+            })
+        });
+        if header.fanout == 1 {
+            matching.take(1).collect()
+        } else {
+            matching.collect()
+        }
+    }
+
+    /// Carries out every output until all apps are quiet.
+    fn run(&mut self) {
+        loop {
+            let mut moved = false;
+            for i in 0..self.apps.len() {
+                while let Some(output) = self.apps[i].poll_output() {
+                    moved = true;
+                    match output {
+                        Output::Send(m) => {
+                            let m = *m;
+                            self.wire.push((i, m.clone()));
+                            for j in self.targets(i, &m) {
+                                let mut copy = m.clone();
+                                if let Fate::Drop = (self.hook)(i, j, &mut copy) {
+                                    continue;
+                                }
+                                self.apps[j].handle_message(copy, self.now);
+                            }
+                        }
+                        Output::Subscribe(name) => self.subs[i].push(name.key()),
+                        Output::Unsubscribe(name) => self.subs[i].retain(|k| *k != name.key()),
+                        Output::Event(e) => self.events[i].push(e),
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Runs the apps' timers for `span` of simulated time.
+    fn advance(&mut self, span: Duration) {
+        let end = self.now + span;
+        loop {
+            self.run();
+            let next = self
+                .apps
+                .iter()
+                .filter_map(SessionLayer::poll_timeout)
+                .min();
+            match next {
+                Some(at) if at <= end => {
+                    self.now = self.now.max(at);
+                    for app in &mut self.apps {
+                        app.handle_timeout(self.now);
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.now = end;
+        self.run();
+    }
+
+    fn messages(&self, i: usize, session: SessionId) -> Vec<Bytes> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::Message {
+                    session: s,
+                    payload,
+                    ..
+                } if *s == session => Some(payload.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn incoming(&self, i: usize) -> Option<(SessionId, bool)> {
+        self.events[i].iter().find_map(|e| match e {
+            SessionEvent::Incoming { session, mls, .. } => Some((*session, *mls)),
+            _ => None,
+        })
+    }
+
+    fn sent(&self, from: usize, what: Mt) -> Vec<&pb::Message> {
+        self.wire
+            .iter()
+            .filter(|(i, m)| *i == from && kind(m) == what)
+            .map(|(_, m)| m)
+            .collect()
+    }
+
+    fn dropped(&self, i: usize, reason: SessionDrop) -> u64 {
+        self.apps[i].stats().dropped(reason)
+    }
+}
+
+/// A moderator and members m1, m2 in one MLS group.
+fn group() -> (Net, SessionId) {
+    let mut net = Net::new(&["moderator", "m1", "m2", "m3"]);
+    let session = net.apps[0].create_group(&Name::new("org", "ns", "chan"), encrypted(), net.now);
+    net.run();
+    for member in ["m1", "m2"] {
+        net.apps[0]
+            .invite(session, &Name::new("org", "ns", member), net.now)
+            .unwrap();
+        net.advance(Duration::from_millis(50));
+    }
+    assert_eq!(net.apps[0].members(session).unwrap().len(), 3);
+    for i in 1..3 {
+        assert_eq!(net.incoming(i), Some((session, true)), "member {i} joined");
+    }
+    (net, session)
+}
+
+fn state_updates(net: &Net, from: usize) -> Vec<pb::UpdateParticipantStatePayload> {
+    net.sent(from, Mt::UpdateParticipantState)
+        .iter()
+        .filter_map(|m| match command(m) {
+            Some(Cmd::UpdateParticipantState(u)) => Some(u),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Replies of `what` type sent to `to` in answer to message `id`.
+fn replies(net: &Net, what: Mt, to: &Name, id: u32) -> Vec<usize> {
+    net.wire
+        .iter()
+        .filter(|(_, m)| {
+            let p = publish(m);
+            kind(m) == what
+                && p.session.as_ref().unwrap().message_id == id
+                && p.header.as_ref().unwrap().destination.as_ref() == Some(&to.to_pb())
+        })
+        .map(|(i, _)| *i)
+        .collect()
+}
+
+fn message_id(m: &pb::Message) -> u32 {
+    publish(m).session.as_ref().unwrap().message_id
+}
+
+/// m1 misses every copy of the update that adds m3 (its commit): its epoch goes stale.
+fn make_m1_stale(net: &mut Net, session: SessionId) {
+    net.hook = Box::new(|from, to, m| {
+        if from == 0 && to == 1 && kind(m) == Mt::GroupUpdate {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    net.apps[0]
+        .invite(session, &Name::new("org", "ns", "m3"), net.now)
+        .unwrap();
+    // 200 ms × (5 retries + 1): the moderator gives up on m1's ack.
+    net.advance(Duration::from_secs(3));
+    net.hook = Box::new(|_, _, _| Fate::Deliver);
+    assert_eq!(net.incoming(3), Some((session, true)), "m3 joined");
+    assert!(
+        net.sent(0, Mt::GroupUpdate).len() > 1,
+        "the update was retransmitted for m1"
+    );
+
+    // Before the rejoin m1 cannot read the group's traffic.
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"before"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(50));
+    assert!(net.messages(1, session).is_empty(), "stale epoch");
+    assert!(net.dropped(1, SessionDrop::Undecryptable) > 0);
+}
+
+#[test]
+fn offline_then_online_with_a_current_epoch_is_just_acknowledged() {
+    let (mut net, session) = group();
+    let m1 = net.name(1);
+    net.apps[1].set_online(session, false, net.now).unwrap();
+    net.advance(Duration::from_millis(50));
+    // The others see it go offline.
+    for i in [0, 2] {
+        assert!(
+            net.events[i].iter().any(|e| matches!(e,
+                SessionEvent::MemberState { member, online: false, .. } if member.key() == m1.key())),
+            "app {i} saw m1 go offline: {:?}",
+            net.events[i]
+        );
+    }
+    net.apps[1].set_online(session, true, net.now).unwrap();
+    net.advance(Duration::from_millis(50));
+    let updates = state_updates(&net, 1);
+    assert_eq!(updates.len(), 2, "each sent once: both were acknowledged");
+    assert_eq!(updates[0].new_state, pb::ParticipantState::Offline as i32);
+    assert_eq!(updates[1].new_state, pb::ParticipantState::Online as i32);
+    assert_eq!(updates[0].participant, Some(m1.to_pb()));
+    assert_ne!(updates[0].epoch, u64::MAX, "an MLS epoch");
+    assert_eq!(updates[0].epoch, updates[1].epoch);
+    let ups = net.sent(1, Mt::UpdateParticipantState);
+    let header = publish(ups[0]).header.as_ref().unwrap();
+    assert_eq!(header.fanout, 256, "to the control channel");
+    for m in &ups {
+        let mut ackers = replies(&net, Mt::GroupAck, &m1, message_id(m));
+        ackers.sort_unstable();
+        assert_eq!(ackers, vec![0, 2], "the moderator and m2 ack");
+        assert!(replies(&net, Mt::GroupNack, &m1, message_id(m)).is_empty());
+    }
+    assert!(
+        net.sent(1, Mt::RejoinRequest).is_empty(),
+        "no rejoin needed"
+    );
+    for i in [0, 2] {
+        assert!(net.events[i].iter().any(|e| matches!(e,
+            SessionEvent::MemberState { member, online: true, .. } if member.key() == m1.key())));
+    }
+    // Data still flows.
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"still here"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(100));
+    assert_eq!(
+        net.messages(1, session),
+        vec![Bytes::from_static(b"still here")]
+    );
+    assert_eq!(
+        net.messages(2, session),
+        vec![Bytes::from_static(b"still here")]
+    );
+}
+
+#[test]
+fn a_member_that_missed_a_commit_is_nacked_rejoins_and_reads_again() {
+    let (mut net, session) = group();
+    let m1 = net.name(1);
+    make_m1_stale(&mut net, session);
+
+    net.apps[1].set_online(session, true, net.now).unwrap();
+    net.advance(Duration::from_millis(200));
+
+    let ups = net.sent(1, Mt::UpdateParticipantState);
+    let mut nackers = replies(&net, Mt::GroupNack, &m1, message_id(ups[0]));
+    nackers.sort_unstable();
+    assert_eq!(
+        nackers,
+        vec![0, 2, 3],
+        "every member with the newer epoch NACKs"
+    );
+    // One rejoin request, to the moderator, with a fresh key package.
+    let requests = net.sent(1, Mt::RejoinRequest);
+    assert_eq!(requests.len(), 1, "one request, answered at once");
+    let Some(Cmd::RejoinRequest(request)) = command(requests[0]) else {
+        panic!("rejoin request payload")
+    };
+    assert_eq!(request.participant, Some(m1.to_pb()));
+    assert_eq!(
+        inspect(&request.key_package).unwrap().kind,
+        MlsKind::KeyPackage
+    );
+    let header = publish(requests[0]).header.as_ref().unwrap();
+    assert_eq!(header.destination, Some(net.name(0).to_pb()));
+    assert_eq!(header.fanout, 1);
+    // The moderator answers with a welcome and tells everyone with a REJOIN update.
+    let rejoin_replies = net.sent(0, Mt::RejoinReply);
+    assert_eq!(rejoin_replies.len(), 1);
+    assert_eq!(message_id(rejoin_replies[0]), message_id(requests[0]));
+    let Some(Cmd::RejoinReply(reply)) = command(rejoin_replies[0]) else {
+        panic!("rejoin reply payload")
+    };
+    assert_eq!(inspect(&reply.mls_content).unwrap().kind, MlsKind::Welcome);
+    let rejoin_update = net
+        .sent(0, Mt::GroupUpdate)
+        .into_iter()
+        .filter_map(command)
+        .find_map(|c| match c {
+            Cmd::GroupUpdate(u) if u.op == pb::GroupUpdateOp::Rejoin as i32 => Some(u),
+            _ => None,
+        })
+        .expect("a GROUP_UPDATE op=REJOIN");
+    assert_eq!(
+        rejoin_update.participant.and_then(|p| p.name),
+        Some(m1.to_pb())
+    );
+    assert_eq!(rejoin_update.participants.len(), 4);
+    let commit = rejoin_update.mls.expect("the rejoin commit");
+    assert_eq!(commit.commit_id, reply.commit_id);
+    assert_eq!(
+        inspect(&commit.mls_content).unwrap().content,
+        Some(MlsContent::Commit)
+    );
+
+    // Everyone reads the next broadcasts, m1's included.
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"after"), net.now)
+        .unwrap();
+    net.apps[1]
+        .publish(session, Bytes::from_static(b"from m1"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(500));
+    let after = Bytes::from_static(b"after");
+    let from_m1 = Bytes::from_static(b"from m1");
+    assert!(
+        net.messages(1, session).contains(&after),
+        "m1 reads again: {:?}",
+        net.messages(1, session)
+    );
+    for i in [0, 2, 3] {
+        let got = net.messages(i, session);
+        assert!(got.contains(&from_m1), "app {i} reads m1: {got:?}");
+        if i != 0 {
+            assert!(got.contains(&after), "app {i} still reads: {got:?}");
+        }
+    }
+    assert!(
+        net.events[1]
+            .iter()
+            .any(|e| matches!(e, SessionEvent::MemberJoined { member, .. } if member.key() == net.name(3).key())),
+        "m1 learned of m3 from the REJOIN update"
+    );
+    // Nothing is left waiting: no retransmitted request or update afterwards.
+    let updates_before = net.sent(0, Mt::GroupUpdate).len();
+    net.advance(Duration::from_secs(2));
+    assert_eq!(net.sent(0, Mt::GroupUpdate).len(), updates_before);
+    assert_eq!(net.sent(1, Mt::RejoinRequest).len(), 1);
+}
+
+#[test]
+fn a_garbled_rejoin_request_is_dropped_counted_and_the_retransmission_rejoins() {
+    let (mut net, session) = group();
+    make_m1_stale(&mut net, session);
+    // The first REJOIN_REQUEST arrives with garbage for a key package.
+    let mut garbled = false;
+    net.hook = Box::new(move |from, _, m| {
+        if from == 1 && kind(m) == Mt::RejoinRequest && !garbled {
+            garbled = true;
+            if let Some(pb::content::ContentType::CommandPayload(c)) = publish_mut(m)
+                .msg
+                .as_mut()
+                .and_then(|c| c.content_type.as_mut())
+            {
+                if let Some(Cmd::RejoinRequest(r)) = c.command_payload_type.as_mut() {
+                    r.key_package = Bytes::from_static(b"not a key package");
+                }
+            }
+        }
+        Fate::Deliver
+    });
+    let bad_before =
+        net.dropped(0, SessionDrop::BadSignature) + net.dropped(0, SessionDrop::BadMls);
+    net.apps[1].set_online(session, true, net.now).unwrap();
+    net.advance(Duration::from_secs(1));
+    let bad_after = net.dropped(0, SessionDrop::BadSignature) + net.dropped(0, SessionDrop::BadMls);
+    assert_eq!(
+        bad_after,
+        bad_before + 1,
+        "the garbled request was dropped and counted"
+    );
+    assert!(net.sent(1, Mt::RejoinRequest).len() >= 2, "re-sent");
+    assert_eq!(net.sent(0, Mt::RejoinReply).len(), 1);
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"after"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(500));
+    assert!(net
+        .messages(1, session)
+        .contains(&Bytes::from_static(b"after")));
+}
