@@ -10,9 +10,22 @@
 //! * [`names`]: name text through [`Name::parse`], protobuf names through [`NameKey`], display.
 //! * [`router`]: a scenario of connection events, negotiations, (mutated) messages and time
 //!   steps driving a seeded [`Router`], with invariants checked after every step.
+//! * [`identity`]: identity tokens (arbitrary strings, forged-MAC tokens with arbitrary fields
+//!   and claims, issue/verify round trips and one-byte mutations), ECDSA signatures, and the
+//!   e2e header and payload signatures of control messages (sign, verify, mutate).
+//! * [`session_payloads`]: the session-layer protobuf wrappers (`Content`, `CommandPayload`,
+//!   `ApplicationPayload`, `MlsPayload`, `HeaderIntegrityAad`, …) decoded from raw bytes.
+//! * [`session_layer`]: a [`SessionLayer`](crate::session::SessionLayer) driven by raw and
+//!   structured messages from signed peers, replies to its own outputs, application commands
+//!   and time steps, with every output checked (valid, authentic, signed) after every step.
+//! * [`session_sim`]: a small [`Sim`](crate::sim::Sim) scenario (seed, topology, per-link
+//!   loss/dup/jitter/partitions, p2p and group workload) run with the simulation's invariants.
 //!
-//! Inputs are decoded by hand from the bytes (no `arbitrary`): a missing byte reads as zero, so
-//! every byte string is a valid scenario.
+//! [`session_layer_strict`] and [`session_sim_strict`] also judge the open findings the two
+//! targets tolerate (the inputs in `fuzz/known-crashes/` fail there).
+//!
+//! Inputs are decoded by hand from the bytes (no `arbitrary`, which `slim-core` does not depend
+//! on): a missing byte reads as zero, so every byte string is a valid scenario.
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -28,6 +41,17 @@ use std::time::Duration;
 
 use crate::router::{ConnId, ConnectionKind, Output, Router, RouterConfig, RouterEvent, Stats};
 use crate::Timestamp;
+
+mod layer;
+mod payloads;
+mod scenario;
+mod tokens;
+mod wire;
+
+pub use layer::{session_layer, session_layer_strict};
+pub use payloads::session_payloads;
+pub use scenario::{session_sim, session_sim_config, session_sim_strict};
+pub use tokens::identity;
 
 /// A cursor over the fuzz input; reads past the end yield zeros.
 struct Input<'a> {
@@ -75,6 +99,27 @@ impl<'a> Input<'a> {
         let (head, rest) = self.data.split_at(n);
         self.data = rest;
         head
+    }
+
+    /// A length byte (below `max`), then that many bytes.
+    fn bytes(&mut self, max: u8) -> &'a [u8] {
+        let len = usize::from(self.u8() % max);
+        self.take(len)
+    }
+
+    /// [`bytes`](Self::bytes) as text (invalid UTF-8 replaced).
+    fn string(&mut self, max: u8) -> String {
+        String::from_utf8_lossy(self.bytes(max)).into_owned()
+    }
+
+    /// One of `items` (the first when the input is exhausted).
+    fn pick<T: Clone>(&mut self, items: &[T]) -> T {
+        items[usize::from(self.u8()) % items.len()].clone()
+    }
+
+    /// True with probability `n / 256`.
+    fn chance(&mut self, n: u8) -> bool {
+        self.u8() < n
     }
 }
 

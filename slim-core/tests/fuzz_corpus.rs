@@ -1,10 +1,19 @@
 //! Replays the committed fuzz corpus (`fuzz/corpus/<target>/`) through the fuzz entry points on
 //! stable, so every `cargo test` re-checks what the fuzzer once found interesting (the Firezone
-//! pattern: CI replays, exploration happens with `cargo fuzz run`, see BENCHMARKS.md).
+//! pattern: CI replays, exploration happens with `cargo fuzz run`, see BENCHMARKS.md and the
+//! README's fuzzing section).
+//!
+//! Only the files directly in `fuzz/corpus/<target>/` are replayed. Inputs that still crash a
+//! target because of an open bug live in `fuzz/known-crashes/<target>/` (outside the corpus, so
+//! neither this test nor `cargo fuzz run` trips over them); `known_crashes_still_crash` (ignored)
+//! tells when one of them has been fixed.
 
 use std::path::PathBuf;
 
-fn replay(target: &str, run: fn(&[u8])) {
+/// A fuzz entry point.
+type Target = fn(&[u8]);
+
+fn replay(target: &str, run: Target) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../fuzz/corpus")
         .join(target);
@@ -44,4 +53,60 @@ fn names_corpus() {
 #[test]
 fn router_corpus() {
     replay("router", slim_core::fuzzing::router);
+}
+
+#[test]
+fn identity_corpus() {
+    replay("identity", slim_core::fuzzing::identity);
+}
+
+#[test]
+fn session_payloads_corpus() {
+    replay("session_payloads", slim_core::fuzzing::session_payloads);
+}
+
+#[test]
+fn session_layer_corpus() {
+    replay("session_layer", slim_core::fuzzing::session_layer);
+}
+
+#[test]
+fn session_sim_corpus() {
+    replay("session_sim", slim_core::fuzzing::session_sim);
+}
+
+/// The open bugs' inputs (`fuzz/known-crashes/<target>/*`, described in the `README.md` there)
+/// must still fail the target's strict variant (which judges the findings the target tolerates);
+/// once one does not, its bug is fixed: tighten the target and move the input to the corpus.
+#[test]
+#[ignore = "reproduces open bugs: run with --ignored to see which are fixed"]
+fn known_crashes_still_crash() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/known-crashes");
+    let targets: [(&str, Target); 7] = [
+        ("frames", slim_core::fuzzing::frames),
+        ("names", slim_core::fuzzing::names),
+        ("router", slim_core::fuzzing::router),
+        ("identity", slim_core::fuzzing::identity),
+        ("session_payloads", slim_core::fuzzing::session_payloads),
+        ("session_layer", slim_core::fuzzing::session_layer_strict),
+        ("session_sim", slim_core::fuzzing::session_sim_strict),
+    ];
+    let mut fixed = Vec::new();
+    for (target, run) in targets {
+        let Ok(entries) = std::fs::read_dir(root.join(target)) else {
+            continue;
+        };
+        let mut files: Vec<PathBuf> = entries
+            .map(|entry| entry.expect("readable entry").path())
+            .filter(|path| path.is_file() && path.extension().is_none())
+            .collect();
+        files.sort();
+        for path in files {
+            let data = std::fs::read(&path).expect("readable file");
+            if std::panic::catch_unwind(|| run(&data)).is_ok() {
+                fixed.push(path.display().to_string());
+            }
+        }
+    }
+    assert!(fixed.is_empty(), "no longer crash (fixed?): {fixed:#?}");
 }
