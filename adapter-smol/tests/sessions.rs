@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{check, request, respond, watchdog, TestNode, SECRET};
+use common::{check, request, respond, tokio_runtime, watchdog, TestNode, SECRET};
 use slim_proto::Name;
 use slim_smol::session::{
     App, AppError, CloseReason, Reliability, SessionConfig, SessionError, SessionEvent,
@@ -16,14 +16,6 @@ use slim_smol::session::{
 use slim_smol::ClientError;
 
 const COUNT: usize = 100;
-
-fn tokio_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 #[test]
 fn smol_apps_run_a_reliable_p2p_session() {
@@ -76,32 +68,7 @@ fn smol_initiator_with_tokio_responder() {
         "smol_initiator_with_tokio_responder",
         Duration::from_secs(60),
     );
-    let node = TestNode::start();
-    let endpoint = node.endpoint();
-    let service = Name::new("org", "ns", "tokio-responder");
-    let (ready_tx, ready_rx) = smol::channel::bounded(1);
-    let tokio_side = {
-        let (endpoint, service) = (endpoint.clone(), service.clone());
-        std::thread::spawn(move || {
-            tokio_runtime().block_on(async move {
-                let app = slim_tokio::session::App::connect(&endpoint, service, SECRET)
-                    .await
-                    .unwrap();
-                ready_tx.send(()).await.unwrap();
-                respond(&app).await
-            })
-        })
-    };
-    let (initiator, requested) = smol::block_on(async {
-        let app = App::connect(&endpoint, Name::new("org", "ns", "smol-initiator"), SECRET)
-            .await
-            .unwrap();
-        ready_rx.recv().await.unwrap();
-        let requested = request(&app, &service, COUNT).await;
-        (app.name().clone(), requested)
-    });
-    let responded = tokio_side.join().unwrap();
-    check(&initiator, &requested, &responded, COUNT);
+    common::smol_initiator_with_tokio_responder("plain", common::reliable(), COUNT);
 }
 
 #[test]
@@ -110,36 +77,7 @@ fn tokio_initiator_with_smol_responder() {
         "tokio_initiator_with_smol_responder",
         Duration::from_secs(60),
     );
-    let node = TestNode::start();
-    let endpoint = node.endpoint();
-    let service = Name::new("org", "ns", "smol-responder");
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let tokio_side = {
-        let (endpoint, service) = (endpoint.clone(), service.clone());
-        std::thread::spawn(move || {
-            tokio_runtime().block_on(async move {
-                let app = slim_tokio::session::App::connect(
-                    &endpoint,
-                    Name::new("org", "ns", "tokio-initiator"),
-                    SECRET,
-                )
-                .await
-                .unwrap();
-                ready_rx.recv().unwrap();
-                let requested = common::request(&app, &service, COUNT).await;
-                (app.name().clone(), requested)
-            })
-        })
-    };
-    let responded = smol::block_on(async {
-        let app = App::connect(&endpoint, service.clone(), SECRET)
-            .await
-            .unwrap();
-        ready_tx.send(()).unwrap();
-        respond(&app).await
-    });
-    let (initiator, requested) = tokio_side.join().unwrap();
-    check(&initiator, &requested, &responded, COUNT);
+    common::tokio_initiator_with_smol_responder("plain", common::reliable(), COUNT);
 }
 
 /// The scenario the smol test runs, unchanged, with two tokio apps on a tokio runtime.
@@ -254,76 +192,7 @@ fn smol_moderates_a_group_with_smol_and_tokio_members() {
         "smol_moderates_a_group_with_smol_and_tokio_members",
         Duration::from_secs(60),
     );
-    let node = TestNode::start();
-    let endpoint = node.endpoint();
-    let (smol_member_name, tokio_member_name) = (
-        Name::new("org", "ns", "member-smol"),
-        Name::new("org", "ns", "member-tokio"),
-    );
-    let (ready_tx, ready_rx) = smol::channel::bounded(1);
-    let tokio_member = {
-        let (endpoint, name) = (endpoint.clone(), tokio_member_name.clone());
-        std::thread::spawn(move || {
-            tokio_runtime().block_on(async move {
-                let app = slim_tokio::session::App::connect(&endpoint, name, SECRET)
-                    .await
-                    .unwrap();
-                ready_tx.send(()).await.unwrap();
-                common::group_member(&app).await
-            })
-        })
-    };
-    let (moderator_close, (smol_got, smol_close)) = smol::block_on(async {
-        let moderator = App::connect(&endpoint, Name::new("org", "ns", "moderator"), SECRET)
-            .await
-            .unwrap();
-        let member = App::connect(&endpoint, smol_member_name.clone(), SECRET)
-            .await
-            .unwrap();
-        ready_rx.recv().await.unwrap();
-        let moderate = async {
-            let channel = Name::new("org", "ns", "chan");
-            let session = moderator
-                .create_group(&channel, common::reliable())
-                .await
-                .unwrap();
-            moderator.invite(session, &smol_member_name).await.unwrap();
-            moderator.invite(session, &tokio_member_name).await.unwrap();
-            assert_eq!(moderator.members(session).await.unwrap().len(), 3);
-            common::broadcast(&moderator, session, 0..10).await;
-            moderator.remove(session, &tokio_member_name).await.unwrap();
-            assert_eq!(moderator.members(session).await.unwrap().len(), 2);
-            // Removing someone who is not there is a typed error.
-            assert!(matches!(
-                moderator.remove(session, &tokio_member_name).await,
-                Err(AppError::Membership(_))
-            ));
-            common::broadcast(&moderator, session, 10..15).await;
-            moderator.close(session).await.unwrap();
-            loop {
-                match moderator.next_event().await.unwrap() {
-                    SessionEvent::Closed { session: s, reason } if s == session => break reason,
-                    SessionEvent::MemberLeft { .. } | SessionEvent::Delivered { .. } => {}
-                    other => panic!("moderator, closing: unexpected {other:?}"),
-                }
-            }
-        };
-        futures_lite::future::zip(moderate, common::group_member(&member)).await
-    });
-    let (tokio_got, tokio_close) = tokio_member.join().unwrap();
-    assert_eq!(moderator_close, CloseReason::Local);
-    let expected: Vec<_> = (0..15).map(common::request_payload).collect();
-    assert_eq!(
-        smol_got, expected,
-        "the smol member got every broadcast, in order"
-    );
-    assert_eq!(smol_close, CloseReason::Peer);
-    assert_eq!(
-        tokio_got,
-        expected[..10],
-        "the tokio member got those before its removal"
-    );
-    assert_eq!(tokio_close, CloseReason::Removed);
+    common::smol_moderates_a_group_with_smol_and_tokio_members("plain", common::reliable());
 }
 
 /// The node restarts under an open session: both clients redial, make their subscriptions

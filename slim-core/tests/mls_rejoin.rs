@@ -1,235 +1,23 @@
 //! Soft close / rejoin of MLS group sessions (spec §4.6): UPDATE_PARTICIPANT_STATE acked or
-//! NACKed, REJOIN_REQUEST / REJOIN_REPLY, GROUP_UPDATE op=REJOIN. Same toy network as
-//! `mls_sessions.rs`, its hook seeing each copy's target.
+//! NACKed, REJOIN_REQUEST / REJOIN_REPLY, GROUP_UPDATE op=REJOIN, on the toy network of
+//! `common/mls_net.rs`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use slim_core::group::wire::{inspect, MlsContent, MlsKind};
-use slim_core::session::{
-    LayerConfig, Output, Reliability, SessionConfig, SessionDrop, SessionEvent, SessionId,
-    SessionLayer,
-};
-use slim_core::Timestamp;
-use slim_proto::name::ANY_INSTANCE;
+use slim_core::session::{SessionDrop, SessionEvent, SessionId};
 use slim_proto::pb::command_payload::CommandPayloadType as Cmd;
 use slim_proto::pb::{self, SessionMessageType as Mt};
-use slim_proto::{Name, NameKey};
+use slim_proto::Name;
 
-const SECRET: &str = "interop-shared-secret-0123456789abcdef-0123456789";
-const UNIX0: u64 = 1_795_600_000;
+mod common;
 
-/// What the hook does with a message in flight.
-enum Fate {
-    Deliver,
-    Drop,
-}
+use common::mls_net::*;
 
-/// `(from, to, message)`, for each copy.
-type Hook = Box<dyn FnMut(usize, usize, &mut pb::Message) -> Fate>;
-
-struct Net {
-    apps: Vec<SessionLayer>,
-    subs: Vec<Vec<NameKey>>,
-    events: Vec<Vec<SessionEvent>>,
-    /// Every message sent, as it left its sender.
-    wire: Vec<(usize, pb::Message)>,
-    now: Timestamp,
-    hook: Hook,
-}
-
-fn publish(m: &pb::Message) -> &pb::Publish {
-    match &m.message_type {
-        Some(pb::message::MessageType::Publish(p)) => p,
-        _ => panic!("not a publish"),
-    }
-}
-
-fn publish_mut(m: &mut pb::Message) -> &mut pb::Publish {
-    match &mut m.message_type {
-        Some(pb::message::MessageType::Publish(p)) => p,
-        _ => panic!("not a publish"),
-    }
-}
-
-fn kind(m: &pb::Message) -> Mt {
-    Mt::try_from(publish(m).session.as_ref().unwrap().session_message_type).unwrap()
-}
-
-fn command(m: &pb::Message) -> Option<Cmd> {
-    match publish(m).msg.as_ref()?.content_type.as_ref()? {
-        pb::content::ContentType::CommandPayload(c) => c.command_payload_type.clone(),
-        _ => None,
-    }
-}
-
-fn encrypted() -> SessionConfig {
-    SessionConfig {
-        reliability: Some(Reliability {
-            interval: Duration::from_millis(200),
-            max_retries: 5,
-        }),
-        metadata: BTreeMap::new(),
-        mls: true,
-    }
-}
-
-impl Net {
-    fn new(services: &[&str]) -> Net {
-        Self::with_secrets(&services.iter().map(|s| (*s, SECRET)).collect::<Vec<_>>())
-    }
-
-    fn with_secrets(apps: &[(&str, &str)]) -> Net {
-        let apps: Vec<SessionLayer> = apps
-            .iter()
-            .enumerate()
-            .map(|(i, (service, secret))| {
-                SessionLayer::new(
-                    LayerConfig {
-                        name: Name::new("org", "ns", service),
-                        secret: (*secret).into(),
-                        unix_at_zero: UNIX0,
-                    },
-                    [i as u8 + 7; 32],
-                )
-                .unwrap()
-            })
-            .collect();
-        Net {
-            subs: apps.iter().map(|a| vec![a.name().key()]).collect(),
-            events: vec![Vec::new(); apps.len()],
-            apps,
-            wire: Vec::new(),
-            now: Timestamp::ZERO,
-            hook: Box::new(|_, _, _| Fate::Deliver),
-        }
-    }
-
-    fn name(&self, i: usize) -> Name {
-        self.apps[i].name().clone()
-    }
-
-    fn targets(&self, from: usize, m: &pb::Message) -> Vec<usize> {
-        let header = publish(m).header.as_ref().unwrap();
-        let dest = NameKey::from_pb(header.destination.as_ref().unwrap()).unwrap();
-        let matching = (0..self.apps.len()).filter(|j| *j != from).filter(|j| {
-            self.subs[*j].iter().any(|k| {
-                k.components == dest.components && (dest.id == ANY_INSTANCE || k.id == dest.id)
-            })
-        });
-        if header.fanout == 1 {
-            matching.take(1).collect()
-        } else {
-            matching.collect()
-        }
-    }
-
-    /// Carries out every output until all apps are quiet.
-    fn run(&mut self) {
-        loop {
-            let mut moved = false;
-            for i in 0..self.apps.len() {
-                while let Some(output) = self.apps[i].poll_output() {
-                    moved = true;
-                    match output {
-                        Output::Send(m) => {
-                            let m = *m;
-                            self.wire.push((i, m.clone()));
-                            for j in self.targets(i, &m) {
-                                let mut copy = m.clone();
-                                if let Fate::Drop = (self.hook)(i, j, &mut copy) {
-                                    continue;
-                                }
-                                self.apps[j].handle_message(copy, self.now);
-                            }
-                        }
-                        Output::Subscribe(name) => self.subs[i].push(name.key()),
-                        Output::Unsubscribe(name) => self.subs[i].retain(|k| *k != name.key()),
-                        Output::Event(e) => self.events[i].push(e),
-                    }
-                }
-            }
-            if !moved {
-                return;
-            }
-        }
-    }
-
-    /// Runs the apps' timers for `span` of simulated time.
-    fn advance(&mut self, span: Duration) {
-        let end = self.now + span;
-        loop {
-            self.run();
-            let next = self
-                .apps
-                .iter()
-                .filter_map(SessionLayer::poll_timeout)
-                .min();
-            match next {
-                Some(at) if at <= end => {
-                    self.now = self.now.max(at);
-                    for app in &mut self.apps {
-                        app.handle_timeout(self.now);
-                    }
-                }
-                _ => break,
-            }
-        }
-        self.now = end;
-        self.run();
-    }
-
-    fn messages(&self, i: usize, session: SessionId) -> Vec<Bytes> {
-        self.events[i]
-            .iter()
-            .filter_map(|e| match e {
-                SessionEvent::Message {
-                    session: s,
-                    payload,
-                    ..
-                } if *s == session => Some(payload.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn incoming(&self, i: usize) -> Option<(SessionId, bool)> {
-        self.events[i].iter().find_map(|e| match e {
-            SessionEvent::Incoming { session, mls, .. } => Some((*session, *mls)),
-            _ => None,
-        })
-    }
-
-    fn sent(&self, from: usize, what: Mt) -> Vec<&pb::Message> {
-        self.wire
-            .iter()
-            .filter(|(i, m)| *i == from && kind(m) == what)
-            .map(|(_, m)| m)
-            .collect()
-    }
-
-    fn dropped(&self, i: usize, reason: SessionDrop) -> u64 {
-        self.apps[i].stats().dropped(reason)
-    }
-}
-
-/// A moderator and members m1, m2 in one MLS group.
+/// A moderator and members m1, m2 in one MLS group (m3 waits outside).
 fn group() -> (Net, SessionId) {
-    let mut net = Net::new(&["moderator", "m1", "m2", "m3"]);
-    let session = net.apps[0].create_group(&Name::new("org", "ns", "chan"), encrypted(), net.now);
-    net.run();
-    for member in ["m1", "m2"] {
-        net.apps[0]
-            .invite(session, &Name::new("org", "ns", member), net.now)
-            .unwrap();
-        net.advance(Duration::from_millis(50));
-    }
-    assert_eq!(net.apps[0].members(session).unwrap().len(), 3);
-    for i in 1..3 {
-        assert_eq!(net.incoming(i), Some((session, true)), "member {i} joined");
-    }
-    (net, session)
+    common::mls_net::group(&["moderator", "m1", "m2", "m3"], 2)
 }
 
 fn state_updates(net: &Net, from: usize) -> Vec<pb::UpdateParticipantStatePayload> {
@@ -254,10 +42,6 @@ fn replies(net: &Net, what: Mt, to: &Name, id: u32) -> Vec<usize> {
         })
         .map(|(i, _)| *i)
         .collect()
-}
-
-fn message_id(m: &pb::Message) -> u32 {
-    publish(m).session.as_ref().unwrap().message_id
 }
 
 /// m1 misses every copy of the update that adds m3 (its commit): its epoch goes stale.

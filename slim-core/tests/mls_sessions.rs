@@ -3,237 +3,18 @@
 //! with a hook to drop, alter or inject messages. Checks what the wire carries (key packages,
 //! welcomes, commits, ciphertext) and that every bad MLS input is dropped, counted and survived.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use slim_core::group::wire::{inspect, MlsContent, MlsKind};
-use slim_core::session::{
-    LayerConfig, Output, Reliability, SessionConfig, SessionDrop, SessionEvent, SessionId,
-    SessionLayer,
-};
-use slim_core::Timestamp;
-use slim_proto::name::ANY_INSTANCE;
+use slim_core::session::{SessionDrop, SessionEvent, SessionId};
 use slim_proto::pb::command_payload::CommandPayloadType as Cmd;
 use slim_proto::pb::{self, SessionMessageType as Mt};
-use slim_proto::{Name, NameKey};
+use slim_proto::Name;
 
-const SECRET: &str = "interop-shared-secret-0123456789abcdef-0123456789";
-const UNIX0: u64 = 1_795_600_000;
+mod common;
 
-/// What the hook does with a message in flight.
-enum Fate {
-    Deliver,
-    Drop,
-}
-
-type Hook = Box<dyn FnMut(usize, &mut pb::Message) -> Fate>;
-
-struct Net {
-    apps: Vec<SessionLayer>,
-    subs: Vec<Vec<NameKey>>,
-    events: Vec<Vec<SessionEvent>>,
-    /// Every message sent, as it left its sender.
-    wire: Vec<(usize, pb::Message)>,
-    now: Timestamp,
-    hook: Hook,
-}
-
-fn publish(m: &pb::Message) -> &pb::Publish {
-    match &m.message_type {
-        Some(pb::message::MessageType::Publish(p)) => p,
-        _ => panic!("not a publish"),
-    }
-}
-
-fn publish_mut(m: &mut pb::Message) -> &mut pb::Publish {
-    match &mut m.message_type {
-        Some(pb::message::MessageType::Publish(p)) => p,
-        _ => panic!("not a publish"),
-    }
-}
-
-fn kind(m: &pb::Message) -> Mt {
-    Mt::try_from(publish(m).session.as_ref().unwrap().session_message_type).unwrap()
-}
-
-fn command(m: &pb::Message) -> Option<Cmd> {
-    match publish(m).msg.as_ref()?.content_type.as_ref()? {
-        pb::content::ContentType::CommandPayload(c) => c.command_payload_type.clone(),
-        _ => None,
-    }
-}
-
-fn blob(m: &pb::Message) -> Bytes {
-    match publish(m)
-        .msg
-        .as_ref()
-        .and_then(|c| c.content_type.as_ref())
-    {
-        Some(pb::content::ContentType::AppPayload(app)) => app.blob.clone(),
-        _ => panic!("no application payload"),
-    }
-}
-
-fn blob_mut(m: &mut pb::Message) -> &mut Bytes {
-    match publish_mut(m)
-        .msg
-        .as_mut()
-        .and_then(|c| c.content_type.as_mut())
-    {
-        Some(pb::content::ContentType::AppPayload(app)) => &mut app.blob,
-        _ => panic!("no application payload"),
-    }
-}
-
-fn encrypted() -> SessionConfig {
-    SessionConfig {
-        reliability: Some(Reliability {
-            interval: Duration::from_millis(200),
-            max_retries: 5,
-        }),
-        metadata: BTreeMap::new(),
-        mls: true,
-    }
-}
-
-impl Net {
-    fn new(services: &[&str]) -> Net {
-        Self::with_secrets(&services.iter().map(|s| (*s, SECRET)).collect::<Vec<_>>())
-    }
-
-    fn with_secrets(apps: &[(&str, &str)]) -> Net {
-        let apps: Vec<SessionLayer> = apps
-            .iter()
-            .enumerate()
-            .map(|(i, (service, secret))| {
-                SessionLayer::new(
-                    LayerConfig {
-                        name: Name::new("org", "ns", service),
-                        secret: (*secret).into(),
-                        unix_at_zero: UNIX0,
-                    },
-                    [i as u8 + 7; 32],
-                )
-                .unwrap()
-            })
-            .collect();
-        Net {
-            subs: apps.iter().map(|a| vec![a.name().key()]).collect(),
-            events: vec![Vec::new(); apps.len()],
-            apps,
-            wire: Vec::new(),
-            now: Timestamp::ZERO,
-            hook: Box::new(|_, _| Fate::Deliver),
-        }
-    }
-
-    fn name(&self, i: usize) -> Name {
-        self.apps[i].name().clone()
-    }
-
-    fn targets(&self, from: usize, m: &pb::Message) -> Vec<usize> {
-        let header = publish(m).header.as_ref().unwrap();
-        let dest = NameKey::from_pb(header.destination.as_ref().unwrap()).unwrap();
-        let matching = (0..self.apps.len()).filter(|j| *j != from).filter(|j| {
-            self.subs[*j].iter().any(|k| {
-                k.components == dest.components && (dest.id == ANY_INSTANCE || k.id == dest.id)
-            })
-        });
-        if header.fanout == 1 {
-            matching.take(1).collect()
-        } else {
-            matching.collect()
-        }
-    }
-
-    /// Carries out every output until all apps are quiet.
-    fn run(&mut self) {
-        loop {
-            let mut moved = false;
-            for i in 0..self.apps.len() {
-                while let Some(output) = self.apps[i].poll_output() {
-                    moved = true;
-                    match output {
-                        Output::Send(m) => {
-                            let mut m = *m;
-                            self.wire.push((i, m.clone()));
-                            if let Fate::Drop = (self.hook)(i, &mut m) {
-                                continue;
-                            }
-                            for j in self.targets(i, &m) {
-                                self.apps[j].handle_message(m.clone(), self.now);
-                            }
-                        }
-                        Output::Subscribe(name) => self.subs[i].push(name.key()),
-                        Output::Unsubscribe(name) => self.subs[i].retain(|k| *k != name.key()),
-                        Output::Event(e) => self.events[i].push(e),
-                    }
-                }
-            }
-            if !moved {
-                return;
-            }
-        }
-    }
-
-    /// Runs the apps' timers for `span` of simulated time.
-    fn advance(&mut self, span: Duration) {
-        let end = self.now + span;
-        loop {
-            self.run();
-            let next = self
-                .apps
-                .iter()
-                .filter_map(SessionLayer::poll_timeout)
-                .min();
-            match next {
-                Some(at) if at <= end => {
-                    self.now = self.now.max(at);
-                    for app in &mut self.apps {
-                        app.handle_timeout(self.now);
-                    }
-                }
-                _ => break,
-            }
-        }
-        self.now = end;
-        self.run();
-    }
-
-    fn messages(&self, i: usize, session: SessionId) -> Vec<Bytes> {
-        self.events[i]
-            .iter()
-            .filter_map(|e| match e {
-                SessionEvent::Message {
-                    session: s,
-                    payload,
-                    ..
-                } if *s == session => Some(payload.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn incoming(&self, i: usize) -> Option<(SessionId, bool)> {
-        self.events[i].iter().find_map(|e| match e {
-            SessionEvent::Incoming { session, mls, .. } => Some((*session, *mls)),
-            _ => None,
-        })
-    }
-
-    fn sent(&self, from: usize, what: Mt) -> Vec<&pb::Message> {
-        self.wire
-            .iter()
-            .filter(|(i, m)| *i == from && kind(m) == what)
-            .map(|(_, m)| m)
-            .collect()
-    }
-
-    fn dropped(&self, i: usize, reason: SessionDrop) -> u64 {
-        self.apps[i].stats().dropped(reason)
-    }
-}
+use common::mls_net::*;
 
 /// A p2p MLS session alice → bob, established.
 fn p2p() -> (Net, SessionId) {
@@ -316,7 +97,7 @@ fn p2p_handshake_carries_key_package_and_welcome_and_data_is_ciphertext() {
 fn tampered_ciphertext_is_dropped_counted_and_the_retransmission_gets_through() {
     let (mut net, session) = p2p();
     let mut tampered = 0;
-    net.hook = Box::new(move |from, m| {
+    net.hook = Box::new(move |from, _, m| {
         if from == 0 && kind(m) == Mt::Msg && tampered == 0 {
             tampered += 1;
             let bytes = blob_mut(m);
@@ -348,7 +129,7 @@ fn tampered_ciphertext_is_dropped_counted_and_the_retransmission_gets_through() 
 #[test]
 fn a_header_that_does_not_match_the_authenticated_data_is_refused() {
     let (mut net, session) = p2p();
-    net.hook = Box::new(|from, m| {
+    net.hook = Box::new(|from, _, m| {
         if from == 0 && kind(m) == Mt::Msg {
             // A relay rewrites the payload type: the AAD no longer describes the header.
             if let Some(pb::content::ContentType::AppPayload(app)) = publish_mut(m)
@@ -379,7 +160,7 @@ fn a_welcome_meant_for_another_member_is_refused_and_the_real_one_still_joins() 
     let bob_name = Name::new("org", "ns", "bob");
     let carol_name = Name::new("org", "ns", "carol");
     // Hold every welcome back for now.
-    net.hook = Box::new(|from, m| {
+    net.hook = Box::new(|from, _, m| {
         if from == 0 && kind(m) == Mt::GroupWelcome {
             Fate::Drop
         } else {
@@ -402,7 +183,7 @@ fn a_welcome_meant_for_another_member_is_refused_and_the_real_one_still_joins() 
     assert_eq!(net.dropped(1, SessionDrop::BadSignature), 1, "refused");
     assert!(net.incoming(1).is_none(), "bob has not joined");
     // The genuine welcomes (retransmitted) still work.
-    net.hook = Box::new(|_, _| Fate::Deliver);
+    net.hook = Box::new(|_, _, _| Fate::Deliver);
     net.advance(Duration::from_secs(1));
     assert_eq!(net.incoming(1), Some((to_bob, true)));
     assert_eq!(net.incoming(2), Some((to_carol, true)));
@@ -432,7 +213,7 @@ fn a_key_package_whose_token_does_not_verify_fails_the_invite() {
         "another-deployment-secret-0123456789abcdef-0123",
         "org/ns/mallory_x",
     );
-    net.hook = Box::new(move |from, m| {
+    net.hook = Box::new(move |from, _, m| {
         if from == 1 && kind(m) == Mt::JoinReply {
             if let Some(Cmd::JoinReply(mut reply)) = command(m) {
                 reply.key_package = Some(forged.clone().into());
@@ -468,7 +249,7 @@ fn a_key_package_whose_token_does_not_verify_fails_the_invite() {
         "no welcome for her"
     );
     // The group still takes a genuine member.
-    net.hook = Box::new(|_, _| Fate::Deliver);
+    net.hook = Box::new(|_, _, _| Fate::Deliver);
     net.apps[0]
         .invite(session, &Name::new("org", "ns", "mallory"), net.now)
         .unwrap();
@@ -478,20 +259,7 @@ fn a_key_package_whose_token_does_not_verify_fails_the_invite() {
 
 /// A moderator and three members in one MLS group.
 fn group() -> (Net, SessionId) {
-    let mut net = Net::new(&["moderator", "m1", "m2", "m3"]);
-    let session = net.apps[0].create_group(&Name::new("org", "ns", "chan"), encrypted(), net.now);
-    net.run();
-    for member in ["m1", "m2", "m3"] {
-        net.apps[0]
-            .invite(session, &Name::new("org", "ns", member), net.now)
-            .unwrap();
-        net.advance(Duration::from_millis(50));
-    }
-    assert_eq!(net.apps[0].members(session).unwrap().len(), 4);
-    for i in 1..4 {
-        assert_eq!(net.incoming(i), Some((session, true)), "member {i} joined");
-    }
-    (net, session)
+    common::mls_net::group(&["moderator", "m1", "m2", "m3"], 3)
 }
 
 #[test]
@@ -574,7 +342,7 @@ fn a_removed_member_cannot_read_what_is_sent_after_its_removal() {
     let m3 = net.name(3);
     // m3 keeps its session (its leave request is lost) and stays on the channels, as a node
     // that ignored the unsubscription would let it.
-    net.hook = Box::new(|from, m| {
+    net.hook = Box::new(|from, _, m| {
         if from == 0 && kind(m) == Mt::LeaveRequest {
             Fate::Drop
         } else {
@@ -600,4 +368,37 @@ fn a_removed_member_cannot_read_what_is_sent_after_its_removal() {
         before + 1,
         "m3 got the ciphertext and could not decrypt it"
     );
+}
+
+#[test]
+fn a_replayed_ciphertext_is_a_duplicate_only_for_a_message_we_have() {
+    let (mut net, session) = p2p();
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"once"), net.now)
+        .unwrap();
+    net.run();
+    assert_eq!(net.messages(1, session), vec![Bytes::from_static(b"once")]);
+    let original = net.sent(0, Mt::Msg)[0].clone();
+    let acks = |net: &Net| net.sent(1, Mt::MsgAck).len();
+    let acks_before = acks(&net);
+    // The same bytes again (a peer that retransmits what it sent): re-acknowledged, not
+    // delivered twice.
+    net.apps[1].handle_message(original.clone(), net.now);
+    net.run();
+    assert_eq!(net.dropped(1, SessionDrop::Duplicate), 1);
+    assert_eq!(acks(&net), acks_before + 1);
+    assert_eq!(net.messages(1, session).len(), 1);
+    // The same ciphertext under another sequence id: its generation is spent, and id 2 never
+    // arrived, so it must not be acknowledged as if delivered.
+    let mut moved = original;
+    publish_mut(&mut moved).session.as_mut().unwrap().message_id = 2;
+    net.apps[1].handle_message(moved, net.now);
+    net.run();
+    assert_eq!(net.dropped(1, SessionDrop::Undecryptable), 1);
+    assert_eq!(
+        acks(&net),
+        acks_before + 1,
+        "no ack for a message bob does not have"
+    );
+    assert_eq!(net.messages(1, session).len(), 1);
 }

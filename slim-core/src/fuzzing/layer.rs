@@ -101,8 +101,6 @@ pub fn session_layer(data: &[u8]) {
 /// [`session_layer`] without tolerating the open findings (the inputs in
 /// `fuzz/known-crashes/session_layer/` fail here):
 ///
-/// * **L1**: a message with `session_type` 0 (`SESSION_TYPE_UNSPECIFIED`) is accepted
-///   (`SessionType::try_from` knows 0) and replies echo the 0 instead of the session's type.
 /// * **L2**: application commands on a session id the layer holds but never announced (a group
 ///   participant before the welcome) are accepted; `close` then ends in `Closed` for a session
 ///   the application was never told about (`finish` announces every state but
@@ -791,9 +789,7 @@ impl Driver {
         assert!(
             match SessionType::try_from(session.session_type) {
                 Ok(SessionType::PointToPoint | SessionType::Multicast) => true,
-                // L1: echoed from the message answered.
-                Ok(SessionType::Unspecified) => !self.strict,
-                Err(_) => false,
+                Ok(SessionType::Unspecified) | Err(_) => false,
             },
             "output of session type {}: {message:?}",
             session.session_type

@@ -692,6 +692,20 @@ impl SessionLayer {
         self.publish_with(session, payload, "msg".into(), BTreeMap::new(), now)
     }
 
+    /// A session that application commands other than `publish` may act on: it exists, its
+    /// handshake is done and it is not closing.
+    fn established(&mut self, session: SessionId) -> Result<&mut Session, SessionError> {
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(SessionError::UnknownSession(session))?;
+        match s.state {
+            State::Established => Ok(s),
+            State::Closing => Err(SessionError::Closing(session)),
+            State::Opening | State::AwaitingWelcome => Err(SessionError::NotEstablished(session)),
+        }
+    }
+
     /// [`publish`](Self::publish) with a payload type and message metadata.
     pub fn publish_with(
         &mut self,
@@ -732,17 +746,7 @@ impl SessionLayer {
         let id = self
             .rng
             .random_range(super::sender::MAX_SEQUENCE_ID + 1..=u32::MAX);
-        let s = self
-            .sessions
-            .get_mut(&session)
-            .ok_or(SessionError::UnknownSession(session))?;
-        match s.state {
-            State::Established => {}
-            State::Closing => return Err(SessionError::Closing(session)),
-            State::Opening | State::AwaitingWelcome => {
-                return Err(SessionError::NotEstablished(session))
-            }
-        }
+        let s = self.established(session)?;
         let target = s
             .peers(&me)
             .into_iter()
@@ -892,17 +896,7 @@ impl SessionLayer {
         now: Timestamp,
     ) -> Result<(), SessionError> {
         let me = self.name.clone();
-        let s = self
-            .sessions
-            .get(&session)
-            .ok_or(SessionError::UnknownSession(session))?;
-        match s.state {
-            State::Established => {}
-            State::Closing => return Err(SessionError::Closing(session)),
-            State::Opening | State::AwaitingWelcome => {
-                return Err(SessionError::NotEstablished(session))
-            }
-        }
+        let s = self.established(session)?;
         let epoch = s
             .mls
             .as_ref()
@@ -954,10 +948,16 @@ impl SessionLayer {
             self.drop_message(SessionDrop::Malformed, "no source name");
             return;
         };
-        let (Ok(message_type), Ok(session_type)) = (
+        // UNSPECIFIED is a valid enum value but no session's type: replies copy the type of
+        // the message they answer, so it would be echoed back (fuzz finding L1).
+        let (
+            Ok(message_type),
+            Ok(session_type @ (SessionType::PointToPoint | SessionType::Multicast)),
+        ) = (
             Mt::try_from(session_header.session_message_type),
             SessionType::try_from(session_header.session_type),
-        ) else {
+        )
+        else {
             self.drop_message(SessionDrop::Malformed, "unknown session or message type");
             return;
         };
@@ -1030,9 +1030,16 @@ impl SessionLayer {
                 }
                 true
             }
-            // The same ciphertext again (a peer that retransmits the bytes it sent first): we
-            // decrypted it before, so the sender only missed our ack.
-            Err(PayloadError::Decrypt(DecryptError::Generation(_))) => {
+            // The same ciphertext again (a peer that retransmits the bytes it sent first): if we
+            // have that message, the sender only missed our ack. A spent generation for a message
+            // we do not have (outside the ratchet window) is not acknowledged: an ack means
+            // delivered.
+            Err(PayloadError::Decrypt(DecryptError::Generation(_)))
+                if s.receiver
+                    .is_received(&received.source.key(), received.message_id)
+                    || s.seen_direct
+                        .contains(&(received.source.key(), received.message_id)) =>
+            {
                 self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
                 if reliable && received.message_type == Mt::Msg {
                     self.send_msg_ack(received, now);

@@ -260,6 +260,18 @@ impl ReliableReceiver {
         self.streams.values().map(|s| s.held.len()).sum()
     }
 
+    /// Whether `id` from `source` arrived already (delivered or held for ordering), so that a
+    /// later copy is a duplicate.
+    pub fn is_received(&self, source: &NameKey, id: u32) -> bool {
+        self.streams.get(source).is_some_and(|s| {
+            s.held.contains_key(&id)
+                || (s.start <= id
+                    && id < s.next
+                    && !s.gone.contains(&id)
+                    && !s.lost_before.contains(&id))
+        })
+    }
+
     /// Whether `id` from `source` was declared lost (its copies must not be acknowledged).
     pub fn is_lost(&self, source: &NameKey, id: u32) -> bool {
         self.streams

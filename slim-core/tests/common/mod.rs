@@ -1,0 +1,1 @@
+pub mod mls_net;
