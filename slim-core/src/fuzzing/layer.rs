@@ -89,30 +89,15 @@ fn peers() -> &'static [Peer] {
 /// messages — both end-to-end signatures; it survives a wire round trip. Events only concern
 /// sessions the application has (created, or announced by `Incoming`) and not yet `Closed`;
 /// `Established` once per created session, at most one outcome per published message;
-/// commands on sessions the application has are never refused as unknown, commands on ids never
-/// seen always are. Counters add up (`sent`, `received`, drops). `poll_timeout` is never in the
-/// past and moves past `now` after `handle_timeout(now)`.
-///
-/// Open findings are tolerated here (see [`session_layer_strict`]), so the fuzzer looks past them.
+/// commands on sessions the application has are never refused as unknown, commands on any other
+/// id always are (never seen, closed, or held by the layer but never announced: a participant
+/// before the welcome, fuzz finding L2).
+/// Counters add up (`sent`, `received`, drops). `poll_timeout` is never in the past and moves
+/// past `now` after `handle_timeout(now)`.
 pub fn session_layer(data: &[u8]) {
-    run(data, false);
-}
-
-/// [`session_layer`] without tolerating the open findings (the inputs in
-/// `fuzz/known-crashes/session_layer/` fail here):
-///
-/// * **L2**: application commands on a session id the layer holds but never announced (a group
-///   participant before the welcome) are accepted; `close` then ends in `Closed` for a session
-///   the application was never told about (`finish` announces every state but
-///   `AwaitingWelcome`, and `close` has moved it to `Closing`).
-pub fn session_layer_strict(data: &[u8]) {
-    run(data, true);
-}
-
-fn run(data: &[u8], strict: bool) {
     let mut input = Input::new(data);
     let seed = [input.u8(); 32];
-    let mut driver = Driver::new(seed, strict);
+    let mut driver = Driver::new(seed);
     let mut steps = 0;
     while !input.is_empty() && steps < MAX_STEPS {
         steps += 1;
@@ -152,12 +137,10 @@ struct Driver {
     outcomes: BTreeSet<(SessionId, u32)>,
     sends: u64,
     received: u64,
-    /// Judge the open findings too.
-    strict: bool,
 }
 
 impl Driver {
-    fn new(seed: [u8; 32], strict: bool) -> Self {
+    fn new(seed: [u8; 32]) -> Self {
         let config = LayerConfig {
             name: Name::new("org", "ns", "me"),
             secret: SECRET.into(),
@@ -183,7 +166,6 @@ impl Driver {
             outcomes: BTreeSet::new(),
             sends: 0,
             received: 0,
-            strict,
         }
     }
 
@@ -584,7 +566,7 @@ impl Driver {
 
     fn command(&mut self, input: &mut Input) {
         let op = input.u8();
-        let session = self.command_target(input);
+        let session = self.pick_session(input);
         let now = self.now;
         let known = self.known_names();
         let result: Result<(), SessionError> = match op % 8 {
@@ -661,28 +643,15 @@ impl Driver {
                         "session {session} the application has is unknown to the layer"
                     );
                 }
+                // Never seen, closed, or held by the layer but never announced (L2).
                 Ok(()) | Err(_) => assert!(
-                    self.seen.contains(&session),
-                    "session {session} never seen was not refused: {result:?}"
+                    self.live(session),
+                    "session {session}, which the application does not have, was not refused \
+                     as unknown: {result:?}"
                 ),
             }
         }
         self.drain();
-    }
-
-    /// The session a command names: usually one the application has (or had), sometimes one
-    /// the layer cannot know. Outside strict mode (L2) not one the layer holds without having
-    /// told the application (a participant before the welcome): an unknown id replaces it.
-    fn command_target(&mut self, input: &mut Input) -> SessionId {
-        let session = self.pick_session(input);
-        if self.strict || self.live(session) || !self.seen.contains(&session) {
-            return session;
-        }
-        let mut unknown = u32::MAX - session % 1024;
-        while self.seen.contains(&unknown) {
-            unknown = unknown.wrapping_sub(1024);
-        }
-        unknown
     }
 
     fn created_session(&mut self, id: SessionId) {

@@ -754,3 +754,53 @@ fn a_member_that_missed_an_update_is_brought_up_to_date() {
     assert_eq!(members.len(), 3, "{members:?}");
     assert!(!members.contains(net.apps[B].name()));
 }
+
+/// Fuzz finding L2: a participant holds a group session from the join request on, but its
+/// application hears of it only with the welcome. Before that, every command on the id is
+/// refused as unknown and has no effect: no leave request, no `Closed` later.
+#[test]
+fn commands_on_a_session_not_announced_yet_are_refused_as_unknown() {
+    let mut net = Net::new(&["moderator", "a"]);
+    // A answers the join request, but no welcome reaches it.
+    net.keep = Box::new(|_, to, m| !(to == A && kind(m) == Mt::GroupWelcome));
+    let chan = Name::new("org", "ns", "chan");
+    let sid = net.apps[M].create_group(&chan, reliable(), net.now);
+    net.apps[M]
+        .invite(sid, &Name::new("org", "ns", "a"), net.now)
+        .unwrap();
+    net.run();
+    assert_eq!(
+        net.apps[A].session_count(),
+        1,
+        "A joined and awaits the welcome"
+    );
+    assert!(net.events[A].is_empty(), "A's application was told nothing");
+    let now = net.now;
+    let unknown = Err(SessionError::UnknownSession(sid));
+    let a = &mut net.apps[A];
+    assert_eq!(a.close(sid, now), unknown);
+    assert_eq!(
+        a.publish(sid, Bytes::from_static(b"x"), now),
+        unknown.clone().map(|()| 0)
+    );
+    assert_eq!(
+        a.publish_to(sid, &Name::new("org", "ns", "moderator"), Bytes::new(), now),
+        unknown.clone().map(|()| 0)
+    );
+    assert_eq!(a.invite(sid, &Name::new("org", "ns", "b"), now), unknown);
+    assert_eq!(
+        a.remove(sid, &Name::new("org", "ns", "moderator"), now),
+        unknown
+    );
+    assert_eq!(a.set_online(sid, false, now), unknown);
+    assert_eq!(a.members(sid), None);
+    assert!(a.poll_output().is_none(), "refused commands send nothing");
+    // The moderator gives up on the welcome and asks A to leave: still nothing for A's app.
+    net.settle(Duration::from_secs(30));
+    assert_eq!(net.apps[A].session_count(), 0);
+    assert!(
+        !net.has(A, |e| matches!(e, SessionEvent::Closed { .. })),
+        "{:?}",
+        net.events[A]
+    );
+}

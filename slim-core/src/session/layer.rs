@@ -432,6 +432,10 @@ impl Group {
 struct Session {
     role: Role,
     state: State,
+    /// Whether the application knows the session: it opened it, or was told by `Incoming`. A
+    /// participant's session before the welcome is not one: application commands on its id are
+    /// refused as unknown, and its end is not reported (fuzz finding L2).
+    announced: bool,
     session_type: SessionType,
     /// p2p: the peer (before discovery, a name without instance id); group participant: the
     /// moderator; group moderator: ourselves.
@@ -552,9 +556,19 @@ impl SessionLayer {
         self.sessions.len()
     }
 
-    /// The members of a group session (everyone, us included), if it is one.
+    /// The members of a group session (everyone, us included), if it is one the application
+    /// knows.
     pub fn members(&self, session: SessionId) -> Option<Vec<Name>> {
-        Some(self.sessions.get(&session)?.group.as_ref()?.members.clone())
+        let s = self.sessions.get(&session).filter(|s| s.announced)?;
+        Some(s.group.as_ref()?.members.clone())
+    }
+
+    /// A session the application knows (see [`Session::announced`]).
+    fn app_session(&mut self, session: SessionId) -> Result<&mut Session, SessionError> {
+        self.sessions
+            .get_mut(&session)
+            .filter(|s| s.announced)
+            .ok_or(SessionError::UnknownSession(session))
     }
 
     /// Opens a point-to-point session with any instance of `peer` (or the given instance).
@@ -695,10 +709,7 @@ impl SessionLayer {
     /// A session that application commands other than `publish` may act on: it exists, its
     /// handshake is done and it is not closing.
     fn established(&mut self, session: SessionId) -> Result<&mut Session, SessionError> {
-        let s = self
-            .sessions
-            .get_mut(&session)
-            .ok_or(SessionError::UnknownSession(session))?;
+        let s = self.app_session(session)?;
         match s.state {
             State::Established => Ok(s),
             State::Closing => Err(SessionError::Closing(session)),
@@ -715,10 +726,7 @@ impl SessionLayer {
         metadata: BTreeMap<String, String>,
         now: Timestamp,
     ) -> Result<u32, SessionError> {
-        let s = self
-            .sessions
-            .get_mut(&session)
-            .ok_or(SessionError::UnknownSession(session))?;
+        let s = self.app_session(session)?;
         match s.state {
             State::Established => {}
             State::Closing => return Err(SessionError::Closing(session)),
@@ -773,14 +781,11 @@ impl SessionLayer {
     /// leaves it. `Closed` follows once acknowledged.
     pub fn close(&mut self, session: SessionId, now: Timestamp) -> Result<(), SessionError> {
         let me = self.name.clone();
-        let s = self
-            .sessions
-            .get_mut(&session)
-            .ok_or(SessionError::UnknownSession(session))?;
+        let s = self.app_session(session)?;
         if s.state == State::Closing {
             return Err(SessionError::Closing(session));
         }
-        if matches!(s.state, State::Opening | State::AwaitingWelcome) && s.group.is_none() {
+        if s.state == State::Opening && s.group.is_none() {
             // Not established: the peer may have joined already, so it is told (once).
             self.abandon(session, now);
             self.finish(session, CloseReason::Local);
@@ -1623,6 +1628,7 @@ impl SessionLayer {
             return;
         };
         s.state = State::Established;
+        s.announced = true;
         s.next_heartbeat = now + HEARTBEAT_INTERVAL;
         if s.group.is_none() {
             // A p2p peer's data starts at 1.
@@ -2268,10 +2274,7 @@ impl SessionLayer {
     // ------------------------------------------------------------------ group membership (moderator)
 
     fn moderated(&mut self, session: SessionId) -> Result<&mut Group, SessionError> {
-        let s = self
-            .sessions
-            .get_mut(&session)
-            .ok_or(SessionError::UnknownSession(session))?;
+        let s = self.app_session(session)?;
         if s.state == State::Closing {
             return Err(SessionError::Closing(session));
         }
@@ -3207,6 +3210,7 @@ impl SessionLayer {
         Session {
             role,
             state: State::Opening,
+            announced: role == Role::Initiator,
             session_type,
             peer,
             group: None,
@@ -3262,7 +3266,7 @@ impl SessionLayer {
         };
         // A participant's app hears of a session only at the welcome: a close before it is
         // nothing to tell it about.
-        let announced = s.role == Role::Initiator || s.state != State::AwaitingWelcome;
+        let announced = s.announced;
         if let Some(group) = s.group {
             if group.subscribed {
                 self.out.push_back(Output::Unsubscribe(group.data));
