@@ -9,6 +9,9 @@
 //!   ([`Swarm::bursts`], off by default until the receiver bug below is fixed).
 //! * About 30 % of the seeds also run a group workload ([`Swarm::groups`]); `SIM_NO_GROUPS=1`
 //!   turns it off.
+//! * About 10 % of the seeds run every session with MLS on ([`Swarm::mls`]); `SIM_NO_MLS=1`
+//!   turns it off. `mls_seed_sweep` runs a tenth of `SIM_RUNS` more seeds with MLS forced on
+//!   (replay one with `SIM_SEED=<n> cargo test -p slim-core --test sim mls_seed_sweep`).
 
 use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};
@@ -121,6 +124,7 @@ fn seed_sweep() {
     let swarm = Swarm {
         bursts: env_flag("SIM_BURSTS"),
         groups: !env_flag("SIM_NO_GROUPS"),
+        mls: !env_flag("SIM_NO_MLS"),
     };
     // Wall time of the sweep, for the log line only (the simulation itself never reads a clock).
     #[allow(clippy::disallowed_methods, clippy::disallowed_types)]
@@ -780,4 +784,229 @@ fn resync_during_a_removal_does_not_bring_the_member_back() {
     if let Err(failure) = sim.run() {
         panic!("{failure}");
     }
+}
+
+// ------------------------------------------------------------------ MLS sessions
+
+/// How many swarm seeds (from `SIM_FIRST`) `mls_seed_sweep` runs with MLS forced on: a tenth of
+/// `SIM_RUNS` (at least 10). MLS costs ~0.1–0.5 ms per message, so the share is what keeps the
+/// CI sweep (1000 seeds, release, two cores) within about a minute more.
+fn mls_seeds() -> Vec<u64> {
+    match env_u64("SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => {
+            let first = env_u64("SIM_FIRST").unwrap_or(0);
+            let runs = (env_u64("SIM_RUNS").unwrap_or(100) / 10).max(10);
+            (first..first + runs).collect()
+        }
+    }
+}
+
+/// A swarm seed with every session (p2p and group) end-to-end encrypted; in odd seeds a
+/// removed member ignores its removal and keeps its MLS state.
+fn mls_config(seed: u64) -> SimConfig {
+    let mut config = SimConfig::swarm(seed).with_mls();
+    config.mls_defiant_removal = seed % 2 == 1;
+    config
+}
+
+fn mls_replay(seed: u64) -> String {
+    format!("SIM_SEED={seed} cargo test -p slim-core --test sim mls_seed_sweep")
+}
+
+/// The swarm's scenarios with MLS on, every invariant as without it, plus: every member at an
+/// epoch has the same epoch authenticator; once settled the moderator's MLS group is exactly
+/// the members and everyone is at its epoch; a removed member that kept its MLS state refuses
+/// every copy of the data sent after its removal.
+#[test]
+fn mls_seed_sweep() {
+    let seeds = mls_seeds();
+    #[allow(clippy::disallowed_methods, clippy::disallowed_types)]
+    let started = std::time::Instant::now();
+    let next = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::new());
+    let reports = Mutex::new(Vec::new());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(seeds.len()) {
+            scope.spawn(|| {
+                while let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let run = || {
+                        let mut sim = Sim::new(seed, mls_config(seed));
+                        sim.set_replay(mls_replay(seed));
+                        sim.set_log(env_flag("SIM_LOG"));
+                        sim.run()
+                    };
+                    match panic::catch_unwind(AssertUnwindSafe(run)) {
+                        Ok(Ok(report)) => reports.lock().unwrap().push(report),
+                        Ok(Err(failure)) => {
+                            failures.lock().unwrap().push((seed, failure.to_string()))
+                        }
+                        Err(_) => failures
+                            .lock()
+                            .unwrap()
+                            .push((seed, format!("seed {seed} panicked ({})", mls_replay(seed)))),
+                    }
+                }
+            });
+        }
+    });
+    let mut failures = failures.into_inner().unwrap();
+    failures.sort();
+    let reports = reports.into_inner().unwrap();
+    let mut totals = Outcome::default();
+    for r in &reports {
+        add(&mut totals, &r.outcome);
+    }
+    let epochs: u64 = reports.iter().map(|r| r.mls_epochs).sum();
+    let refused: u64 = reports.iter().map(|r| r.removed_refused).sum();
+    let withheld: u64 = reports.iter().map(|r| r.frames_withheld).sum();
+    eprintln!(
+        "{} MLS seed(s) in {:.1} s: {epochs} (group, epoch) pairs compared, {refused} post-removal copies refused, \
+         {withheld} frames withheld from defiant removed members; {totals:?}",
+        seeds.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for (_, failure) in failures.iter().take(10) {
+        let cut: String = failure.chars().take(600).collect();
+        eprintln!("{cut}");
+    }
+    if let Some((_, first)) = failures.first() {
+        let failed: Vec<u64> = failures.iter().map(|(seed, _)| *seed).collect();
+        panic!(
+            "{first}\n({} of {} MLS seeds failed: {failed:?})",
+            failures.len(),
+            seeds.len()
+        );
+    }
+    if seeds.len() >= 10 {
+        assert!(totals.published > 0 && epochs > 0, "{totals:?}");
+        assert!(
+            totals.group_published > 0,
+            "the MLS seeds include a group: {totals:?}"
+        );
+    }
+}
+
+/// [`group_scenario`] with MLS: client 2, removed at 3 s, ignores its removal and keeps its MLS
+/// state (the sim withholds the group's control messages from it once the removal commit is
+/// made); the data sent after the removal still reaches it.
+fn mls_group_scenario(loss: f64) -> SimConfig {
+    let mut config = group_scenario(loss).with_mls();
+    config.mls_defiant_removal = true;
+    config
+}
+
+/// A p2p session over lossy links with MLS on, every invariant as without MLS, and both ends
+/// at one epoch authenticator.
+#[test]
+fn mls_p2p_on_lossy_links() {
+    for seed in 0..4 {
+        let mut config = one_session(30, reliability(100, 10))
+            .with_mls()
+            .with_loss(0.15);
+        // The handshake on a clean network, so that both sides publish everything.
+        config.workload.faults_after = ms(400);
+        let mut sim = Sim::new(seed, config);
+        sim.set_replay("cargo test -p slim-core --test sim mls_p2p_on_lossy_links");
+        let report = sim.run().unwrap_or_else(|f| panic!("{f}"));
+        assert!(report.frames_dropped > 0, "{report:?}");
+        assert_eq!(report.outcome.published, 60, "{report:?}");
+        assert!(report.outcome.delivered >= 50, "{report:?}");
+        // The p2p group: epoch 0 at the initiator alone, epoch 1 once the participant joined.
+        assert_eq!(report.mls_epochs, 2, "{report:?}");
+    }
+}
+
+/// An MLS group over lossy links with a removal: membership and epochs agree once settled,
+/// and the removed member, which kept its MLS state, refused every copy of what was sent after
+/// its removal (and was given some).
+#[test]
+fn mls_group_with_loss_and_a_removal() {
+    for seed in 0..3 {
+        let mut sim = Sim::new(seed, mls_group_scenario(0.1));
+        sim.set_replay("cargo test -p slim-core --test sim mls_group_with_loss_and_a_removal");
+        sim.record_events(true);
+        let (report, events) = sim.run_with_events().unwrap_or_else(|f| panic!("{f}"));
+        let o = &report.outcome;
+        assert!(
+            report.frames_dropped > 0 && o.group_delivered > 0,
+            "{report:?}"
+        );
+        assert!(report.removed_refused > 0, "{report:?}");
+        assert!(report.frames_withheld > 0, "{report:?}");
+        // Epochs 0 (moderator alone), 3 adds, 1 removal at least.
+        assert!(report.mls_epochs >= 5, "{report:?}");
+        assert!(events
+            .iter()
+            .any(|e| e.client == 0 && matches!(e.event, SessionEvent::MemberLeft { .. })));
+        assert!(
+            !events
+                .iter()
+                .any(|e| e.client == 2 && matches!(e.event, SessionEvent::Closed { .. })),
+            "client 2 ignores its removal"
+        );
+    }
+}
+
+/// Without loss, an MLS group delivers everything a p2p-less group does.
+#[test]
+fn mls_group_on_a_lossless_network() {
+    let report = group_run(7, group_scenario(0.0).with_mls());
+    let o = &report.outcome;
+    assert_eq!(o.group_published, 20 * 4 * 2, "{o:?}");
+    assert!(o.group_delivered >= 3 * 160 - (80 + 40 + 40), "{o:?}");
+}
+
+/// With MLS a seed reproduces decisions, not bytes (openmls takes HPKE and signature randomness
+/// from the OS): the trace of an MLS run hashes what each frame is (type, session, id, source,
+/// destination) and every event with its plaintext, so two runs of a seed agree on it.
+#[test]
+fn mls_same_seed_same_decisions() {
+    for seed in [1, 2, 3] {
+        let first = Sim::new(seed, mls_config(seed))
+            .run()
+            .unwrap_or_else(|f| panic!("{f}"));
+        let second = Sim::new(seed, mls_config(seed))
+            .run()
+            .unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(first, second, "seed {seed}: two MLS runs differ");
+    }
+    for seed in 0..2 {
+        assert_eq!(
+            group_run(seed, mls_group_scenario(0.2)),
+            group_run(seed, mls_group_scenario(0.2)),
+            "MLS group scenario, seed {seed}: two runs differ"
+        );
+    }
+}
+
+/// Client 1 never gets a group update from 2.9 s on, so it misses the commit that removes
+/// client 2 and goes on encrypting at the epoch client 2 still has.
+fn withhold_updates_from_client_1(sim: &mut Sim) {
+    sim.set_filter(Box::new(|frame: &FrameView| {
+        !(frame.to == HostId::Client(1)
+            && frame.now >= Timestamp::ZERO + ms(2_900)
+            && matches!(frame.session(), Some((Mt::GroupUpdate, ..))))
+    }));
+}
+
+/// The removal check bites: with a planted bug (ciphertexts of the last epoch the removed
+/// member was in count as sent after its removal) the removed member is given what client 1,
+/// which missed the removal commit, encrypts after the removal; it decrypts it, and the run
+/// fails naming the check.
+#[test]
+fn mls_removal_check_catches_a_readable_message() {
+    let mut sim = Sim::new(1, mls_group_scenario(0.0));
+    withhold_updates_from_client_1(&mut sim);
+    sim.plant_stale_removal_epoch();
+    let failure = sim
+        .run()
+        .expect_err("the removed member can read client 1's messages");
+    assert!(
+        failure
+            .message
+            .contains("did not refuse a data message client 1"),
+        "{failure}"
+    );
 }

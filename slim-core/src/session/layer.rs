@@ -38,7 +38,7 @@ use slim_proto::pb::command_payload::CommandPayloadType as Cmd;
 use slim_proto::pb::{self, SessionMessageType as Mt, SessionType};
 use slim_proto::{Name, NameKey};
 
-use super::mls::{PayloadError, SessionMls, TokenVerifier};
+use super::mls::{MlsState, PayloadError, SessionMls, TokenVerifier};
 use super::receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 use super::sender::{Outgoing, ReliableSender, SenderEvent};
 use crate::group::{CommitError, CommitOut, DecryptError, GroupConfig, MlsIdentity};
@@ -569,6 +569,12 @@ impl SessionLayer {
             .get_mut(&session)
             .filter(|s| s.announced)
             .ok_or(SessionError::UnknownSession(session))
+    }
+
+    /// The MLS group of an end-to-end encrypted session (epoch, epoch authenticator, members),
+    /// once joined and until removed. Read-only, for checks.
+    pub fn mls_state(&self, session: SessionId) -> Option<MlsState> {
+        self.sessions.get(&session)?.mls.as_ref()?.state(&self.name)
     }
 
     /// Opens a point-to-point session with any instance of `peer` (or the given instance).

@@ -64,6 +64,17 @@ impl TokenVerifier<'_> {
     }
 }
 
+/// A read-only view of a session's MLS group (for checks: the simulation's invariants).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MlsState {
+    pub group_id: Vec<u8>,
+    pub epoch: u64,
+    /// Equal for every member at the same epoch (RFC 9420 §8.7).
+    pub epoch_authenticator: Vec<u8>,
+    /// The members' app instance ids (their names' instance ids), by leaf index.
+    pub members: Vec<u128>,
+}
+
 /// The MLS state of one session.
 #[derive(Debug)]
 pub struct SessionMls {
@@ -133,6 +144,30 @@ impl SessionMls {
             State::Active(group) => Some(group.epoch()),
             _ => None,
         }
+    }
+
+    /// Our group as it stands, once joined and until removed; `me` is our own name (our leaf
+    /// carries no verified id).
+    pub fn state(&self, me: &slim_proto::Name) -> Option<MlsState> {
+        let State::Active(group) = &self.state else {
+            return None;
+        };
+        let own = group.own_leaf();
+        Some(MlsState {
+            group_id: group.group_id().to_vec(),
+            epoch: group.epoch(),
+            epoch_authenticator: group.epoch_authenticator().to_vec(),
+            members: group
+                .members()
+                .iter()
+                .map(|m| match &m.id {
+                    _ if m.leaf == own => me.id(),
+                    Some(id) => slim_proto::name::app_instance_id(id),
+                    // Unverified (cannot happen for others): matches nobody.
+                    None => 0,
+                })
+                .collect(),
+        })
     }
 
     /// Joins with the welcome of a GROUP_WELCOME. A welcome that is not ours leaves the join

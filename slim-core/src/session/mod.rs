@@ -11,6 +11,6 @@ pub use layer::{
     SessionError, SessionEvent, SessionId, SessionLayer, SessionStats,
 };
 
-pub use mls::{PayloadError, DEFAULT_VALIDATION_PERCENT};
+pub use mls::{MlsState, PayloadError, DEFAULT_VALIDATION_PERCENT};
 pub use receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 pub use sender::{Outgoing, ReliableSender, SenderEvent};

@@ -145,6 +145,13 @@ pub struct Report {
     pub frames_dropped: u64,
     pub frames_duplicated: u64,
     pub frames_filtered: u64,
+    /// MLS runs: group control frames withheld from removed members that ignore their removal.
+    pub frames_withheld: u64,
+    /// MLS runs: distinct `(group, epoch)` pairs whose epoch authenticator was compared.
+    pub mls_epochs: u64,
+    /// MLS runs: copies of data sent after a removal that the removed member's retained MLS
+    /// state was given and refused (each must be refused).
+    pub removed_refused: u64,
     pub outcome: Outcome,
 }
 
@@ -266,6 +273,20 @@ pub struct Sim {
     frames_dropped: u64,
     frames_duplicated: u64,
     frames_filtered: u64,
+    frames_withheld: u64,
+    /// MLS runs: the epoch authenticator of each `(group id, epoch)` and the first client seen
+    /// there; every other member at that epoch must have the same.
+    mls_epochs: BTreeMap<(Vec<u8>, u64), (Vec<u8>, usize)>,
+    /// MLS runs: clients seen in the moderator's MLS group.
+    mls_members: std::collections::BTreeSet<usize>,
+    /// MLS runs: per member the moderator removed, the first epoch of the group without it.
+    removal_epochs: BTreeMap<usize, u64>,
+    /// MLS runs: data sent at or after a removal epoch, to give to the removed member that kept
+    /// its state: `(removed, sender, epoch, message)`.
+    mls_feeds: Vec<(usize, usize, u64, pb::Message)>,
+    removed_refused: u64,
+    /// Test-only planted bug: ciphertexts one epoch older than a removal count as sent after it.
+    plant_stale_removal_epoch: bool,
     /// Expected router subscription records once setup is done, per node and per client.
     expected_records: BTreeMap<HostId, u64>,
     events: Option<Vec<RecordedEvent>>,
@@ -417,6 +438,13 @@ impl Sim {
             frames_dropped: 0,
             frames_duplicated: 0,
             frames_filtered: 0,
+            frames_withheld: 0,
+            mls_epochs: BTreeMap::new(),
+            mls_members: Default::default(),
+            removal_epochs: BTreeMap::new(),
+            mls_feeds: Vec::new(),
+            removed_refused: 0,
+            plant_stale_removal_epoch: false,
             expected_records: BTreeMap::new(),
             events: None,
             log: false,
@@ -436,6 +464,24 @@ impl Sim {
     /// Installs a planted fault.
     pub fn set_filter(&mut self, filter: Filter) {
         self.filter = Some(filter);
+    }
+
+    /// Planted bug, for the test that shows the removal check bites: ciphertexts of the last
+    /// epoch a removed member was in, sent after its removal (by a member that has not applied
+    /// the removal commit yet), are treated as sent after the removal and given to it.
+    #[doc(hidden)]
+    pub fn plant_stale_removal_epoch(&mut self) {
+        self.plant_stale_removal_epoch = true;
+    }
+
+    /// The MLS state of client `client`'s session `session` (MLS runs).
+    pub fn mls_state(&self, client: usize, session: SessionId) -> Option<session::MlsState> {
+        self.clients[client].layer.mls_state(session)
+    }
+
+    /// The run's group session id and moderator, once created.
+    pub fn group(&self) -> Option<(SessionId, usize)> {
+        self.model.group.as_ref().map(|g| (g.id, g.moderator))
     }
 
     pub fn now(&self) -> Timestamp {
@@ -594,6 +640,9 @@ impl Sim {
             frames_dropped: self.frames_dropped,
             frames_duplicated: self.frames_duplicated,
             frames_filtered: self.frames_filtered,
+            frames_withheld: self.frames_withheld,
+            mls_epochs: self.mls_epochs.len() as u64,
+            removed_refused: self.removed_refused,
             outcome,
         }
     }
@@ -787,6 +836,9 @@ impl Sim {
         };
         self.check_router(touched)?;
         self.check_session_stats(touched)?;
+        if self.config.mls {
+            self.check_mls(touched)?;
+        }
         for h in self.hosts() {
             if let Some(t) = self.host_timeout(h) {
                 if t < self.now {
@@ -843,7 +895,13 @@ impl Sim {
                 }
             };
             let now = self.now;
-            self.trace_write(host, b"frame", &body);
+            if self.config.mls {
+                let digest = pb::Message::decode(body.clone())
+                    .map_or_else(|_| body.to_vec(), |m| mls_digest(&m));
+                self.trace_write(host, b"frame", &digest);
+            } else {
+                self.trace_write(host, b"frame", &body);
+            }
             match host {
                 HostId::Node(i) => self.nodes[i].router.handle_frame(conn, body, now),
                 HostId::Client(j) => self.clients[j].router.handle_frame(conn, body, now),
@@ -874,7 +932,7 @@ impl Sim {
                 let config = SessionConfig {
                     reliability,
                     metadata: BTreeMap::new(),
-                    ..SessionConfig::default()
+                    mls: self.config.mls,
                 };
                 let id =
                     self.clients[client]
@@ -953,7 +1011,7 @@ impl Sim {
                 let config = SessionConfig {
                     reliability,
                     metadata: BTreeMap::new(),
-                    ..SessionConfig::default()
+                    mls: self.config.mls,
                 };
                 let channel = group_channel();
                 let id = self.clients[client]
@@ -1111,9 +1169,15 @@ impl Sim {
                 ));
             }
         }
+        if self.config.mls {
+            self.check_mls_membership(&mut problems);
+        }
         for &removed in g.removed.keys() {
             let closed = &g.members[removed].closed;
-            if g.members[removed].joined && *closed != Some(session::CloseReason::Removed) {
+            if g.members[removed].joined
+                && !g.members[removed].defiant
+                && *closed != Some(session::CloseReason::Removed)
+            {
                 problems.push(format!(
                     "group {}: client {removed} was removed but was told {closed:?}",
                     g.id
@@ -1121,6 +1185,192 @@ impl Sim {
             }
         }
         problems
+    }
+
+    /// MLS runs, after every step: (a) every member at an epoch of a group has the epoch
+    /// authenticator every other member had there (checked for the host the step touched: only
+    /// its state can have changed); removals are noted when the moderator's MLS group loses
+    /// the member; (b) the data sent after a removal, given to a removed member that kept its
+    /// state, is refused, every copy.
+    fn check_mls(&mut self, touched: HostId) -> Result<(), Failure> {
+        if let HostId::Client(j) = touched {
+            let mut sessions: Vec<SessionId> = self.model.sessions_of(j).collect();
+            let group = self.model.group.as_ref().map(|g| (g.id, g.moderator));
+            sessions.extend(group.map(|(id, _)| id));
+            for id in sessions {
+                let Some(state) = self.clients[j].layer.mls_state(id) else {
+                    continue;
+                };
+                let key = (state.group_id, state.epoch);
+                match self.mls_epochs.get(&key) {
+                    None => {
+                        self.mls_epochs.insert(key, (state.epoch_authenticator, j));
+                    }
+                    Some((authenticator, first)) if *authenticator != state.epoch_authenticator => {
+                        return Err(self.fail(format!(
+                            "MLS: client {j}, session {id}, epoch {}: epoch authenticator {} differs from client {first}'s {} at that epoch",
+                            key.1,
+                            hex(&state.epoch_authenticator),
+                            hex(authenticator)
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some((id, moderator)) = group.filter(|(_, m)| *m == j) {
+                self.note_removals(id, moderator);
+            }
+        }
+        self.feed_removed()
+    }
+
+    /// The moderator's MLS group lost a member it was asked to remove: the removal commit is
+    /// made, and its epoch is the first the removed member must not read.
+    fn note_removals(&mut self, id: SessionId, moderator: usize) {
+        let Some(state) = self.clients[moderator].layer.mls_state(id) else {
+            return;
+        };
+        let Some(g) = self.model.group.as_mut() else {
+            return;
+        };
+        for (c, client) in self.clients.iter().enumerate() {
+            if c == moderator {
+                continue;
+            }
+            if state.members.contains(&client.name.id()) {
+                self.mls_members.insert(c);
+            } else if self.mls_members.contains(&c)
+                && g.remove_requested.contains(&c)
+                && !self.removal_epochs.contains_key(&c)
+            {
+                self.removal_epochs.insert(c, state.epoch);
+                if self.config.mls_defiant_removal && g.members[c].closed.is_none() {
+                    g.members[c].defiant = true;
+                }
+            }
+        }
+    }
+
+    /// A data message of the group a client just sent: kept for every removed member that
+    /// kept its MLS state if it was encrypted at or after the member's removal epoch.
+    fn capture_post_removal(&mut self, sender: usize, message: &pb::Message) {
+        let Some(g) = self.model.group.as_ref() else {
+            return;
+        };
+        if !matches!(session_info(message), Some((SessionMessageType::Msg | SessionMessageType::RtxReply, session, _)) if session == g.id)
+        {
+            return;
+        }
+        let Some(epoch) = app_blob(message)
+            .and_then(|blob| crate::group::wire::inspect(blob).ok())
+            .and_then(|info| info.epoch)
+        else {
+            return;
+        };
+        let slack = u64::from(self.plant_stale_removal_epoch);
+        for (&removed, &at) in &self.removal_epochs {
+            if removed != sender && g.members[removed].defiant && epoch + slack >= at {
+                self.mls_feeds
+                    .push((removed, sender, epoch, message.clone()));
+            }
+        }
+    }
+
+    /// Gives the removed members their copies of what was sent after their removal, straight
+    /// to their session layer (as if the network delivered one more copy): each must be
+    /// refused as undecryptable, and nothing may come of it.
+    fn feed_removed(&mut self) -> Result<(), Failure> {
+        for (removed, sender, epoch, message) in std::mem::take(&mut self.mls_feeds) {
+            let refused = |sim: &Self| {
+                sim.clients[removed]
+                    .layer
+                    .stats()
+                    .dropped(session::SessionDrop::Undecryptable)
+            };
+            let before = refused(self);
+            let now = self.now;
+            self.clients[removed].layer.handle_message(message, now);
+            if refused(self) != before + 1 {
+                let at = self
+                    .removal_epochs
+                    .get(&removed)
+                    .copied()
+                    .unwrap_or_default();
+                let id = self.model.group.as_ref().map_or(0, |g| g.id);
+                let own = self.clients[removed].layer.mls_state(id).map(|s| s.epoch);
+                return Err(self.fail(format!(
+                    "MLS: client {removed}, removed from group {id} (removal epoch {at}; its state at epoch {own:?}), \
+                     did not refuse a data message client {sender} encrypted at epoch {epoch}: a removed member must not decrypt what is sent after its removal"
+                )));
+            }
+            self.removed_refused += 1;
+            self.drain(HostId::Client(removed))?;
+        }
+        Ok(())
+    }
+
+    /// MLS runs: a frame toward a removed member that ignores its removal is withheld if it is
+    /// a control message of the group (its removal commit, its leave request, later updates);
+    /// the group's data still reaches it.
+    fn withheld(&self, link: usize, dir: usize, frame: &Bytes) -> bool {
+        if !self.config.mls_defiant_removal || self.removal_epochs.is_empty() {
+            return false;
+        }
+        let (HostId::Client(to), _) = self.links[link].ends[1 - dir] else {
+            return false;
+        };
+        let Some(g) = self.model.group.as_ref().filter(|g| g.members[to].defiant) else {
+            return false;
+        };
+        decode_frame(frame).is_some_and(|m| {
+            matches!(session_info(&m), Some((kind, session, _))
+                if session == g.id && !matches!(kind, SessionMessageType::Msg | SessionMessageType::RtxReply))
+        })
+    }
+
+    /// MLS runs, once settled: the moderator's MLS group has exactly the clients that have the
+    /// group open, and every one of them is at the moderator's epoch.
+    fn check_mls_membership(&self, problems: &mut Vec<String>) {
+        let Some(g) = &self.model.group else {
+            return;
+        };
+        let Some(reference) = self.clients[g.moderator].layer.mls_state(g.id) else {
+            problems.push(format!("group {}: the moderator has no MLS group", g.id));
+            return;
+        };
+        let open: Vec<usize> = (0..self.clients.len()).filter(|c| g.open(*c)).collect();
+        let expected: std::collections::BTreeSet<u128> =
+            open.iter().map(|c| self.clients[*c].name.id()).collect();
+        let actual: std::collections::BTreeSet<u128> = reference.members.iter().copied().collect();
+        if actual != expected {
+            let who = |ids: &std::collections::BTreeSet<u128>| -> Vec<String> {
+                ids.iter()
+                    .map(|id| {
+                        self.clients
+                            .iter()
+                            .position(|c| c.name.id() == *id)
+                            .map_or_else(|| format!("{id:x}"), |c| c.to_string())
+                    })
+                    .collect()
+            };
+            problems.push(format!(
+                "group {}: the moderator's MLS group has {:?}, the clients that have the group open are {:?}",
+                g.id,
+                who(&actual),
+                who(&expected)
+            ));
+        }
+        for &c in open.iter().filter(|c| **c != g.moderator) {
+            match self.clients[c].layer.mls_state(g.id) {
+                Some(state) if state.epoch == reference.epoch => {}
+                other => problems.push(format!(
+                    "group {}: client {c} is at MLS epoch {:?}, the moderator at {}",
+                    g.id,
+                    other.map(|s| s.epoch),
+                    reference.epoch
+                )),
+            }
+        }
     }
 
     fn member_indices(
@@ -1195,8 +1445,16 @@ impl Sim {
                         moved = true;
                         match output {
                             session::Output::Send(message) => {
+                                if !self.removal_epochs.is_empty() {
+                                    self.capture_post_removal(j, &message);
+                                }
                                 let body = Bytes::from(message.encode_to_vec());
-                                self.trace_write(host, b"send", &body);
+                                if self.config.mls {
+                                    let digest = mls_digest(&message);
+                                    self.trace_write(host, b"send", &digest);
+                                } else {
+                                    self.trace_write(host, b"send", &body);
+                                }
                                 let (app, now) = (self.clients[j].app, self.now);
                                 self.clients[j].router.handle_frame(app, body, now);
                             }
@@ -1450,6 +1708,10 @@ impl Sim {
             )));
         };
         self.frames_sent += 1;
+        if self.withheld(link, dir, &frame) {
+            self.frames_withheld += 1;
+            return Ok(());
+        }
         if let Some(filter) = self.filter.as_mut() {
             let mut deframer = Deframer::default();
             deframer.push(&frame);
@@ -1653,7 +1915,13 @@ impl Sim {
             Output::Transmit { conn, frame } => {
                 let mut tag = *b"transmit........";
                 tag[8..].copy_from_slice(&conn.to_le_bytes());
-                self.trace_write(host, &tag, frame);
+                if self.config.mls {
+                    let digest =
+                        decode_frame(frame).map_or_else(|| frame.to_vec(), |m| mls_digest(&m));
+                    self.trace_write(host, &tag, &digest);
+                } else {
+                    self.trace_write(host, &tag, frame);
+                }
             }
             other => self.trace_write(host, b"router", format!("{other:?}").as_bytes()),
         }
@@ -1710,15 +1978,62 @@ fn subscribe_message(
     }
 }
 
-fn frame_summary(frame: &Bytes) -> String {
+/// The message in a gRPC-framed frame.
+fn decode_frame(frame: &Bytes) -> Option<pb::Message> {
     let mut deframer = Deframer::default();
     deframer.push(frame);
-    let Some(message) = deframer
+    deframer
         .next_frame()
         .ok()
         .flatten()
         .and_then(|body| pb::Message::decode(body).ok())
-    else {
+}
+
+/// What a message is, without its bytes, for the traces of MLS runs (whose key packages,
+/// welcomes, commits and ciphertexts differ from run to run): a session message's type,
+/// session, id, source and destination; any other message (links, subscriptions) whole.
+fn mls_digest(message: &pb::Message) -> Vec<u8> {
+    let Some((kind, session, id)) = session_info(message) else {
+        return message.encode_to_vec();
+    };
+    let mut digest = Vec::with_capacity(64);
+    digest.extend_from_slice(&(kind as i32).to_le_bytes());
+    digest.extend_from_slice(&session.to_le_bytes());
+    digest.extend_from_slice(&id.to_le_bytes());
+    if let Some(MessageType::Publish(p)) = &message.message_type {
+        let header = p.header.as_ref();
+        for name in [
+            header.and_then(|h| h.source.as_ref()),
+            header.and_then(|h| h.destination.as_ref()),
+        ] {
+            if let Some(key) = name.and_then(Name::from_pb).map(|n| n.key()) {
+                for c in key.components {
+                    digest.extend_from_slice(&c.to_le_bytes());
+                }
+                digest.extend_from_slice(&key.id.to_le_bytes());
+            }
+        }
+    }
+    digest
+}
+
+/// The application payload of a data message.
+fn app_blob(message: &pb::Message) -> Option<&[u8]> {
+    let Some(MessageType::Publish(p)) = &message.message_type else {
+        return None;
+    };
+    match p.msg.as_ref()?.content_type.as_ref()? {
+        pb::content::ContentType::AppPayload(app) => Some(&app.blob),
+        _ => None,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn frame_summary(frame: &Bytes) -> String {
+    let Some(message) = decode_frame(frame) else {
         return "undecodable".into();
     };
     match (&message.message_type, session_info(&message)) {

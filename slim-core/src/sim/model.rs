@@ -119,6 +119,11 @@ impl Model {
         }
     }
 
+    /// The p2p sessions client `client` has had (open or closed).
+    pub fn sessions_of(&self, client: usize) -> impl Iterator<Item = SessionId> + '_ {
+        self.by_client[client].keys().copied()
+    }
+
     /// The client and session id of one side of a logical session, if that side exists.
     pub fn endpoint(&self, session: usize, side: Side) -> Option<(usize, SessionId)> {
         let s = self.sessions.get(session)?.as_ref()?;
@@ -727,6 +732,9 @@ pub(crate) struct GroupMember {
     pub offline: BTreeSet<usize>,
     /// When it joined, in join order (the moderator first, at 0).
     pub join_order: Option<u32>,
+    /// Removed, it ignores its removal and keeps its MLS state ([`super::SimConfig::mls_defiant_removal`]):
+    /// no longer in the group for liveness and membership agreement.
+    pub defiant: bool,
 }
 
 /// A receiver's stream from one sender: it starts where the sender started sending to it (at 1
@@ -805,10 +813,11 @@ impl GroupModel {
         Ok(())
     }
 
-    /// Client `client` has the group open (joined, not closed).
+    /// Client `client` has the group open (joined, not closed, not a removed member that
+    /// ignores its removal).
     pub fn open(&self, client: usize) -> bool {
         let m = &self.members[client];
-        m.joined && m.closed.is_none()
+        m.joined && m.closed.is_none() && !m.defiant
     }
 }
 

@@ -19,6 +19,12 @@ pub(crate) const STREAM_PAYLOADS: u64 = 4;
 /// The group workload of a seed is drawn from its own stream: adding it left the p2p scenarios
 /// of every seed unchanged.
 pub(crate) const STREAM_GROUP: u64 = 5;
+/// Whether a seed runs its sessions with MLS is drawn from its own stream too.
+pub(crate) const STREAM_MLS: u64 = 6;
+/// Share of the swarm seeds whose sessions (p2p and group) are end-to-end encrypted with MLS.
+/// MLS costs ~0.1–0.5 ms per message and a few ms per commit, so it is kept small enough that a
+/// 1000-seed sweep stays within a minute more on two cores.
+pub const MLS_SHARE: f64 = 0.1;
 /// The channel of the group workload (`org/sim/chan`).
 pub const GROUP_CHANNEL: (&str, &str, &str) = ("org", "sim", "chan");
 
@@ -173,6 +179,15 @@ pub struct SimConfig {
     pub group_strict_start: bool,
     pub group_strict_invite: bool,
     pub group_strict_updates: bool,
+    /// Every session (p2p and group) is opened with MLS on (`SessionConfig::mls`). With MLS a
+    /// seed reproduces every decision but not the bytes (openmls draws HPKE and signature
+    /// randomness from the OS): the trace then hashes what frames are, not their bytes.
+    pub mls: bool,
+    /// MLS runs: a member the moderator removes ignores its removal (every group control
+    /// message to it is withheld once the moderator's removal commit is made) and keeps its MLS
+    /// state; the data sent after the removal still reaches it, and every copy must fail to
+    /// decrypt there.
+    pub mls_defiant_removal: bool,
 }
 
 /// Knobs of the swarm generator that switch whole scenario families on or off. The draws are made
@@ -188,6 +203,10 @@ pub struct Swarm {
     /// invites the others whose service it can name unambiguously, broadcasts, members publish
     /// (fan-in), one member may be removed, and the group may be closed. On by default.
     pub groups: bool,
+    /// In about [`MLS_SHARE`] of the seeds (drawn from a stream of their own) every session is
+    /// opened with MLS on; in half of those a removed group member ignores its removal
+    /// ([`SimConfig::mls_defiant_removal`]). On by default.
+    pub mls: bool,
 }
 
 impl Default for Swarm {
@@ -195,6 +214,7 @@ impl Default for Swarm {
         Swarm {
             bursts: false,
             groups: true,
+            mls: true,
         }
     }
 }
@@ -381,6 +401,10 @@ impl SimConfig {
             let span = group_workload(seed, &clients, total, &mut actions);
             max_retry_span = max_retry_span.max(span);
         }
+        let mut mls_rng = ChaCha8Rng::seed_from_u64(seed);
+        mls_rng.set_stream(STREAM_MLS);
+        let mls = mls_rng.random_bool(MLS_SHARE) && swarm.mls;
+        let mls_defiant_removal = mls_rng.random_bool(0.5) && mls;
         // Stable: actions at the same instant keep their generation order.
         actions.sort_by_key(|(at, _)| *at);
         SimConfig {
@@ -398,6 +422,8 @@ impl SimConfig {
             group_strict_start: true,
             group_strict_invite: true,
             group_strict_updates: true,
+            mls,
+            mls_defiant_removal,
         }
     }
 
@@ -417,7 +443,15 @@ impl SimConfig {
             group_strict_start: true,
             group_strict_invite: true,
             group_strict_updates: true,
+            mls: false,
+            mls_defiant_removal: false,
         }
+    }
+
+    /// Every session with MLS on (see [`SimConfig::mls`]).
+    pub fn with_mls(mut self) -> Self {
+        self.mls = true;
+        self
     }
 
     /// Removes every way of losing a frame (loss and partitions); keeps delay, jitter and
