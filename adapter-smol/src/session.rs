@@ -26,7 +26,7 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -74,6 +74,8 @@ type Reply<T> = Sender<T>;
 /// How a membership change ended.
 type MembershipReply = Reply<Result<(), String>>;
 
+type PublishReply = Reply<Result<u32, SessionError>>;
+
 enum Command {
     Open {
         peer: Name,
@@ -102,7 +104,7 @@ enum Command {
     Publish {
         session: SessionId,
         payload: Bytes,
-        reply: Reply<Result<u32, SessionError>>,
+        reply: PublishReply,
     },
     Close {
         session: SessionId,
@@ -251,7 +253,8 @@ impl App {
     }
 
     /// Sends `payload` on a session (to the peer, or to every group member); returns its
-    /// sequence id.
+    /// sequence id. On a reliable session whose send queue is full (the receivers are behind
+    /// on their acknowledgements) it waits until there is room.
     pub async fn publish(
         &self,
         session: SessionId,
@@ -307,9 +310,57 @@ struct Waiters {
     /// By session and the member's service (the invitee is named without instance).
     joining: HashMap<(SessionId, [u64; 3]), MembershipReply>,
     leaving: HashMap<(SessionId, [u64; 3]), MembershipReply>,
+    /// Publishes the core refused with `SendQueueFull`, per session in order: retried after
+    /// every input until there is room (or the session is gone), so `publish` waits instead
+    /// of failing.
+    publishing: HashMap<SessionId, VecDeque<(Bytes, PublishReply)>>,
 }
 
 impl Waiters {
+    /// A publish: straight to the core, unless earlier ones on its session wait for room.
+    fn publish(
+        &mut self,
+        layer: &mut SessionLayer,
+        session: SessionId,
+        payload: Bytes,
+        reply: PublishReply,
+        now: slim_core::Timestamp,
+    ) {
+        if let Some(waiting) = self.publishing.get_mut(&session) {
+            waiting.push_back((payload, reply));
+            return;
+        }
+        match layer.publish(session, payload.clone(), now) {
+            Err(SessionError::SendQueueFull(..)) => {
+                self.publishing
+                    .entry(session)
+                    .or_default()
+                    .push_back((payload, reply));
+            }
+            result => {
+                let _ = reply.try_send(result);
+            }
+        }
+    }
+
+    /// Retries the waiting publishes, in order per session, until the core refuses one again.
+    fn retry_publishes(&mut self, layer: &mut SessionLayer, now: slim_core::Timestamp) {
+        self.publishing.retain(|session, waiting| {
+            while let Some((payload, reply)) = waiting.pop_front() {
+                match layer.publish(*session, payload.clone(), now) {
+                    Err(SessionError::SendQueueFull(..)) => {
+                        waiting.push_front((payload, reply));
+                        return true;
+                    }
+                    result => {
+                        let _ = reply.try_send(result);
+                    }
+                }
+            }
+            false
+        });
+    }
+
     /// Resolves what `event` completes; false when the event only concerned a waiter (the
     /// outcome of `open_session`, unless the caller gave up waiting).
     fn resolve(&mut self, event: &SessionEvent) -> bool {
@@ -413,6 +464,14 @@ impl Driver {
                 Wake::App(None) => return,
                 Wake::App(Some(command)) => self.command(command),
             }
+            self.retry_publishes();
+        }
+    }
+
+    fn retry_publishes(&mut self) {
+        if !self.waiters.publishing.is_empty() {
+            self.waiters
+                .retry_publishes(&mut self.layer, self.clock.now());
         }
     }
 
@@ -472,9 +531,7 @@ impl Driver {
                 session,
                 payload,
                 reply,
-            } => {
-                let _ = reply.try_send(layer.publish(session, payload, now));
-            }
+            } => self.waiters.publish(layer, session, payload, reply, now),
             Command::Close { session, reply } => {
                 let _ = reply.try_send(layer.close(session, now));
             }
@@ -523,22 +580,60 @@ impl Driver {
             }
             // The application is behind on events. Keep serving its commands meanwhile: it may
             // be waiting for one (a publish's answer) before it reads events again. A send
-            // future dropped unfinished has sent nothing, hence the clone.
+            // future dropped unfinished has sent nothing, hence the clone. A publish waiting
+            // for room needs acks (or its messages' timers): the network and the timer are
+            // served too while there is one; their outputs follow this event.
             #[allow(clippy::large_enum_variant)] // one short-lived value per wait
             enum Slot {
                 Sent(Go),
                 Command(Option<Command>),
+                Net(Result<pb::Message, ClientError>),
+                Timer,
             }
+            let publishing = !self.waiters.publishing.is_empty();
+            let deadline = self
+                .layer
+                .poll_timeout()
+                .map(|at| self.clock.to_instant(at));
             let slot = future::or(
-                async { Slot::Sent(self.events.send(event.clone()).await.is_ok()) },
-                async { Slot::Command(self.commands.recv().await.ok()) },
+                future::or(
+                    async { Slot::Sent(self.events.send(event.clone()).await.is_ok()) },
+                    async { Slot::Command(self.commands.recv().await.ok()) },
+                ),
+                async {
+                    match (publishing, deadline) {
+                        (false, _) => future::pending().await,
+                        (true, deadline) => {
+                            future::or(
+                                async { Slot::Net(self.client.recv_message().await) },
+                                async {
+                                    match deadline {
+                                        Some(at) => {
+                                            smol::Timer::at(at).await;
+                                            Slot::Timer
+                                        }
+                                        None => future::pending().await,
+                                    }
+                                },
+                            )
+                            .await
+                        }
+                    }
+                },
             )
             .await;
             match slot {
                 Slot::Sent(go) => return go,
                 Slot::Command(Some(command)) => self.command(command),
                 Slot::Command(None) => return false,
+                Slot::Net(Ok(message)) => self.layer.handle_message(message, self.clock.now()),
+                Slot::Net(Err(error)) => {
+                    tracing::warn!(%error, "client stopped");
+                    return false;
+                }
+                Slot::Timer => self.layer.handle_timeout(self.clock.now()),
             }
+            self.retry_publishes();
         }
     }
 }

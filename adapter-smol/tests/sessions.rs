@@ -312,3 +312,53 @@ fn an_app_behind_on_events_is_still_answered() {
         assert!(got_message, "the message published while behind arrived");
     });
 }
+
+/// A reliable session whose peer never acknowledges: 512 messages go out, 1 024 more wait in
+/// the core's send queue, and the next `publish` waits for room (the core says
+/// `SendQueueFull`; the app retries it for the caller) instead of failing. Room comes when the
+/// first messages run out of retries (`SendFailed`).
+#[test]
+fn publish_waits_for_room_in_a_full_send_queue() {
+    use slim_core::session::sender::{PRODUCER_BUFFER, SEND_QUEUE};
+    let _guard = watchdog(
+        "publish_waits_for_room_in_a_full_send_queue",
+        Duration::from_secs(60),
+    );
+    let node = TestNode::start();
+    smol::block_on(async {
+        let service = Name::new("org", "ns", "mute");
+        let mute = App::connect(&node.endpoint(), service.clone(), SECRET)
+            .await
+            .unwrap();
+        let sender = App::connect(&node.endpoint(), Name::new("org", "ns", "sender"), SECRET)
+            .await
+            .unwrap();
+        let config = SessionConfig {
+            reliability: Some(Reliability {
+                interval: Duration::from_secs(1),
+                max_retries: 1,
+            }),
+            ..SessionConfig::default()
+        };
+        let session = sender.open_session(&service, config).await.unwrap();
+        drop(mute); // no acks from now on
+        let room = (PRODUCER_BUFFER + SEND_QUEUE) as u32;
+        for id in 1..=room {
+            assert_eq!(sender.publish(session, &[1u8][..]).await.unwrap(), id);
+        }
+        let started = Instant::now();
+        let id = sender.publish(session, &[2u8][..]).await.unwrap();
+        assert_eq!(id, room + 1, "nothing was dropped on the way");
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "a full send queue makes publish wait (returned after {:?})",
+            started.elapsed()
+        );
+        loop {
+            if let SessionEvent::SendFailed { id, .. } = sender.next_event().await.unwrap() {
+                assert_eq!(id, 1);
+                break;
+            }
+        }
+    });
+}

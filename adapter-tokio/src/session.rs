@@ -84,7 +84,7 @@ enum Command {
     Publish {
         session: SessionId,
         payload: Bytes,
-        reply: oneshot::Sender<Result<u32, session::SessionError>>,
+        reply: PublishReply,
     },
     Close {
         session: SessionId,
@@ -222,7 +222,8 @@ impl App {
     }
 
     /// Sends `payload` on a session (to the peer, or to every group member); returns its
-    /// sequence id.
+    /// sequence id. On a reliable session whose send queue is full (the receivers are behind
+    /// on their acknowledgements) it waits until there is room.
     pub async fn publish(
         &self,
         session: SessionId,
@@ -273,6 +274,8 @@ async fn membership_answer(answer: oneshot::Receiver<Result<(), String>>) -> Res
     }
 }
 
+type PublishReply = oneshot::Sender<Result<u32, session::SessionError>>;
+
 /// Application commands waiting for an outcome the core reports as an event.
 #[derive(Default)]
 struct Waiters {
@@ -280,9 +283,57 @@ struct Waiters {
     /// By session and the member's service (the invitee is named without instance).
     joining: HashMap<(SessionId, [u64; 3]), MembershipReply>,
     leaving: HashMap<(SessionId, [u64; 3]), MembershipReply>,
+    /// Publishes the core refused with `SendQueueFull`, per session in order: retried after
+    /// every input until there is room (or the session is gone), so `publish` waits instead
+    /// of failing.
+    publishing: HashMap<SessionId, VecDeque<(Bytes, PublishReply)>>,
 }
 
 impl Waiters {
+    /// A publish: straight to the core, unless earlier ones on its session wait for room.
+    fn publish(
+        &mut self,
+        layer: &mut SessionLayer,
+        session: SessionId,
+        payload: Bytes,
+        reply: PublishReply,
+        now: slim_core::Timestamp,
+    ) {
+        if let Some(waiting) = self.publishing.get_mut(&session) {
+            waiting.push_back((payload, reply));
+            return;
+        }
+        match layer.publish(session, payload.clone(), now) {
+            Err(session::SessionError::SendQueueFull(..)) => {
+                self.publishing
+                    .entry(session)
+                    .or_default()
+                    .push_back((payload, reply));
+            }
+            result => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Retries the waiting publishes, in order per session, until the core refuses one again.
+    fn retry_publishes(&mut self, layer: &mut SessionLayer, now: slim_core::Timestamp) {
+        self.publishing.retain(|session, waiting| {
+            while let Some((payload, reply)) = waiting.pop_front() {
+                match layer.publish(*session, payload.clone(), now) {
+                    Err(session::SessionError::SendQueueFull(..)) => {
+                        waiting.push_front((payload, reply));
+                        return true;
+                    }
+                    result => {
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+            false
+        });
+    }
+
     /// Resolves what `event` completes; false when the event only concerned a waiter.
     fn resolve(&mut self, event: &SessionEvent) -> bool {
         match event {
@@ -384,6 +435,9 @@ async fn drive(
             }
         }
         let app_behind = !backlog.is_empty();
+        // A waiting publish needs the acks: the network is read while there is one, even if
+        // the application is behind (it may be waiting for that publish before it reads).
+        let read_net = !app_behind || !waiters.publishing.is_empty();
         tokio::select! {
             permit = events.reserve(), if app_behind => match permit {
                 Ok(permit) => {
@@ -393,7 +447,7 @@ async fn drive(
                 }
                 Err(_) => return,
             },
-            message = client.recv_message(), if !app_behind => match message {
+            message = client.recv_message(), if read_net => match message {
                 Ok(message) => layer.handle_message(message, clock.now()),
                 Err(_) => return,
             },
@@ -402,6 +456,9 @@ async fn drive(
                 Some(command) => run_command(&mut layer, &mut waiters, command, clock.now()),
             },
             () = timer => layer.handle_timeout(clock.now()),
+        }
+        if !waiters.publishing.is_empty() {
+            waiters.retry_publishes(&mut layer, clock.now());
         }
     }
 }
@@ -463,9 +520,7 @@ fn run_command(
             session,
             payload,
             reply,
-        } => {
-            let _ = reply.send(layer.publish(session, payload, now));
-        }
+        } => waiters.publish(layer, session, payload, reply, now),
         Command::Close { session, reply } => {
             let _ = reply.send(layer.close(session, now));
         }

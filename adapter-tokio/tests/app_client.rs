@@ -226,3 +226,66 @@ async fn an_app_behind_on_its_events_still_gets_its_commands_answered() {
     reader.abort();
     node.shutdown().await;
 }
+
+/// A reliable session whose peer never acknowledges: 512 messages go out, 1 024 more wait in
+/// the core's send queue, and the next `publish` waits for room (the core says
+/// `SendQueueFull`; the app retries it for the caller) instead of failing. Room comes when the
+/// first messages run out of retries (`SendFailed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_waits_for_room_in_a_full_send_queue() {
+    use slim_core::session::sender::{PRODUCER_BUFFER, SEND_QUEUE};
+    use slim_tokio::session::{App, Reliability, SessionConfig, SessionEvent};
+    const SECRET: &str = "app-client-test-secret-0123456789abcdef";
+    let node = node().await;
+    let endpoint = node.local_addrs()[0].to_string();
+    let mute = App::connect(&endpoint, Name::new("org", "ns", "mute"), SECRET)
+        .await
+        .unwrap();
+    let sender = std::sync::Arc::new(
+        App::connect(&endpoint, Name::new("org", "ns", "sender"), SECRET)
+            .await
+            .unwrap(),
+    );
+    let config = SessionConfig {
+        reliability: Some(Reliability {
+            interval: std::time::Duration::from_secs(1),
+            max_retries: 1,
+        }),
+        ..SessionConfig::default()
+    };
+    let session = sender
+        .open_session(&Name::new("org", "ns", "mute"), config)
+        .await
+        .unwrap();
+    drop(mute); // no acks from now on
+    let room = (PRODUCER_BUFFER + SEND_QUEUE) as u32;
+    for id in 1..=room {
+        assert_eq!(sender.publish(session, vec![1]).await.unwrap(), id);
+    }
+    let waiting = {
+        let sender = sender.clone();
+        tokio::spawn(async move { sender.publish(session, vec![2]).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a full send queue makes publish wait"
+    );
+    let id = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("room once the first messages failed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(id, room + 1, "nothing was dropped on the way");
+    let failed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            if let SessionEvent::SendFailed { id, .. } = sender.next_event().await.unwrap() {
+                return id;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(failed, 1);
+    node.shutdown().await;
+}

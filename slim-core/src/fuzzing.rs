@@ -21,9 +21,6 @@
 //! * [`session_sim`]: a small [`Sim`](crate::sim::Sim) scenario (seed, topology, per-link
 //!   loss/dup/jitter/partitions, p2p and group workload) run with the simulation's invariants.
 //!
-//! [`session_sim_strict`] also judges the open findings the `session_sim` target tolerates (the
-//! inputs in `fuzz/known-crashes/` fail there).
-//!
 //! Inputs are decoded by hand from the bytes (no `arbitrary`, which `slim-core` does not depend
 //! on): a missing byte reads as zero, so every byte string is a valid scenario.
 
@@ -50,7 +47,7 @@ mod wire;
 
 pub use layer::session_layer;
 pub use payloads::session_payloads;
-pub use scenario::{session_sim, session_sim_config, session_sim_strict};
+pub use scenario::{session_sim, session_sim_config};
 pub use tokens::identity;
 
 /// A cursor over the fuzz input; reads past the end yield zeros.

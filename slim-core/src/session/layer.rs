@@ -40,7 +40,7 @@ use slim_proto::{Name, NameKey};
 
 use super::mls::{MlsState, PayloadError, SessionMls, TokenVerifier};
 use super::receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
-use super::sender::{Outgoing, ReliableSender, SenderEvent};
+use super::sender::{Outgoing, Queued, ReliableSender, SenderEvent, SEND_QUEUE};
 use crate::group::{CommitError, CommitOut, DecryptError, GroupConfig, MlsIdentity};
 use crate::identity::{
     self, new_identity_id, sign_control_message, verify_e2e_header, verify_payload, IdError,
@@ -144,6 +144,10 @@ pub enum SessionError {
     NotAMember(SessionId, String),
     #[error("session {0} is not established yet")]
     NotEstablished(SessionId),
+    /// Reliable sessions: the window of unacknowledged messages is full and this many more
+    /// wait for it; publish again once some are acknowledged (`Delivered` or `SendFailed`).
+    #[error("session {0} has {1} messages waiting for acknowledgements to go out")]
+    SendQueueFull(SessionId, usize),
 }
 
 /// Why a session ended.
@@ -744,6 +748,7 @@ impl SessionLayer {
                 return Ok(0);
             }
         }
+        send_queue_room(session, s)?;
         Ok(self.send_data(session, payload, payload_type, metadata, now))
     }
 
@@ -761,6 +766,7 @@ impl SessionLayer {
             .rng
             .random_range(super::sender::MAX_SEQUENCE_ID + 1..=u32::MAX);
         let s = self.established(session)?;
+        send_queue_room(session, s)?;
         let target = s
             .peers(&me)
             .into_iter()
@@ -2944,13 +2950,55 @@ impl SessionLayer {
         receivers: Vec<Name>,
         now: Timestamp,
     ) {
-        let me = self.name.clone();
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
         if s.reliability.is_some() {
+            if !s.sender.can_send() {
+                s.sender.hold(Queued {
+                    message: outgoing,
+                    destination: destination.clone(),
+                    fanout,
+                    endpoints: receivers,
+                });
+                return;
+            }
             s.sender.sent(outgoing.clone(), receivers, now);
         }
+        self.emit_msg(session, outgoing, destination, fanout, now);
+    }
+
+    /// Held-back messages the window has room for now go out (after an ack, a failure or a
+    /// departure ended a message in it).
+    fn release_held(&mut self, session: SessionId, now: Timestamp) {
+        while let Some(queued) = self
+            .sessions
+            .get_mut(&session)
+            .and_then(|s| s.sender.next_ready(now))
+        {
+            let Queued {
+                message,
+                destination,
+                fanout,
+                ..
+            } = queued;
+            self.emit_msg(session, message, &destination, fanout, now);
+        }
+    }
+
+    /// Builds and sends one MSG.
+    fn emit_msg(
+        &mut self,
+        session: SessionId,
+        outgoing: Outgoing,
+        destination: &Name,
+        fanout: u32,
+        now: Timestamp,
+    ) {
+        let me = self.name.clone();
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
         let session_type = s.session_type;
         let message = self.build(
             session_type,
@@ -2994,15 +3042,18 @@ impl SessionLayer {
                 );
                 self.emit_data(session, message);
             }
-            SenderEvent::Delivered { id } => self
-                .out
-                .push_back(Output::Event(SessionEvent::Delivered { session, id })),
+            SenderEvent::Delivered { id } => {
+                self.out
+                    .push_back(Output::Event(SessionEvent::Delivered { session, id }));
+                self.release_held(session, now);
+            }
             SenderEvent::Failed { id, missing } => {
                 self.out.push_back(Output::Event(SessionEvent::SendFailed {
                     session,
                     id,
                     missing,
-                }))
+                }));
+                self.release_held(session, now);
             }
         }
     }
@@ -3411,6 +3462,15 @@ fn reply_to(request: Mt) -> Option<Mt> {
         Mt::RejoinRequest => Some(Mt::RejoinReply),
         _ => None,
     }
+}
+
+/// `publish` refuses more once [`SEND_QUEUE`] messages wait for a reliable session's window.
+fn send_queue_room(session: SessionId, s: &mut Session) -> Result<(), SessionError> {
+    let queued = s.sender.queued();
+    if s.reliability.is_some() && queued >= SEND_QUEUE {
+        return Err(SessionError::SendQueueFull(session, queued));
+    }
+    Ok(())
 }
 
 /// Whether `reply` answers a control message of type `request`: its reply, or a GROUP_NACK

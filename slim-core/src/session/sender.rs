@@ -3,8 +3,16 @@
 //! Every data message gets the next sequence id (1, 2, …) and stays in a bounded buffer so it
 //! can be retransmitted. Each receiving endpoint must acknowledge it; after each `interval`
 //! without an ack the message is re-sent to the endpoints still missing, up to `max_retries`
-//! times. A receiver's RTX_REQUEST for an id counts as its ack and is answered from the buffer
-//! (or with an error once the id was evicted).
+//! times. A receiver's RTX_REQUEST for an id is answered from the buffer (or with an error once
+//! the id was evicted).
+//!
+//! Unlike the reference's ring buffer, a message still waiting for an ack is never evicted: a
+//! receiver that asks for one that was only overtaken would be told it is gone and report it
+//! lost (fuzz finding S1). The buffer is a window instead: at most [`PRODUCER_BUFFER`] messages
+//! from the oldest unacknowledged one on are out; messages published while it is full wait
+//! here, untransmitted, and go out in order as acks free the window (the session bounds that
+//! queue, [`SEND_QUEUE`]). Acknowledged messages stay for late RTX requests (a group newcomer's)
+//! until the window needs their room.
 //!
 //! Where the reference gives up silently (the publish "succeeds"), we report [`SenderEvent::Failed`].
 
@@ -16,8 +24,12 @@ use slim_proto::{Name, NameKey};
 
 use crate::Timestamp;
 
-/// Messages kept for retransmission, as the reference (`producer_buffer.rs`).
+/// Messages kept for retransmission, as the reference (`producer_buffer.rs`): the window of
+/// messages out, from the oldest one still unacknowledged.
 pub const PRODUCER_BUFFER: usize = 512;
+/// Messages a session holds back while its window is full; `publish` refuses more
+/// (`SessionError::SendQueueFull`). With the window, a session holds at most 1 536 messages.
+pub const SEND_QUEUE: usize = 1024;
 /// Highest sequence id before wrapping (reference `MAX_PUBLISH_ID`).
 pub const MAX_SEQUENCE_ID: u32 = u32::MAX / 2;
 
@@ -41,6 +53,18 @@ pub enum SenderEvent {
     Failed { id: u32, missing: Vec<Name> },
 }
 
+/// A message published while the window was full, not transmitted yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queued {
+    pub message: Outgoing,
+    /// Where it goes and with which fanout (the data channel, or one member).
+    pub destination: Name,
+    pub fanout: u32,
+    /// Who must acknowledge it: decided at publish time, like its id (a group newcomer's
+    /// stream starts at the id after the last one published before it joined).
+    pub endpoints: Vec<Name>,
+}
+
 #[derive(Debug)]
 struct Pending {
     missing: Vec<Name>,
@@ -54,7 +78,11 @@ pub struct ReliableSender {
     interval: Duration,
     max_retries: u32,
     next_id: u32,
+    /// Transmitted messages, oldest first: everything from the oldest unacknowledged one on,
+    /// and older acknowledged ones while there is room.
     buffer: VecDeque<Outgoing>,
+    /// Published, not transmitted yet (the window was full), in order.
+    waiting: VecDeque<Queued>,
     pending: BTreeMap<u32, Pending>,
     timers: BinaryHeap<Reverse<(Timestamp, u32)>>,
 }
@@ -65,7 +93,9 @@ impl ReliableSender {
             interval,
             max_retries,
             next_id: 1,
-            buffer: VecDeque::with_capacity(PRODUCER_BUFFER),
+            // Grown on demand: most sessions never have many messages out.
+            buffer: VecDeque::new(),
+            waiting: VecDeque::new(),
             pending: BTreeMap::new(),
             timers: BinaryHeap::new(),
         }
@@ -83,10 +113,54 @@ impl ReliableSender {
         id
     }
 
-    /// Records a message sent to `endpoints`, each of which must acknowledge it.
+    /// Whether a message published now may be transmitted at once: nothing waits before it
+    /// and the window has room (acknowledged messages at its start make way).
+    pub fn can_send(&mut self) -> bool {
+        self.waiting.is_empty() && self.make_room()
+    }
+
+    fn make_room(&mut self) -> bool {
+        while self.buffer.len() >= PRODUCER_BUFFER {
+            match self.buffer.front() {
+                Some(oldest) if !self.pending.contains_key(&oldest.id) => {
+                    self.buffer.pop_front();
+                }
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Holds back a message published while [`can_send`](Self::can_send) was false; it comes
+    /// out of [`next_ready`](Self::next_ready) once the window has room.
+    pub fn hold(&mut self, queued: Queued) {
+        self.waiting.push_back(queued);
+    }
+
+    /// The next held-back message, if the window has room for it now: recorded as sent at
+    /// `now`, to be transmitted by the caller.
+    pub fn next_ready(&mut self, now: Timestamp) -> Option<Queued> {
+        if self.waiting.is_empty() || !self.make_room() {
+            return None;
+        }
+        let queued = self.waiting.pop_front()?;
+        self.sent(queued.message.clone(), queued.endpoints.clone(), now);
+        Some(queued)
+    }
+
+    /// Messages held back, not transmitted yet.
+    pub fn queued(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Records a message sent to `endpoints`, each of which must acknowledge it. Only after
+    /// [`can_send`](Self::can_send) said yes (or from [`next_ready`](Self::next_ready)): the
+    /// window may hold more only if nothing in it waits for an ack.
     pub fn sent(&mut self, message: Outgoing, endpoints: Vec<Name>, now: Timestamp) {
         let id = message.id;
-        if self.buffer.len() == PRODUCER_BUFFER {
+        if !self.make_room() {
+            // Cannot happen through the session; should it, the oldest message goes as in the
+            // reference rather than the buffer growing without bound.
             self.buffer.pop_front();
         }
         self.buffer.push_back(message);
@@ -136,6 +210,16 @@ impl ReliableSender {
         let ids: Vec<u32> = self.pending.keys().copied().collect();
         for id in ids {
             events.extend(self.on_ack(id, endpoint));
+        }
+        // Held-back messages end the same way as those out: delivered once nobody is missing.
+        for queued in &mut self.waiting {
+            let before = queued.endpoints.len();
+            queued.endpoints.retain(|n| n.key() != *endpoint);
+            if before > 0 && queued.endpoints.is_empty() {
+                events.push(SenderEvent::Delivered {
+                    id: queued.message.id,
+                });
+            }
         }
     }
 
@@ -302,6 +386,87 @@ mod tests {
         assert!(s.buffered(9).is_some());
         assert!(s.buffered(PRODUCER_BUFFER as u32 + 8).is_some());
         assert_eq!(s.on_rtx_request(3), None);
+    }
+
+    /// Fuzz finding S1: with 512 messages out, the 513th used to evict message 1 although
+    /// nobody had acknowledged it, and a gap request for 1 (overtaken, not lost) was answered
+    /// "unavailable". Now the window is full: the 513th waits until 1 is acknowledged.
+    #[test]
+    fn unacknowledged_messages_are_never_evicted() {
+        let mut s = ReliableSender::new(SEC, 2);
+        for _ in 0..PRODUCER_BUFFER {
+            assert!(s.can_send());
+            let id = s.allocate_id();
+            s.sent(msg(id), vec![peer(1)], Timestamp::ZERO);
+        }
+        assert!(!s.can_send(), "the window is full");
+        let id = s.allocate_id();
+        s.hold(Queued {
+            message: msg(id),
+            destination: peer(1),
+            fanout: 1,
+            endpoints: vec![peer(1)],
+        });
+        assert_eq!(s.queued(), 1);
+        assert_eq!(
+            s.on_rtx_request(1),
+            Some(&msg(1)),
+            "still there for a gap request"
+        );
+        // Acks for later messages do not open the window: 1 still bounds it.
+        s.on_ack(2, &peer(1).key());
+        assert_eq!(s.next_ready(Timestamp::ZERO), None);
+        assert!(!s.can_send(), "held messages go first");
+        s.on_ack(1, &peer(1).key());
+        let at = Timestamp::ZERO + SEC / 2;
+        let ready = s.next_ready(at).expect("room for the held message");
+        assert_eq!(ready.message.id, PRODUCER_BUFFER as u32 + 1);
+        assert_eq!(s.queued(), 0);
+        assert_eq!(s.unacked(), PRODUCER_BUFFER - 1);
+        assert_eq!(s.on_rtx_request(1), None, "acknowledged, it made way");
+        assert_eq!(
+            s.on_rtx_request(2),
+            Some(&msg(2)),
+            "acknowledged, kept: there is room"
+        );
+        // Its timer runs from when it went out.
+        let mut events = Vec::new();
+        s.handle_timeout(at + SEC, &mut events);
+        assert!(events.contains(&SenderEvent::Retransmit {
+            id: PRODUCER_BUFFER as u32 + 1,
+            to: peer(1)
+        }));
+    }
+
+    #[test]
+    fn acknowledged_messages_stay_for_gap_requests_while_there_is_room() {
+        let mut s = ReliableSender::new(SEC, 2);
+        s.sent(msg(1), vec![peer(1)], Timestamp::ZERO);
+        s.on_ack(1, &peer(1).key());
+        assert_eq!(s.on_rtx_request(1), Some(&msg(1)));
+        assert!(s.can_send());
+    }
+
+    #[test]
+    fn removing_an_endpoint_completes_held_messages_too() {
+        let mut s = ReliableSender::new(SEC, 2);
+        for _ in 0..PRODUCER_BUFFER {
+            let id = s.allocate_id();
+            s.sent(msg(id), vec![peer(1), peer(2)], Timestamp::ZERO);
+        }
+        s.hold(Queued {
+            message: msg(600),
+            destination: peer(1),
+            fanout: 256,
+            endpoints: vec![peer(2)],
+        });
+        let mut events = Vec::new();
+        s.remove_endpoint(&peer(2).key(), &mut events);
+        assert!(events.contains(&SenderEvent::Delivered { id: 600 }));
+        assert!(
+            !events.contains(&SenderEvent::Delivered { id: 1 }),
+            "1 waits for peer 1"
+        );
     }
 
     #[test]

@@ -256,6 +256,92 @@ fn a_lost_message_is_requested_and_recovered_in_order() {
     );
 }
 
+/// Fuzz finding S1: a burst beyond the sender's 512-message window. The messages that do not
+/// fit wait in the session (their ids are taken at once) and go out as acks come; more than
+/// `SEND_QUEUE` waiting are refused. The first copy of message 1 goes missing as if overtaken:
+/// the gap request for it is answered with the message (the old ring buffer had evicted it and
+/// said "unavailable", so the receiver reported it lost).
+#[test]
+fn a_burst_beyond_the_window_waits_for_acks_and_nothing_is_lost() {
+    use super::super::sender::{PRODUCER_BUFFER, SEND_QUEUE};
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    let mut dropped = false;
+    p.filter = Box::new(move |from_a, m| {
+        if from_a && kind(m) == Mt::Msg && mid(m) == 1 && !dropped {
+            dropped = true;
+            return false;
+        }
+        true
+    });
+    let total = (PRODUCER_BUFFER + SEND_QUEUE) as u32;
+    for id in 1..=total {
+        assert_eq!(
+            p.a.publish(sid, Bytes::from(id.to_be_bytes().to_vec()), p.now),
+            Ok(id)
+        );
+    }
+    assert_eq!(
+        p.a.publish(sid, Bytes::from_static(b"one too many"), p.now),
+        Err(SessionError::SendQueueFull(sid, SEND_QUEUE))
+    );
+    let mut out = Vec::new();
+    while let Some(o) = p.a.poll_output() {
+        out.push(o);
+    }
+    let sent: Vec<u32> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send(m) if kind(m) == Mt::Msg => Some(mid(m)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        sent,
+        (1..=PRODUCER_BUFFER as u32).collect::<Vec<_>>(),
+        "the window's worth"
+    );
+    for o in out {
+        if let Output::Send(m) = o {
+            if (p.filter)(true, &m) {
+                p.b.handle_message(*m, p.now);
+            }
+        }
+    }
+    p.run();
+    assert_eq!(
+        p.messages_b().iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
+    assert!(p
+        .wire_log
+        .iter()
+        .any(|(from_a, k, id)| *from_a && *k == Mt::RtxReply && *id == 1));
+    let lost_or_failed = p
+        .events_a
+        .iter()
+        .chain(&p.events_b)
+        .filter(|e| {
+            matches!(
+                e,
+                SessionEvent::MessageLost { .. } | SessionEvent::SendFailed { .. }
+            )
+        })
+        .count();
+    assert_eq!(lost_or_failed, 0);
+    let delivered = p
+        .events_a
+        .iter()
+        .filter(|e| matches!(e, SessionEvent::Delivered { .. }))
+        .count();
+    assert_eq!(delivered, total as usize);
+    assert_eq!(
+        p.a.publish(sid, Bytes::from_static(b"after"), p.now),
+        Ok(total + 1),
+        "room again"
+    );
+}
+
 #[test]
 fn a_lost_last_message_is_retransmitted_after_the_interval() {
     let mut p = Pair::new();
