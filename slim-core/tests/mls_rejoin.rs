@@ -266,3 +266,106 @@ fn a_garbled_rejoin_request_is_dropped_counted_and_the_retransmission_rejoins() 
         .messages(1, session)
         .contains(&Bytes::from_static(b"after")));
 }
+
+/// Spec (captures/flows g2): a member that missed a commit learns it from a heartbeat carrying
+/// a newer epoch than its own, and rejoins on its own (no state update, no NACK involved).
+#[test]
+fn a_heartbeat_with_a_newer_epoch_starts_the_rejoin() {
+    let (mut net, session) = group();
+    let m1 = net.name(1);
+    make_m1_stale(&mut net, session);
+    assert!(net.sent(1, Mt::RejoinRequest).is_empty());
+    // Quiet group: heartbeats go out after 10 s.
+    net.advance(Duration::from_secs(12));
+    let epochs: Vec<u64> = [0, 2, 3]
+        .into_iter()
+        .flat_map(|i| net.sent(i, Mt::Heartbeat))
+        .filter_map(|m| match command(m) {
+            Some(Cmd::Heartbeat(h)) => Some(h.epoch),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !epochs.is_empty() && epochs.iter().all(|e| *e != u64::MAX),
+        "the others heartbeat with their MLS epoch: {epochs:?}"
+    );
+    assert!(
+        net.sent(1, Mt::UpdateParticipantState).is_empty(),
+        "no state update: the heartbeat alone"
+    );
+    let requests = net.sent(1, Mt::RejoinRequest);
+    assert_eq!(requests.len(), 1, "one rejoin request, answered at once");
+    let Some(Cmd::RejoinRequest(request)) = command(requests[0]) else {
+        panic!("rejoin request payload")
+    };
+    assert_eq!(request.participant, Some(m1.to_pb()));
+    assert_eq!(
+        inspect(&request.key_package).unwrap().kind,
+        MlsKind::KeyPackage
+    );
+    assert_eq!(net.sent(0, Mt::RejoinReply).len(), 1);
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"after"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(500));
+    assert!(
+        net.messages(1, session)
+            .contains(&Bytes::from_static(b"after")),
+        "m1 reads again: {:?}",
+        net.messages(1, session)
+    );
+    // Later heartbeats carry the epoch m1 has now: no second rejoin.
+    net.advance(Duration::from_secs(25));
+    assert_eq!(net.sent(1, Mt::RejoinRequest).len(), 1);
+}
+
+/// Spec (captures/flows g3): while a member is offline (soft close) the group's messages still
+/// reach it, but it drops them without acknowledging; back online it reads again (and asks for
+/// what it missed, which the sender still has).
+#[test]
+fn an_offline_member_drops_data_unacknowledged_until_it_is_back() {
+    let (mut net, session) = group();
+    net.apps[1].set_online(session, false, net.now).unwrap();
+    net.advance(Duration::from_millis(50));
+    let acks_before = net.sent(1, Mt::MsgAck).len();
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"while away"), net.now)
+        .unwrap();
+    net.advance(Duration::from_secs(2));
+    assert!(
+        net.messages(1, session).is_empty(),
+        "nothing delivered while offline"
+    );
+    assert_eq!(
+        net.sent(1, Mt::MsgAck).len(),
+        acks_before,
+        "nor acknowledged"
+    );
+    assert!(
+        net.dropped(1, SessionDrop::Unexpected) > 0,
+        "dropped and counted"
+    );
+    assert_eq!(
+        net.messages(2, session),
+        vec![Bytes::from_static(b"while away")]
+    );
+    assert!(
+        !net.events[0]
+            .iter()
+            .any(|e| matches!(e, SessionEvent::SendFailed { .. })),
+        "the moderator did not wait for the offline member"
+    );
+    net.apps[1].set_online(session, true, net.now).unwrap();
+    net.advance(Duration::from_millis(50));
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"back"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(500));
+    assert_eq!(
+        net.messages(1, session),
+        vec![
+            Bytes::from_static(b"while away"),
+            Bytes::from_static(b"back")
+        ]
+    );
+}

@@ -458,6 +458,9 @@ struct Session {
     /// When each peer was last heard from (any message counts).
     last_heard: BTreeMap<NameKey, Timestamp>,
     offline: BTreeSet<NameKey>,
+    /// We told the others we are offline (soft close, [`SessionLayer::set_online`]): data is
+    /// dropped unacknowledged until we are back, as the reference does (captures/flows g3).
+    soft_closed: bool,
     /// Direct messages already delivered, by source and id.
     seen_direct: VecDeque<(NameKey, u32)>,
     /// The session's MLS group when it is end-to-end encrypted.
@@ -923,6 +926,7 @@ impl SessionLayer {
             None => (s.peer.clone(), 1),
             Some(g) => (g.control.clone(), MAX_FANOUT),
         };
+        s.soft_closed = !online;
         let others = s.peers(&me);
         if others.is_empty() {
             return Ok(()); // nobody to tell
@@ -1180,8 +1184,8 @@ impl SessionLayer {
             }
             (Mt::RtxRequest, State::Established | State::Closing) => self.on_rtx_request(m, now),
             (Mt::RtxReply, State::Established | State::Closing) => self.on_rtx_reply(m, now),
-            // Liveness only; any message counts.
-            (Mt::Heartbeat, _) => {}
+            // Liveness (any message counts), and the sender's MLS epoch.
+            (Mt::Heartbeat, _) => self.on_heartbeat(&m, now),
             (Mt::UpdateParticipantState, _) if from_member || from_peer => {
                 self.on_participant_state(m, now)
             }
@@ -1666,7 +1670,41 @@ impl SessionLayer {
         }
     }
 
+    /// A heartbeat of a member whose MLS epoch is ahead of ours: we missed a commit and rejoin
+    /// through the moderator, as the reference does (spec, captures/flows g2: the heartbeat may
+    /// be any member's).
+    fn on_heartbeat(&mut self, m: &Received, now: Timestamp) {
+        let Some(Cmd::Heartbeat(heartbeat)) = command_of(&m.content) else {
+            return;
+        };
+        let Some(s) = self.sessions.get(&m.session_id) else {
+            return;
+        };
+        let from_member = s.peer.key() == m.source.key()
+            || s.group
+                .as_ref()
+                .is_some_and(|g| g.is_member(&m.source.key()));
+        let ours = s.mls.as_ref().and_then(SessionMls::epoch);
+        // u64::MAX: the sender has no MLS.
+        let ahead = heartbeat.epoch != u64::MAX && ours.is_some_and(|e| heartbeat.epoch > e);
+        if s.state == State::Established && from_member && ahead {
+            self.start_rejoin(m.session_id, now);
+        }
+    }
+
+    /// Whether we told the others we are offline: data is then dropped, not acknowledged.
+    fn soft_closed(&mut self, session: SessionId) -> bool {
+        if !self.sessions.get(&session).is_some_and(|s| s.soft_closed) {
+            return false;
+        }
+        self.drop_message(SessionDrop::Unexpected, "data while offline (soft close)");
+        true
+    }
+
     fn on_data(&mut self, m: Received, now: Timestamp) {
+        if self.soft_closed(m.session_id) {
+            return;
+        }
         let Some(pb::content::ContentType::AppPayload(app)) =
             m.content.clone().and_then(|c| c.content_type)
         else {
@@ -1799,6 +1837,9 @@ impl SessionLayer {
     }
 
     fn on_rtx_reply(&mut self, m: Received, now: Timestamp) {
+        if self.soft_closed(m.session_id) {
+            return;
+        }
         if !self.admit_group_source(m.session_id, &m.source) {
             self.drop_message(SessionDrop::Unexpected, "retransmission from a non-member");
             return;
@@ -1933,8 +1974,9 @@ impl SessionLayer {
         }
     }
 
-    /// Participant: a member NACKed our state update (our MLS epoch is stale): a fresh key
-    /// package goes to the moderator in a REJOIN_REQUEST (once; it is re-sent until answered).
+    /// Participant: a member NACKed our state update, or a heartbeat showed a newer epoch (ours
+    /// is stale): a fresh key package goes to the moderator in a REJOIN_REQUEST (once; it is
+    /// re-sent until answered).
     fn start_rejoin(&mut self, session: SessionId, now: Timestamp) {
         let Some(s) = self.sessions.get(&session) else {
             return;
@@ -3283,6 +3325,7 @@ impl SessionLayer {
             sent_since_heartbeat: false,
             last_heard: BTreeMap::new(),
             offline: BTreeSet::new(),
+            soft_closed: false,
             seen_direct: VecDeque::new(),
             mls: None,
         }
