@@ -10,7 +10,7 @@
 //! * About 30 % of the seeds also run a group workload ([`Swarm::groups`]); `SIM_NO_GROUPS=1`
 //!   turns it off.
 //! * About 10 % of the seeds run every session with MLS on ([`Swarm::mls`]); `SIM_NO_MLS=1`
-//!   turns it off. `mls_seed_sweep` runs a tenth of `SIM_RUNS` more seeds with MLS forced on
+//!   turns it off. `mls_seed_sweep` runs 3/10 of `SIM_RUNS` more seeds with MLS forced on
 //!   (replay one with `SIM_SEED=<n> cargo test -p slim-core --test sim mls_seed_sweep`).
 
 use std::cell::RefCell;
@@ -831,15 +831,16 @@ fn resync_during_a_removal_does_not_bring_the_member_back() {
 
 // ------------------------------------------------------------------ MLS sessions
 
-/// How many swarm seeds (from `SIM_FIRST`) `mls_seed_sweep` runs with MLS forced on: a tenth of
-/// `SIM_RUNS` (at least 10). MLS costs ~0.1–0.5 ms per message, so the share is what keeps the
-/// CI sweep (1000 seeds, release, two cores) within about a minute more.
+/// How many swarm seeds (from `SIM_FIRST`) `mls_seed_sweep` runs with MLS forced on: 3/10 of
+/// `SIM_RUNS` (at least 10). MLS costs ~0.1–0.5 ms per message and a few ms per commit: the CI
+/// sweep's 300 MLS seeds take ~15–25 s in release on two cores (measured), on top of the ~10 %
+/// MLS seeds of `seed_sweep`, whose cost is lost in the noise.
 fn mls_seeds() -> Vec<u64> {
     match env_u64("SIM_SEED") {
         Some(seed) => vec![seed],
         None => {
             let first = env_u64("SIM_FIRST").unwrap_or(0);
-            let runs = (env_u64("SIM_RUNS").unwrap_or(100) / 10).max(10);
+            let runs = (env_u64("SIM_RUNS").unwrap_or(100) * 3 / 10).max(10);
             (first..first + runs).collect()
         }
     }
@@ -1055,16 +1056,18 @@ fn mls_removal_check_catches_a_readable_message() {
 }
 
 /// Open finding (session layer, MLS groups): a member that misses a commit for longer than the
-/// update's retries stays at the old epoch for good. Here client 1 is cut off from 2.9 s to
-/// 5.5 s, while the moderator removes client 2 (at 3 s; the update's 20 retries 100 ms apart
-/// run out). Nothing brings client 1 back: with MLS the moderator does not resend a member
-/// list to a stale member (it would not carry the commit), heartbeats carry the epoch but
-/// nobody acts on an old one, and the rejoin (spec §4.6) starts only when the application
-/// calls `set_online`. So client 1 goes on encrypting at the epoch client 2 still has: the
-/// removed member, which kept its MLS state, reads what client 1 publishes after the removal
-/// completed (and client 1 cannot read the others' messages any more).
+/// update's retries stays at the old epoch until it hears a heartbeat with a newer one (the
+/// rejoin of 12930de; heartbeats come every 10 s and are skipped while data flows). Here client
+/// 1 is cut off from 2.9 s to 5.5 s, while the moderator removes client 2 (at 3 s; the update's
+/// 20 retries 100 ms apart run out). Back on the network, client 1 goes on encrypting at the
+/// epoch client 2 still has: the removed member, which kept its MLS state, reads what client 1
+/// publishes after the removal completed. A wider MLS sweep found the same stale member on its
+/// own (`SIM_SEED=1682` and `2254 cargo test -p slim-core --test sim mls_seed_sweep`: a member
+/// at an old epoch, and in 1682 a stale member list, long after the heal); 12930de fixed those
+/// two. What is left is the window before the heartbeat. Fix to consider: a member that gets
+/// group data at a future epoch (it cannot decrypt it) starts the rejoin at once.
 #[test]
-#[ignore = "open finding: a member that missed a commit is never brought back to the group's epoch"]
+#[ignore = "open finding: a member that missed a removal commit encrypts at the old epoch until a heartbeat"]
 fn mls_member_that_missed_the_removal_commit_catches_up() {
     let mut config = mls_group_scenario(0.0);
     for n in 0..30 {
