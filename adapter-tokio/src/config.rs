@@ -60,6 +60,12 @@ pub struct NodeConfig {
     pub max_message_size: usize,
     /// Time given to open streams to finish after SIGINT/SIGTERM.
     pub drain_timeout: Duration,
+    /// Runtime worker threads (reference `runtime.n_cores`; 0: one per core). The default is
+    /// 1: the router is one task, so more workers mostly add cross-thread wake-ups to every hop
+    /// (BENCHMARKS.md: the round trip through the node is 3–4× shorter on one thread).
+    pub worker_threads: usize,
+    /// Name of the runtime's threads (reference `runtime.thread_name`).
+    pub thread_name: String,
     /// An HTTP/2 connection without any open stream for this long is closed (reference
     /// `keepalive.max_connection_idle`, 3600 s).
     pub max_connection_idle: Duration,
@@ -103,6 +109,8 @@ impl Default for NodeConfig {
             negotiation_timeout: Duration::from_secs(5),
             max_message_size: slim_proto::DEFAULT_MAX_MESSAGE_SIZE,
             drain_timeout: Duration::from_secs(5),
+            worker_threads: 1,
+            thread_name: "slim-node".into(),
             max_connection_idle: Duration::from_secs(3600),
             unknown_keys: Vec::new(),
         }
@@ -133,6 +141,8 @@ struct RawTracing {
 #[derive(Deserialize)]
 struct RawRuntime {
     drain_timeout: Option<String>,
+    n_cores: Option<usize>,
+    thread_name: Option<String>,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -297,6 +307,12 @@ impl NodeConfig {
             if let Some(d) = runtime.drain_timeout.as_deref().and_then(parse_duration) {
                 config.drain_timeout = d;
             }
+            if let Some(n) = runtime.n_cores {
+                config.worker_threads = n;
+            }
+            if let Some(name) = &runtime.thread_name {
+                config.thread_name.clone_from(name);
+            }
             note_unknown("runtime.", &runtime.extra, unknown);
         }
         let mut services = raw.services.into_iter();
@@ -427,14 +443,11 @@ services:
         assert_eq!(config.servers[0].addr, "0.0.0.0:46357".parse().unwrap());
         assert!(config.servers[0].tls.is_none());
         assert_eq!(config.drain_timeout, Duration::from_secs(10));
+        assert_eq!(config.worker_threads, 0);
+        assert_eq!(config.thread_name, "slim-data-plane");
         assert_eq!(
             config.unknown_keys,
-            vec![
-                "tracing.display_thread_ids",
-                "tracing.display_thread_names",
-                "runtime.n_cores",
-                "runtime.thread_name"
-            ]
+            vec!["tracing.display_thread_ids", "tracing.display_thread_names"]
         );
     }
 

@@ -40,6 +40,11 @@ struct Cli {
     #[arg(long, value_name = "HOST:PORT")]
     endpoint: Option<String>,
 
+    /// Runtime worker threads, overriding `runtime.n_cores` (0: one per core). Default 1: the
+    /// router is a single task, and one thread gives the shortest round trips.
+    #[arg(long, value_name = "N", env = "SLIM_THREADS")]
+    threads: Option<usize>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -237,11 +242,26 @@ impl AppArgs {
     }
 }
 
-fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// A tokio runtime with `threads` workers: 1 is a current-thread runtime (no cross-thread
+/// wake-ups between the tasks a message passes through), 0 one worker per core.
+fn runtime(threads: usize, name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder
         .enable_all()
+        .thread_name(name)
         .build()
         .context("starting the tokio runtime")
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    runtime(1, "slim-client")
 }
 
 fn run_reply(args: ReplyArgs) -> anyhow::Result<()> {
@@ -352,6 +372,10 @@ struct BenchArgs {
     /// Raw modes: receiving clients (each its own connection).
     #[arg(long, default_value_t = 1)]
     subscribers: usize,
+    /// Runtime worker threads of the bench's clients (0: one per core). With 1, the clients
+    /// leave the other cores to the node.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Round trips measured after the throughput phase.
     #[arg(long, default_value_t = 2000)]
     round_trips: u64,
@@ -390,10 +414,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal as _;
 
     init_logging(Some("warn"));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let runtime = runtime(args.threads, "slim-bench")?;
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         anyhow::bail!("--duration must be a positive number of seconds");
     }
@@ -520,16 +541,17 @@ fn main() -> anyhow::Result<()> {
     for key in &node_config.unknown_keys {
         tracing::warn!(key = %key, "configuration key not supported: ignored");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("slim-node")
-        .build()
-        .context("starting the tokio runtime")?;
+    if let Some(threads) = cli.threads {
+        node_config.worker_threads = threads;
+    }
+    let threads = node_config.worker_threads;
+    let runtime = runtime(threads, &node_config.thread_name)?;
     runtime.block_on(async {
         let node = Node::start(node_config).await?;
         tracing::info!(
             node_id = node.node_id(),
             version = slim_tokio::SLIM_VERSION,
+            threads,
             "node ready"
         );
         let signal = wait_for_signal().await?;
