@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_lite::future;
 use h2::{RecvStream, SendStream};
-use prost::Message as _;
 use slim_core::router::{ConnId, ConnectionKind, Output, Router, RouterConfig, RouterEvent};
 use slim_proto::pb::message::MessageType;
 use slim_proto::{pb, Deframer, Name, NameKey};
@@ -85,8 +84,8 @@ enum Command {
         subscribe: bool,
         reply: Reply,
     },
-    /// An encoded `pb::Message` from the application.
-    Message(Bytes),
+    /// A message from the application (handed to the router as it is, never encoded).
+    Message(Box<pb::Message>),
 }
 
 /// A connected client. It redials and re-subscribes when the link to the node is lost.
@@ -250,7 +249,7 @@ impl Client {
             })),
             metadata: Default::default(),
         };
-        self.send_message(&message).await
+        self.send_message(message).await
     }
 
     /// The next application message for this client (messages without an application payload,
@@ -286,9 +285,12 @@ impl Client {
 
     /// Sends a complete message (e.g. one built by a session layer) through the node. While
     /// the link is being made again, the client's router drops it.
-    pub async fn send_message(&self, message: &pb::Message) -> Result<(), ClientError> {
+    pub async fn send_message(
+        &self,
+        message: impl Into<Box<pb::Message>>,
+    ) -> Result<(), ClientError> {
         self.commands
-            .send(Command::Message(Bytes::from(message.encode_to_vec())))
+            .send(Command::Message(message.into()))
             .await
             .map_err(|_| ClientError::Closed)
     }
@@ -610,8 +612,9 @@ impl Driver {
                     ))));
                 }
             },
-            Command::Message(body) => {
-                self.router.handle_frame(self.app, body, self.clock.now());
+            Command::Message(message) => {
+                self.router
+                    .handle_message(self.app, *message, self.clock.now());
             }
         }
     }
@@ -651,11 +654,8 @@ impl Driver {
             message_type: Some(message_type),
             metadata: Default::default(),
         };
-        self.router.handle_frame(
-            self.app,
-            Bytes::from(message.encode_to_vec()),
-            self.clock.now(),
-        );
+        self.router
+            .handle_message(self.app, message, self.clock.now());
     }
 
     /// The link is negotiated: the first one completes `connect`; later ones make every
@@ -684,7 +684,7 @@ impl Driver {
     async fn drain(&mut self) -> Result<(), Loss> {
         while let Some(output) = self.router.poll_output() {
             match output {
-                Output::Transmit { conn, frame } if conn == self.app => self.deliver(&frame),
+                Output::Deliver { conn, message } if conn == self.app => self.deliver(*message),
                 Output::Transmit { conn, frame } => {
                     let Some(link) = self.link.as_mut().filter(|l| l.conn == conn) else {
                         continue;
@@ -704,55 +704,48 @@ impl Driver {
                         self.link_established();
                     }
                 }
-                Output::Event(_) => {}
+                Output::Event(_) | Output::Deliver { .. } => {}
             }
         }
         Ok(())
     }
 
-    /// Frames the router routed to the application: acks to their waiters, publishes to the
+    /// Messages the router routed to the application: acks to their waiters, publishes to the
     /// inbox. Never waits: a full inbox drops (reliable sessions recover by retransmission).
-    fn deliver(&mut self, frame: &Bytes) {
-        let mut deframer = Deframer::new(slim_proto::DEFAULT_MAX_MESSAGE_SIZE);
-        deframer.push(frame);
-        while let Ok(Some(body)) = deframer.next_frame() {
-            let Ok(message) = pb::Message::decode(body) else {
-                continue;
-            };
-            match &message.message_type {
-                Some(MessageType::SubscriptionAck(ack)) => {
-                    let Some(pos) = self
-                        .pending_subs
-                        .iter()
-                        .position(|p| p.sub_id == ack.subscription_id)
-                    else {
-                        continue; // a replayed subscription, or a waiter that gave up
-                    };
-                    let pending = self.pending_subs.swap_remove(pos);
-                    let result = if ack.success {
-                        if let Some(name) = pending.record {
-                            self.subscriptions
-                                .insert(name.key(), (name, pending.sub_id));
-                        }
-                        Ok(())
-                    } else {
-                        Err(ClientError::Subscription(ack.error.clone()))
-                    };
-                    let _ = pending.reply.try_send(result);
-                }
-                Some(MessageType::Publish(_)) => {
-                    if let Err(TrySendError::Full(_)) = self.inbox.try_send(message) {
-                        self.inbox_drops += 1;
-                        if self.inbox_drops.is_power_of_two() {
-                            tracing::warn!(
-                                dropped_total = self.inbox_drops,
-                                "the application does not read fast enough: message dropped"
-                            );
-                        }
+    fn deliver(&mut self, message: pb::Message) {
+        match &message.message_type {
+            Some(MessageType::SubscriptionAck(ack)) => {
+                let Some(pos) = self
+                    .pending_subs
+                    .iter()
+                    .position(|p| p.sub_id == ack.subscription_id)
+                else {
+                    return; // a replayed subscription, or a waiter that gave up
+                };
+                let pending = self.pending_subs.swap_remove(pos);
+                let result = if ack.success {
+                    if let Some(name) = pending.record {
+                        self.subscriptions
+                            .insert(name.key(), (name, pending.sub_id));
+                    }
+                    Ok(())
+                } else {
+                    Err(ClientError::Subscription(ack.error.clone()))
+                };
+                let _ = pending.reply.try_send(result);
+            }
+            Some(MessageType::Publish(_)) => {
+                if let Err(TrySendError::Full(_)) = self.inbox.try_send(message) {
+                    self.inbox_drops += 1;
+                    if self.inbox_drops.is_power_of_two() {
+                        tracing::warn!(
+                            dropped_total = self.inbox_drops,
+                            "the application does not read fast enough: message dropped"
+                        );
                     }
                 }
-                _ => {}
             }
+            _ => {}
         }
     }
 }

@@ -543,7 +543,7 @@ impl Driver {
         while let Some(output) = self.layer.poll_output() {
             match output {
                 Output::Send(message) => {
-                    if let Err(error) = self.client.send_message(&message).await {
+                    if let Err(error) = self.client.send_message(message).await {
                         tracing::warn!(%error, "client stopped");
                         return false;
                     }

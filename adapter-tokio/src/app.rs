@@ -23,15 +23,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use prost::Message as _;
 use slim_core::router::{ConnId, ConnectionKind, Router, RouterConfig};
 use slim_proto::pb::message::MessageType;
-use slim_proto::{pb, Deframer, Name};
+use slim_proto::{pb, Name};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
-use crate::node::{self, AdapterCounters, ConnWriter, NodeHandle, OpenKind};
+use crate::node::{self, AdapterCounters, ConnWriter, Delivery, NodeHandle, OpenKind, Outbox};
 
 const LINK_WAIT: Duration = Duration::from_secs(10);
 const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -148,7 +147,7 @@ impl Client {
             .open(
                 OpenKind::Local,
                 ConnWriter {
-                    frames: frames_tx,
+                    outbox: Outbox::Messages(frames_tx),
                     close: close_tx,
                 },
             )
@@ -261,7 +260,7 @@ impl Client {
             })),
             metadata: Default::default(),
         };
-        self.inner.send(&message).await
+        self.inner.send(Box::new(message)).await
     }
 
     /// The next application message for this client (messages without an application payload,
@@ -299,18 +298,17 @@ impl Client {
     }
 
     /// Sends a complete message (e.g. one built by a session layer) through the node.
-    pub async fn send_message(&self, message: &pb::Message) -> Result<(), ClientError> {
-        self.inner.send(message).await
+    pub async fn send_message(
+        &self,
+        message: impl Into<Box<pb::Message>>,
+    ) -> Result<(), ClientError> {
+        self.inner.send(message.into()).await
     }
 }
 
 impl Inner {
-    async fn send(&self, message: &pb::Message) -> Result<(), ClientError> {
-        if self
-            .node
-            .frame(self.app, Bytes::from(message.encode_to_vec()))
-            .await
-        {
+    async fn send(&self, message: Box<pb::Message>) -> Result<(), ClientError> {
+        if self.node.message(self.app, message).await {
             Ok(())
         } else {
             Err(ClientError::Closed)
@@ -365,7 +363,7 @@ impl Inner {
             message_type: Some(message_type),
             metadata: Default::default(),
         };
-        self.send(&message).await?;
+        self.send(Box::new(message)).await?;
         let Some(answer) = answer else {
             return Ok(());
         };
@@ -489,38 +487,32 @@ async fn supervise_link(
 /// Splits what the client's router delivers to the application: acks to their waiters,
 /// messages to the inbox.
 async fn dispatch(
-    mut frames: mpsc::Receiver<Bytes>,
+    mut deliveries: mpsc::Receiver<Delivery>,
     pending_acks: PendingAcks,
     inbox: mpsc::Sender<pb::Message>,
 ) {
-    while let Some(frame) = frames.recv().await {
-        let mut deframer = Deframer::default();
-        deframer.push(&frame);
-        while let Ok(Some(body)) = deframer.next_frame() {
-            let Ok(message) = pb::Message::decode(body) else {
-                continue;
-            };
-            match &message.message_type {
-                Some(MessageType::SubscriptionAck(ack)) => {
-                    let waiter = pending_acks
-                        .lock()
-                        .expect("pending acks lock")
-                        .remove(&ack.subscription_id);
-                    if let Some(waiter) = waiter {
-                        let _ = waiter.send(if ack.success {
-                            Ok(())
-                        } else {
-                            Err(ack.error.clone())
-                        });
-                    }
-                    continue;
+    while let Some(delivery) = deliveries.recv().await {
+        let message = *delivery.message;
+        match &message.message_type {
+            Some(MessageType::SubscriptionAck(ack)) => {
+                let waiter = pending_acks
+                    .lock()
+                    .expect("pending acks lock")
+                    .remove(&ack.subscription_id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(if ack.success {
+                        Ok(())
+                    } else {
+                        Err(ack.error.clone())
+                    });
                 }
-                Some(MessageType::Publish(_)) => {}
-                _ => continue,
+                continue;
             }
-            if inbox.send(message).await.is_err() {
-                return;
-            }
+            Some(MessageType::Publish(_)) => {}
+            _ => continue,
+        }
+        if inbox.send(message).await.is_err() {
+            return;
         }
     }
 }

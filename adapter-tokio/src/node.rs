@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use slim_core::router::{ConnId, ConnectionKind, Output, Router, RouterEvent, Stats};
+use slim_proto::pb;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Clock;
@@ -27,8 +28,20 @@ const INPUT_BATCH: usize = 256;
 
 /// How the router reaches one connection's writer task.
 pub(crate) struct ConnWriter {
-    pub frames: mpsc::Sender<Bytes>,
+    pub outbox: Outbox,
     pub close: oneshot::Sender<(u32, String)>,
+}
+
+/// Where a connection's outputs go: gRPC frames for a link, messages for an in-process app.
+pub(crate) enum Outbox {
+    Frames(mpsc::Sender<Bytes>),
+    Messages(mpsc::Sender<Delivery>),
+}
+
+/// A message for an in-process app, counted in its queued bytes until dropped.
+pub(crate) struct Delivery {
+    pub message: Box<pb::Message>,
+    _queued: QueuedBytes,
 }
 
 pub(crate) enum OpenKind {
@@ -50,6 +63,11 @@ pub(crate) enum NodeInput {
     Frame {
         conn: ConnId,
         body: Bytes,
+    },
+    /// A message from an in-process app (never encoded).
+    Message {
+        conn: ConnId,
+        message: Box<pb::Message>,
     },
     Closed {
         conn: ConnId,
@@ -78,11 +96,23 @@ struct Writer {
     queued: Arc<AtomicUsize>,
 }
 
-/// A queued frame: counted in its connection's queued bytes until its last copy is dropped
-/// (written to the socket, or copied into a write batch).
+/// Bytes counted in a connection's queue until this is dropped.
+struct QueuedBytes {
+    len: usize,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Drop for QueuedBytes {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.len, Ordering::Relaxed);
+    }
+}
+
+/// A queued frame: counted until its last copy is dropped (written to the socket, or copied
+/// into a write batch).
 struct Queued {
     frame: Bytes,
-    queued: Arc<AtomicUsize>,
+    _queued: QueuedBytes,
 }
 
 impl AsRef<[u8]> for Queued {
@@ -91,9 +121,32 @@ impl AsRef<[u8]> for Queued {
     }
 }
 
-impl Drop for Queued {
-    fn drop(&mut self) {
-        self.queued.fetch_sub(self.frame.len(), Ordering::Relaxed);
+/// What the router hands to one connection.
+enum Outgoing {
+    Frame(Bytes),
+    Message(Box<pb::Message>),
+}
+
+impl Outgoing {
+    /// Bytes it holds; for a message its payload plus a nominal header, which is what matters
+    /// for the queue's memory bound and costs nothing to compute.
+    fn len(&self) -> usize {
+        match self {
+            Outgoing::Frame(frame) => frame.len(),
+            Outgoing::Message(message) => 512 + payload_len(message),
+        }
+    }
+}
+
+fn payload_len(message: &pb::Message) -> usize {
+    use pb::content::ContentType;
+    use pb::message::MessageType;
+    let Some(MessageType::Publish(publish)) = &message.message_type else {
+        return 0;
+    };
+    match publish.msg.as_ref().and_then(|c| c.content_type.as_ref()) {
+        Some(ContentType::AppPayload(app)) => app.blob.len(),
+        Some(ContentType::CommandPayload(_)) | None => 0,
     }
 }
 
@@ -120,6 +173,15 @@ impl NodeHandle {
     /// Waits while the router is busy; false once it is gone.
     pub async fn frame(&self, conn: ConnId, body: Bytes) -> bool {
         self.tx.send(NodeInput::Frame { conn, body }).await.is_ok()
+    }
+
+    /// A message from the in-process app `conn`; waits while the router is busy, false once it
+    /// is gone.
+    pub async fn message(&self, conn: ConnId, message: Box<pb::Message>) -> bool {
+        self.tx
+            .send(NodeInput::Message { conn, message })
+            .await
+            .is_ok()
     }
 
     pub async fn closed(&self, conn: ConnId) {
@@ -240,6 +302,9 @@ impl Driver {
                 }
             }
             NodeInput::Frame { conn, body } => self.router.handle_frame(conn, body, now),
+            NodeInput::Message { conn, message } => {
+                self.router.handle_message(conn, *message, now);
+            }
             NodeInput::Closed { conn } => self.router.handle_connection_closed(conn, now),
             NodeInput::Stats(reply) => {
                 let _ = reply.send(self.router.stats());
@@ -267,40 +332,8 @@ impl Driver {
     fn drain(&mut self) {
         while let Some(output) = self.router.poll_output() {
             match output {
-                Output::Transmit { conn, frame } => {
-                    let Some(writer) = self.writers.get(&conn) else {
-                        continue;
-                    };
-                    let queued = writer.queued.load(Ordering::Relaxed);
-                    let full = if queued > 0 && queued + frame.len() > CONNECTION_QUEUE_BYTES {
-                        true
-                    } else {
-                        writer.queued.fetch_add(frame.len(), Ordering::Relaxed);
-                        let frame = Bytes::from_owner(Queued {
-                            frame,
-                            queued: writer.queued.clone(),
-                        });
-                        // On failure the frame, and so its count, is dropped right here.
-                        matches!(
-                            writer.conn.frames.try_send(frame),
-                            Err(mpsc::error::TrySendError::Full(_))
-                        )
-                    };
-                    if full {
-                        let n = self
-                            .counters
-                            .slow_consumer_drops
-                            .fetch_add(1, Ordering::Relaxed)
-                            + 1;
-                        if n.is_power_of_two() {
-                            tracing::warn!(
-                                conn,
-                                dropped_total = n,
-                                "connection does not read fast enough: message dropped"
-                            );
-                        }
-                    }
-                }
+                Output::Transmit { conn, frame } => self.queue(conn, Outgoing::Frame(frame)),
+                Output::Deliver { conn, message } => self.queue(conn, Outgoing::Message(message)),
                 Output::Close { conn, code, reason } => {
                     self.notify_link(conn, Err(reason.clone()));
                     if let Some(writer) = self.writers.remove(&conn) {
@@ -328,6 +361,68 @@ impl Driver {
                     tracing::info!(conn, routes_removed, "connection removed");
                 }
             }
+        }
+    }
+
+    /// Hands an output to its connection's writer, or drops it (counted) when the connection
+    /// has more than its share queued: a connection that does not read must not stall the node.
+    fn queue(&self, conn: ConnId, outgoing: Outgoing) {
+        let Some(writer) = self.writers.get(&conn) else {
+            return;
+        };
+        let len = outgoing.len();
+        let queued = writer.queued.load(Ordering::Relaxed);
+        if queued > 0 && queued + len > CONNECTION_QUEUE_BYTES {
+            self.count_slow_consumer_drop(conn);
+            return;
+        }
+        writer.queued.fetch_add(len, Ordering::Relaxed);
+        let counted = QueuedBytes {
+            len,
+            queued: writer.queued.clone(),
+        };
+        // On failure the output, and so its count, is dropped right here.
+        let full = match (&writer.conn.outbox, outgoing) {
+            (Outbox::Frames(frames), Outgoing::Frame(frame)) => {
+                let frame = Bytes::from_owner(Queued {
+                    frame,
+                    _queued: counted,
+                });
+                matches!(
+                    frames.try_send(frame),
+                    Err(mpsc::error::TrySendError::Full(_))
+                )
+            }
+            (Outbox::Messages(messages), Outgoing::Message(message)) => matches!(
+                messages.try_send(Delivery {
+                    message,
+                    _queued: counted,
+                }),
+                Err(mpsc::error::TrySendError::Full(_))
+            ),
+            // The router delivers messages to local apps only, and frames to links only.
+            (_, _) => {
+                tracing::error!(conn, "output of the wrong form for the connection: dropped");
+                false
+            }
+        };
+        if full {
+            self.count_slow_consumer_drop(conn);
+        }
+    }
+
+    fn count_slow_consumer_drop(&self, conn: ConnId) {
+        let n = self
+            .counters
+            .slow_consumer_drops
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                conn,
+                dropped_total = n,
+                "connection does not read fast enough: message dropped"
+            );
         }
     }
 

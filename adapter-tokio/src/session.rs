@@ -391,7 +391,7 @@ async fn drive(
         while let Some(output) = layer.poll_output() {
             match output {
                 Output::Send(message) => {
-                    if let Err(error) = client.send_message(&message).await {
+                    if let Err(error) = client.send_message(message).await {
                         tracing::warn!(%error, "link to the node lost");
                         return;
                     }

@@ -12,7 +12,7 @@ use slim_proto::Deframer;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{ConnWriter, NodeHandle, OpenKind, CONNECTION_QUEUE};
+use crate::node::{ConnWriter, NodeHandle, OpenKind, Outbox, CONNECTION_QUEUE};
 
 /// Small frames queued together are sent in one DATA frame up to this size.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -40,7 +40,7 @@ pub(crate) async fn run_link(
         .open(
             kind,
             ConnWriter {
-                frames: frames_tx,
+                outbox: Outbox::Frames(frames_tx),
                 close: close_tx,
             },
         )

@@ -830,11 +830,6 @@ impl Sim {
         while let Some(output) = self.router.poll_output() {
             match output {
                 Output::Transmit { conn, frame } => {
-                    let kind = self.router.connection_kind(conn);
-                    let peer = self
-                        .peer_mut(conn)
-                        .unwrap_or_else(|| panic!("transmit on conn {conn} never opened"));
-                    assert!(peer.open, "transmit on closed conn {conn}");
                     let mut deframer = Deframer::default();
                     deframer.push(&frame);
                     let body = deframer
@@ -843,53 +838,15 @@ impl Sim {
                         .expect("complete frame");
                     assert!(deframer.finish().is_ok(), "one message per transmit");
                     let message = pb::Message::decode(body).expect("router output decodes");
-                    if let Some(negotiation) = link::as_negotiation(&message) {
-                        peer.negotiation = Some(negotiation.clone());
-                        continue;
-                    }
-                    let routed = match &message.message_type {
-                        Some(MessageType::Publish(p)) => {
-                            publishes += 1;
-                            p.header.as_ref()
-                        }
-                        Some(MessageType::Subscribe(s)) => s.header.as_ref(),
-                        Some(MessageType::Unsubscribe(u)) => u.header.as_ref(),
-                        Some(MessageType::SubscriptionAck(_)) => {
-                            acks += 1;
-                            None
-                        }
-                        other => panic!("unexpected output {other:?}"),
-                    };
-                    let Some(header) = routed else {
-                        continue;
-                    };
-                    assert!(validate(&message).is_ok(), "routed output is valid");
-                    assert_eq!(header.recv_from, None);
-                    assert_eq!(header.forward_to, None);
-                    let uses_mac = matches!(
-                        kind,
-                        Some(ConnectionKind::Edge) | Some(ConnectionKind::Remote)
+                    self.check_sent(conn, &message, &mut publishes, &mut acks);
+                }
+                Output::Deliver { conn, message } => {
+                    assert_eq!(
+                        self.router.connection_kind(conn),
+                        Some(ConnectionKind::Local),
+                        "messages are delivered to local apps only"
                     );
-                    match (&peer.mac, uses_mac) {
-                        _ if !peer.key_known => {}
-                        (Some(key), true) => assert_eq!(
-                            key.verify(header),
-                            Ok(()),
-                            "output MAC verifies with the link key of conn {conn}"
-                        ),
-                        _ => assert_eq!(header.header_mac, None, "no MAC on conn {conn}"),
-                    }
-                    let from = header.incoming_conn.expect("incoming_conn is set");
-                    assert!(
-                        self.peer(from).is_some(),
-                        "incoming_conn {from} is a real conn"
-                    );
-                    // TTL is decremented (and 0 dropped) on links; local apps are trusted as is.
-                    // (A link dialed as `Local` whose peer replies with an unknown
-                    // connection_type stays `Local`: finding F2 in BENCHMARKS.md.)
-                    if self.router.connection_kind(from) != Some(ConnectionKind::Local) {
-                        assert!(header.ttl >= 1, "routed with ttl 0 from conn {from}");
-                    }
+                    self.check_sent(conn, &message, &mut publishes, &mut acks);
                 }
                 Output::Close { conn, code, reason } => {
                     assert!(code != 0 && !reason.is_empty());
@@ -934,6 +891,68 @@ impl Sim {
             "stats.acks_sent"
         );
         self.stats = after;
+    }
+
+    /// Checks one message the router sent on `conn` against the driver's model.
+    fn check_sent(
+        &mut self,
+        conn: ConnId,
+        message: &pb::Message,
+        publishes: &mut u64,
+        acks: &mut u64,
+    ) {
+        let kind = self.router.connection_kind(conn);
+        let peer = self
+            .peer_mut(conn)
+            .unwrap_or_else(|| panic!("transmit on conn {conn} never opened"));
+        assert!(peer.open, "transmit on closed conn {conn}");
+        if let Some(negotiation) = link::as_negotiation(message) {
+            peer.negotiation = Some(negotiation.clone());
+            return;
+        }
+        let routed = match &message.message_type {
+            Some(MessageType::Publish(p)) => {
+                *publishes += 1;
+                p.header.as_ref()
+            }
+            Some(MessageType::Subscribe(s)) => s.header.as_ref(),
+            Some(MessageType::Unsubscribe(u)) => u.header.as_ref(),
+            Some(MessageType::SubscriptionAck(_)) => {
+                *acks += 1;
+                None
+            }
+            other => panic!("unexpected output {other:?}"),
+        };
+        let Some(header) = routed else {
+            return;
+        };
+        assert!(validate(message).is_ok(), "routed output is valid");
+        assert_eq!(header.recv_from, None);
+        assert_eq!(header.forward_to, None);
+        let uses_mac = matches!(
+            kind,
+            Some(ConnectionKind::Edge) | Some(ConnectionKind::Remote)
+        );
+        match (&peer.mac, uses_mac) {
+            _ if !peer.key_known => {}
+            (Some(key), true) => assert_eq!(
+                key.verify(header),
+                Ok(()),
+                "output MAC verifies with the link key of conn {conn}"
+            ),
+            _ => assert_eq!(header.header_mac, None, "no MAC on conn {conn}"),
+        }
+        let from = header.incoming_conn.expect("incoming_conn is set");
+        assert!(
+            self.peer(from).is_some(),
+            "incoming_conn {from} is a real conn"
+        );
+        // TTL is decremented (and 0 dropped) on links; local apps are trusted as is.
+        // (A link dialed as `Local` whose peer replies with an unknown
+        // connection_type stays `Local`: finding F2 in BENCHMARKS.md.)
+        if self.router.connection_kind(from) != Some(ConnectionKind::Local) {
+            assert!(header.ttl >= 1, "routed with ttl 0 from conn {from}");
+        }
     }
 
     /// Invariants that hold between steps.

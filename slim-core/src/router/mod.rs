@@ -16,6 +16,7 @@
 //! while let Some(output) = router.poll_output() {
 //!     match output {
 //!         Output::Transmit { conn, frame } => { /* write `frame` on `conn` */ }
+//!         Output::Deliver { conn, message } => { /* hand `message` to the local app `conn` */ }
 //!         Output::Close { conn, code, reason } => { /* end `conn` with grpc-status `code` */ }
 //!         Output::Event(event) => { /* log it */ }
 //!     }
@@ -141,6 +142,13 @@ pub enum Output {
     Transmit {
         conn: ConnId,
         frame: Bytes,
+    },
+    /// Hand this message to the in-process application on `conn` (one attached with
+    /// [`Router::attach_local`]): apps get messages, not frames, so a message from or to an app
+    /// is never encoded only to be decoded again in the same process.
+    Deliver {
+        conn: ConnId,
+        message: Box<pb::Message>,
     },
     /// End the connection's stream with this gRPC status (the router has already forgotten it).
     Close {
@@ -345,7 +353,8 @@ impl Router {
         conn
     }
 
-    /// An application in this process: no negotiation, no MAC, no TTL decrement.
+    /// An application in this process: no negotiation, no MAC, no TTL decrement. It sends with
+    /// [`Router::handle_message`] and receives [`Output::Deliver`].
     pub fn attach_local(&mut self) -> ConnId {
         self.allocate(Connection {
             kind: ConnectionKind::Local,
@@ -361,11 +370,31 @@ impl Router {
 
     /// One received protobuf `Message` (the gRPC prefix already removed).
     pub fn handle_frame(&mut self, conn: ConnId, body: Bytes, now: Timestamp) {
-        self.handle_message_bytes(conn, body, now);
+        if let Some(negotiated) = self.received(conn) {
+            match pb::Message::decode(body) {
+                Ok(message) => self.dispatch(conn, message, now),
+                Err(error) if negotiated => {
+                    self.drop_message(conn, DropReason::Malformed, &error.to_string());
+                }
+                // Nothing but a negotiation may come first; garbage there ends the link.
+                Err(error) => self.close(conn, 3, format!("malformed link negotiation: {error}")),
+            }
+        }
         self.prune_timers();
     }
 
-    fn handle_message_bytes(&mut self, conn: ConnId, body: Bytes, now: Timestamp) {
+    /// A message already decoded: what an in-process application ([`Router::attach_local`])
+    /// sends. Checked and routed exactly like a received frame.
+    pub fn handle_message(&mut self, conn: ConnId, message: pb::Message, now: Timestamp) {
+        if self.received(conn).is_some() {
+            self.dispatch(conn, message, now);
+        }
+        self.prune_timers();
+    }
+
+    /// Counts a received message; whether its connection is negotiated, `None` (and dropped)
+    /// when it is not open.
+    fn received(&mut self, conn: ConnId) -> Option<bool> {
         self.stats.received += 1;
         let Some(connection) = self.conns.get(&conn) else {
             self.drop_message(
@@ -373,21 +402,12 @@ impl Router {
                 DropReason::UnknownConnection,
                 "connection is not open",
             );
-            return;
+            return None;
         };
-        let negotiated = matches!(connection.link, LinkState::Established { .. });
-        let message = match pb::Message::decode(body) {
-            Ok(message) => message,
-            Err(error) => {
-                if negotiated {
-                    self.drop_message(conn, DropReason::Malformed, &error.to_string());
-                } else {
-                    // Nothing but a negotiation may come first; garbage there ends the link.
-                    self.close(conn, 3, format!("malformed link negotiation: {error}"));
-                }
-                return;
-            }
-        };
+        Some(matches!(connection.link, LinkState::Established { .. }))
+    }
+
+    fn dispatch(&mut self, conn: ConnId, message: pb::Message, now: Timestamp) {
         match &self.conns[&conn].link {
             LinkState::AwaitingRequest { .. } => self.on_negotiation_request(conn, &message),
             LinkState::AwaitingReply { .. } => self.on_negotiation_reply(conn, &message),
@@ -702,8 +722,9 @@ impl Router {
                 return;
             }
         }
-        for target in &targets {
-            self.transmit_routed(*target, &mut message);
+        for (i, target) in targets.iter().enumerate() {
+            let more = i + 1 < targets.len();
+            self.transmit_routed(*target, &mut message, more);
             self.stats.forwarded += 1;
         }
         self.scratch = targets;
@@ -720,8 +741,9 @@ impl Router {
         edges.next().is_none().then_some(*first)
     }
 
-    /// Sends a header-carrying message on `target`, signed for that link.
-    fn transmit_routed(&mut self, target: ConnId, message: &mut pb::Message) {
+    /// Sends a header-carrying message on `target`, signed for that link. `more`: the message
+    /// goes to further targets after this one (so it is not moved out).
+    fn transmit_routed(&mut self, target: ConnId, message: &mut pb::Message, more: bool) {
         let Some(connection) = self.conns.get(&target) else {
             return;
         };
@@ -734,9 +756,30 @@ impl Router {
                 None => header.header_mac = None,
             }
         }
-        self.out.push_back(Output::Transmit {
-            conn: target,
-            frame: encode_frame(message),
+        self.emit(target, message, more);
+    }
+
+    /// Queues `message` for `conn`: as a frame, or as it is for an in-process app (moved out of
+    /// `message` unless `more` says the caller still needs it).
+    fn emit(&mut self, conn: ConnId, message: &mut pb::Message, more: bool) {
+        let local = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.kind == ConnectionKind::Local);
+        self.out.push_back(if local {
+            Output::Deliver {
+                conn,
+                message: Box::new(if more {
+                    message.clone()
+                } else {
+                    std::mem::take(message)
+                }),
+            }
+        } else {
+            Output::Transmit {
+                conn,
+                frame: encode_frame(message),
+            }
         });
     }
 
@@ -812,7 +855,7 @@ impl Router {
                 );
                 return;
             }
-            self.transmit_routed(target, &mut message);
+            self.transmit_routed(target, &mut message, false);
             if sub_id != 0 {
                 let deadline = now + self.config.forwarded_ack_timeout;
                 self.pending_acks.insert(
@@ -854,7 +897,7 @@ impl Router {
             Ok(()) => (true, String::new()),
             Err(error) => (false, error),
         };
-        let ack = pb::Message {
+        let mut ack = pb::Message {
             message_type: Some(MessageType::SubscriptionAck(pb::SubscriptionAck {
                 subscription_id: sub_id,
                 success,
@@ -863,10 +906,7 @@ impl Router {
             metadata: Default::default(),
         };
         self.stats.acks_sent += 1;
-        self.out.push_back(Output::Transmit {
-            conn,
-            frame: encode_frame(&ack),
-        });
+        self.emit(conn, &mut ack, false);
     }
 
     // ---------------------------------------------------------------- bookkeeping

@@ -53,6 +53,13 @@ impl Harness {
                     .entry(conn)
                     .or_default()
                     .push(decode_frame(&frame)),
+                Output::Deliver { conn, message } => {
+                    assert_eq!(
+                        self.router.connection_kind(conn),
+                        Some(ConnectionKind::Local)
+                    );
+                    self.inbox.entry(conn).or_default().push(*message);
+                }
                 Output::Close { conn, code, reason } => self.closed.push((conn, code, reason)),
                 Output::Event(e) => self.events.push(e),
             }
@@ -605,6 +612,60 @@ fn local_apps_may_forward_directly() {
     bob.mac.verify(header).expect("signed for bob's link");
 }
 
+#[test]
+fn local_apps_exchange_messages_not_frames() {
+    let mut h = Harness::new();
+    let edge = h.connect(&app("edge", 9));
+    let channel = app("chan", 556);
+    h.send(edge.conn, &subscribe_msg(&edge, &channel, 7, true));
+    h.take(edge.conn);
+    let locals = [h.router.attach_local(), h.router.attach_local()];
+    for (i, &local) in locals.iter().enumerate() {
+        let mut sub = subscribe_msg(&edge, &channel, 20 + i as u64, true);
+        header_mut(&mut sub).unwrap().header_mac = None;
+        h.router.handle_message(local, sub, T0);
+        h.drain();
+        let acks: Vec<_> = h.take(local).into_iter().filter_map(as_ack).collect();
+        assert!(acks.len() == 1 && acks[0].success, "acked as a message");
+    }
+    // One publish from the first app: the other app gets the message itself (no MAC, nothing
+    // encoded), the edge client a frame signed for its link; the sender nothing.
+    let mut message = publish_with(
+        pb::SlimHeader {
+            source: Some(app("local", 1).to_pb()),
+            destination: Some(channel.to_pb()),
+            fanout: 256,
+            ttl: 8,
+            ..Default::default()
+        },
+        b"to all",
+    );
+    message.metadata.insert("trace".into(), "kept".into());
+    h.router.handle_message(locals[0], message, T0);
+    h.drain();
+    assert!(h.take(locals[0]).is_empty());
+    let got = h.take(locals[1]);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].metadata.get("trace").map(String::as_str),
+        Some("kept")
+    );
+    let publish = publishes(got).remove(0);
+    assert_eq!(blob(&publish), b"to all");
+    let header = publish.header.unwrap();
+    assert_eq!(header.header_mac, None, "no MAC toward an app");
+    assert_eq!(header.incoming_conn, Some(locals[0]));
+    assert_eq!(header.ttl, 8, "local apps do not spend TTL");
+    let to_edge = publishes(h.take(edge.conn));
+    assert_eq!(to_edge.len(), 1);
+    edge.mac
+        .verify(to_edge[0].header.as_ref().unwrap())
+        .expect("signed for the edge link");
+    // Unknown connections are counted, as for frames.
+    h.router.handle_message(4242, pb::Message::default(), T0);
+    assert_eq!(h.router.stats().dropped(DropReason::UnknownConnection), 1);
+}
+
 /// Shuttles frames between two routers, as two nodes linked by one connection.
 fn pump(
     a: &mut Router,
@@ -688,7 +749,7 @@ fn two_nodes_negotiate_and_relay_forwarded_subscription_acks() {
     let acks: Vec<_> = rest_a
         .into_iter()
         .filter_map(|o| match o {
-            Output::Transmit { conn, frame } if conn == app_conn => as_ack(decode_frame(&frame)),
+            Output::Deliver { conn, message } if conn == app_conn => as_ack(*message),
             _ => None,
         })
         .collect();
@@ -727,7 +788,7 @@ fn forwarded_ack_times_out_with_an_error() {
     a.handle_timeout(deadline);
     let acks: Vec<_> = std::iter::from_fn(|| a.poll_output())
         .filter_map(|o| match o {
-            Output::Transmit { conn, frame } if conn == app_conn => as_ack(decode_frame(&frame)),
+            Output::Deliver { conn, message } if conn == app_conn => as_ack(*message),
             _ => None,
         })
         .collect();

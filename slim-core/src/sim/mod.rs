@@ -214,7 +214,6 @@ struct NodeHost {
     router: Router,
     /// The node's own local connection, used to install routes toward other nodes.
     local: ConnId,
-    local_in: Deframer,
     pending_acks: u64,
 }
 
@@ -222,7 +221,6 @@ struct ClientHost {
     router: Router,
     layer: SessionLayer,
     app: ConnId,
-    app_in: Deframer,
     uplink: ConnId,
     name: Name,
     subscribed: bool,
@@ -338,7 +336,6 @@ impl Sim {
                 NodeHost {
                     router,
                     local,
-                    local_in: Deframer::default(),
                     pending_acks: 0,
                 }
             })
@@ -370,7 +367,6 @@ impl Sim {
                     router,
                     layer,
                     app,
-                    app_in: Deframer::default(),
                     uplink: ConnId::MAX,
                     subscribed: false,
                     awaiting: None,
@@ -1414,11 +1410,8 @@ impl Sim {
                 while let Some(output) = self.nodes[i].router.poll_output() {
                     self.trace_output(host, &output);
                     match output {
-                        Output::Transmit { conn, frame } if conn == self.nodes[i].local => {
-                            self.nodes[i].local_in.push(&frame);
-                            while let Some(message) = self.next_local(host)? {
-                                self.node_local(i, message)?;
-                            }
+                        Output::Deliver { conn, message } if conn == self.nodes[i].local => {
+                            self.node_local(i, *message)?;
                         }
                         Output::Transmit { conn, frame } => self.transmit(host, conn, frame)?,
                         other => self.router_event(host, other)?,
@@ -1440,11 +1433,8 @@ impl Sim {
                         moved = true;
                         self.trace_output(host, &output);
                         match output {
-                            Output::Transmit { conn, frame } if conn == self.clients[j].app => {
-                                self.clients[j].app_in.push(&frame);
-                                while let Some(message) = self.next_local(host)? {
-                                    self.client_local(j, message)?;
-                                }
+                            Output::Deliver { conn, message } if conn == self.clients[j].app => {
+                                self.client_local(j, *message)?;
                             }
                             Output::Transmit { conn, frame } => self.transmit(host, conn, frame)?,
                             other => self.router_event(host, other)?,
@@ -1498,21 +1488,6 @@ impl Sim {
                 }
             }
         }
-    }
-
-    fn next_local(&mut self, host: HostId) -> Result<Option<pb::Message>, Failure> {
-        let deframer = match host {
-            HostId::Node(i) => &mut self.nodes[i].local_in,
-            HostId::Client(j) => &mut self.clients[j].app_in,
-        };
-        let body = match deframer.next_frame() {
-            Ok(Some(body)) => body,
-            Ok(None) => return Ok(None),
-            Err(error) => return Err(self.fail(format!("{host:?}: bad local frame: {error}"))),
-        };
-        pb::Message::decode(body)
-            .map(Some)
-            .map_err(|error| self.fail(format!("{host:?}: undecodable local message: {error}")))
     }
 
     fn node_local(&mut self, node: usize, message: pb::Message) -> Result<(), Failure> {
@@ -1708,6 +1683,9 @@ impl Sim {
                 Err(self.fail(format!("{host:?} removed connection {conn}")))
             }
             Output::Transmit { .. } => unreachable!("handled by drain"),
+            Output::Deliver { conn, .. } => Err(self.fail(format!(
+                "{host:?} delivered to connection {conn}, which is no local app"
+            ))),
         }
     }
 
@@ -1934,6 +1912,16 @@ impl Sim {
                 } else {
                     self.trace_write(host, &tag, frame);
                 }
+            }
+            Output::Deliver { conn, message } => {
+                let mut tag = *b"deliver.........";
+                tag[8..].copy_from_slice(&conn.to_le_bytes());
+                let bytes = if self.config.mls {
+                    mls_digest(message)
+                } else {
+                    message.encode_to_vec()
+                };
+                self.trace_write(host, &tag, &bytes);
             }
             other => self.trace_write(host, b"router", format!("{other:?}").as_bytes()),
         }
