@@ -65,13 +65,10 @@ fn make_m1_stale(net: &mut Net, session: SessionId) {
         "the update was retransmitted for m1"
     );
 
-    // Before the rejoin m1 cannot read the group's traffic.
-    net.apps[0]
-        .publish(session, Bytes::from_static(b"before"), net.now)
-        .unwrap();
-    net.advance(Duration::from_millis(50));
-    assert!(net.messages(1, session).is_empty(), "stale epoch");
-    assert!(net.dropped(1, SessionDrop::Undecryptable) > 0);
+    // Nobody sent data since (data at the newer epoch would start the rejoin at once).
+    let epoch = |i: usize| net.apps[i].mls_state(session).unwrap().epoch;
+    assert!(epoch(1) < epoch(0), "stale epoch");
+    assert!(!net.apps[1].mls_rejoining(session));
 }
 
 #[test]
@@ -368,4 +365,157 @@ fn an_offline_member_drops_data_unacknowledged_until_it_is_back() {
             Bytes::from_static(b"back")
         ]
     );
+}
+
+/// The MLS epochs of the data messages `from` sent, in order.
+fn data_epochs(net: &Net, from: usize) -> Vec<u64> {
+    net.sent(from, Mt::Msg)
+        .into_iter()
+        .map(|m| inspect(&blob(m)).unwrap().epoch.expect("a PrivateMessage"))
+        .collect()
+}
+
+/// A member that gets group data at an epoch it has not reached (it missed a commit) rejoins at
+/// once, not at the next heartbeat. Until the welcome comes its publishes wait (`publish`
+/// returns 0) and nothing it sends is encrypted at the stale epoch; a request whose retries ran
+/// out goes out again with the same id, so the moderator rejoins it once.
+#[test]
+fn data_at_a_newer_epoch_starts_the_rejoin_and_nothing_is_sent_stale() {
+    let (mut net, session) = group();
+    make_m1_stale(&mut net, session);
+    let stale = net.apps[1].mls_state(session).unwrap().epoch;
+    // Every REJOIN_REPLY to m1 is lost for the first 2 s (beyond the request's 5 retries).
+    let until = net.now + Duration::from_secs(2);
+    let clock = std::rc::Rc::new(std::cell::Cell::new(net.now));
+    let seen = clock.clone();
+    net.hook = Box::new(move |from, to, m| {
+        if from == 0 && to == 1 && kind(m) == Mt::RejoinReply && seen.get() < until {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"newer"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(20));
+    assert!(
+        net.dropped(1, SessionDrop::Undecryptable) > 0,
+        "m1 cannot read it"
+    );
+    assert_eq!(net.sent(1, Mt::RejoinRequest).len(), 1, "rejoin at once");
+    assert!(net.sent(1, Mt::Heartbeat).is_empty() && net.sent(0, Mt::Heartbeat).is_empty());
+    assert!(net.apps[1].mls_rejoining(session));
+
+    // Stale: m1's publishes wait.
+    let id = net.apps[1]
+        .publish(session, Bytes::from_static(b"from m1"), net.now)
+        .unwrap();
+    assert_eq!(id, 0, "queued");
+    while net.now < until {
+        net.advance(Duration::from_millis(100));
+        clock.set(net.now);
+    }
+    assert!(net.sent(1, Mt::Msg).is_empty(), "nothing sent while stale");
+    let requests = net.sent(1, Mt::RejoinRequest);
+    assert!(
+        requests.len() > 6,
+        "re-sent past its retries: {}",
+        requests.len()
+    );
+    assert!(
+        requests
+            .iter()
+            .all(|m| message_id(m) == message_id(requests[0])),
+        "one request, one id"
+    );
+
+    // The reply gets through: m1 is back at the group's epoch and its message goes out.
+    net.advance(Duration::from_millis(500));
+    clock.set(net.now);
+    net.advance(Duration::from_millis(500));
+    assert!(!net.apps[1].mls_rejoining(session));
+    let current = net.apps[0].mls_state(session).unwrap().epoch;
+    assert_eq!(net.apps[1].mls_state(session).unwrap().epoch, current);
+    let rejoins = net
+        .sent(0, Mt::GroupUpdate)
+        .into_iter()
+        .filter(|m| matches!(command(m), Some(Cmd::GroupUpdate(u)) if u.op == pb::GroupUpdateOp::Rejoin as i32))
+        .map(message_id)
+        .collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(rejoins.len(), 1, "the moderator rejoined m1 once");
+    let epochs = data_epochs(&net, 1);
+    assert!(!epochs.is_empty());
+    assert!(
+        epochs.iter().all(|e| *e == current && *e > stale),
+        "m1 encrypted only at the current epoch {current}: {epochs:?}"
+    );
+    let from_m1 = Bytes::from_static(b"from m1");
+    for i in [0, 2, 3] {
+        assert!(
+            net.messages(i, session).contains(&from_m1),
+            "app {i} reads m1: {:?}",
+            net.messages(i, session)
+        );
+    }
+}
+
+/// A stale member that is the only one sending cannot know it is stale: its first message goes
+/// out at its old epoch. The moderator, reading data sealed at an epoch older than its own,
+/// heartbeats its epoch at once (not 10 s later); the member rejoins, and what it publishes
+/// next waits for the rejoin and is encrypted at the current epoch.
+#[test]
+fn the_moderator_answers_stale_data_with_a_heartbeat_and_the_sender_rejoins() {
+    let (mut net, session) = group();
+    make_m1_stale(&mut net, session);
+    let stale = net.apps[1].mls_state(session).unwrap().epoch;
+    let current = net.apps[0].mls_state(session).unwrap().epoch;
+    let heartbeats_before = net.sent(0, Mt::Heartbeat).len();
+    net.apps[1]
+        .publish(session, Bytes::from_static(b"one"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(1));
+    // The moderator still reads it (within its past epochs) but tells m1 its epoch at once.
+    assert!(net
+        .messages(0, session)
+        .contains(&Bytes::from_static(b"one")));
+    let heartbeats = net.sent(0, Mt::Heartbeat);
+    assert_eq!(
+        heartbeats.len(),
+        heartbeats_before + 1,
+        "one early heartbeat"
+    );
+    assert!(matches!(
+        command(heartbeats[heartbeats_before]),
+        Some(Cmd::Heartbeat(h)) if h.epoch == current
+    ));
+    assert_eq!(net.sent(1, Mt::RejoinRequest).len(), 1, "m1 rejoins");
+    let rejoined = net.apps[0].mls_state(session).unwrap().epoch;
+    assert_eq!(rejoined, current + 1, "the rejoin commit");
+    assert_eq!(net.apps[1].mls_state(session).unwrap().epoch, rejoined);
+    // What m1 sends next (and its answers to retransmission requests) is at the group's epoch.
+    net.apps[1]
+        .publish(session, Bytes::from_static(b"two"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(500));
+    let epochs = data_epochs(&net, 1);
+    assert_eq!(epochs[0], stale, "the first could not know");
+    assert!(
+        epochs[1..].iter().all(|e| *e == rejoined),
+        "only the first was stale: {epochs:?}"
+    );
+    let rtx_epochs: Vec<u64> = net
+        .sent(1, Mt::RtxReply)
+        .into_iter()
+        .map(|m| inspect(&blob(m)).unwrap().epoch.unwrap())
+        .collect();
+    assert!(rtx_epochs.iter().all(|e| *e == rejoined), "{rtx_epochs:?}");
+    for i in [0, 2, 3] {
+        assert!(net
+            .messages(i, session)
+            .contains(&Bytes::from_static(b"two")));
+    }
+    // At the current epoch: no more early heartbeats, no second rejoin.
+    assert_eq!(net.sent(0, Mt::Heartbeat).len(), heartbeats_before + 1);
+    assert_eq!(net.sent(1, Mt::RejoinRequest).len(), 1);
 }

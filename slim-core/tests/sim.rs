@@ -1025,24 +1025,24 @@ fn mls_same_seed_same_decisions() {
     }
 }
 
-/// Client 1 never gets a group update from 2.9 s on, so it misses the commit that removes
-/// client 2 and goes on encrypting at the epoch client 2 still has.
-fn withhold_updates_from_client_1(sim: &mut Sim) {
+/// Client 1 hears nothing from 2.9 s on, so it misses the commit that removes client 2 and,
+/// never learning of it (no update, no data or heartbeat at a newer epoch), goes on encrypting
+/// at the epoch client 2 still has.
+fn cut_client_1_off(sim: &mut Sim) {
     sim.set_filter(Box::new(|frame: &FrameView| {
-        !(frame.to == HostId::Client(1)
-            && frame.now >= Timestamp::ZERO + ms(2_900)
-            && matches!(frame.session(), Some((Mt::GroupUpdate, ..))))
+        !(frame.to == HostId::Client(1) && frame.now >= Timestamp::ZERO + ms(2_900))
     }));
 }
 
 /// The removal check bites: with a planted bug (ciphertexts of the last epoch the removed
 /// member was in count as sent after its removal) the removed member is given what client 1,
 /// which missed the removal commit, encrypts after the removal; it decrypts it, and the run
-/// fails naming the check.
+/// fails naming the check. (Client 1 is cut off entirely: hearing anything at the newer epoch,
+/// it would rejoin and stop encrypting at the old one.)
 #[test]
 fn mls_removal_check_catches_a_readable_message() {
     let mut sim = Sim::new(1, mls_group_scenario(0.0));
-    withhold_updates_from_client_1(&mut sim);
+    cut_client_1_off(&mut sim);
     sim.plant_stale_removal_epoch();
     let failure = sim
         .run()
@@ -1055,19 +1055,16 @@ fn mls_removal_check_catches_a_readable_message() {
     );
 }
 
-/// Open finding (session layer, MLS groups): a member that misses a commit for longer than the
-/// update's retries stays at the old epoch until it hears a heartbeat with a newer one (the
-/// rejoin of 12930de; heartbeats come every 10 s and are skipped while data flows). Here client
-/// 1 is cut off from 2.9 s to 5.5 s, while the moderator removes client 2 (at 3 s; the update's
-/// 20 retries 100 ms apart run out). Back on the network, client 1 goes on encrypting at the
-/// epoch client 2 still has: the removed member, which kept its MLS state, reads what client 1
-/// publishes after the removal completed. A wider MLS sweep found the same stale member on its
-/// own (`SIM_SEED=1682` and `2254 cargo test -p slim-core --test sim mls_seed_sweep`: a member
-/// at an old epoch, and in 1682 a stale member list, long after the heal); 12930de fixed those
-/// two. What is left is the window before the heartbeat. Fix to consider: a member that gets
-/// group data at a future epoch (it cannot decrypt it) starts the rejoin at once.
+/// Fixed finding (session layer, MLS groups): a member that misses a commit for longer than the
+/// update's retries stayed at the old epoch until it heard a heartbeat with a newer one
+/// (heartbeats come every 10 s and are skipped while data flows). Here client 1 is cut off from
+/// 2.9 s to 5.5 s, while the moderator removes client 2 (at 3 s; the update's 20 retries 100 ms
+/// apart run out). Back on the network, client 1 went on encrypting at the epoch client 2 still
+/// has, and the removed member, which kept its MLS state, read what client 1 published after
+/// the removal completed. Now group data at an epoch it has not reached, a commit it cannot
+/// apply yet, or the moderator's early heartbeat (sent when it reads data sealed at an older
+/// epoch) start the rejoin at once, and the member's publishes wait for it.
 #[test]
-#[ignore = "open finding: a member that missed a removal commit encrypts at the old epoch until a heartbeat"]
 fn mls_member_that_missed_the_removal_commit_catches_up() {
     let mut config = mls_group_scenario(0.0);
     for n in 0..30 {
@@ -1083,7 +1080,7 @@ fn mls_member_that_missed_the_removal_commit_catches_up() {
     config.workload.duration = ms(12_000);
     let mut sim = Sim::new(1, config);
     sim.set_replay(
-        "cargo test -p slim-core --test sim mls_member_that_missed_the_removal_commit_catches_up -- --ignored",
+        "cargo test -p slim-core --test sim mls_member_that_missed_the_removal_commit_catches_up",
     );
     sim.set_filter(Box::new(|frame: &FrameView| {
         let cut = Timestamp::ZERO + ms(2_900)..Timestamp::ZERO + ms(5_500);

@@ -38,7 +38,7 @@ use slim_proto::pb::command_payload::CommandPayloadType as Cmd;
 use slim_proto::pb::{self, SessionMessageType as Mt, SessionType};
 use slim_proto::{Name, NameKey};
 
-use super::mls::{MlsState, PayloadError, SessionMls, TokenVerifier};
+use super::mls::{Committed, MlsState, PayloadError, SessionMls, TokenVerifier};
 use super::receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 use super::sender::{Outgoing, Queued, ReliableSender, SenderEvent, SEND_QUEUE};
 use crate::group::{CommitError, CommitOut, DecryptError, GroupConfig, MlsIdentity};
@@ -60,7 +60,7 @@ pub const DEFAULT_CONTROL_RETRIES: u32 = 10;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// Session ids are drawn below this (reference `0..u32::MAX-1000`).
 const MAX_SESSION_ID: u32 = u32::MAX - 1000;
-/// Publishes queued before a session is established.
+/// Publishes queued before a session is ready to send (handshake, MLS rejoin).
 const MAX_QUEUED: usize = 1024;
 /// Group updates remembered to recognise retransmissions.
 const SEEN_UPDATES: usize = 64;
@@ -136,7 +136,9 @@ pub enum SessionError {
     UnknownSession(SessionId),
     #[error("session {0} is closing")]
     Closing(SessionId),
-    #[error("session {0} has {1} messages queued before its handshake finished")]
+    #[error(
+        "session {0} has {1} messages queued until it is ready to send (handshake or MLS rejoin)"
+    )]
     QueueFull(SessionId, usize),
     #[error("session {0} is not a group this application moderates")]
     NotModerator(SessionId),
@@ -461,6 +463,12 @@ struct Session {
     /// We told the others we are offline (soft close, [`SessionLayer::set_online`]): data is
     /// dropped unacknowledged until we are back, as the reference does (captures/flows g3).
     soft_closed: bool,
+    /// Moderator: when a member's stale-epoch data last made us send an early heartbeat.
+    last_epoch_nudge: Option<Timestamp>,
+    /// Participant: the id of our REJOIN_REQUEST while the rejoin lasts. A request re-sent
+    /// after its retries ran out keeps it, so the moderator (whose queue of membership tasks
+    /// may hold it longer than our retries last) sees one request and answers it once.
+    rejoin_request: Option<u32>,
     /// Direct messages already delivered, by source and id.
     seen_direct: VecDeque<(NameKey, u32)>,
     /// The session's MLS group when it is end-to-end encrypted.
@@ -494,6 +502,17 @@ impl Session {
             None => (self.peer.clone(), 1),
             Some(g) => (g.data.clone(), MAX_FANOUT),
         }
+    }
+
+    /// Whether application data may be encrypted and sent: the handshake is done and our MLS
+    /// epoch is not known to be stale (a rejoin waits for its welcome). Data sealed at a stale
+    /// epoch could be read by a member removed in a commit we missed.
+    fn ready_to_send(&self) -> bool {
+        matches!(self.state, State::Established | State::Closing) && !self.mls_stale()
+    }
+
+    fn mls_stale(&self) -> bool {
+        self.mls.as_ref().is_some_and(SessionMls::is_rejoining)
     }
 
     fn is_moderator(&self) -> bool {
@@ -582,6 +601,12 @@ impl SessionLayer {
     /// once joined and until removed. Read-only, for checks.
     pub fn mls_state(&self, session: SessionId) -> Option<MlsState> {
         self.sessions.get(&session)?.mls.as_ref()?.state(&self.name)
+    }
+
+    /// Whether the session's MLS epoch is known to be stale and a rejoin waits for its welcome:
+    /// publishes are queued (`publish` returns 0) until it comes.
+    pub fn mls_rejoining(&self, session: SessionId) -> bool {
+        self.sessions.get(&session).is_some_and(Session::mls_stale)
     }
 
     /// Opens a point-to-point session with any instance of `peer` (or the given instance).
@@ -708,8 +733,8 @@ impl SessionLayer {
         Ok(())
     }
 
-    /// Sends application data on a session. Before the handshake finishes it is queued.
-    /// Returns the message's sequence id (0 while queued).
+    /// Sends application data on a session. Before the handshake finishes, and while a stale
+    /// MLS member rejoins, it is queued. Returns the message's sequence id (0 while queued).
     pub fn publish(
         &mut self,
         session: SessionId,
@@ -740,16 +765,15 @@ impl SessionLayer {
         now: Timestamp,
     ) -> Result<u32, SessionError> {
         let s = self.app_session(session)?;
-        match s.state {
-            State::Established => {}
-            State::Closing => return Err(SessionError::Closing(session)),
-            State::Opening | State::AwaitingWelcome => {
-                if s.queued.len() >= MAX_QUEUED {
-                    return Err(SessionError::QueueFull(session, s.queued.len()));
-                }
-                s.queued.push((payload, payload_type, metadata));
-                return Ok(0);
+        if s.state == State::Closing {
+            return Err(SessionError::Closing(session));
+        }
+        if !s.ready_to_send() {
+            if s.queued.len() >= MAX_QUEUED {
+                return Err(SessionError::QueueFull(session, s.queued.len()));
             }
+            s.queued.push((payload, payload_type, metadata));
+            return Ok(0);
         }
         send_queue_room(session, s)?;
         Ok(self.send_data(session, payload, payload_type, metadata, now))
@@ -1041,14 +1065,15 @@ impl SessionLayer {
             return true;
         };
         match mls.open(publish) {
-            Ok(plaintext) => {
+            Ok(opened) => {
                 if let Some(pb::content::ContentType::AppPayload(app)) = received
                     .content
                     .as_mut()
                     .and_then(|c| c.content_type.as_mut())
                 {
-                    app.blob = plaintext.into();
+                    app.blob = opened.plaintext.into();
                 }
+                self.check_sender_epoch(received, opened.epoch, now);
                 true
             }
             // The same ciphertext again (a peer that retransmits the bytes it sent first): if we
@@ -1069,9 +1094,47 @@ impl SessionLayer {
             }
             Err(error) => {
                 self.drop_message(SessionDrop::Undecryptable, &error.to_string());
+                if let PayloadError::Decrypt(DecryptError::FutureEpoch { .. }) = error {
+                    // The group moved on without us (we missed a commit): rejoin now rather
+                    // than at the next heartbeat, and send nothing until then.
+                    let established = self
+                        .sessions
+                        .get(&received.session_id)
+                        .is_some_and(|s| s.state == State::Established);
+                    if established {
+                        self.start_rejoin(received.session_id, now);
+                    }
+                }
                 false
             }
         }
+    }
+
+    /// Moderator: a member's data sealed at an epoch older than ours. Either it crossed a
+    /// commit on the network, or the member missed the commit and its later data is readable
+    /// by whoever that commit removed. A heartbeat with our epoch, sent at once (at most once
+    /// per control interval), makes a stale member rejoin (as the periodic one would, flows g2)
+    /// and a current one ignore it.
+    fn check_sender_epoch(&mut self, m: &Received, epoch: u64, now: Timestamp) {
+        let Some(s) = self.sessions.get_mut(&m.session_id) else {
+            return;
+        };
+        let from_member = s
+            .group
+            .as_ref()
+            .is_some_and(|g| g.is_member(&m.source.key()));
+        let ours = s.mls.as_ref().and_then(SessionMls::epoch);
+        if !s.is_moderator()
+            || s.state != State::Established
+            || !from_member
+            || ours.is_none_or(|e| epoch >= e)
+            || s.last_epoch_nudge
+                .is_some_and(|at| now < at + s.control_interval)
+        {
+            return;
+        }
+        s.last_epoch_nudge = Some(now);
+        self.send_heartbeat(m.session_id, now);
     }
 
     // ------------------------------------------------------------------ receive
@@ -1324,7 +1387,9 @@ impl SessionLayer {
             Purpose::Resync(_) | Purpose::Withdrawn(_) => {}
             // Acked or NACKed (a NACK started the rejoin), or nobody answered: nothing to do.
             Purpose::StateUpdate => {}
-            // Unanswered: the next NACK starts it again (with the same key package).
+            // Nobody answered yet (the moderator may still have other tasks before it): we are
+            // stale until the welcome comes and our data waits for it, so the request goes on.
+            Purpose::Rejoin if !answered => self.start_rejoin(session, now),
             Purpose::Rejoin => {}
             Purpose::RejoinUpdate(_) => self.task_done(session, now),
         }
@@ -1480,10 +1545,18 @@ impl SessionLayer {
             self.drop_message(SessionDrop::Malformed, "group update without payload");
             return;
         };
-        if let Err(error) = self.apply_update_commit(&m, &update, now) {
-            // Not acknowledged: the moderator retries, and a retransmission may still apply.
-            self.drop_message(SessionDrop::BadMls, &error);
-            return;
+        let missed_a_commit = match self.apply_update_commit(&m, &update, now) {
+            Ok(waiting) => waiting,
+            Err(error) => {
+                // Not acknowledged: the moderator retries, and a retransmission may still apply.
+                self.drop_message(SessionDrop::BadMls, &error);
+                return;
+            }
+        };
+        if missed_a_commit {
+            // The moderator runs one update at a time, so the commit we lack was given up on
+            // for us: our epoch stays stale until we rejoin.
+            self.start_rejoin(m.session_id, now);
         }
         let Some(group) = self
             .sessions
@@ -1583,23 +1656,24 @@ impl SessionLayer {
     }
 
     /// The MLS commit of a group update of an MLS session, applied in `commit_id` order (a
-    /// retransmitted update's commit is a duplicate and changes nothing).
+    /// retransmitted update's commit is a duplicate and changes nothing). True when it has to
+    /// wait for an earlier commit we never got: our epoch is stale.
     fn apply_update_commit(
         &mut self,
         m: &Received,
         update: &pb::GroupUpdatePayload,
         now: Timestamp,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let verifier = TokenVerifier {
             secret: &self.secret,
             now_unix: self.unix_at_zero + now.as_micros() / 1_000_000,
         };
         let Some(s) = self.sessions.get_mut(&m.session_id) else {
-            return Ok(());
+            return Ok(false);
         };
         let Some(mls) = s.mls.as_mut() else {
             return match update.mls {
-                None => Ok(()),
+                None => Ok(false),
                 Some(_) => Err("MLS commit for a session without MLS".to_owned()),
             };
         };
@@ -1607,8 +1681,9 @@ impl SessionLayer {
             return Err("group update without its MLS commit".to_owned());
         };
         match mls.commit(payload, &verifier) {
+            Ok(committed) => Ok(committed == Committed::Waiting),
             // Removed already: the leave request follows; the update is acknowledged all the same.
-            Ok(_) | Err(CommitError::NotAMember) => Ok(()),
+            Err(CommitError::NotAMember) => Ok(false),
             Err(error) => Err(format!("commit {} refused: {error}", payload.commit_id)),
         }
     }
@@ -1663,9 +1738,16 @@ impl SessionLayer {
                 metadata: s.metadata.clone(),
             },
         };
-        let queued = std::mem::take(&mut s.queued);
         self.out.push_back(Output::Event(event));
-        for (payload, payload_type, metadata) in queued {
+        self.send_queued(session, now);
+    }
+
+    /// The publishes queued until the session could send go out, in order.
+    fn send_queued(&mut self, session: SessionId, now: Timestamp) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        for (payload, payload_type, metadata) in std::mem::take(&mut s.queued) {
             self.send_data(session, payload, payload_type, metadata, now);
         }
     }
@@ -1974,9 +2056,9 @@ impl SessionLayer {
         }
     }
 
-    /// Participant: a member NACKed our state update, or a heartbeat showed a newer epoch (ours
-    /// is stale): a fresh key package goes to the moderator in a REJOIN_REQUEST (once; it is
-    /// re-sent until answered).
+    /// Participant: a member NACKed our state update, or a heartbeat, a data message or a
+    /// commit showed a newer epoch (ours is stale): a fresh key package goes to the moderator
+    /// in a REJOIN_REQUEST (once; it is re-sent, with the same id, until answered).
     fn start_rejoin(&mut self, session: SessionId, now: Timestamp) {
         let Some(s) = self.sessions.get(&session) else {
             return;
@@ -2002,8 +2084,14 @@ impl SessionLayer {
             }
         };
         let me = self.name.clone();
-        self.send_control(
+        let fresh = self.rng.random();
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let message_id = *s.rejoin_request.get_or_insert(fresh);
+        self.send_control_as(
             session,
+            message_id,
             Purpose::Rejoin,
             Mt::RejoinRequest,
             moderator.clone(),
@@ -2041,8 +2129,14 @@ impl SessionLayer {
             self.drop_message(SessionDrop::BadMls, &format!("rejoin welcome: {error}"));
             return false;
         }
+        if let Some(s) = self.sessions.get_mut(&m.session_id) {
+            s.rejoin_request = None;
+        }
         // The reference acknowledges the reply too (flows g2/g3).
         self.ack(m, now);
+        // At the group's epoch again: what waited for it goes out.
+        self.send_queued(m.session_id, now);
+        self.release_held(m.session_id, now);
         true
     }
 
@@ -3013,6 +3107,9 @@ impl SessionLayer {
     /// Held-back messages the window has room for now go out (after an ack, a failure or a
     /// departure ended a message in it).
     fn release_held(&mut self, session: SessionId, now: Timestamp) {
+        if self.sessions.get(&session).is_some_and(Session::mls_stale) {
+            return; // after the rejoin
+        }
         while let Some(queued) = self
             .sessions
             .get_mut(&session)
@@ -3115,6 +3212,35 @@ impl SessionLayer {
         now: Timestamp,
     ) {
         let message_id = self.rng.random();
+        self.send_control_as(
+            session,
+            message_id,
+            purpose,
+            message_type,
+            destination,
+            fanout,
+            payload,
+            metadata,
+            awaiting,
+            now,
+        );
+    }
+
+    /// [`send_control`](Self::send_control) with a given message id.
+    #[allow(clippy::too_many_arguments)]
+    fn send_control_as(
+        &mut self,
+        session: SessionId,
+        message_id: u32,
+        purpose: Purpose,
+        message_type: Mt,
+        destination: Name,
+        fanout: u32,
+        payload: Cmd,
+        metadata: BTreeMap<String, String>,
+        awaiting: Awaiting,
+        now: Timestamp,
+    ) {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
@@ -3266,6 +3392,12 @@ impl SessionLayer {
     /// for every copy anew, as each copy's header (token, destination) is its AAD.
     fn emit_data(&mut self, session: SessionId, mut message: pb::Message) {
         if let Some(mls) = self.sessions.get_mut(&session).and_then(|s| s.mls.as_mut()) {
+            if mls.is_rejoining() {
+                // Our epoch is stale: a retransmission or an RTX reply waits for the next
+                // attempt (or request), which the rejoined group encrypts.
+                tracing::debug!(session, "data message not sent: MLS rejoin under way");
+                return;
+            }
             if let Err(error) = mls.seal(&mut message) {
                 tracing::warn!(session, %error, "data message not sent: MLS encryption failed");
                 return;
@@ -3326,6 +3458,8 @@ impl SessionLayer {
             last_heard: BTreeMap::new(),
             offline: BTreeSet::new(),
             soft_closed: false,
+            last_epoch_nudge: None,
+            rejoin_request: None,
             seen_direct: VecDeque::new(),
             mls: None,
         }
@@ -3455,6 +3589,14 @@ impl SessionLayer {
         if std::mem::take(&mut s.sent_since_heartbeat) && anyone_online {
             return;
         }
+        self.send_heartbeat(id, now);
+    }
+
+    /// One HEARTBEAT with our MLS epoch (u64::MAX without MLS).
+    fn send_heartbeat(&mut self, id: SessionId, now: Timestamp) {
+        let Some(s) = self.sessions.get(&id) else {
+            return;
+        };
         let (destination, fanout) = match &s.group {
             None => (s.peer.clone(), 1),
             Some(g) => (g.control.clone(), MAX_FANOUT),

@@ -75,6 +75,25 @@ pub struct MlsState {
     pub members: Vec<u128>,
 }
 
+/// What a GROUP_UPDATE's commit did to our group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// Applied (with any buffered successors), or applied already.
+    Applied,
+    /// It removed us: nothing decrypts any more.
+    RemovedUs,
+    /// Ahead of the next commit we expect: it waits for one we have not had.
+    Waiting,
+}
+
+/// A data payload, opened.
+#[derive(Debug)]
+pub struct Opened {
+    pub plaintext: Vec<u8>,
+    /// The epoch the sender encrypted it in.
+    pub epoch: u64,
+}
+
 /// The MLS state of one session.
 #[derive(Debug)]
 pub struct SessionMls {
@@ -186,26 +205,28 @@ impl SessionMls {
         Ok(())
     }
 
-    /// Applies a commit of a GROUP_UPDATE (in `commit_id` order; early ones wait). Returns
-    /// whether the commit removed us.
+    /// Applies a commit of a GROUP_UPDATE (in `commit_id` order; early ones wait).
     pub fn commit(
         &mut self,
         payload: &pb::MlsPayload,
         verifier: &TokenVerifier<'_>,
-    ) -> Result<bool, CommitError> {
+    ) -> Result<Committed, CommitError> {
         let State::Active(group) = &mut self.state else {
             return Err(CommitError::NotAMember);
         };
         let verify = |token: &str| verifier.verify(token);
-        let removed_us =
+        let committed =
             match group.handle_commit(payload.commit_id, &payload.mls_content, &verify)? {
-                CommitOutcome::Applied { applied, .. } => applied.iter().any(|c| c.removed_us),
-                _ => false,
+                CommitOutcome::Applied { applied, .. } if applied.iter().any(|c| c.removed_us) => {
+                    Committed::RemovedUs
+                }
+                CommitOutcome::Applied { .. } | CommitOutcome::Duplicate => Committed::Applied,
+                CommitOutcome::Buffered { .. } => Committed::Waiting,
             };
-        if removed_us {
+        if committed == Committed::RemovedUs {
             self.state = State::Gone;
         }
-        Ok(removed_us)
+        Ok(committed)
     }
 
     /// Participant: a fresh key package for a REJOIN_REQUEST (the same one while a rejoin is
@@ -322,7 +343,7 @@ impl SessionMls {
     /// Decrypts the application payload of a received MSG / RTX_REPLY and returns the
     /// plaintext; on the sampled share of messages the sender's authenticated data must equal
     /// this copy's header.
-    pub fn open(&mut self, publish: &pb::Publish) -> Result<Vec<u8>, PayloadError> {
+    pub fn open(&mut self, publish: &pb::Publish) -> Result<Opened, PayloadError> {
         let group = match &mut self.state {
             State::Active(group) => group,
             State::Joining { .. } => return Err(PayloadError::NotReady),
@@ -342,7 +363,10 @@ impl SessionMls {
                 return Err(PayloadError::AadMismatch);
             }
         }
-        Ok(opened.plaintext)
+        Ok(Opened {
+            plaintext: opened.plaintext,
+            epoch: opened.epoch,
+        })
     }
 }
 

@@ -1065,10 +1065,11 @@ impl Sim {
                 for n in 0..count {
                     let payload = self.group_payload(client, n);
                     let members = self.clients[client].layer.members(id).unwrap_or_default();
+                    let rejoining = self.clients[client].layer.mls_rejoining(id);
                     let result = self.clients[client].layer.publish(id, payload.clone(), now);
                     let held = self.clients[client].awaiting.is_some();
                     self.model
-                        .group_published(client, payload, &members, held, result)
+                        .group_published(client, payload, &members, held, rejoining, result)
                         .map_err(|e| self.fail(e))?;
                     self.drain(touched)?;
                 }

@@ -837,13 +837,16 @@ impl Model {
         Ok(())
     }
 
-    /// Client `client` published on the group; `members` is its layer's member list then.
+    /// Client `client` published on the group; `members` is its layer's member list then;
+    /// `rejoining`: its MLS epoch was stale, so the publish is queued (id 0) and gets the next
+    /// id once the rejoin is done (queued publishes go out in order).
     pub fn group_published(
         &mut self,
         client: usize,
         payload: Bytes,
         members: &[Name],
         held: bool,
+        rejoining: bool,
         result: Result<u32, crate::session::SessionError>,
     ) -> Check {
         let owed: BTreeSet<usize> = members
@@ -857,7 +860,7 @@ impl Model {
         let m = &mut g.members[client];
         let expected = m.published.len() as u32 + 1;
         match result {
-            Ok(id) if id == expected => {
+            Ok(id) if id == expected || (id == 0 && rejoining) => {
                 let owed = owed.difference(&m.offline).copied().collect();
                 m.owed.push(owed);
                 m.published.push(payload);
