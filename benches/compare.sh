@@ -6,7 +6,10 @@
 #
 # The reference node leaves TCP_NODELAY off; it is measured as it is and again with TCP_NODELAY
 # forced on through an LD_PRELOAD shim (benches/nodelay.c, built here with gcc). Our node sets
-# it itself. Prints a markdown table with ratios and appends it to BENCHMARKS.md.
+# it itself. Each row also measures a plain TCP relay (`slim-tokio tcp-relay`, no protocol) with
+# the same clients right before: the floor of this machine at that moment, against which the
+# round trips mean something (on this VM it moves with the load: idle cores are slow to wake).
+# Prints a markdown table with ratios and appends it to BENCHMARKS.md.
 # Needs: cargo, python3 (venv), gcc; installs slim-bindings==3.3.8 into target/interop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +41,7 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 wait_port() { for _ in $(seq 1 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
+start_relay() { local port; port=$(free_port); "$BIN" tcp-relay --listen "127.0.0.1:$port" >/dev/null 2>&1 & PIDS+=($!); wait_port "$port"; echo "$port $!"; }
 start_ours() { local port; port=$(free_port); "$BIN" --endpoint "127.0.0.1:$port" >/dev/null 2>&1 & PIDS+=($!); wait_port "$port"; echo "$port $!"; }
 start_ref() { local port; port=$(free_port)
   env ${1:+LD_PRELOAD=$SHIM} "$VENV/bin/python" tests/interop/refnode.py --port "$port" >/dev/null 2>&1 & PIDS+=($!)
@@ -48,6 +52,7 @@ run() { # endpoint-port mode size -> json line
 }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])['$2'])" "$1"; }
 
+read -r RELAY _ < <(start_relay)
 read -r OURS _ < <(start_ours)
 read -r REF _ < <(start_ref "")
 read -r REFND _ < <(start_ref nodelay)
@@ -57,24 +62,26 @@ TABLE="### compare.sh, $(date -u +%Y-%m-%d\ %H:%M\ UTC)
 
 Machine: $MACHINE (shared, noisy). Clients and node on the same 2 cores, loopback. ${DURATION}s per throughput run, $RTT round trips.
 
-| mode | size | ours msgs/s | ref msgs/s | ratio | ref+nodelay msgs/s | ratio | ours p50 µs | ref p50 µs | ratio | ref+nodelay p50 µs | ratio |
-|---|---|---|---|---|---|---|---|---|---|---|---|"
+| mode | size | ours msgs/s | ref msgs/s | ratio | ref+nodelay msgs/s | ratio | ours p50 µs | ref p50 µs | ratio | ref+nodelay p50 µs | ratio | relay p50 µs | ours − relay µs |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for mode in publish p2p; do
   for size in $SIZES; do
+    b=$(run "$RELAY" tcp-relay "$size")
     o=$(run "$OURS" "$mode" "$size"); r=$(run "$REF" "$mode" "$size"); n=$(run "$REFND" "$mode" "$size")
-    if [ -z "$o" ] || [ -z "$r" ] || [ -z "$n" ]; then
+    if [ -z "$o" ] || [ -z "$r" ] || [ -z "$n" ] || [ -z "$b" ]; then
       TABLE="$TABLE
-| $mode | $size | run failed | | | | | | | | | |"
+| $mode | $size | run failed | | | | | | | | | | | |"
       continue
     fi
-    row=$(python3 - "$o" "$r" "$n" "$mode" "$size" <<'PY'
+    row=$(python3 - "$o" "$r" "$n" "$b" "$mode" "$size" <<'PY'
 import json, sys
-o, r, n = (json.loads(x) for x in sys.argv[1:4])
+o, r, n, b = (json.loads(x) for x in sys.argv[1:5])
 ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
-print(f"| {sys.argv[4]} | {sys.argv[5]} | {o['msgs_per_s']:.0f} | {r['msgs_per_s']:.0f} | {ratio(o['msgs_per_s'], r['msgs_per_s'])} "
+print(f"| {sys.argv[5]} | {sys.argv[6]} | {o['msgs_per_s']:.0f} | {r['msgs_per_s']:.0f} | {ratio(o['msgs_per_s'], r['msgs_per_s'])} "
       f"| {n['msgs_per_s']:.0f} | {ratio(o['msgs_per_s'], n['msgs_per_s'])} "
       f"| {o['p50_us']:.0f} | {r['p50_us']:.0f} | {ratio(r['p50_us'], o['p50_us'])} "
-      f"| {n['p50_us']:.0f} | {ratio(n['p50_us'], o['p50_us'])} |")
+      f"| {n['p50_us']:.0f} | {ratio(n['p50_us'], o['p50_us'])} "
+      f"| {b['p50_us']:.0f} | {o['p50_us'] - b['p50_us']:.0f} |")
 PY
 )
     TABLE="$TABLE
@@ -83,6 +90,8 @@ $row"
 done
 TABLE="$TABLE
 
-Ratios: throughput ours/ref (higher is better for us); latency ref/ours (higher is better for us)."
+Ratios: throughput ours/ref (higher is better for us); latency ref/ours (higher is better for us).
+relay: the same clients through a plain TCP relay just before the row (4 socket hops per round
+trip, as through a node); ours − relay is what our node and clients add to a round trip."
 echo "$TABLE"
 if [ "$APPEND" = 1 ]; then printf '\n%s\n' "$TABLE" >> BENCHMARKS.md; fi

@@ -15,6 +15,7 @@
 pub mod probe;
 mod progress;
 mod raw;
+pub mod relay;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -76,6 +77,8 @@ pub enum Mode {
     Multicast,
     /// A reliable p2p session between two session layers.
     P2p,
+    /// Not a SLIM node: a plain TCP relay (`slim-tokio tcp-relay`), the baseline for the rest.
+    TcpRelay,
 }
 
 impl Mode {
@@ -86,6 +89,7 @@ impl Mode {
             Mode::Anycast => "anycast",
             Mode::Multicast => "multicast",
             Mode::P2p => "p2p",
+            Mode::TcpRelay => "tcp-relay",
         }
     }
 }
@@ -390,6 +394,7 @@ pub async fn run(config: &LoadConfig) -> Result<BenchReport, BenchError> {
     };
     match config.mode {
         Mode::P2p => p2p(config, probe.as_ref()).await,
+        Mode::TcpRelay => relay::run(config).await,
         Mode::Unicast | Mode::Anycast | Mode::Multicast => raw::run(config, probe.as_ref()).await,
     }
 }

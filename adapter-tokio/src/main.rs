@@ -59,6 +59,16 @@ enum Command {
     Request(RequestArgs),
     /// Moderate a group: invite members, broadcast, optionally remove one and broadcast again.
     Group(GroupArgs),
+    /// A plain TCP relay (connections paired in arrival order): the baseline that
+    /// `bench --mode tcp-relay` measures next to a node.
+    TcpRelay(TcpRelayArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TcpRelayArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:46358")]
+    listen: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -264,6 +274,19 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     runtime(1, "slim-client")
 }
 
+fn run_tcp_relay(args: TcpRelayArgs) -> anyhow::Result<()> {
+    init_logging(Some("info"));
+    client_runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        tracing::info!(listen = %args.listen, "tcp relay ready");
+        slim_tokio::bench::relay::serve(listener)
+            .await
+            .context("tcp relay stopped")
+    })
+}
+
 fn run_reply(args: ReplyArgs) -> anyhow::Result<()> {
     init_logging(Some("info"));
     let (name, secret) = args.app.resolve()?;
@@ -407,6 +430,9 @@ enum BenchMode {
     /// A reliable p2p session (our session layer on both ends): acknowledged one-way
     /// throughput, then request/reply round trips.
     P2p,
+    /// The baseline: the same clients through a plain TCP relay (`slim-tokio tcp-relay`) instead
+    /// of a node: one-way stream throughput and echo round trips, no protocol.
+    TcpRelay,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -425,6 +451,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             BenchMode::Anycast => Mode::Anycast,
             BenchMode::Multicast => Mode::Multicast,
             BenchMode::P2p => Mode::P2p,
+            BenchMode::TcpRelay => Mode::TcpRelay,
         },
         size: args.size,
         stop: match args.count {
@@ -526,6 +553,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Reply(args)) => return run_reply(args),
         Some(Command::Request(args)) => return run_request(args),
         Some(Command::Group(args)) => return run_group(args),
+        Some(Command::TcpRelay(args)) => return run_tcp_relay(args),
         None => {}
     }
     let mut node_config = match &cli.config {
