@@ -546,6 +546,10 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
     })
 }
 
+/// glibc malloc/free were ≈ 7 % of the node's CPU per routed message (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
