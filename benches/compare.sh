@@ -10,6 +10,11 @@
 # the same clients right before: the floor of this machine at that moment, against which the
 # round trips mean something (on this VM it moves with the load: idle cores are slow to wake).
 # Prints a markdown table with ratios and appends it to BENCHMARKS.md.
+#
+# NODE_CPUS / BENCH_CPUS (taskset lists, e.g. 0 and 1) pin the nodes and relay / the bench
+# clients. On this VM a wake-up that crosses cores costs ~40 µs per hop, so round trips are
+# bimodal unless placement is fixed: NODE_CPUS=0 BENCH_CPUS=0 measures the software,
+# NODE_CPUS=0 BENCH_CPUS=1 adds the cross-core wake-ups.
 # Needs: cargo, python3 (venv), gcc; installs slim-bindings==3.3.8 into target/interop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,20 +40,21 @@ fi
 SHIM="$ROOT/target/libnodelay.so"
 [ -f "$SHIM" ] || gcc -O2 -shared -fPIC -o "$SHIM" benches/nodelay.c -ldl
 
+pin() { local cpus=$1; shift; if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 wait_port() { for _ in $(seq 1 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
-start_relay() { local port; port=$(free_port); "$BIN" tcp-relay --listen "127.0.0.1:$port" >/dev/null 2>&1 & PIDS+=($!); wait_port "$port"; echo "$port $!"; }
-start_ours() { local port; port=$(free_port); "$BIN" --endpoint "127.0.0.1:$port" >/dev/null 2>&1 & PIDS+=($!); wait_port "$port"; echo "$port $!"; }
+start_relay() { local port; port=$(free_port); pin "${NODE_CPUS:-}" "$BIN" tcp-relay --listen "127.0.0.1:$port" >/dev/null 2>&1 & PIDS+=($!); wait_port "$port"; echo "$port $!"; }
+start_ours() { local port; port=$(free_port); pin "${NODE_CPUS:-}" "$BIN" --endpoint "127.0.0.1:$port" >/dev/null 2>&1 & PIDS+=($!); wait_port "$port"; echo "$port $!"; }
 start_ref() { local port; port=$(free_port)
-  env ${1:+LD_PRELOAD=$SHIM} "$VENV/bin/python" tests/interop/refnode.py --port "$port" >/dev/null 2>&1 & PIDS+=($!)
+  pin "${NODE_CPUS:-}" env ${1:+LD_PRELOAD=$SHIM} "$VENV/bin/python" tests/interop/refnode.py --port "$port" >/dev/null 2>&1 & PIDS+=($!)
   wait_port "$port"; echo "$port $!"; }
 
 run() { # endpoint-port mode size -> json line
-  "$BIN" bench --endpoint "http://127.0.0.1:$1" --mode "$2" --size "$3" --duration "$DURATION" --round-trips "$RTT" --json 2>/dev/null | tail -1
+  pin "${BENCH_CPUS:-}" "$BIN" bench --endpoint "http://127.0.0.1:$1" --mode "$2" --size "$3" --duration "$DURATION" --round-trips "$RTT" --json 2>/dev/null | tail -1
 }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])['$2'])" "$1"; }
 
@@ -60,7 +66,7 @@ read -r REFND _ < <(start_ref nodelay)
 MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
 TABLE="### compare.sh, $(date -u +%Y-%m-%d\ %H:%M\ UTC)
 
-Machine: $MACHINE (shared, noisy). Clients and node on the same 2 cores, loopback. ${DURATION}s per throughput run, $RTT round trips.
+Machine: $MACHINE (shared, noisy). Clients and node on the same 2 cores, loopback; nodes pinned to CPUs \`${NODE_CPUS:-any}\`, bench clients to \`${BENCH_CPUS:-any}\`. ${DURATION}s per throughput run, $RTT round trips.
 
 | mode | size | ours msgs/s | ref msgs/s | ratio | ref+nodelay msgs/s | ratio | ours p50 µs | ref p50 µs | ratio | ref+nodelay p50 µs | ratio | relay p50 µs | ours − relay µs |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|"

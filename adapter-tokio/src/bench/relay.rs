@@ -19,15 +19,40 @@ use super::{
 };
 
 /// Relays between connections taken in pairs, in the order they arrive (1st with 2nd, 3rd with
-/// 4th, …), until the listener fails.
+/// 4th, …), until the listener fails. A connection closed while it waits for its partner (a
+/// port probe) is not paired.
 pub async fn serve(listener: TcpListener) -> std::io::Result<()> {
+    let mut waiting: Option<TcpStream> = None;
     loop {
-        let (mut a, _) = listener.accept().await?;
-        let (mut b, _) = listener.accept().await?;
-        let _ = (a.set_nodelay(true), b.set_nodelay(true));
+        let accepted = match &waiting {
+            Some(first) => tokio::select! {
+                accepted = listener.accept() => accepted?.0,
+                () = closed(first) => {
+                    waiting = None;
+                    continue;
+                }
+            },
+            None => listener.accept().await?.0,
+        };
+        let _ = accepted.set_nodelay(true);
+        let Some(mut first) = waiting.take() else {
+            waiting = Some(accepted);
+            continue;
+        };
+        let mut second = accepted;
         tokio::spawn(async move {
-            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            let _ = tokio::io::copy_bidirectional(&mut first, &mut second).await;
         });
+    }
+}
+
+/// Completes once the peer has closed `stream` (or it failed); pending while it is open, also
+/// when it already sent data, which stays unread for the relay.
+async fn closed(stream: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match stream.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
     }
 }
 
@@ -125,6 +150,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let relay = tokio::spawn(serve(listener));
+        // A port probe (connect, close) must not take a place in the next pair.
+        drop(TcpStream::connect(address).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let report = crate::bench::run(&LoadConfig {
             endpoint: address.to_string(),
             mode: Mode::TcpRelay,
