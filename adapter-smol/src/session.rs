@@ -26,12 +26,12 @@
 //! # }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_lite::future;
-use slim_core::session::{self, Output, SessionLayer};
+use slim_core::session::{self, Output, SessionLayer, WaitingPublishes};
 use slim_proto::{pb, Name};
 use smol::channel::{self, Receiver, Sender, TrySendError};
 
@@ -310,10 +310,9 @@ struct Waiters {
     /// By session and the member's service (the invitee is named without instance).
     joining: HashMap<(SessionId, [u64; 3]), MembershipReply>,
     leaving: HashMap<(SessionId, [u64; 3]), MembershipReply>,
-    /// Publishes the core refused with `SendQueueFull`, per session in order: retried after
-    /// every input until there is room (or the session is gone), so `publish` waits instead
-    /// of failing.
-    publishing: HashMap<SessionId, VecDeque<(Bytes, PublishReply)>>,
+    /// Publishes waiting for room in their session's send queue: `publish` waits instead of
+    /// failing.
+    publishing: WaitingPublishes<PublishReply>,
 }
 
 impl Waiters {
@@ -326,39 +325,16 @@ impl Waiters {
         reply: PublishReply,
         now: slim_core::Timestamp,
     ) {
-        if let Some(waiting) = self.publishing.get_mut(&session) {
-            waiting.push_back((payload, reply));
-            return;
-        }
-        match layer.publish(session, payload.clone(), now) {
-            Err(SessionError::SendQueueFull(..)) => {
-                self.publishing
-                    .entry(session)
-                    .or_default()
-                    .push_back((payload, reply));
-            }
-            result => {
-                let _ = reply.try_send(result);
-            }
+        if let Some((reply, result)) = self.publishing.submit(layer, session, payload, reply, now) {
+            let _ = reply.try_send(result);
         }
     }
 
     /// Retries the waiting publishes, in order per session, until the core refuses one again.
     fn retry_publishes(&mut self, layer: &mut SessionLayer, now: slim_core::Timestamp) {
-        self.publishing.retain(|session, waiting| {
-            while let Some((payload, reply)) = waiting.pop_front() {
-                match layer.publish(*session, payload.clone(), now) {
-                    Err(SessionError::SendQueueFull(..)) => {
-                        waiting.push_front((payload, reply));
-                        return true;
-                    }
-                    result => {
-                        let _ = reply.try_send(result);
-                    }
-                }
-            }
-            false
-        });
+        for (reply, result) in self.publishing.retry(layer, now) {
+            let _ = reply.try_send(result);
+        }
     }
 
     /// Resolves what `event` completes; false when the event only concerned a waiter (the

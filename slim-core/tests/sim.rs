@@ -135,18 +135,7 @@ fn seed_sweep() {
         seeds.len(),
         started.elapsed().as_secs_f64()
     );
-    for (_, failure) in failures.iter().take(20) {
-        let cut: String = failure.chars().take(400).collect();
-        eprintln!("{cut}");
-    }
-    if let Some((_, first)) = failures.first() {
-        let failed: Vec<u64> = failures.iter().map(|(seed, _)| *seed).collect();
-        panic!(
-            "{first}\n({} of {} seeds failed: {failed:?})",
-            failures.len(),
-            seeds.len()
-        );
-    }
+    fail_on(&failures, seeds.len(), "seeds", 20, 400);
     assert!(totals.published > 0 || seeds.len() < 5, "{totals:?}");
 }
 
@@ -911,18 +900,7 @@ fn mls_seed_sweep() {
         seeds.len(),
         started.elapsed().as_secs_f64()
     );
-    for (_, failure) in failures.iter().take(10) {
-        let cut: String = failure.chars().take(600).collect();
-        eprintln!("{cut}");
-    }
-    if let Some((_, first)) = failures.first() {
-        let failed: Vec<u64> = failures.iter().map(|(seed, _)| *seed).collect();
-        panic!(
-            "{first}\n({} of {} MLS seeds failed: {failed:?})",
-            failures.len(),
-            seeds.len()
-        );
-    }
+    fail_on(&failures, seeds.len(), "MLS seeds", 10, 600);
     if seeds.len() >= 10 {
         assert!(totals.published > 0 && epochs > 0, "{totals:?}");
         assert!(
@@ -1088,5 +1066,21 @@ fn mls_member_that_missed_the_removal_commit_catches_up() {
     }));
     if let Err(failure) = sim.run() {
         panic!("{failure}");
+    }
+}
+
+/// Prints the first `shown` failures of a sweep (each cut to `width` characters) and fails the
+/// test with the first one and the list of failed seeds.
+fn fail_on(failures: &[(u64, String)], runs: usize, what: &str, shown: usize, width: usize) {
+    for (_, failure) in failures.iter().take(shown) {
+        let cut: String = failure.chars().take(width).collect();
+        eprintln!("{cut}");
+    }
+    if let Some((_, first)) = failures.first() {
+        let failed: Vec<u64> = failures.iter().map(|(seed, _)| *seed).collect();
+        panic!(
+            "{first}\n({} of {runs} {what} failed: {failed:?})",
+            failures.len()
+        );
     }
 }

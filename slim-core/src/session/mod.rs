@@ -5,6 +5,7 @@ pub mod layer;
 pub mod mls;
 pub mod receiver;
 pub mod sender;
+pub mod waiting;
 
 pub use layer::{
     CloseReason, LayerConfig, LayerError, Output, Reliability, SessionConfig, SessionDrop,
@@ -14,3 +15,4 @@ pub use layer::{
 pub use mls::{MlsState, PayloadError, DEFAULT_VALIDATION_PERCENT};
 pub use receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 pub use sender::{Outgoing, ReliableSender, SenderEvent};
+pub use waiting::WaitingPublishes;

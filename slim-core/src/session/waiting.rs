@@ -1,0 +1,81 @@
+//! Publishes that wait for room in a session's send queue, for drivers whose `publish` waits
+//! instead of failing with [`SessionError::SendQueueFull`].
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::Bytes;
+
+use super::{SessionError, SessionId, SessionLayer};
+use crate::Timestamp;
+
+/// Publishes the core refused with `SendQueueFull`, in order per session, each with the
+/// driver's way of answering its caller (`R`). The driver calls [`WaitingPublishes::retry`]
+/// after every input it hands the core, so each waits until there is room or its session is
+/// gone.
+#[derive(Debug)]
+pub struct WaitingPublishes<R> {
+    by_session: BTreeMap<SessionId, VecDeque<(Bytes, R)>>,
+}
+
+impl<R> Default for WaitingPublishes<R> {
+    fn default() -> Self {
+        Self {
+            by_session: BTreeMap::new(),
+        }
+    }
+}
+
+/// A caller to answer, and the answer.
+pub type Answer<R> = (R, Result<u32, SessionError>);
+
+impl<R> WaitingPublishes<R> {
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.by_session.is_empty()
+    }
+
+    /// Publishes now, unless earlier publishes of the session wait (then behind them) or the
+    /// queue is full (then it waits). The answer, when the caller can have it now.
+    pub fn submit(
+        &mut self,
+        layer: &mut SessionLayer,
+        session: SessionId,
+        payload: Bytes,
+        reply: R,
+        now: Timestamp,
+    ) -> Option<Answer<R>> {
+        if let Some(waiting) = self.by_session.get_mut(&session) {
+            waiting.push_back((payload, reply));
+            return None;
+        }
+        match layer.publish(session, payload.clone(), now) {
+            Err(SessionError::SendQueueFull(..)) => {
+                self.by_session
+                    .entry(session)
+                    .or_default()
+                    .push_back((payload, reply));
+                None
+            }
+            result => Some((reply, result)),
+        }
+    }
+
+    /// Retries the waiting publishes, in order per session, until the core refuses one again;
+    /// the answers for those it took (or refused for good).
+    pub fn retry(&mut self, layer: &mut SessionLayer, now: Timestamp) -> Vec<Answer<R>> {
+        let mut answers = Vec::new();
+        self.by_session.retain(|session, waiting| {
+            while let Some((payload, reply)) = waiting.pop_front() {
+                match layer.publish(*session, payload.clone(), now) {
+                    Err(SessionError::SendQueueFull(..)) => {
+                        waiting.push_front((payload, reply));
+                        return true;
+                    }
+                    result => answers.push((reply, result)),
+                }
+            }
+            false
+        });
+        answers
+    }
+}
