@@ -89,18 +89,22 @@ fn add(total: &mut Outcome, o: &Outcome) {
     total.group_delivered += o.group_delivered;
 }
 
-/// Runs `seeds` on every core; returns the failures (sorted by seed) and the totals.
-fn sweep(seeds: &[u64], swarm: Swarm, log: bool) -> (Vec<(u64, String)>, Outcome) {
+/// Runs `run` for every seed on every core; returns the failures (sorted by seed) and the
+/// reports of the runs that passed.
+fn parallel_runs(
+    seeds: &[u64],
+    run: impl Fn(u64) -> Result<Report, String> + Sync,
+) -> (Vec<(u64, String)>, Vec<Report>) {
     let next = AtomicUsize::new(0);
     let failures = Mutex::new(Vec::new());
-    let totals = Mutex::new(Outcome::default());
+    let reports = Mutex::new(Vec::new());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::thread::scope(|scope| {
         for _ in 0..threads.min(seeds.len()) {
             scope.spawn(|| {
                 while let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    match run_swarm_seed(seed, swarm, log) {
-                        Ok(report) => add(&mut totals.lock().unwrap(), &report.outcome),
+                    match run(seed) {
+                        Ok(report) => reports.lock().unwrap().push(report),
                         Err(failure) => failures.lock().unwrap().push((seed, failure)),
                     }
                 }
@@ -109,7 +113,22 @@ fn sweep(seeds: &[u64], swarm: Swarm, log: bool) -> (Vec<(u64, String)>, Outcome
     });
     let mut failures = failures.into_inner().unwrap();
     failures.sort();
-    (failures, totals.into_inner().unwrap())
+    (failures, reports.into_inner().unwrap())
+}
+
+/// The sum of the reports' outcomes.
+fn total(reports: &[Report]) -> Outcome {
+    let mut totals = Outcome::default();
+    for report in reports {
+        add(&mut totals, &report.outcome);
+    }
+    totals
+}
+
+/// Runs `seeds` on every core; returns the failures (sorted by seed) and the totals.
+fn sweep(seeds: &[u64], swarm: Swarm, log: bool) -> (Vec<(u64, String)>, Outcome) {
+    let (failures, reports) = parallel_runs(seeds, |seed| run_swarm_seed(seed, swarm, log));
+    (failures, total(&reports))
 }
 
 #[test]
@@ -856,41 +875,19 @@ fn mls_seed_sweep() {
     let seeds = mls_seeds();
     #[allow(clippy::disallowed_methods, clippy::disallowed_types)]
     let started = std::time::Instant::now();
-    let next = AtomicUsize::new(0);
-    let failures = Mutex::new(Vec::new());
-    let reports = Mutex::new(Vec::new());
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    std::thread::scope(|scope| {
-        for _ in 0..threads.min(seeds.len()) {
-            scope.spawn(|| {
-                while let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let run = || {
-                        let mut sim = Sim::new(seed, mls_config(seed));
-                        sim.set_replay(mls_replay(seed));
-                        sim.set_log(env_flag("SIM_LOG"));
-                        sim.run()
-                    };
-                    match panic::catch_unwind(AssertUnwindSafe(run)) {
-                        Ok(Ok(report)) => reports.lock().unwrap().push(report),
-                        Ok(Err(failure)) => {
-                            failures.lock().unwrap().push((seed, failure.to_string()))
-                        }
-                        Err(_) => failures
-                            .lock()
-                            .unwrap()
-                            .push((seed, format!("seed {seed} panicked ({})", mls_replay(seed)))),
-                    }
-                }
-            });
+    let (failures, reports) = parallel_runs(&seeds, |seed| {
+        let run = || {
+            let mut sim = Sim::new(seed, mls_config(seed));
+            sim.set_replay(mls_replay(seed));
+            sim.set_log(env_flag("SIM_LOG"));
+            sim.run()
+        };
+        match panic::catch_unwind(AssertUnwindSafe(run)) {
+            Ok(result) => result.map_err(|failure| failure.to_string()),
+            Err(_) => Err(format!("seed {seed} panicked ({})", mls_replay(seed))),
         }
     });
-    let mut failures = failures.into_inner().unwrap();
-    failures.sort();
-    let reports = reports.into_inner().unwrap();
-    let mut totals = Outcome::default();
-    for r in &reports {
-        add(&mut totals, &r.outcome);
-    }
+    let totals = total(&reports);
     let epochs: u64 = reports.iter().map(|r| r.mls_epochs).sum();
     let refused: u64 = reports.iter().map(|r| r.removed_refused).sum();
     let withheld: u64 = reports.iter().map(|r| r.frames_withheld).sum();
