@@ -44,6 +44,22 @@ fn replies(net: &Net, what: Mt, to: &Name, id: u32) -> Vec<usize> {
         .collect()
 }
 
+/// Member 1's one rejoin request (answered at once): it names `m1` and carries a fresh key
+/// package.
+fn the_rejoin_request<'a>(net: &'a Net, m1: &Name) -> &'a pb::Message {
+    let requests = net.sent(1, Mt::RejoinRequest);
+    assert_eq!(requests.len(), 1, "one rejoin request, answered at once");
+    let Some(Cmd::RejoinRequest(request)) = command(requests[0]) else {
+        panic!("rejoin request payload")
+    };
+    assert_eq!(request.participant, Some(m1.to_pb()));
+    assert_eq!(
+        inspect(&request.key_package).unwrap().kind,
+        MlsKind::KeyPackage
+    );
+    requests[0]
+}
+
 /// m1 misses every copy of the update that adds m3 (its commit): its epoch goes stale.
 fn make_m1_stale(net: &mut Net, session: SessionId) {
     net.hook = Box::new(|from, to, m| {
@@ -145,23 +161,14 @@ fn a_member_that_missed_a_commit_is_nacked_rejoins_and_reads_again() {
         "every member with the newer epoch NACKs"
     );
     // One rejoin request, to the moderator, with a fresh key package.
-    let requests = net.sent(1, Mt::RejoinRequest);
-    assert_eq!(requests.len(), 1, "one request, answered at once");
-    let Some(Cmd::RejoinRequest(request)) = command(requests[0]) else {
-        panic!("rejoin request payload")
-    };
-    assert_eq!(request.participant, Some(m1.to_pb()));
-    assert_eq!(
-        inspect(&request.key_package).unwrap().kind,
-        MlsKind::KeyPackage
-    );
-    let header = publish(requests[0]).header.as_ref().unwrap();
+    let request = the_rejoin_request(&net, &m1);
+    let header = publish(request).header.as_ref().unwrap();
     assert_eq!(header.destination, Some(net.name(0).to_pb()));
     assert_eq!(header.fanout, 1);
     // The moderator answers with a welcome and tells everyone with a REJOIN update.
     let rejoin_replies = net.sent(0, Mt::RejoinReply);
     assert_eq!(rejoin_replies.len(), 1);
-    assert_eq!(message_id(rejoin_replies[0]), message_id(requests[0]));
+    assert_eq!(message_id(rejoin_replies[0]), message_id(request));
     let Some(Cmd::RejoinReply(reply)) = command(rejoin_replies[0]) else {
         panic!("rejoin reply payload")
     };
@@ -290,16 +297,7 @@ fn a_heartbeat_with_a_newer_epoch_starts_the_rejoin() {
         net.sent(1, Mt::UpdateParticipantState).is_empty(),
         "no state update: the heartbeat alone"
     );
-    let requests = net.sent(1, Mt::RejoinRequest);
-    assert_eq!(requests.len(), 1, "one rejoin request, answered at once");
-    let Some(Cmd::RejoinRequest(request)) = command(requests[0]) else {
-        panic!("rejoin request payload")
-    };
-    assert_eq!(request.participant, Some(m1.to_pb()));
-    assert_eq!(
-        inspect(&request.key_package).unwrap().kind,
-        MlsKind::KeyPackage
-    );
+    the_rejoin_request(&net, &m1);
     assert_eq!(net.sent(0, Mt::RejoinReply).len(), 1);
     net.apps[0]
         .publish(session, Bytes::from_static(b"after"), net.now)
