@@ -45,7 +45,12 @@ pub enum ConfigError {
     IncompleteTls { endpoint: String },
     #[error("environment variable {0} (used as ${{env:{0}}}) is not set")]
     MissingEnv(String),
+    #[error("runtime.n_cores: {0} worker threads is more than the {MAX_WORKER_THREADS} allowed")]
+    TooManyThreads(usize),
 }
+
+/// More runtime workers than this is a typo, not a machine (each is an OS thread).
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// A parsed, validated node configuration.
 #[derive(Debug, Clone)]
@@ -308,6 +313,9 @@ impl NodeConfig {
                 config.drain_timeout = d;
             }
             if let Some(n) = runtime.n_cores {
+                if n > MAX_WORKER_THREADS {
+                    return Err(ConfigError::TooManyThreads(n));
+                }
                 config.worker_threads = n;
             }
             if let Some(name) = &runtime.thread_name {
@@ -449,6 +457,19 @@ services:
             config.unknown_keys,
             vec!["tracing.display_thread_ids", "tracing.display_thread_names"]
         );
+    }
+
+    #[test]
+    fn absurd_thread_counts_are_refused() {
+        let error = parse("runtime: { n_cores: 100000 }\nservices: { slim/0: { dataplane: { servers: [ { endpoint: \"127.0.0.1:1\" } ] } } }\n")
+            .unwrap_err();
+        assert!(
+            matches!(error, ConfigError::TooManyThreads(100000)),
+            "{error}"
+        );
+        let ok = parse("runtime: { n_cores: 4 }\nservices: { slim/0: { dataplane: { servers: [ { endpoint: \"127.0.0.1:1\" } ] } } }\n")
+            .unwrap();
+        assert_eq!(ok.worker_threads, 4);
     }
 
     #[test]

@@ -255,6 +255,12 @@ impl AppArgs {
 /// A tokio runtime with `threads` workers: 1 is a current-thread runtime (no cross-thread
 /// wake-ups between the tasks a message passes through), 0 one worker per core.
 fn runtime(threads: usize, name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    if threads > config::MAX_WORKER_THREADS {
+        anyhow::bail!(
+            "--threads {threads}: at most {} worker threads",
+            config::MAX_WORKER_THREADS
+        );
+    }
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -281,9 +287,8 @@ fn run_tcp_relay(args: TcpRelayArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         tracing::info!(listen = %args.listen, "tcp relay ready");
-        slim_tokio::bench::relay::serve(listener)
-            .await
-            .context("tcp relay stopped")
+        slim_tokio::bench::relay::serve(listener).await;
+        Ok(())
     })
 }
 

@@ -18,21 +18,33 @@ use super::{
     WINDOW_BYTES,
 };
 
+/// After A's last message, how long B waits for more before counting the rest lost.
+const DRAIN_IDLE: Duration = Duration::from_secs(2);
+
 /// Relays between connections taken in pairs, in the order they arrive (1st with 2nd, 3rd with
-/// 4th, …), until the listener fails. A connection closed while it waits for its partner (a
+/// 4th, …), until dropped. A connection closed while it waits for its partner (a
 /// port probe) is not paired.
-pub async fn serve(listener: TcpListener) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener) {
     let mut waiting: Option<TcpStream> = None;
     loop {
         let accepted = match &waiting {
             Some(first) => tokio::select! {
-                accepted = listener.accept() => accepted?.0,
+                accepted = listener.accept() => accepted,
                 () = closed(first) => {
                     waiting = None;
                     continue;
                 }
             },
-            None => listener.accept().await?.0,
+            None => listener.accept().await,
+        };
+        let accepted = match accepted {
+            Ok((stream, _)) => stream,
+            // Out of file descriptors and the like: back off, as the node does.
+            Err(error) => {
+                tracing::warn!(%error, "tcp relay: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let _ = accepted.set_nodelay(true);
         let Some(mut first) = waiting.take() else {
@@ -73,6 +85,9 @@ pub(super) async fn run(config: &LoadConfig) -> Result<BenchReport, BenchError> 
     let (mut a_read, mut a_write) = a.split();
     let (mut b_read, mut b_write) = b.split();
     let started = Instant::now();
+    // How many A sent, once it is done: B stops when all of it arrived (or, on a loss, after
+    // a silence of `DRAIN_IDLE`, not at the first pause of a starved relay).
+    let sent_total = std::cell::Cell::new(None::<u64>);
     let send = async {
         let message = vec![0u8; size];
         let mut sent = 0u64;
@@ -84,6 +99,7 @@ pub(super) async fn run(config: &LoadConfig) -> Result<BenchReport, BenchError> 
                 Stop::Duration(d) => started.elapsed() >= d,
             };
             if done {
+                sent_total.set(Some(sent));
                 return Ok::<u64, std::io::Error>(sent);
             }
             for _ in 0..batch {
@@ -96,15 +112,25 @@ pub(super) async fn run(config: &LoadConfig) -> Result<BenchReport, BenchError> 
         let mut buf = vec![0u8; 64 * 1024];
         let mut bytes = 0u64;
         let mut last = started;
-        // Reads until A's messages stop arriving (A keeps the connection open for the echoes).
+        // A keeps the connection open for the echoes: the end is counted, not seen.
         loop {
-            match tokio::time::timeout(Duration::from_millis(200), b_read.read(&mut buf)).await {
-                Ok(Ok(0)) | Err(_) => return Ok::<(u64, Instant), std::io::Error>((bytes, last)),
+            if sent_total
+                .get()
+                .is_some_and(|total| bytes >= total * size as u64)
+            {
+                return Ok::<(u64, Instant), std::io::Error>((bytes, last));
+            }
+            match tokio::time::timeout(Duration::from_millis(100), b_read.read(&mut buf)).await {
+                Ok(Ok(0)) => return Ok((bytes, last)),
                 Ok(Ok(n)) => {
                     bytes += n as u64;
                     last = Instant::now();
                 }
                 Ok(Err(e)) => return Err(e),
+                Err(_) if sent_total.get().is_some() && last.elapsed() >= DRAIN_IDLE => {
+                    return Ok((bytes, last));
+                }
+                Err(_) => {}
             }
         }
     };
