@@ -517,3 +517,83 @@ fn the_moderator_answers_stale_data_with_a_heartbeat_and_the_sender_rejoins() {
     assert_eq!(net.sent(0, Mt::Heartbeat).len(), heartbeats_before + 1);
     assert_eq!(net.sent(1, Mt::RejoinRequest).len(), 1);
 }
+
+/// A member that gets a commit ahead of the next one it expects (it missed one the moderator
+/// gave up on) rejoins at once: no heartbeat, no data, no state update is needed to tell it.
+/// Until the welcome comes its publishes wait and nothing is encrypted at the stale epoch.
+#[test]
+fn a_commit_ahead_of_the_expected_one_starts_the_rejoin() {
+    let (mut net, session) = common::mls_net::group(&["moderator", "m1", "m2", "m3", "m4"], 2);
+    let m1 = net.name(1);
+    make_m1_stale(&mut net, session);
+    let stale = net.apps[1].mls_state(session).unwrap().epoch;
+    // Every REJOIN_REPLY to m1 is lost while `hold` is set.
+    let hold = std::rc::Rc::new(std::cell::Cell::new(true));
+    let held = hold.clone();
+    net.hook = Box::new(move |from, to, m| {
+        if from == 0 && to == 1 && kind(m) == Mt::RejoinReply && held.get() {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    let updates_before = net.sent(0, Mt::GroupUpdate).len();
+
+    // The next commit (m4 joins) reaches m1, one commit_id past the one it lacks.
+    net.apps[0]
+        .invite(session, &Name::new("org", "ns", "m4"), net.now)
+        .unwrap();
+    net.run();
+    let update = net.sent(0, Mt::GroupUpdate)[updates_before];
+    let Some(Cmd::GroupUpdate(add_m4)) = command(update) else {
+        panic!("group update payload")
+    };
+    assert_eq!(add_m4.op, pb::GroupUpdateOp::Add as i32);
+    assert!(
+        replies(&net, Mt::GroupAck, &net.name(0), message_id(update)).contains(&1),
+        "m1 acknowledged the update it could not apply yet"
+    );
+    let request = the_rejoin_request(&net, &m1);
+    let position = |target: &pb::Message| net.wire.iter().position(|(_, m)| m == target);
+    assert!(
+        position(request) > position(update),
+        "the request answers the update"
+    );
+    // Nothing else could have told m1 its epoch is stale.
+    for i in 0..5 {
+        assert!(net.sent(i, Mt::Heartbeat).is_empty(), "app {i} heartbeat");
+        assert!(net.sent(i, Mt::Msg).is_empty(), "app {i} sent data");
+    }
+    assert!(net.sent(1, Mt::UpdateParticipantState).is_empty());
+    assert!(net.apps[1].mls_rejoining(session));
+
+    // While the welcome is lost, m1's publishes wait at the stale epoch.
+    let id = net.apps[1]
+        .publish(session, Bytes::from_static(b"from m1"), net.now)
+        .unwrap();
+    assert_eq!(id, 0, "queued");
+    net.advance(Duration::from_secs(1));
+    assert_eq!(net.apps[1].mls_state(session).unwrap().epoch, stale);
+    assert!(net.sent(1, Mt::Msg).is_empty(), "nothing sent while stale");
+
+    // The retransmitted request gets its welcome: m1 is at the group's epoch and its message
+    // goes out, encrypted there, to everyone (m4 included, which m1 knows from the update).
+    hold.set(false);
+    net.advance(Duration::from_millis(500));
+    assert!(!net.apps[1].mls_rejoining(session));
+    let current = net.apps[0].mls_state(session).unwrap().epoch;
+    assert_eq!(net.apps[1].mls_state(session).unwrap().epoch, current);
+    let epochs = data_epochs(&net, 1);
+    assert!(
+        !epochs.is_empty() && epochs.iter().all(|e| *e == current && *e > stale),
+        "m1 encrypted only at the current epoch {current}: {epochs:?}"
+    );
+    for i in [0, 2, 3, 4] {
+        assert!(
+            net.messages(i, session)
+                .contains(&Bytes::from_static(b"from m1")),
+            "app {i} reads m1: {:?}",
+            net.messages(i, session)
+        );
+    }
+}
