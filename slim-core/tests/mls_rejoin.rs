@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use slim_core::group::wire::{inspect, MlsContent, MlsKind};
-use slim_core::session::{SessionDrop, SessionEvent, SessionId};
+use slim_core::session::sender::MAX_SEQUENCE_ID;
+use slim_core::session::{SessionConfig, SessionDrop, SessionEvent, SessionId};
 use slim_proto::pb::command_payload::CommandPayloadType as Cmd;
 use slim_proto::pb::{self, SessionMessageType as Mt};
 use slim_proto::Name;
@@ -62,8 +63,15 @@ fn the_rejoin_request<'a>(net: &'a Net, m1: &Name) -> &'a pb::Message {
 
 /// m1 misses every copy of the update that adds m3 (its commit): its epoch goes stale.
 fn make_m1_stale(net: &mut Net, session: SessionId) {
+    // 200 ms × (5 retries + 1): the moderator gives up on m1's ack.
+    make_m1_stale_within(net, session, Duration::from_secs(3));
+}
+
+/// [`make_m1_stale`] when the moderator gives up on m1 within `span` (heartbeats to m1 are
+/// lost meanwhile too, as they would tell it the newer epoch).
+fn make_m1_stale_within(net: &mut Net, session: SessionId, span: Duration) {
     net.hook = Box::new(|from, to, m| {
-        if from == 0 && to == 1 && kind(m) == Mt::GroupUpdate {
+        if to == 1 && (kind(m) == Mt::Heartbeat || (from == 0 && kind(m) == Mt::GroupUpdate)) {
             Fate::Drop
         } else {
             Fate::Deliver
@@ -72,8 +80,7 @@ fn make_m1_stale(net: &mut Net, session: SessionId) {
     net.apps[0]
         .invite(session, &Name::new("org", "ns", "m3"), net.now)
         .unwrap();
-    // 200 ms × (5 retries + 1): the moderator gives up on m1's ack.
-    net.advance(Duration::from_secs(3));
+    net.advance(span);
     net.hook = Box::new(|_, _, _| Fate::Deliver);
     assert_eq!(net.incoming(3), Some((session, true)), "m3 joined");
     assert!(
@@ -596,4 +603,159 @@ fn a_commit_ahead_of_the_expected_one_starts_the_rejoin() {
             net.messages(i, session)
         );
     }
+}
+
+/// m1 (stale) rejoins on the moderator's data at the newer epoch and, while its welcome is
+/// lost, sends a direct message to m2 and a publish. Both wait and go out in that order once
+/// m1 is back at the group's epoch, encrypted there; the direct message reaches m2 only.
+fn publish_to_waits_for_the_rejoin(config: SessionConfig) {
+    let reliable = config.reliability.is_some();
+    let (mut net, session) =
+        common::mls_net::group_with(&["moderator", "m1", "m2", "m3"], 2, config);
+    // Control messages are retried 1 s × (10 + 1) when the session has no timers of its own.
+    make_m1_stale_within(
+        &mut net,
+        session,
+        Duration::from_secs(if reliable { 3 } else { 12 }),
+    );
+    let stale = net.apps[1].mls_state(session).unwrap().epoch;
+    let hold = std::rc::Rc::new(std::cell::Cell::new(true));
+    let held = hold.clone();
+    net.hook = Box::new(move |from, to, m| {
+        if from == 0 && to == 1 && kind(m) == Mt::RejoinReply && held.get() {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"newer"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(20));
+    assert!(net.apps[1].mls_rejoining(session));
+
+    let direct = Bytes::from_static(b"direct");
+    let m2 = net.name(2);
+    let id = net.apps[1]
+        .publish_to(session, &m2, direct.clone(), net.now)
+        .unwrap();
+    assert!(id > MAX_SEQUENCE_ID, "a direct id at once: {id}");
+    let queued = net.apps[1]
+        .publish(session, Bytes::from_static(b"sequenced"), net.now)
+        .unwrap();
+    assert_eq!(queued, 0);
+    net.advance(Duration::from_secs(1));
+    assert_eq!(net.apps[1].mls_state(session).unwrap().epoch, stale);
+    assert!(net.sent(1, Mt::Msg).is_empty(), "nothing sent while stale");
+
+    hold.set(false);
+    net.advance(Duration::from_millis(1500));
+    assert!(!net.apps[1].mls_rejoining(session));
+    let current = net.apps[0].mls_state(session).unwrap().epoch;
+    assert_eq!(net.apps[1].mls_state(session).unwrap().epoch, current);
+    let epochs = data_epochs(&net, 1);
+    assert!(
+        !epochs.is_empty() && epochs.iter().all(|e| *e == current && *e > stale),
+        "m1 encrypted only at the current epoch {current}: {epochs:?}"
+    );
+    let sent = net.sent(1, Mt::Msg);
+    let ids: Vec<u32> = sent.iter().map(|m| message_id(m)).collect();
+    assert_eq!(ids[0], id, "in the order given: {ids:?}");
+    assert_eq!(
+        sent[0].metadata.get("PUBLISH_TO").map(String::as_str),
+        Some("TRUE")
+    );
+    let header = publish(sent[0]).header.as_ref().unwrap();
+    assert_eq!(header.destination, Some(m2.to_pb()));
+    assert_eq!(header.fanout, 1);
+    assert!(message_id(sent[1]) <= MAX_SEQUENCE_ID, "then the publish");
+    if !reliable {
+        assert_eq!(sent.len(), 2, "each sent once");
+    }
+    assert_eq!(
+        net.messages(2, session)
+            .iter()
+            .filter(|p| **p == direct)
+            .count(),
+        1
+    );
+    for i in [0, 3] {
+        assert!(!net.messages(i, session).contains(&direct), "app {i}");
+    }
+    for i in [0, 2, 3] {
+        assert!(
+            net.messages(i, session)
+                .contains(&Bytes::from_static(b"sequenced")),
+            "app {i}: {:?}",
+            net.messages(i, session)
+        );
+    }
+    let delivered = net.events[1]
+        .iter()
+        .any(|e| matches!(e, SessionEvent::Delivered { id: d, .. } if *d == id));
+    assert_eq!(delivered, reliable, "m2 acknowledged it iff reliable");
+}
+
+#[test]
+fn publish_to_waits_for_the_rejoin_reliable() {
+    publish_to_waits_for_the_rejoin(encrypted());
+}
+
+#[test]
+fn publish_to_waits_for_the_rejoin_unreliable() {
+    publish_to_waits_for_the_rejoin(SessionConfig {
+        reliability: None,
+        ..encrypted()
+    });
+}
+
+/// A direct message waiting for the rejoin whose target leaves the group meanwhile is reported
+/// as failed (nobody will acknowledge it) instead of being sent to a departed member.
+#[test]
+fn a_waiting_publish_to_a_member_that_left_fails() {
+    let (mut net, session) = group();
+    make_m1_stale(&mut net, session);
+    let hold = std::rc::Rc::new(std::cell::Cell::new(true));
+    let held = hold.clone();
+    net.hook = Box::new(move |from, to, m| {
+        if from == 0 && to == 1 && kind(m) == Mt::RejoinReply && held.get() {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"newer"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(20));
+    assert!(net.apps[1].mls_rejoining(session));
+    let m3 = net.name(3);
+    let id = net.apps[1]
+        .publish_to(session, &m3, Bytes::from_static(b"to m3"), net.now)
+        .unwrap();
+    net.apps[3].close(session, net.now).unwrap();
+    net.advance(Duration::from_millis(500));
+    assert!(
+        !net.apps[1]
+            .members(session)
+            .unwrap()
+            .iter()
+            .any(|n| n.key() == m3.key()),
+        "m1 saw m3 leave"
+    );
+    hold.set(false);
+    net.advance(Duration::from_millis(500));
+    assert!(!net.apps[1].mls_rejoining(session));
+    assert!(
+        net.sent(1, Mt::Msg).iter().all(|m| message_id(m) != id),
+        "not sent to a departed member"
+    );
+    let failed: Vec<&Vec<Name>> = net.events[1]
+        .iter()
+        .filter_map(|e| match e {
+            SessionEvent::SendFailed { id: f, missing, .. } if *f == id => Some(missing),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, vec![&vec![m3]], "reported once, m3 missing");
 }

@@ -435,6 +435,23 @@ impl Group {
     }
 }
 
+/// Application data waiting until the session may send it (handshake, MLS rejoin), kept in
+/// the order it was given.
+enum Deferred {
+    /// Sequenced: its id is allocated when it goes out.
+    Publish {
+        payload: Bytes,
+        payload_type: String,
+        metadata: BTreeMap<String, String>,
+    },
+    /// A direct message (`publish_to`): its id went to the application already.
+    Direct {
+        id: u32,
+        target: Name,
+        payload: Bytes,
+    },
+}
+
 struct Session {
     role: Role,
     state: State,
@@ -453,7 +470,7 @@ struct Session {
     pending: Vec<PendingControl>,
     sender: ReliableSender,
     receiver: ReliableReceiver,
-    queued: Vec<(Bytes, String, BTreeMap<String, String>)>,
+    queued: Vec<Deferred>,
     metadata: BTreeMap<String, String>,
     next_heartbeat: Timestamp,
     sent_since_heartbeat: bool,
@@ -604,7 +621,8 @@ impl SessionLayer {
     }
 
     /// Whether the session's MLS epoch is known to be stale and a rejoin waits for its welcome:
-    /// publishes are queued (`publish` returns 0) until it comes.
+    /// publishes are queued (`publish` returns 0) until it comes, and so are direct messages
+    /// (`publish_to` returns their ids).
     pub fn mls_rejoining(&self, session: SessionId) -> bool {
         self.sessions.get(&session).is_some_and(Session::mls_stale)
     }
@@ -772,7 +790,11 @@ impl SessionLayer {
             if s.queued.len() >= MAX_QUEUED {
                 return Err(SessionError::QueueFull(session, s.queued.len()));
             }
-            s.queued.push((payload, payload_type, metadata));
+            s.queued.push(Deferred::Publish {
+                payload,
+                payload_type,
+                metadata,
+            });
             return Ok(0);
         }
         send_queue_room(session, s)?;
@@ -780,7 +802,8 @@ impl SessionLayer {
     }
 
     /// Sends `payload` to one member only (a direct message: `PUBLISH_TO`, outside the
-    /// sequence, delivered on arrival). Returns its id.
+    /// sequence, delivered on arrival). While a stale MLS member rejoins it is queued with the
+    /// publishes. Returns its id (known at once: direct ids are drawn, not sequenced).
     pub fn publish_to(
         &mut self,
         session: SessionId,
@@ -793,7 +816,6 @@ impl SessionLayer {
             .rng
             .random_range(super::sender::MAX_SEQUENCE_ID + 1..=u32::MAX);
         let s = self.established(session)?;
-        send_queue_room(session, s)?;
         let target = s
             .peers(&me)
             .into_iter()
@@ -803,6 +825,32 @@ impl SessionLayer {
                         && n.key().components == member.key().components)
             })
             .ok_or_else(|| SessionError::NotAMember(session, member.to_string()))?;
+        if !s.ready_to_send() {
+            if s.queued.len() >= MAX_QUEUED {
+                return Err(SessionError::QueueFull(session, s.queued.len()));
+            }
+            s.queued.push(Deferred::Direct {
+                id,
+                target,
+                payload,
+            });
+            return Ok(id);
+        }
+        send_queue_room(session, s)?;
+        self.send_direct(session, id, target, payload, now);
+        Ok(id)
+    }
+
+    /// Sends a direct message to `target`, kept for retransmission until it acknowledges in a
+    /// reliable session.
+    fn send_direct(
+        &mut self,
+        session: SessionId,
+        id: u32,
+        target: Name,
+        payload: Bytes,
+        now: Timestamp,
+    ) {
         let metadata: BTreeMap<String, String> = [(PUBLISH_TO.to_string(), "TRUE".to_string())]
             .into_iter()
             .collect();
@@ -813,7 +861,6 @@ impl SessionLayer {
             metadata,
         };
         self.transmit_data(session, outgoing, &target, 1, vec![target.clone()], now);
-        Ok(id)
     }
 
     /// Closes a session. p2p: the peer is told; a moderator closes the whole group; a member
@@ -1744,11 +1791,41 @@ impl SessionLayer {
 
     /// The publishes queued until the session could send go out, in order.
     fn send_queued(&mut self, session: SessionId, now: Timestamp) {
+        let me = self.name.clone();
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
-        for (payload, payload_type, metadata) in std::mem::take(&mut s.queued) {
-            self.send_data(session, payload, payload_type, metadata, now);
+        for deferred in std::mem::take(&mut s.queued) {
+            match deferred {
+                Deferred::Publish {
+                    payload,
+                    payload_type,
+                    metadata,
+                } => {
+                    self.send_data(session, payload, payload_type, metadata, now);
+                }
+                Deferred::Direct {
+                    id,
+                    target,
+                    payload,
+                } => {
+                    let Some(s) = self.sessions.get(&session) else {
+                        return;
+                    };
+                    if s.peers(&me).iter().any(|n| n.key() == target.key()) {
+                        self.send_direct(session, id, target, payload, now);
+                    } else if s.reliability.is_some() {
+                        // It left while we waited: nobody will acknowledge the id we returned.
+                        self.out.push_back(Output::Event(SessionEvent::SendFailed {
+                            session,
+                            id,
+                            missing: vec![target],
+                        }));
+                    } else {
+                        tracing::debug!(session, id, "direct message dropped: its target left");
+                    }
+                }
+            }
         }
     }
 

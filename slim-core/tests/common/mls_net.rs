@@ -244,8 +244,13 @@ pub fn message_id(m: &pb::Message) -> u32 {
 /// A moderator (app 0) and apps `services[1..]`, of which the first `invited` are invited into
 /// one MLS group (each must join with MLS on).
 pub fn group(services: &[&str], invited: usize) -> (Net, SessionId) {
+    group_with(services, invited, encrypted())
+}
+
+/// [`group`] with the moderator's session settings (`mls` must be on).
+pub fn group_with(services: &[&str], invited: usize, config: SessionConfig) -> (Net, SessionId) {
     let mut net = Net::new(services);
-    let session = net.apps[0].create_group(&Name::new("org", "ns", "chan"), encrypted(), net.now);
+    let session = net.apps[0].create_group(&Name::new("org", "ns", "chan"), config, net.now);
     net.run();
     for member in &services[1..=invited] {
         net.apps[0]
