@@ -759,3 +759,81 @@ fn a_waiting_publish_to_a_member_that_left_fails() {
         .collect();
     assert_eq!(failed, vec![&vec![m3]], "reported once, m3 missing");
 }
+
+/// The moderator moves on (removes m3) while m1's welcome is lost: m1 gets that commit before
+/// the welcome, when it still cannot apply it. After the welcome it applies it, so it is at
+/// the group's epoch at once: what it queued is not readable at the epoch m3 still has, and
+/// no second rejoin is needed.
+#[test]
+fn a_commit_made_while_the_welcome_was_lost_is_applied_after_it() {
+    let (mut net, session) = group();
+    let m3 = net.name(3);
+    make_m1_stale(&mut net, session);
+    let hold = std::rc::Rc::new(std::cell::Cell::new(true));
+    let held = hold.clone();
+    net.hook = Box::new(move |from, to, m| {
+        if from == 0 && to == 1 && kind(m) == Mt::RejoinReply && held.get() {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    net.apps[0]
+        .publish(session, Bytes::from_static(b"newer"), net.now)
+        .unwrap();
+    net.advance(Duration::from_millis(20));
+    assert!(net.apps[1].mls_rejoining(session));
+    assert_eq!(
+        net.apps[1]
+            .publish(session, Bytes::from_static(b"after"), net.now)
+            .unwrap(),
+        0
+    );
+    let rejoined = net.apps[0].mls_state(session).unwrap().epoch;
+    net.apps[0].remove(session, &m3, net.now).unwrap();
+    net.advance(Duration::from_millis(500));
+    let current = net.apps[0].mls_state(session).unwrap().epoch;
+    assert_eq!(current, rejoined + 1, "the removal's commit");
+    assert!(
+        !net.apps[1]
+            .members(session)
+            .unwrap()
+            .iter()
+            .any(|n| n.key() == m3.key()),
+        "m1 saw the removal"
+    );
+    assert!(net.apps[1].mls_rejoining(session));
+
+    hold.set(false);
+    net.advance(Duration::from_millis(300));
+    assert!(!net.apps[1].mls_rejoining(session));
+    let (ours, theirs) = (
+        net.apps[1].mls_state(session).unwrap(),
+        net.apps[0].mls_state(session).unwrap(),
+    );
+    assert_eq!(
+        ours.epoch, current,
+        "at the group's epoch after the welcome"
+    );
+    assert_eq!(ours.epoch_authenticator, theirs.epoch_authenticator);
+    let requests = net.sent(1, Mt::RejoinRequest);
+    assert!(
+        requests
+            .iter()
+            .all(|m| message_id(m) == message_id(requests[0])),
+        "one rejoin"
+    );
+    let epochs = data_epochs(&net, 1);
+    assert!(
+        !epochs.is_empty() && epochs.iter().all(|e| *e == current),
+        "m1 encrypted only at the epoch without m3 ({current}): {epochs:?}"
+    );
+    for i in [0, 2] {
+        assert!(net
+            .messages(i, session)
+            .contains(&Bytes::from_static(b"after")));
+    }
+    assert!(net
+        .messages(1, session)
+        .contains(&Bytes::from_static(b"newer")));
+}

@@ -695,6 +695,13 @@ impl GroupCore {
         self.early_commits.len()
     }
 
+    /// Empties the reorder buffer: `(commit_id, commit)` in id order.
+    pub fn take_buffered_commits(&mut self) -> Vec<(u32, Vec<u8>)> {
+        std::mem::take(&mut self.early_commits)
+            .into_iter()
+            .collect()
+    }
+
     /// Counters of refused inputs.
     pub fn stats(&self) -> &GroupStats {
         &self.stats

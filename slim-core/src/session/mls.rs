@@ -251,6 +251,11 @@ impl SessionMls {
 
     /// Participant: joins again with the welcome of a REJOIN_REPLY; the group replaces the
     /// old state. A welcome that is not ours leaves the rejoin pending.
+    ///
+    /// Commits after the rejoin's that came before its welcome (a lost REJOIN_REPLY answered
+    /// again once the moderator had moved on) waited in the old group, whose next commit
+    /// never came; they continue the new one. Dropped, they would leave us at the rejoin's
+    /// epoch, stale again without knowing it, having acknowledged their updates already.
     pub fn rejoin_welcome(
         &mut self,
         commit_id: u32,
@@ -262,8 +267,22 @@ impl SessionMls {
         };
         let verify = |token: &str| verifier.verify(token);
         let group = pending.join(welcome, commit_id, &verify)?;
+        let later = match &mut self.state {
+            State::Active(old) => old.take_buffered_commits(),
+            State::Joining { .. } | State::Gone => Vec::new(),
+        };
         self.rejoining = None;
         self.state = State::Active(Box::new(group));
+        for (id, commit) in later.into_iter().filter(|(id, _)| *id > commit_id) {
+            let payload = pb::MlsPayload {
+                commit_id: id,
+                mls_content: commit.into(),
+            };
+            // A refused one is counted by the group; it leaves us stale, as it would have.
+            if self.commit(&payload, verifier).is_err() {
+                break;
+            }
+        }
         Ok(())
     }
 
