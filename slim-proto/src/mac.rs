@@ -2,6 +2,8 @@
 //! of the `SLIMHeader`. It protects what a node routes on, hop by hop; the session header, payload
 //! and metadata are not covered (they are end-to-end, protected by MLS and `e2e_header_sig`).
 
+use std::cell::RefCell;
+
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -33,7 +35,21 @@ pub struct HeaderMacKey {
     /// tag starts from a copy of this state.
     prefixed: HmacSha256,
     link_id: String,
+    /// The last header tagged on this link (its pre-image bytes after the prefix) and its tag.
+    /// The pre-image covers routing fields only, so a flow's messages (same source,
+    /// destination, token) share it byte for byte: the HMAC runs once per run of such
+    /// messages instead of once per message. HMAC is deterministic, so this changes no tag.
+    last: RefCell<LastTag>,
 }
+
+#[derive(Clone, Default)]
+struct LastTag {
+    header: Vec<u8>,
+    tag: [u8; MAC_LEN],
+}
+
+/// Headers whose pre-image is longer than this are hashed as they are gathered, not memoised.
+const MEMO_MAX: usize = 1024;
 
 impl std::fmt::Debug for HeaderMacKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -54,6 +70,7 @@ impl HeaderMacKey {
         Some(Self {
             prefixed,
             link_id: link_id.to_owned(),
+            last: RefCell::default(),
         })
     }
 
@@ -63,6 +80,30 @@ impl HeaderMacKey {
 
     /// The 32-byte tag of `header` (its `header_mac` field is ignored).
     pub fn tag(&self, header: &pb::SlimHeader) -> [u8; MAC_LEN] {
+        let mut gathered = GatherSink {
+            buf: [0; MEMO_MAX],
+            len: 0,
+            overflow: false,
+        };
+        feed_header(&mut gathered, header);
+        if gathered.overflow {
+            return self.streamed_tag(header);
+        }
+        let bytes = &gathered.buf[..gathered.len];
+        let mut last = self.last.borrow_mut();
+        if last.header == bytes {
+            return last.tag;
+        }
+        let mut mac = self.prefixed.clone();
+        mac.update(bytes);
+        let tag = mac.finalize().into_bytes().into();
+        last.header.clear();
+        last.header.extend_from_slice(bytes);
+        last.tag = tag;
+        tag
+    }
+
+    fn streamed_tag(&self, header: &pb::SlimHeader) -> [u8; MAC_LEN] {
         let mut mac = self.prefixed.clone();
         // The header is ~40 small fields: gathered first, they reach the MAC in a few large
         // updates instead of one call each.
@@ -135,6 +176,23 @@ impl Sink for BufferedSink<'_> {
         }
         self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
         self.len += bytes.len();
+    }
+}
+/// Gathers a pre-image into a fixed buffer; `overflow` if it did not fit.
+struct GatherSink {
+    buf: [u8; MEMO_MAX],
+    len: usize,
+    overflow: bool,
+}
+impl Sink for GatherSink {
+    fn put(&mut self, bytes: &[u8]) {
+        let end = self.len + bytes.len();
+        if self.overflow || end > self.buf.len() {
+            self.overflow = true;
+            return;
+        }
+        self.buf[self.len..end].copy_from_slice(bytes);
+        self.len = end;
     }
 }
 struct VecSink<'a>(&'a mut Vec<u8>);
@@ -316,6 +374,39 @@ mod tests {
         header.version = "9.9.9".into();
         header.incoming_conn = Some(3);
         assert_eq!(key.verify(&header), Ok(()));
+    }
+
+    /// The memoised tag is the tag: a key that has seen other headers gives, for every header,
+    /// what a fresh key gives, whether the header repeats, alternates or is too long to memoise.
+    #[test]
+    fn memoised_tags_equal_fresh_tags() {
+        let key = HeaderMacKey::new(&[7; 32], "link").unwrap();
+        let header = |identity: &str, ttl: u32| pb::SlimHeader {
+            source: Some(name(["a", "b", "c"], [1, 2, 3], (0, 4))),
+            destination: Some(name(["x", "y", "z"], [5, 6, 7], (0, 8))),
+            identity: identity.into(),
+            fanout: 1,
+            ttl,
+            ..Default::default()
+        };
+        let long_token = "t".repeat(MEMO_MAX);
+        let headers = [
+            header("token", 8),
+            header("token", 8),
+            header("token", 7),
+            header("token", 8),
+            header(&long_token, 8),
+            header(&long_token, 8),
+            header("token", 8),
+        ];
+        for (i, h) in headers.iter().enumerate() {
+            let fresh = HeaderMacKey::new(&[7; 32], "link").unwrap();
+            assert_eq!(key.tag(h), fresh.tag(h), "header {i}");
+        }
+        // A repeated header with a forged tag still fails.
+        let mut forged = header("token", 8);
+        forged.header_mac = Some(bytes::Bytes::from_static(&[0; MAC_LEN]));
+        assert_eq!(key.verify(&forged), Err(MacError::Mismatch));
     }
 
     #[test]
