@@ -3,12 +3,14 @@
 //! * [`pb`] — the prost types of `dataplane.proto.v1`, generated at build time from `proto/`.
 //! * [`name`] — hierarchical names, component hashing and instance ids.
 //! * [`framing`] — the gRPC 5-byte length-prefixed message codec.
+//! * [`forward`] — a routed publish's frame copied from the bytes it arrived in.
 //! * [`mac`] — the per-link header MAC (HMAC-SHA256 over the canonical header pre-image).
 //! * [`link`] — link negotiation payloads and the X25519/HKDF key derivation.
 //! * [`validate`] — the structural rules a node applies to every received message.
 //!
 //! Everything here is pure: no I/O, no clock, no global randomness.
 
+pub mod forward;
 pub mod framing;
 pub mod link;
 pub mod mac;
@@ -21,6 +23,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/dataplane.proto.v1.rs"));
 }
 
+pub use forward::forwarded_publish_frame;
 pub use framing::{encode_frame, Deframer, FrameError, DEFAULT_MAX_MESSAGE_SIZE};
 pub use link::{LinkKeyPair, NegotiationError};
 pub use mac::{HeaderMacKey, MacError};

@@ -371,8 +371,8 @@ impl Router {
     /// One received protobuf `Message` (the gRPC prefix already removed).
     pub fn handle_frame(&mut self, conn: ConnId, body: Bytes, now: Timestamp) {
         if let Some(negotiated) = self.received(conn) {
-            match pb::Message::decode(body) {
-                Ok(message) => self.dispatch(conn, message, now),
+            match pb::Message::decode(body.clone()) {
+                Ok(message) => self.dispatch(conn, message, Some(body), now),
                 Err(error) if negotiated => {
                     self.drop_message(conn, DropReason::Malformed, &error.to_string());
                 }
@@ -387,7 +387,7 @@ impl Router {
     /// sends. Checked and routed exactly like a received frame.
     pub fn handle_message(&mut self, conn: ConnId, message: pb::Message, now: Timestamp) {
         if self.received(conn).is_some() {
-            self.dispatch(conn, message, now);
+            self.dispatch(conn, message, None, now);
         }
         self.prune_timers();
     }
@@ -407,11 +407,12 @@ impl Router {
         Some(matches!(connection.link, LinkState::Established { .. }))
     }
 
-    fn dispatch(&mut self, conn: ConnId, message: pb::Message, now: Timestamp) {
+    /// `raw`: the bytes `message` was decoded from, when it came as a frame.
+    fn dispatch(&mut self, conn: ConnId, message: pb::Message, raw: Option<Bytes>, now: Timestamp) {
         match &self.conns[&conn].link {
             LinkState::AwaitingRequest { .. } => self.on_negotiation_request(conn, &message),
             LinkState::AwaitingReply { .. } => self.on_negotiation_reply(conn, &message),
-            LinkState::Established { .. } => self.on_message(conn, message, now),
+            LinkState::Established { .. } => self.on_message(conn, message, raw, now),
         }
     }
 
@@ -610,7 +611,13 @@ impl Router {
 
     // ---------------------------------------------------------------- routed messages
 
-    fn on_message(&mut self, conn: ConnId, mut message: pb::Message, now: Timestamp) {
+    fn on_message(
+        &mut self,
+        conn: ConnId,
+        mut message: pb::Message,
+        raw: Option<Bytes>,
+        now: Timestamp,
+    ) {
         if let Err(error) = slim_proto::validate(&message) {
             self.drop_message(conn, DropReason::Invalid, &error.to_string());
             return;
@@ -659,13 +666,19 @@ impl Router {
         // Never trusted from the wire: receivers overwrite it with the ingress connection.
         header.incoming_conn = Some(conn);
         if is_publish {
-            self.on_publish(conn, kind, message);
+            self.on_publish(conn, kind, message, raw);
         } else {
             self.on_subscription(conn, kind, message, now);
         }
     }
 
-    fn on_publish(&mut self, conn: ConnId, kind: ConnectionKind, mut message: pb::Message) {
+    fn on_publish(
+        &mut self,
+        conn: ConnId,
+        kind: ConnectionKind,
+        mut message: pb::Message,
+        raw: Option<Bytes>,
+    ) {
         let Some(header) = header_mut(&mut message) else {
             return;
         };
@@ -724,7 +737,7 @@ impl Router {
         }
         for (i, target) in targets.iter().enumerate() {
             let more = i + 1 < targets.len();
-            self.transmit_routed(*target, &mut message, more);
+            self.transmit_routed(*target, &mut message, raw.as_deref(), more);
             self.stats.forwarded += 1;
         }
         self.scratch = targets;
@@ -742,8 +755,15 @@ impl Router {
     }
 
     /// Sends a header-carrying message on `target`, signed for that link. `more`: the message
-    /// goes to further targets after this one (so it is not moved out).
-    fn transmit_routed(&mut self, target: ConnId, message: &mut pb::Message, more: bool) {
+    /// goes to further targets after this one (so it is not moved out). `raw`: the bytes a
+    /// publish was received in, which its frame is copied from.
+    fn transmit_routed(
+        &mut self,
+        target: ConnId,
+        message: &mut pb::Message,
+        raw: Option<&[u8]>,
+        more: bool,
+    ) {
         let Some(connection) = self.conns.get(&target) else {
             return;
         };
@@ -756,12 +776,13 @@ impl Router {
                 None => header.header_mac = None,
             }
         }
-        self.emit(target, message, more);
+        self.emit(target, message, raw, more);
     }
 
-    /// Queues `message` for `conn`: as a frame, or as it is for an in-process app (moved out of
-    /// `message` unless `more` says the caller still needs it).
-    fn emit(&mut self, conn: ConnId, message: &mut pb::Message, more: bool) {
+    /// Queues `message` for `conn`: as a frame (copied from `raw` where it can be, see
+    /// [`slim_proto::forward`]), or as it is for an in-process app (moved out of `message`
+    /// unless `more` says the caller still needs it).
+    fn emit(&mut self, conn: ConnId, message: &mut pb::Message, raw: Option<&[u8]>, more: bool) {
         let local = self
             .conns
             .get(&conn)
@@ -776,9 +797,12 @@ impl Router {
                 }),
             }
         } else {
+            let copied = raw
+                .zip(header_mut(message))
+                .and_then(|(raw, header)| slim_proto::forwarded_publish_frame(raw, header));
             Output::Transmit {
                 conn,
-                frame: encode_frame(message),
+                frame: copied.unwrap_or_else(|| encode_frame(message)),
             }
         });
     }
@@ -855,7 +879,7 @@ impl Router {
                 );
                 return;
             }
-            self.transmit_routed(target, &mut message, false);
+            self.transmit_routed(target, &mut message, None, false);
             if sub_id != 0 {
                 let deadline = now + self.config.forwarded_ack_timeout;
                 self.pending_acks.insert(
@@ -906,7 +930,7 @@ impl Router {
             metadata: Default::default(),
         };
         self.stats.acks_sent += 1;
-        self.emit(conn, &mut ack, false);
+        self.emit(conn, &mut ack, None, false);
     }
 
     // ---------------------------------------------------------------- bookkeeping

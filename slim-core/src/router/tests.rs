@@ -363,6 +363,11 @@ fn forwarded_copy_is_byte_identical_but_for_ttl_mac_and_incoming_conn() {
     let original = publish_msg(&alice, &bob.name, 1, b"payload");
     h.send(alice.conn, &original);
     let mut copy = h.take(bob.conn).remove(0);
+    // The frame is copied from the received bytes (slim_proto::forward): its new header fields
+    // must still be what bob's link signs.
+    let header = header_mut(&mut copy).unwrap();
+    assert_eq!(bob.mac.verify(header), Ok(()));
+    assert_eq!((header.ttl, header.incoming_conn), (7, Some(alice.conn)));
     let mut expected = original.clone();
     for m in [&mut copy, &mut expected] {
         let h = header_mut(m).unwrap();
