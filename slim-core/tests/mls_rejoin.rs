@@ -110,7 +110,21 @@ fn offline_then_online_with_a_current_epoch_is_just_acknowledged() {
         );
     }
     net.apps[1].set_online(session, true, net.now).unwrap();
+    // Until the moderator confirms our epoch, our data waits; its ack lets it go.
+    let id = net.apps[1]
+        .publish(session, Bytes::from_static(b"back"), net.now)
+        .unwrap();
+    assert_eq!(id, 0, "queued until the moderator answers");
     net.advance(Duration::from_millis(50));
+    let epoch = net.apps[0].mls_state(session).unwrap().epoch;
+    assert_eq!(data_epochs(&net, 1), vec![epoch]);
+    for i in [0, 2] {
+        assert_eq!(
+            net.messages(i, session),
+            vec![Bytes::from_static(b"back")],
+            "app {i}"
+        );
+    }
     let updates = state_updates(&net, 1);
     assert_eq!(updates.len(), 2, "each sent once: both were acknowledged");
     assert_eq!(updates[0].new_state, pb::ParticipantState::Offline as i32);
@@ -146,7 +160,10 @@ fn offline_then_online_with_a_current_epoch_is_just_acknowledged() {
     );
     assert_eq!(
         net.messages(2, session),
-        vec![Bytes::from_static(b"still here")]
+        vec![
+            Bytes::from_static(b"back"),
+            Bytes::from_static(b"still here")
+        ]
     );
 }
 
@@ -836,4 +853,71 @@ fn a_commit_made_while_the_welcome_was_lost_is_applied_after_it() {
     assert!(net
         .messages(1, session)
         .contains(&Bytes::from_static(b"newer")));
+}
+
+/// Back online after missing a commit while away, m1 publishes at once: its data waits for
+/// the verdict on the epoch its state update carries (the moderator's NACK), then for the
+/// rejoin, and goes out only at the group's epoch.
+#[test]
+fn back_online_data_waits_for_the_moderators_verdict_on_the_epoch() {
+    let (mut net, session) = group();
+    net.apps[1].set_online(session, false, net.now).unwrap();
+    net.advance(Duration::from_millis(50));
+    make_m1_stale(&mut net, session);
+    let stale = net.apps[1].mls_state(session).unwrap().epoch;
+    net.apps[1].set_online(session, true, net.now).unwrap();
+    let id = net.apps[1]
+        .publish(session, Bytes::from_static(b"back"), net.now)
+        .unwrap();
+    assert_eq!(id, 0, "queued until the moderator answers");
+    net.advance(Duration::from_millis(200));
+    assert_eq!(net.sent(1, Mt::RejoinRequest).len(), 1, "NACKed: rejoined");
+    let current = net.apps[0].mls_state(session).unwrap().epoch;
+    assert_eq!(net.apps[1].mls_state(session).unwrap().epoch, current);
+    let epochs = data_epochs(&net, 1);
+    assert!(
+        !epochs.is_empty() && epochs.iter().all(|e| *e == current && *e > stale),
+        "m1 encrypted only at the current epoch {current}: {epochs:?}"
+    );
+    for i in [0, 2, 3] {
+        assert!(
+            net.messages(i, session)
+                .contains(&Bytes::from_static(b"back")),
+            "app {i}: {:?}",
+            net.messages(i, session)
+        );
+    }
+}
+
+/// A moderator that never answers the state update cannot settle the epoch: once the update
+/// has run out of retries the data waits no longer (at the epoch we have, as before).
+#[test]
+fn back_online_data_goes_once_the_unanswered_update_gives_up() {
+    let (mut net, session) = group();
+    net.apps[1].set_online(session, false, net.now).unwrap();
+    net.advance(Duration::from_millis(50));
+    net.hook = Box::new(|from, to, m| {
+        if from == 1 && to == 0 && kind(m) == Mt::UpdateParticipantState {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    net.apps[1].set_online(session, true, net.now).unwrap();
+    let id = net.apps[1]
+        .publish(session, Bytes::from_static(b"back"), net.now)
+        .unwrap();
+    assert_eq!(id, 0, "queued until the moderator answers");
+    // m2 acks at once, but only the moderator knows the group's epoch.
+    net.advance(Duration::from_millis(1000));
+    assert!(net.sent(1, Mt::Msg).is_empty(), "still waiting");
+    // 200 ms × (5 retries + 1).
+    net.advance(Duration::from_millis(500));
+    let epoch = net.apps[0].mls_state(session).unwrap().epoch;
+    assert_eq!(data_epochs(&net, 1), vec![epoch]);
+    for i in [0, 2] {
+        assert!(net
+            .messages(i, session)
+            .contains(&Bytes::from_static(b"back")));
+    }
 }

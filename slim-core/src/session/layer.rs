@@ -482,6 +482,11 @@ struct Session {
     soft_closed: bool,
     /// Moderator: when a member's stale-epoch data last made us send an early heartbeat.
     last_epoch_nudge: Option<Timestamp>,
+    /// MLS group participant back online: our state update carries our epoch and the
+    /// moderator's answer (its epoch is the group's) says whether a commit passed us by while
+    /// we were away, as the reference's moderator goes on without offline members (flows g2).
+    /// Until it comes our data waits, rather than go out at an epoch that may be stale.
+    epoch_in_doubt: bool,
     /// Participant: the id of our REJOIN_REQUEST while the rejoin lasts. A request re-sent
     /// after its retries ran out keeps it, so the moderator (whose queue of membership tasks
     /// may hold it longer than our retries last) sees one request and answers it once.
@@ -525,7 +530,13 @@ impl Session {
     /// epoch is not known to be stale (a rejoin waits for its welcome). Data sealed at a stale
     /// epoch could be read by a member removed in a commit we missed.
     fn ready_to_send(&self) -> bool {
-        matches!(self.state, State::Established | State::Closing) && !self.mls_stale()
+        matches!(self.state, State::Established | State::Closing) && self.may_seal()
+    }
+
+    /// Whether our MLS epoch may be used: not stale, nor in doubt while the moderator judges
+    /// it (see [`Session::epoch_in_doubt`]).
+    fn may_seal(&self) -> bool {
+        !self.mls_stale() && !self.epoch_in_doubt
     }
 
     fn mls_stale(&self) -> bool {
@@ -979,7 +990,8 @@ impl SessionLayer {
     /// an UPDATE_PARTICIPANT_STATE carrying our MLS epoch (u64::MAX without MLS), to the
     /// control channel (p2p: to the peer), acknowledged with GROUP_ACK. Coming back online
     /// with a stale epoch, members answer GROUP_NACK: we then rejoin the MLS group through
-    /// the moderator (REJOIN_REQUEST / REJOIN_REPLY) on our own.
+    /// the moderator (REJOIN_REQUEST / REJOIN_REPLY) on our own. Back online in an MLS group,
+    /// our publishes wait for the moderator's answer (and, after a NACK, for the rejoin).
     pub fn set_online(
         &mut self,
         session: SessionId,
@@ -1001,6 +1013,9 @@ impl SessionLayer {
         let others = s.peers(&me);
         if others.is_empty() {
             return Ok(()); // nobody to tell
+        }
+        if online && s.mls.is_some() && s.group.is_some() && !s.is_moderator() {
+            s.epoch_in_doubt = true;
         }
         let new_state = if online {
             pb::ParticipantState::Online
@@ -1343,6 +1358,15 @@ impl SessionLayer {
             // Our epoch is older than this member's: we missed a commit (spec §4.6).
             self.start_rejoin(m.session_id, now);
         }
+        if purpose == Purpose::StateUpdate
+            && self
+                .sessions
+                .get(&m.session_id)
+                .is_some_and(|s| s.peer.key() == m.source.key())
+        {
+            // The moderator's epoch is the group's: it settles ours either way.
+            self.epoch_settled(m.session_id, now);
+        }
         let Some(s) = self.sessions.get_mut(&m.session_id) else {
             return;
         };
@@ -1432,8 +1456,9 @@ impl SessionLayer {
             Purpose::DepartureUpdate(_) => self.task_done(session, now),
             // Unanswered, the member stays stale and gets the list again when next heard from.
             Purpose::Resync(_) | Purpose::Withdrawn(_) => {}
-            // Acked or NACKed (a NACK started the rejoin), or nobody answered: nothing to do.
-            Purpose::StateUpdate => {}
+            // Acked or NACKed (a NACK started the rejoin), or nobody answered: no answer will
+            // tell us more about our epoch.
+            Purpose::StateUpdate => self.epoch_settled(session, now),
             // Nobody answered yet (the moderator may still have other tasks before it): we are
             // stale until the welcome comes and our data waits for it, so the request goes on.
             Purpose::Rejoin if !answered => self.start_rejoin(session, now),
@@ -1787,6 +1812,19 @@ impl SessionLayer {
         };
         self.out.push_back(Output::Event(event));
         self.send_queued(session, now);
+    }
+
+    /// Our epoch is no longer in doubt after coming back online: what waited goes out, unless
+    /// a rejoin now holds it.
+    fn epoch_settled(&mut self, session: SessionId, now: Timestamp) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if !std::mem::take(&mut s.epoch_in_doubt) || !s.ready_to_send() {
+            return;
+        }
+        self.send_queued(session, now);
+        self.release_held(session, now);
     }
 
     /// The publishes queued until the session could send go out, in order.
@@ -2208,6 +2246,8 @@ impl SessionLayer {
         }
         if let Some(s) = self.sessions.get_mut(&m.session_id) {
             s.rejoin_request = None;
+            // The welcome put us at the group's epoch: nothing left to doubt.
+            s.epoch_in_doubt = false;
         }
         // The reference acknowledges the reply too (flows g2/g3).
         self.ack(m, now);
@@ -3184,8 +3224,8 @@ impl SessionLayer {
     /// Held-back messages the window has room for now go out (after an ack, a failure or a
     /// departure ended a message in it).
     fn release_held(&mut self, session: SessionId, now: Timestamp) {
-        if self.sessions.get(&session).is_some_and(Session::mls_stale) {
-            return; // after the rejoin
+        if self.sessions.get(&session).is_some_and(|s| !s.may_seal()) {
+            return; // after the rejoin, or once the moderator confirmed our epoch
         }
         while let Some(queued) = self
             .sessions
@@ -3468,13 +3508,18 @@ impl SessionLayer {
     /// Sends a data message (MSG, RTX_REPLY); in an MLS session its payload is encrypted first,
     /// for every copy anew, as each copy's header (token, destination) is its AAD.
     fn emit_data(&mut self, session: SessionId, mut message: pb::Message) {
-        if let Some(mls) = self.sessions.get_mut(&session).and_then(|s| s.mls.as_mut()) {
-            if mls.is_rejoining() {
-                // Our epoch is stale: a retransmission or an RTX reply waits for the next
-                // attempt (or request), which the rejoined group encrypts.
-                tracing::debug!(session, "data message not sent: MLS rejoin under way");
+        if let Some(s) = self.sessions.get_mut(&session) {
+            if s.mls.is_some() && !s.may_seal() {
+                // Our epoch is stale (or in doubt): a retransmission or an RTX reply waits for
+                // the next attempt (or request), encrypted at the epoch we then know is current.
+                tracing::debug!(
+                    session,
+                    "data message not sent: MLS epoch stale or in doubt"
+                );
                 return;
             }
+        }
+        if let Some(mls) = self.sessions.get_mut(&session).and_then(|s| s.mls.as_mut()) {
             if let Err(error) = mls.seal(&mut message) {
                 tracing::warn!(session, %error, "data message not sent: MLS encryption failed");
                 return;
@@ -3536,6 +3581,7 @@ impl SessionLayer {
             offline: BTreeSet::new(),
             soft_closed: false,
             last_epoch_nudge: None,
+            epoch_in_doubt: false,
             rejoin_request: None,
             seen_direct: VecDeque::new(),
             mls: None,
