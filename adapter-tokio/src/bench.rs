@@ -6,8 +6,8 @@
 //!   anycast (to a service name every subscriber serves: each message reaches exactly one) and
 //!   multicast (to a channel every subscriber joined: each message reaches all S). One-way
 //!   throughput with a bounded window, then the round trip of a publish answered by a publish.
-//! * A reliable p2p session between two of our session layers ([`run_p2p`]): acknowledged
-//!   one-way throughput, then request/reply round trips.
+//! * A p2p session between two of our session layers ([`run_p2p`]), reliable or not: one-way
+//!   throughput (acknowledged when reliable), then request/reply round trips.
 //!
 //! Either phase can stop after a duration or a message count; a progress bar can be drawn on a
 //! terminal; given the node's pid, its CPU time and memory are read from `/proc` ([`probe`]).
@@ -75,7 +75,7 @@ pub enum Mode {
     /// Raw publishes to a channel every subscriber joined (`fanout` ≠ 1): each message reaches
     /// all subscribers.
     Multicast,
-    /// A reliable p2p session between two session layers.
+    /// A p2p session between two session layers (reliable unless `unreliable`).
     P2p,
     /// Not a SLIM node: a plain TCP relay (`slim-tokio tcp-relay`), the baseline for the rest.
     TcpRelay,
@@ -119,6 +119,8 @@ pub struct LoadConfig {
     pub node_pid: Option<u32>,
     /// p2p: the session is end-to-end encrypted with MLS.
     pub mls: bool,
+    /// p2p: no acknowledgements or retransmissions (the session's `reliability` is off).
+    pub unreliable: bool,
 }
 
 impl From<&BenchConfig> for LoadConfig {
@@ -135,6 +137,7 @@ impl From<&BenchConfig> for LoadConfig {
             progress: false,
             node_pid: None,
             mls: false,
+            unreliable: false,
         }
     }
 }
@@ -161,6 +164,8 @@ pub struct BenchReport {
     pub mode: &'static str,
     /// p2p: MLS-encrypted session.
     pub mls: bool,
+    /// p2p: acknowledged, retransmitting session (raw modes: always false).
+    pub reliable: bool,
     pub size: usize,
     pub publishers: usize,
     pub subscribers: usize,
@@ -211,6 +216,7 @@ impl BenchReport {
         let mut json = serde_json::json!({
             "mode": self.mode,
             "mls": self.mls,
+            "reliable": self.reliable,
             "size": self.size,
             "publishers": self.publishers,
             "subscribers": self.subscribers,
@@ -314,6 +320,7 @@ fn report(
     BenchReport {
         mode: config.mode.as_str(),
         mls: config.mls,
+        reliable: config.mode == Mode::P2p && !config.unreliable,
         size: config.size,
         publishers: config.publishers,
         subscribers: config.subscribers,
@@ -382,6 +389,11 @@ fn validate(config: &LoadConfig) -> Result<(), BenchError> {
             "--mls applies to --mode p2p (raw publishes carry no session to encrypt)".into(),
         ));
     }
+    if config.unreliable && config.mode != Mode::P2p {
+        return Err(BenchError::Invalid(
+            "--unreliable applies to --mode p2p (raw publishes are never acknowledged)".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -404,7 +416,7 @@ pub async fn run_publish(config: &BenchConfig) -> Result<BenchReport, BenchError
     run(&LoadConfig::from(config)).await
 }
 
-/// A reliable p2p session between two apps through the node: one-way throughput (every message
+/// A p2p session between two apps through the node: one-way throughput (reliable: every message
 /// acknowledged by the session layer), then request/reply round trips.
 pub async fn run_p2p(config: &BenchConfig) -> Result<BenchReport, BenchError> {
     run(&LoadConfig {
@@ -481,17 +493,18 @@ async fn p2p(config: &LoadConfig, probe: Option<&NodeProbe>) -> Result<BenchRepo
     )
     .await?;
     let server = Arc::new(App::connect(&config.endpoint, server_name.clone(), SECRET).await?);
-    let reliable = SessionConfig {
-        reliability: Some(Reliability {
+    let session_config = SessionConfig {
+        reliability: (!config.unreliable).then_some(Reliability {
             interval: Duration::from_secs(1),
             max_retries: 10,
         }),
         mls: config.mls,
         ..SessionConfig::default()
     };
-    let session = client.open_session(&server_name, reliable).await?;
+    let session = client.open_session(&server_name, session_config).await?;
     // Unacknowledged messages beyond the sender's retransmission buffer could not be resent if
-    // one were lost: the window stays within it.
+    // one were lost: the window stays within it. (Unreliable sessions have no acknowledgements;
+    // the window then counts what the server app has not received yet.)
     let window = config
         .window
         .min(WINDOW_BYTES / (config.size + 512))
@@ -539,7 +552,7 @@ async fn p2p(config: &LoadConfig, probe: Option<&NodeProbe>) -> Result<BenchRepo
             }
         })
     };
-    // Throughput: at most `window` messages not yet acknowledged.
+    // Throughput: at most `window` messages not yet acknowledged (unreliable: not yet received).
     let watch = NodeWatch::start(probe)?;
     let bar = Progress::throughput(config.progress, config.stop, 1, counters.clone());
     let start = Instant::now();
@@ -553,25 +566,27 @@ async fn p2p(config: &LoadConfig, probe: Option<&NodeProbe>) -> Result<BenchRepo
         if !more {
             break;
         }
-        while sent - acked >= window as u64 {
-            match tokio::time::timeout(Duration::from_secs(5), client.next_event()).await {
-                Ok(Ok(SessionEvent::Delivered { .. })) => acked += 1,
-                Ok(Ok(_)) => {}
-                _ => break,
-            }
-        }
+        let outstanding = Outstanding {
+            client: &client,
+            received: &counters.received,
+            unreliable: config.unreliable,
+        };
+        outstanding
+            .wait_below(window as u64, Duration::from_secs(5), sent, &mut acked)
+            .await;
         client.publish(session, payload(sent, config.size)).await?;
         sent += 1;
         counters.sent.store(sent, Ordering::Relaxed);
     }
-    let drain_deadline = Instant::now() + Duration::from_secs(10);
-    while acked < sent && Instant::now() < drain_deadline {
-        match tokio::time::timeout(Duration::from_secs(2), client.next_event()).await {
-            Ok(Ok(SessionEvent::Delivered { .. })) => acked += 1,
-            Ok(Ok(_)) => {}
-            _ => break,
-        }
-    }
+    // Everything acknowledged (or received) before the round trips.
+    let outstanding = Outstanding {
+        client: &client,
+        received: &counters.received,
+        unreliable: config.unreliable,
+    };
+    outstanding
+        .wait_below(1, Duration::from_secs(2), sent, &mut acked)
+        .await;
     drop(bar);
     let after_throughput = watch.as_ref().map(NodeWatch::sample).transpose()?;
     let received = counters.received.load(Ordering::Relaxed);
@@ -626,6 +641,53 @@ async fn p2p(config: &LoadConfig, probe: Option<&NodeProbe>) -> Result<BenchRepo
     ))
 }
 
+/// The p2p sender's messages not yet acknowledged (reliable) or received (unreliable: the
+/// server app's count, in this process).
+struct Outstanding<'a> {
+    client: &'a crate::session::App,
+    received: &'a AtomicU64,
+    unreliable: bool,
+}
+
+impl Outstanding<'_> {
+    fn done(&self, sent: u64, acked: u64) -> u64 {
+        let done = if self.unreliable {
+            self.received.load(Ordering::Relaxed)
+        } else {
+            acked
+        };
+        done.min(sent)
+    }
+
+    /// Waits until fewer than `room` of the `sent` messages are outstanding, counting the
+    /// acknowledgements into `acked`; false after `patience` without progress (the rest are
+    /// lost).
+    async fn wait_below(&self, room: u64, patience: Duration, sent: u64, acked: &mut u64) -> bool {
+        use slim_core::session::SessionEvent;
+        let mut last_done = self.done(sent, *acked);
+        let mut last_progress = Instant::now();
+        while sent - self.done(sent, *acked) >= room.max(1) {
+            if last_progress.elapsed() >= patience {
+                return false;
+            }
+            if self.unreliable {
+                tokio::time::sleep(Duration::from_micros(50)).await;
+            } else {
+                match tokio::time::timeout(patience, self.client.next_event()).await {
+                    Ok(Ok(SessionEvent::Delivered { .. })) => *acked += 1,
+                    Ok(Ok(_)) => {}
+                    _ => return false,
+                }
+            }
+            if self.done(sent, *acked) != last_done {
+                last_done = self.done(sent, *acked);
+                last_progress = Instant::now();
+            }
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,6 +705,7 @@ mod tests {
             progress: false,
             node_pid: None,
             mls: false,
+            unreliable: false,
         }
     }
 

@@ -418,6 +418,9 @@ struct BenchArgs {
     /// p2p: encrypt the session end to end with MLS.
     #[arg(long)]
     mls: bool,
+    /// p2p: a session without acknowledgements or retransmissions (reliable by default).
+    #[arg(long)]
+    unreliable: bool,
     /// Print one JSON line instead of a table (no progress bar).
     #[arg(long)]
     json: bool,
@@ -432,8 +435,8 @@ enum BenchMode {
     Anycast,
     /// Raw publishes to a channel; every subscriber gets every message.
     Multicast,
-    /// A reliable p2p session (our session layer on both ends): acknowledged one-way
-    /// throughput, then request/reply round trips.
+    /// A p2p session (our session layer on both ends), reliable unless --unreliable:
+    /// acknowledged one-way throughput, then request/reply round trips.
     P2p,
     /// The baseline: the same clients through a plain TCP relay (`slim-tokio tcp-relay`) instead
     /// of a node: one-way stream throughput and echo round trips, no protocol.
@@ -470,6 +473,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         progress: !args.json && std::io::stderr().is_terminal(),
         node_pid: args.node_pid,
         mls: args.mls,
+        unreliable: args.unreliable,
     };
     let report = runtime
         .block_on(slim_tokio::bench::run(&config))
@@ -478,9 +482,14 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", report.to_json());
     } else {
         println!(
-            "mode {}{}  size {} B  publishers {}  subscribers {}  window {}  endpoint {}",
+            "mode {}{}{}  size {} B  publishers {}  subscribers {}  window {}  endpoint {}",
             report.mode,
             if report.mls { " (MLS)" } else { "" },
+            if report.mode == "p2p" && !report.reliable {
+                " (unreliable)"
+            } else {
+                ""
+            },
             report.size,
             report.publishers,
             report.subscribers,

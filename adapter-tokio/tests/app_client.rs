@@ -168,6 +168,7 @@ async fn bench_p2p_with_mls_loses_nothing() {
         progress: false,
         node_pid: None,
         mls: true,
+        unreliable: false,
     };
     let report = slim_tokio::bench::run(&config).await.unwrap();
     assert!(report.mls);
@@ -176,6 +177,42 @@ async fn bench_p2p_with_mls_loses_nothing() {
     assert_eq!(report.out_of_order, 0);
     assert_eq!(report.round_trips, 20);
     // Raw modes have no session to encrypt: refused before connecting.
+    let raw = LoadConfig {
+        mode: Mode::Unicast,
+        ..config
+    };
+    assert!(slim_tokio::bench::run(&raw).await.is_err());
+    node.shutdown().await;
+}
+
+/// Without reliability there are no acknowledgements to pace the sender: the bench's window
+/// counts what the server app received instead, and on loopback nothing is lost.
+#[tokio::test]
+async fn bench_p2p_unreliable_counts_what_arrives() {
+    use slim_tokio::bench::{LoadConfig, Mode, Stop};
+    let node = node().await;
+    let config = LoadConfig {
+        endpoint: node.local_addrs()[0].to_string(),
+        mode: Mode::P2p,
+        size: 64,
+        stop: Stop::Count(2000),
+        round_trips: 20,
+        window: 16,
+        publishers: 1,
+        subscribers: 1,
+        progress: false,
+        node_pid: None,
+        mls: false,
+        unreliable: true,
+    };
+    let report = slim_tokio::bench::run(&config).await.unwrap();
+    assert!(!report.reliable);
+    assert_eq!(report.sent, 2000);
+    assert_eq!(report.received, report.sent, "{report:?}");
+    assert_eq!(report.out_of_order, 0);
+    assert_eq!(report.round_trips, 20);
+    assert!(report.to_json().contains("\"reliable\":false"));
+    // Raw publishes are never acknowledged: --unreliable is refused there before connecting.
     let raw = LoadConfig {
         mode: Mode::Unicast,
         ..config

@@ -454,6 +454,7 @@ mod tests {
             progress: false,
             node_pid: Some(std::process::id()),
             mls: false,
+            unreliable: false,
         }
     }
 

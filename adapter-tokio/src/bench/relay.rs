@@ -191,6 +191,7 @@ mod tests {
             progress: false,
             node_pid: None,
             mls: false,
+            unreliable: false,
         })
         .await
         .unwrap();
