@@ -5,7 +5,7 @@
 //! payload and the metadata go out as they came in. Encoding the whole decoded message again
 //! walks every name and string twice (length, then bytes) and was a fifth of the node's CPU per
 //! routed message; copying the received fields and encoding only the changed ones gives the
-//! same message (a decoder reads both alike; only the field order inside the header differs).
+//! same bytes.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{self, WireType};
@@ -29,30 +29,39 @@ const HEADER_MAC: u32 = 11;
 /// The gRPC frame of the publish received as `raw` (one encoded `Message`, without its frame
 /// prefix), with the rewritable header fields taken from `header`.
 ///
-/// `None` when `raw` is not a plain publish (another message type, the publish or its header
-/// repeated, bytes that do not parse): the caller then encodes the decoded message instead.
-/// Unknown fields are dropped, as decoding and encoding again would.
+/// The fields keep their received order, and the rewritten ones take their place by field
+/// number, so a message encoded by prost (every SLIM client, the reference node) comes out byte
+/// for byte as encoding it again would. `None` when `raw` is not a plain publish (another
+/// message type, the publish or its header repeated, bytes that do not parse): the caller then
+/// encodes the decoded message instead. Unknown fields are dropped, as decoding and encoding
+/// again would.
 pub fn forwarded_publish_frame(raw: &[u8], header: &pb::SlimHeader) -> Option<Bytes> {
+    // Top level: the publish, with the metadata entries before and after it.
+    let (mut before, mut after) = (Vec::new(), Vec::new());
     let mut publish = None;
-    let mut metadata = Vec::new();
     for field in Fields(raw) {
         let field = field?;
         match field.number {
             MESSAGE_PUBLISH if publish.is_none() => publish = Some(field.value()?),
-            MESSAGE_METADATA => metadata.push(field.whole),
+            MESSAGE_METADATA if publish.is_none() => before.push(field.whole),
+            MESSAGE_METADATA => after.push(field.whole),
             // Another message type (or a second publish) in the oneof: not a plain publish.
             1..=3 | 5 | 6 => return None,
             _ => {}
         }
     }
+    // The publish: its header, with the session header and content before and after it.
+    let (mut publish_before, mut publish_after) = (Vec::new(), Vec::new());
     let mut header_in = None;
-    let mut rest = Vec::new();
     for field in Fields(publish?) {
         let field = field?;
         match field.number {
             PUBLISH_HEADER if header_in.is_none() => header_in = Some(field.value()?),
             PUBLISH_HEADER => return None,
-            PUBLISH_SESSION | PUBLISH_MSG => rest.push(field.whole),
+            PUBLISH_SESSION | PUBLISH_MSG if header_in.is_none() => {
+                publish_before.push(field.whole)
+            }
+            PUBLISH_SESSION | PUBLISH_MSG => publish_after.push(field.whole),
             _ => {}
         }
     }
@@ -60,69 +69,92 @@ pub fn forwarded_publish_frame(raw: &[u8], header: &pb::SlimHeader) -> Option<By
     for field in Fields(header_in?) {
         let field = field?;
         if HEADER_COPIED.contains(&field.number) {
-            copied.push(field.whole);
+            copied.push((field.number, field.whole));
         }
     }
+    let rewritten = rewritten(header);
 
-    let rewritten_len = rewritten_len(header);
-    let header_len = total(&copied) + rewritten_len;
-    let publish_len = field_len(PUBLISH_HEADER, header_len) + total(&rest);
-    let message_len = field_len(MESSAGE_PUBLISH, publish_len) + total(&metadata);
+    let header_len = copied.iter().map(|(_, whole)| whole.len()).sum::<usize>()
+        + rewritten
+            .iter()
+            .map(|(number, value)| value.encoded_len(*number))
+            .sum::<usize>();
+    let publish_len =
+        total(&publish_before) + field_len(PUBLISH_HEADER, header_len) + total(&publish_after);
+    let message_len = total(&before) + field_len(MESSAGE_PUBLISH, publish_len) + total(&after);
 
     let mut out = BytesMut::with_capacity(5 + message_len);
     out.put_u8(0);
     out.put_u32(u32::try_from(message_len).ok()?);
+    put_all(&before, &mut out);
     encoding::encode_key(MESSAGE_PUBLISH, WireType::LengthDelimited, &mut out);
     encoding::encode_varint(publish_len as u64, &mut out);
+    put_all(&publish_before, &mut out);
     encoding::encode_key(PUBLISH_HEADER, WireType::LengthDelimited, &mut out);
     encoding::encode_varint(header_len as u64, &mut out);
-    for part in &copied {
-        out.put_slice(part);
+    let mut pending = rewritten.iter().peekable();
+    for (number, whole) in &copied {
+        while let Some((pending_number, value)) = pending.next_if(|(n, _)| n < number) {
+            value.encode(*pending_number, &mut out);
+        }
+        out.put_slice(whole);
     }
-    encode_rewritten(header, &mut out);
-    for part in rest.iter().chain(&metadata) {
-        out.put_slice(part);
+    for (number, value) in pending {
+        value.encode(*number, &mut out);
     }
+    put_all(&publish_after, &mut out);
+    put_all(&after, &mut out);
     debug_assert_eq!(out.len(), 5 + message_len);
     Some(out.freeze())
 }
 
-fn rewritten_len(header: &pb::SlimHeader) -> usize {
-    let mut len = 0;
-    if header.ttl != 0 {
-        len += encoding::uint32::encoded_len(HEADER_TTL, &header.ttl);
-    }
-    for (number, value) in optional_u64s(header) {
-        if let Some(value) = value {
-            len += encoding::uint64::encoded_len(number, &value);
-        }
-    }
-    if let Some(mac) = &header.header_mac {
-        len += encoding::bytes::encoded_len(HEADER_MAC, mac);
-    }
-    len
+/// A rewritten header field's value.
+enum Value<'a> {
+    U32(u32),
+    U64(u64),
+    Bytes(&'a Bytes),
 }
 
-fn encode_rewritten(header: &pb::SlimHeader, out: &mut BytesMut) {
-    if header.ttl != 0 {
-        encoding::uint32::encode(HEADER_TTL, &header.ttl, out);
-    }
-    for (number, value) in optional_u64s(header) {
-        if let Some(value) = value {
-            encoding::uint64::encode(number, &value, out);
+impl Value<'_> {
+    fn encoded_len(&self, number: u32) -> usize {
+        match self {
+            Value::U32(v) => encoding::uint32::encoded_len(number, v),
+            Value::U64(v) => encoding::uint64::encoded_len(number, v),
+            Value::Bytes(v) => encoding::bytes::encoded_len(number, *v),
         }
     }
-    if let Some(mac) = &header.header_mac {
-        encoding::bytes::encode(HEADER_MAC, mac, out);
+
+    fn encode(&self, number: u32, out: &mut BytesMut) {
+        match self {
+            Value::U32(v) => encoding::uint32::encode(number, v, out),
+            Value::U64(v) => encoding::uint64::encode(number, v, out),
+            Value::Bytes(v) => encoding::bytes::encode(number, *v, out),
+        }
     }
 }
 
-fn optional_u64s(header: &pb::SlimHeader) -> [(u32, Option<u64>); 3] {
+/// The fields a node rewrites, present ones only (proto3: a zero TTL is not encoded), by
+/// field number.
+fn rewritten(header: &pb::SlimHeader) -> Vec<(u32, Value<'_>)> {
     [
-        (HEADER_RECV_FROM, header.recv_from),
-        (HEADER_FORWARD_TO, header.forward_to),
-        (HEADER_INCOMING_CONN, header.incoming_conn),
+        (
+            HEADER_TTL,
+            (header.ttl != 0).then_some(Value::U32(header.ttl)),
+        ),
+        (HEADER_RECV_FROM, header.recv_from.map(Value::U64)),
+        (HEADER_FORWARD_TO, header.forward_to.map(Value::U64)),
+        (HEADER_INCOMING_CONN, header.incoming_conn.map(Value::U64)),
+        (HEADER_MAC, header.header_mac.as_ref().map(Value::Bytes)),
     ]
+    .into_iter()
+    .filter_map(|(number, value)| Some((number, value?)))
+    .collect()
+}
+
+fn put_all(parts: &[&[u8]], out: &mut BytesMut) {
+    for part in parts {
+        out.put_slice(part);
+    }
 }
 
 fn field_len(number: u32, len: usize) -> usize {
@@ -274,9 +306,10 @@ mod tests {
         }
     }
 
-    /// Every rewritten header gives the frame a full encode gives, read back as a message.
+    /// From bytes prost encoded (as every SLIM client and the reference node do), the copy is
+    /// byte for byte the full encode, whichever fields are present.
     #[test]
-    fn the_copy_decodes_as_the_full_encode() {
+    fn the_copy_is_the_full_encode_byte_for_byte() {
         for variant in 0..200 {
             let received = publish(variant);
             let raw = received.encode_to_vec();
@@ -290,11 +323,7 @@ mod tests {
                 .is_multiple_of(2)
                 .then(|| Bytes::from(vec![variant as u8; 32]));
             let copied = forwarded_publish_frame(&raw, header).expect("a plain publish");
-            let encoded = encode_frame(&routed);
-            assert_eq!(copied.len(), encoded.len(), "variant {variant}");
-            assert_eq!(copied[..5], encoded[..5], "variant {variant}");
-            let decoded = pb::Message::decode(&copied[5..]).expect("the copy decodes");
-            assert_eq!(decoded, routed, "variant {variant}");
+            assert_eq!(copied, encode_frame(&routed), "variant {variant}");
         }
     }
 
@@ -324,7 +353,6 @@ mod tests {
             _ => unreachable!(),
         };
         let copied = forwarded_publish_frame(&raw, &header).unwrap();
-        assert_eq!(copied.len(), encode_frame(&received).len());
-        assert_eq!(pb::Message::decode(&copied[5..]).unwrap(), received);
+        assert_eq!(copied, encode_frame(&received));
     }
 }
