@@ -26,7 +26,7 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -162,6 +162,7 @@ impl App {
                 commands: command_rx,
                 events: event_tx,
                 waiters: Waiters::default(),
+                backlog: VecDeque::new(),
             }
             .run(),
         );
@@ -390,6 +391,8 @@ enum Wake {
     Timer,
     Net(Result<pb::Message, ClientError>),
     App(Option<Command>),
+    /// The oldest backlogged event went to the application (false: it is gone).
+    Handed(bool),
 }
 
 /// Moves messages, commands, events and time between one [`SessionLayer`] and the world.
@@ -400,13 +403,19 @@ struct Driver {
     commands: Receiver<Command>,
     events: Sender<SessionEvent>,
     waiters: Waiters,
+    /// Events the application has not taken yet. While there are some, the network is not
+    /// read (backpressure towards the peers), but commands and the timer still are: an app
+    /// that publishes without reading its events is never deadlocked, and what the core sends
+    /// on its own (held acks, retransmissions, heartbeats) still goes out.
+    backlog: VecDeque<SessionEvent>,
 }
 
 /// Whether the driver goes on.
 type Go = bool;
 
 impl Driver {
-    /// drain → arm the timer → wait for one input (a message, a command or the timer).
+    /// drain → arm the timer → wait for one input (a message, a command, the timer, or room
+    /// for a backlogged event).
     async fn run(mut self) {
         let mut flip = false;
         loop {
@@ -426,10 +435,26 @@ impl Driver {
                 }
                 Wake::Timer
             };
-            let net = async { Wake::Net(self.client.recv_message().await) };
+            // A waiting publish needs the acks: the network is read while there is one, even
+            // if the application is behind (it may be waiting for that publish before it reads).
+            let read_net = self.backlog.is_empty() || !self.waiters.publishing.is_empty();
+            let net = async {
+                if !read_net {
+                    return future::pending().await;
+                }
+                Wake::Net(self.client.recv_message().await)
+            };
             let app = async { Wake::App(self.commands.recv().await.ok()) };
+            // A send future dropped unfinished has sent nothing, hence the clone.
+            let hand = async {
+                match self.backlog.front() {
+                    Some(event) => Wake::Handed(self.events.send(event.clone()).await.is_ok()),
+                    None => future::pending().await,
+                }
+            };
             flip = !flip;
-            match future::or(timer, either_first(flip, net, app)).await {
+            let wake = future::or(future::or(timer, hand), either_first(flip, net, app)).await;
+            match wake {
                 Wake::Timer => self.layer.handle_timeout(self.clock.now()),
                 Wake::Net(Ok(message)) => self.layer.handle_message(message, self.clock.now()),
                 // Only when the client is gone: it redials a lost link by itself.
@@ -437,8 +462,11 @@ impl Driver {
                     tracing::warn!(%error, "client stopped");
                     return;
                 }
-                Wake::App(None) => return,
+                Wake::App(None) | Wake::Handed(false) => return,
                 Wake::App(Some(command)) => self.command(command),
+                Wake::Handed(true) => {
+                    self.backlog.pop_front();
+                }
             }
             self.retry_publishes();
         }
@@ -537,79 +565,22 @@ impl Driver {
                     }
                 }
                 Output::Event(event) => {
-                    if self.waiters.resolve(&event) && !self.emit(event).await {
-                        return false;
+                    if self.waiters.resolve(&event) {
+                        self.backlog.push_back(event);
                     }
                 }
+            }
+        }
+        while let Some(event) = self.backlog.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(TrySendError::Full(event)) => {
+                    self.backlog.push_front(event);
+                    break;
+                }
+                Err(TrySendError::Closed(_)) => return false,
             }
         }
         true
-    }
-
-    /// Queues an event for the application.
-    async fn emit(&mut self, mut event: SessionEvent) -> Go {
-        loop {
-            match self.events.try_send(event) {
-                Ok(()) => return true,
-                Err(TrySendError::Closed(_)) => return false,
-                Err(TrySendError::Full(back)) => event = back,
-            }
-            // The application is behind on events. Keep serving its commands meanwhile: it may
-            // be waiting for one (a publish's answer) before it reads events again. A send
-            // future dropped unfinished has sent nothing, hence the clone. A publish waiting
-            // for room needs acks (or its messages' timers): the network and the timer are
-            // served too while there is one; their outputs follow this event.
-            #[allow(clippy::large_enum_variant)] // one short-lived value per wait
-            enum Slot {
-                Sent(Go),
-                Command(Option<Command>),
-                Net(Result<pb::Message, ClientError>),
-                Timer,
-            }
-            let publishing = !self.waiters.publishing.is_empty();
-            let deadline = self
-                .layer
-                .poll_timeout()
-                .map(|at| self.clock.to_instant(at));
-            let slot = future::or(
-                future::or(
-                    async { Slot::Sent(self.events.send(event.clone()).await.is_ok()) },
-                    async { Slot::Command(self.commands.recv().await.ok()) },
-                ),
-                async {
-                    match (publishing, deadline) {
-                        (false, _) => future::pending().await,
-                        (true, deadline) => {
-                            future::or(
-                                async { Slot::Net(self.client.recv_message().await) },
-                                async {
-                                    match deadline {
-                                        Some(at) => {
-                                            smol::Timer::at(at).await;
-                                            Slot::Timer
-                                        }
-                                        None => future::pending().await,
-                                    }
-                                },
-                            )
-                            .await
-                        }
-                    }
-                },
-            )
-            .await;
-            match slot {
-                Slot::Sent(go) => return go,
-                Slot::Command(Some(command)) => self.command(command),
-                Slot::Command(None) => return false,
-                Slot::Net(Ok(message)) => self.layer.handle_message(message, self.clock.now()),
-                Slot::Net(Err(error)) => {
-                    tracing::warn!(%error, "client stopped");
-                    return false;
-                }
-                Slot::Timer => self.layer.handle_timeout(self.clock.now()),
-            }
-            self.retry_publishes();
-        }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use slim_core::group::wire::{inspect, MlsContent, MlsKind};
-use slim_core::session::{SessionDrop, SessionEvent, SessionId};
+use slim_core::session::{SessionDrop, SessionEvent, SessionId, ACK_HOLD};
 use slim_proto::pb::command_payload::CommandPayloadType as Cmd;
 use slim_proto::pb::{self, SessionMessageType as Mt};
 use slim_proto::Name;
@@ -87,6 +87,7 @@ fn p2p_handshake_carries_key_package_and_welcome_and_data_is_ciphertext() {
         Some(prost::Message::encode_to_vec(&aad))
     );
     assert_eq!(net.messages(1, session), vec![secret]);
+    net.advance(ACK_HOLD);
     // Acks are not encrypted (spec §4.5) and were delivered: nothing left to retransmit.
     assert!(net.events[0]
         .iter()
@@ -376,7 +377,7 @@ fn a_replayed_ciphertext_is_a_duplicate_only_for_a_message_we_have() {
     net.apps[0]
         .publish(session, Bytes::from_static(b"once"), net.now)
         .unwrap();
-    net.run();
+    net.advance(ACK_HOLD);
     assert_eq!(net.messages(1, session), vec![Bytes::from_static(b"once")]);
     let original = net.sent(0, Mt::Msg)[0].clone();
     let acks = |net: &Net| net.sent(1, Mt::MsgAck).len();
@@ -384,7 +385,7 @@ fn a_replayed_ciphertext_is_a_duplicate_only_for_a_message_we_have() {
     // The same bytes again (a peer that retransmits what it sent): re-acknowledged, not
     // delivered twice.
     net.apps[1].handle_message(original.clone(), net.now);
-    net.run();
+    net.advance(ACK_HOLD);
     assert_eq!(net.dropped(1, SessionDrop::Duplicate), 1);
     assert_eq!(acks(&net), acks_before + 1);
     assert_eq!(net.messages(1, session).len(), 1);
@@ -393,7 +394,7 @@ fn a_replayed_ciphertext_is_a_duplicate_only_for_a_message_we_have() {
     let mut moved = original;
     publish_mut(&mut moved).session.as_mut().unwrap().message_id = 2;
     net.apps[1].handle_message(moved, net.now);
-    net.run();
+    net.advance(ACK_HOLD);
     assert_eq!(net.dropped(1, SessionDrop::Undecryptable), 1);
     assert_eq!(
         acks(&net),

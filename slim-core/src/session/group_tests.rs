@@ -251,6 +251,7 @@ fn broadcast_and_fan_in_reach_everyone_but_the_sender() {
         .messages(A, sid)
         .iter()
         .any(|(s, _)| s == net.apps[A].name()));
+    net.settle(ACK_HOLD);
     let delivered = net.events[M]
         .iter()
         .filter(|e| matches!(e, SessionEvent::Delivered { .. }))
@@ -414,7 +415,7 @@ fn direct_messages_reach_one_member_once() {
     // Delivered twice (a retransmission): B hands it to its app once, and acks both.
     net.apps[B].handle_message((*direct).clone(), net.now);
     net.apps[B].handle_message(*direct, net.now);
-    net.run();
+    net.settle(ACK_HOLD);
     let got: Vec<Vec<u8>> = net.messages(B, sid).into_iter().map(|(_, p)| p).collect();
     assert_eq!(got, vec![b"just for b".to_vec()]);
     assert_eq!(net.apps[B].stats().dropped(SessionDrop::Duplicate), 1);
@@ -474,7 +475,7 @@ fn a_member_that_goes_offline_is_not_waited_for() {
     let id = net.apps[M]
         .publish(sid, Bytes::from_static(b"x"), net.now)
         .unwrap();
-    net.run();
+    net.settle(ACK_HOLD);
     assert!(net.has(M, |e| *e == SessionEvent::Delivered { session: sid, id }));
     // A speaks again: it is back.
     net.keep = Box::new(|_, _, _| true);

@@ -58,6 +58,11 @@ pub const DEFAULT_CONTROL_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_CONTROL_RETRIES: u32 = 10;
 /// Heartbeat period (spec §4.6).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a MSG_ACK waits for the application's answer before it goes out on its own, like a
+/// delayed TCP ACK. A request's ack would otherwise travel (and be processed) ahead of the
+/// reply, adding a whole message pass to every round trip; held, it follows the reply. Far
+/// below any sender's retransmission interval (the reference's is 1 s).
+pub const ACK_HOLD: Duration = Duration::from_millis(1);
 /// Session ids are drawn below this (reference `0..u32::MAX-1000`).
 const MAX_SESSION_ID: u32 = u32::MAX - 1000;
 /// Publishes queued before a session is ready to send (handshake, MLS rejoin).
@@ -559,9 +564,18 @@ pub struct SessionLayer {
     rng: ChaCha8Rng,
     sessions: FxHashMap<SessionId, Session>,
     out: VecDeque<Output>,
+    /// MSG_ACKs waiting for the app's next data message on their session, or for their due
+    /// time ([`ACK_HOLD`]), in the order they were made (so by due time).
+    held_acks: VecDeque<HeldAck>,
     stats: SessionStats,
     /// Template of every MLS group's settings (each gets its own seed).
     mls_config: GroupConfig,
+}
+
+struct HeldAck {
+    session: SessionId,
+    due: Timestamp,
+    ack: pb::Message,
 }
 
 impl SessionLayer {
@@ -585,6 +599,7 @@ impl SessionLayer {
             rng,
             sessions: FxHashMap::default(),
             out: VecDeque::new(),
+            held_acks: VecDeque::new(),
             stats: SessionStats::default(),
             mls_config: GroupConfig::default(),
         })
@@ -975,10 +990,16 @@ impl SessionLayer {
                     .chain(s.receiver.poll_timeout())
                     .chain((s.state == State::Established).then_some(s.next_heartbeat))
             })
+            .chain(self.held_acks.front().map(|held| held.due))
             .min()
     }
 
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        while self.held_acks.front().is_some_and(|held| held.due <= now) {
+            if let Some(held) = self.held_acks.pop_front() {
+                self.push_send(held.ack);
+            }
+        }
         let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
@@ -3416,7 +3437,11 @@ impl SessionLayer {
             publish_to_echo(&m.metadata),
             now,
         );
-        self.emit_send(ack);
+        self.held_acks.push_back(HeldAck {
+            session: m.session_id,
+            due: now + ACK_HOLD,
+            ack,
+        });
     }
 
     fn ack(&mut self, m: &Received, now: Timestamp) {
@@ -3528,9 +3553,37 @@ impl SessionLayer {
         self.emit_send(message);
     }
 
+    /// Sends `message`, and with it the acks held for its session: after it when it is data
+    /// (the answer they waited for), before it otherwise (as if they had not been held).
     fn emit_send(&mut self, message: pb::Message) {
+        let (session, is_data) = session_and_kind(&message);
+        if !is_data {
+            self.release_acks(session);
+        }
+        self.push_send(message);
+        if is_data {
+            self.release_acks(session);
+        }
+    }
+
+    fn push_send(&mut self, message: pb::Message) {
         self.stats.sent += 1;
         self.out.push_back(Output::Send(Box::new(message)));
+    }
+
+    fn release_acks(&mut self, session: Option<SessionId>) {
+        let Some(session) = session else { return };
+        if !self.held_acks.iter().any(|held| held.session == session) {
+            return;
+        }
+        let held = std::mem::take(&mut self.held_acks);
+        for held in held {
+            if held.session == session {
+                self.push_send(held.ack);
+            } else {
+                self.held_acks.push_back(held);
+            }
+        }
     }
 
     fn drop_message(&mut self, reason: SessionDrop, detail: &str) {
@@ -3829,6 +3882,22 @@ fn empty_app_payload() -> pb::Content {
 }
 
 /// Acks of direct (`PUBLISH_TO`) messages echo the flag.
+/// The session a message we send belongs to, and whether it is application data (a MSG, direct
+/// or not, first copy or retransmission) rather than an ack or a command.
+fn session_and_kind(message: &pb::Message) -> (Option<SessionId>, bool) {
+    let Some(pb::message::MessageType::Publish(publish)) = &message.message_type else {
+        return (None, false);
+    };
+    let Some(header) = &publish.session else {
+        return (None, false);
+    };
+    let is_data = matches!(
+        Mt::try_from(header.session_message_type),
+        Ok(Mt::Msg | Mt::RtxReply)
+    );
+    (Some(header.session_id), is_data)
+}
+
 fn publish_to_echo(metadata: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     metadata
         .get_key_value("PUBLISH_TO")

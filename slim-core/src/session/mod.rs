@@ -9,7 +9,7 @@ pub mod waiting;
 
 pub use layer::{
     CloseReason, LayerConfig, LayerError, Output, Reliability, SessionConfig, SessionDrop,
-    SessionError, SessionEvent, SessionId, SessionLayer, SessionStats,
+    SessionError, SessionEvent, SessionId, SessionLayer, SessionStats, ACK_HOLD,
 };
 
 pub use mls::{MlsState, PayloadError, DEFAULT_VALIDATION_PERCENT};

@@ -108,6 +108,15 @@ impl Pair {
         }
     }
 
+    /// Lets [`ACK_HOLD`] pass: held acks nobody answered go out, and everything in flight is
+    /// delivered.
+    fn release_held_acks(&mut self) {
+        self.now = self.now + ACK_HOLD;
+        self.a.handle_timeout(self.now);
+        self.b.handle_timeout(self.now);
+        self.run();
+    }
+
     /// Advances time to the next deadline of either side (bounded).
     fn step_time(&mut self) -> bool {
         let next = [self.a.poll_timeout(), self.b.poll_timeout()]
@@ -213,6 +222,7 @@ fn reliable_data_is_acked_and_delivered_in_order() {
             .map(|i| (i, vec![(i - 1) as u8; i as usize]))
             .collect::<Vec<_>>()
     );
+    p.release_held_acks();
     let delivered = p
         .events_a
         .iter()
@@ -309,6 +319,14 @@ fn a_burst_beyond_the_window_waits_for_acks_and_nothing_is_lost() {
         }
     }
     p.run();
+    // The window opens as B's held acks go out, one hold time after the messages came.
+    for _ in 0..total {
+        if p.messages_b().len() == total as usize {
+            break;
+        }
+        p.release_held_acks();
+    }
+    p.release_held_acks();
     assert_eq!(
         p.messages_b().iter().map(|(id, _)| *id).collect::<Vec<_>>(),
         (1..=total).collect::<Vec<_>>()
@@ -638,4 +656,48 @@ fn same_seeds_same_outputs() {
             .collect()
     }
     assert_eq!(run(), run());
+}
+
+/// The receiver's ack waits for the app's answer and goes out right behind it, so a round trip
+/// carries no ack ahead of its reply; unanswered, it goes out once [`ACK_HOLD`] has passed.
+#[test]
+fn an_ack_follows_the_reply_or_goes_out_after_the_hold() {
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    let from_b = |p: &Pair| -> Vec<(Mt, u32)> {
+        p.wire_log
+            .iter()
+            .filter(|(from_a, k, _)| !from_a && matches!(k, Mt::Msg | Mt::MsgAck))
+            .map(|(_, k, id)| (*k, *id))
+            .collect()
+    };
+    p.a.publish(sid, Bytes::from_static(b"request"), p.now)
+        .unwrap();
+    p.run();
+    assert_eq!(p.messages_b().len(), 1);
+    assert!(from_b(&p).is_empty(), "the ack waits");
+    p.b.publish(sid, Bytes::from_static(b"reply"), p.now)
+        .unwrap();
+    p.run();
+    assert_eq!(from_b(&p), vec![(Mt::Msg, 1), (Mt::MsgAck, 1)]);
+    assert!(p.events_a.contains(&SessionEvent::Delivered {
+        session: sid,
+        id: 1
+    }));
+
+    // Nobody answers: the ack goes out at the end of the hold, not before.
+    p.a.publish(sid, Bytes::from_static(b"one way"), p.now)
+        .unwrap();
+    p.run();
+    let held_since = p.now;
+    assert_eq!(p.b.poll_timeout(), Some(held_since + ACK_HOLD));
+    p.b.handle_timeout(held_since + (ACK_HOLD - Duration::from_micros(1)));
+    p.run();
+    assert_eq!(from_b(&p).len(), 2, "still held");
+    p.release_held_acks();
+    assert_eq!(from_b(&p)[2..], [(Mt::MsgAck, 2)]);
+    assert!(p.events_a.contains(&SessionEvent::Delivered {
+        session: sid,
+        id: 2
+    }));
 }
