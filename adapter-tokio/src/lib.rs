@@ -21,6 +21,7 @@ pub mod tools;
 
 mod client;
 mod node;
+mod quickack;
 mod server;
 mod stream;
 

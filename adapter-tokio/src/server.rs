@@ -1,4 +1,4 @@
-//! Accepting connections: TCP (TCP_NODELAY on), optional TLS, HTTP/2 with the reference's
+//! Accepting connections: TCP (TCP_NODELAY and quick acks on), optional TLS, HTTP/2 with the reference's
 //! settings, and the one gRPC method a SLIM node serves.
 
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::node::{NodeHandle, OpenKind};
+use crate::quickack::QuickAck;
 use crate::stream::{grpc_trailers, run_link};
 
 /// A client has this long to complete TLS and the HTTP/2 preface.
@@ -59,6 +60,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, acceptor: Acceptor) {
 
 async fn serve_connection(tcp: TcpStream, acceptor: &Acceptor) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
+    let tcp = QuickAck(tcp);
     match &acceptor.tls {
         None => serve_h2(tcp, acceptor).await,
         Some(tls) => {
