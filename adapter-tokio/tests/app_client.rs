@@ -152,73 +152,59 @@ async fn bench_p2p_loses_nothing() {
     node.shutdown().await;
 }
 
-#[tokio::test]
-async fn bench_p2p_with_mls_loses_nothing() {
+/// Runs a p2p bench of `count` messages through a node and checks nothing was lost or
+/// reordered; the same settings in a raw mode must be refused before connecting.
+async fn p2p_bench_loses_nothing(
+    count: u64,
+    size: usize,
+    mls: bool,
+    unreliable: bool,
+) -> slim_tokio::bench::BenchReport {
     use slim_tokio::bench::{LoadConfig, Mode, Stop};
     let node = node().await;
     let config = LoadConfig {
         endpoint: node.local_addrs()[0].to_string(),
         mode: Mode::P2p,
-        size: 256,
-        stop: Stop::Count(100),
+        size,
+        stop: Stop::Count(count),
         round_trips: 20,
         window: 16,
         publishers: 1,
         subscribers: 1,
         progress: false,
         node_pid: None,
-        mls: true,
-        unreliable: false,
+        mls,
+        unreliable,
     };
     let report = slim_tokio::bench::run(&config).await.unwrap();
-    assert!(report.mls);
-    assert_eq!(report.sent, 100);
+    assert_eq!(report.sent, count);
     assert_eq!(report.received, report.sent, "{report:?}");
     assert_eq!(report.out_of_order, 0);
     assert_eq!(report.round_trips, 20);
-    // Raw modes have no session to encrypt: refused before connecting.
     let raw = LoadConfig {
         mode: Mode::Unicast,
         ..config
     };
     assert!(slim_tokio::bench::run(&raw).await.is_err());
     node.shutdown().await;
+    report
+}
+
+#[tokio::test]
+async fn bench_p2p_with_mls_loses_nothing() {
+    // Raw modes have no session to encrypt: --mls is refused there.
+    let report = p2p_bench_loses_nothing(100, 256, true, false).await;
+    assert!(report.mls && report.reliable);
 }
 
 /// Without reliability there are no acknowledgements to pace the sender: the bench's window
 /// counts what the server app received instead, and on loopback nothing is lost.
 #[tokio::test]
 async fn bench_p2p_unreliable_counts_what_arrives() {
-    use slim_tokio::bench::{LoadConfig, Mode, Stop};
-    let node = node().await;
-    let config = LoadConfig {
-        endpoint: node.local_addrs()[0].to_string(),
-        mode: Mode::P2p,
-        size: 64,
-        stop: Stop::Count(2000),
-        round_trips: 20,
-        window: 16,
-        publishers: 1,
-        subscribers: 1,
-        progress: false,
-        node_pid: None,
-        mls: false,
-        unreliable: true,
-    };
-    let report = slim_tokio::bench::run(&config).await.unwrap();
+    // Raw publishes are never acknowledged: --unreliable is refused there.
+    let report = p2p_bench_loses_nothing(2000, 64, false, true).await;
     assert!(!report.reliable);
-    assert_eq!(report.sent, 2000);
-    assert_eq!(report.received, report.sent, "{report:?}");
-    assert_eq!(report.out_of_order, 0);
-    assert_eq!(report.round_trips, 20);
     assert!(report.to_json().contains("\"reliable\":false"));
-    // Raw publishes are never acknowledged: --unreliable is refused there before connecting.
-    let raw = LoadConfig {
-        mode: Mode::Unicast,
-        ..config
-    };
-    assert!(slim_tokio::bench::run(&raw).await.is_err());
-    node.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

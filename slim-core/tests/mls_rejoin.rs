@@ -290,9 +290,7 @@ fn a_garbled_rejoin_request_is_dropped_counted_and_the_retransmission_rejoins() 
         .publish(session, Bytes::from_static(b"after"), net.now)
         .unwrap();
     net.advance(Duration::from_millis(500));
-    assert!(net
-        .messages(1, session)
-        .contains(&Bytes::from_static(b"after")));
+    all_read(&net, session, &[1], b"after");
 }
 
 /// Spec (captures/flows g2): a member that missed a commit learns it from a heartbeat carrying
@@ -390,6 +388,43 @@ fn an_offline_member_drops_data_unacknowledged_until_it_is_back() {
 }
 
 /// The MLS epochs of the data messages `from` sent, in order.
+/// Each of `apps` got `payload` on the session.
+fn all_read(net: &Net, session: SessionId, apps: &[usize], payload: &'static [u8]) {
+    for &i in apps {
+        let got = net.messages(i, session);
+        assert!(
+            got.contains(&Bytes::from_static(payload)),
+            "app {i} reads {:?}: {got:?}",
+            String::from_utf8_lossy(payload)
+        );
+    }
+}
+
+/// Every REJOIN_REPLY from the moderator to m1 is lost while the returned flag is set.
+fn lose_rejoin_replies_to_m1(net: &mut Net) -> std::rc::Rc<std::cell::Cell<bool>> {
+    let hold = std::rc::Rc::new(std::cell::Cell::new(true));
+    let held = hold.clone();
+    net.hook = Box::new(move |from, to, m| {
+        if from == 0 && to == 1 && kind(m) == Mt::RejoinReply && held.get() {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    hold
+}
+
+/// m1 is at the moderator's epoch, sent data, and encrypted all of it there, past `stale`.
+fn m1_sent_only_at_the_current_epoch(net: &Net, session: SessionId, stale: u64) {
+    let current = net.apps[0].mls_state(session).unwrap().epoch;
+    assert_eq!(net.apps[1].mls_state(session).unwrap().epoch, current);
+    let epochs = data_epochs(net, 1);
+    assert!(
+        !epochs.is_empty() && epochs.iter().all(|e| *e == current && *e > stale),
+        "m1 encrypted only at the current epoch {current}: {epochs:?}"
+    );
+}
+
 fn data_epochs(net: &Net, from: usize) -> Vec<u64> {
     net.sent(from, Mt::Msg)
         .into_iter()
@@ -498,9 +533,7 @@ fn the_moderator_answers_stale_data_with_a_heartbeat_and_the_sender_rejoins() {
         .unwrap();
     net.advance(Duration::from_millis(1));
     // The moderator still reads it (within its past epochs) but tells m1 its epoch at once.
-    assert!(net
-        .messages(0, session)
-        .contains(&Bytes::from_static(b"one")));
+    all_read(&net, session, &[0], b"one");
     let heartbeats = net.sent(0, Mt::Heartbeat);
     assert_eq!(
         heartbeats.len(),
@@ -532,11 +565,7 @@ fn the_moderator_answers_stale_data_with_a_heartbeat_and_the_sender_rejoins() {
         .map(|m| inspect(&blob(m)).unwrap().epoch.unwrap())
         .collect();
     assert!(rtx_epochs.iter().all(|e| *e == rejoined), "{rtx_epochs:?}");
-    for i in [0, 2, 3] {
-        assert!(net
-            .messages(i, session)
-            .contains(&Bytes::from_static(b"two")));
-    }
+    all_read(&net, session, &[0, 2, 3], b"two");
     // At the current epoch: no more early heartbeats, no second rejoin.
     assert_eq!(net.sent(0, Mt::Heartbeat).len(), heartbeats_before + 1);
     assert_eq!(net.sent(1, Mt::RejoinRequest).len(), 1);
@@ -552,15 +581,7 @@ fn a_commit_ahead_of_the_expected_one_starts_the_rejoin() {
     make_m1_stale(&mut net, session);
     let stale = net.apps[1].mls_state(session).unwrap().epoch;
     // Every REJOIN_REPLY to m1 is lost while `hold` is set.
-    let hold = std::rc::Rc::new(std::cell::Cell::new(true));
-    let held = hold.clone();
-    net.hook = Box::new(move |from, to, m| {
-        if from == 0 && to == 1 && kind(m) == Mt::RejoinReply && held.get() {
-            Fate::Drop
-        } else {
-            Fate::Deliver
-        }
-    });
+    let hold = lose_rejoin_replies_to_m1(&mut net);
     let updates_before = net.sent(0, Mt::GroupUpdate).len();
 
     // The next commit (m4 joins) reaches m1, one commit_id past the one it lacks.
@@ -605,21 +626,8 @@ fn a_commit_ahead_of_the_expected_one_starts_the_rejoin() {
     hold.set(false);
     net.advance(Duration::from_millis(500));
     assert!(!net.apps[1].mls_rejoining(session));
-    let current = net.apps[0].mls_state(session).unwrap().epoch;
-    assert_eq!(net.apps[1].mls_state(session).unwrap().epoch, current);
-    let epochs = data_epochs(&net, 1);
-    assert!(
-        !epochs.is_empty() && epochs.iter().all(|e| *e == current && *e > stale),
-        "m1 encrypted only at the current epoch {current}: {epochs:?}"
-    );
-    for i in [0, 2, 3, 4] {
-        assert!(
-            net.messages(i, session)
-                .contains(&Bytes::from_static(b"from m1")),
-            "app {i} reads m1: {:?}",
-            net.messages(i, session)
-        );
-    }
+    m1_sent_only_at_the_current_epoch(&net, session, stale);
+    all_read(&net, session, &[0, 2, 3, 4], b"from m1");
 }
 
 /// m1 (stale) rejoins on the moderator's data at the newer epoch and, while its welcome is
@@ -636,15 +644,7 @@ fn publish_to_waits_for_the_rejoin(config: SessionConfig) {
         Duration::from_secs(if reliable { 3 } else { 12 }),
     );
     let stale = net.apps[1].mls_state(session).unwrap().epoch;
-    let hold = std::rc::Rc::new(std::cell::Cell::new(true));
-    let held = hold.clone();
-    net.hook = Box::new(move |from, to, m| {
-        if from == 0 && to == 1 && kind(m) == Mt::RejoinReply && held.get() {
-            Fate::Drop
-        } else {
-            Fate::Deliver
-        }
-    });
+    let hold = lose_rejoin_replies_to_m1(&mut net);
     net.apps[0]
         .publish(session, Bytes::from_static(b"newer"), net.now)
         .unwrap();
@@ -668,13 +668,7 @@ fn publish_to_waits_for_the_rejoin(config: SessionConfig) {
     hold.set(false);
     net.advance(Duration::from_millis(1500));
     assert!(!net.apps[1].mls_rejoining(session));
-    let current = net.apps[0].mls_state(session).unwrap().epoch;
-    assert_eq!(net.apps[1].mls_state(session).unwrap().epoch, current);
-    let epochs = data_epochs(&net, 1);
-    assert!(
-        !epochs.is_empty() && epochs.iter().all(|e| *e == current && *e > stale),
-        "m1 encrypted only at the current epoch {current}: {epochs:?}"
-    );
+    m1_sent_only_at_the_current_epoch(&net, session, stale);
     let sent = net.sent(1, Mt::Msg);
     let ids: Vec<u32> = sent.iter().map(|m| message_id(m)).collect();
     assert_eq!(ids[0], id, "in the order given: {ids:?}");
@@ -732,15 +726,7 @@ fn publish_to_waits_for_the_rejoin_unreliable() {
 fn a_waiting_publish_to_a_member_that_left_fails() {
     let (mut net, session) = group();
     make_m1_stale(&mut net, session);
-    let hold = std::rc::Rc::new(std::cell::Cell::new(true));
-    let held = hold.clone();
-    net.hook = Box::new(move |from, to, m| {
-        if from == 0 && to == 1 && kind(m) == Mt::RejoinReply && held.get() {
-            Fate::Drop
-        } else {
-            Fate::Deliver
-        }
-    });
+    let hold = lose_rejoin_replies_to_m1(&mut net);
     net.apps[0]
         .publish(session, Bytes::from_static(b"newer"), net.now)
         .unwrap();
@@ -786,15 +772,7 @@ fn a_commit_made_while_the_welcome_was_lost_is_applied_after_it() {
     let (mut net, session) = group();
     let m3 = net.name(3);
     make_m1_stale(&mut net, session);
-    let hold = std::rc::Rc::new(std::cell::Cell::new(true));
-    let held = hold.clone();
-    net.hook = Box::new(move |from, to, m| {
-        if from == 0 && to == 1 && kind(m) == Mt::RejoinReply && held.get() {
-            Fate::Drop
-        } else {
-            Fate::Deliver
-        }
-    });
+    let hold = lose_rejoin_replies_to_m1(&mut net);
     net.apps[0]
         .publish(session, Bytes::from_static(b"newer"), net.now)
         .unwrap();
@@ -845,14 +823,8 @@ fn a_commit_made_while_the_welcome_was_lost_is_applied_after_it() {
         !epochs.is_empty() && epochs.iter().all(|e| *e == current),
         "m1 encrypted only at the epoch without m3 ({current}): {epochs:?}"
     );
-    for i in [0, 2] {
-        assert!(net
-            .messages(i, session)
-            .contains(&Bytes::from_static(b"after")));
-    }
-    assert!(net
-        .messages(1, session)
-        .contains(&Bytes::from_static(b"newer")));
+    all_read(&net, session, &[0, 2], b"after");
+    all_read(&net, session, &[1], b"newer");
 }
 
 /// Back online after missing a commit while away, m1 publishes at once: its data waits for
@@ -872,13 +844,7 @@ fn back_online_data_waits_for_the_moderators_verdict_on_the_epoch() {
     assert_eq!(id, 0, "queued until the moderator answers");
     net.advance(Duration::from_millis(200));
     assert_eq!(net.sent(1, Mt::RejoinRequest).len(), 1, "NACKed: rejoined");
-    let current = net.apps[0].mls_state(session).unwrap().epoch;
-    assert_eq!(net.apps[1].mls_state(session).unwrap().epoch, current);
-    let epochs = data_epochs(&net, 1);
-    assert!(
-        !epochs.is_empty() && epochs.iter().all(|e| *e == current && *e > stale),
-        "m1 encrypted only at the current epoch {current}: {epochs:?}"
-    );
+    m1_sent_only_at_the_current_epoch(&net, session, stale);
     for i in [0, 2, 3] {
         assert!(
             net.messages(i, session)
@@ -915,9 +881,5 @@ fn back_online_data_goes_once_the_unanswered_update_gives_up() {
     net.advance(Duration::from_millis(500));
     let epoch = net.apps[0].mls_state(session).unwrap().epoch;
     assert_eq!(data_epochs(&net, 1), vec![epoch]);
-    for i in [0, 2] {
-        assert!(net
-            .messages(i, session)
-            .contains(&Bytes::from_static(b"back")));
-    }
+    all_read(&net, session, &[0, 2], b"back");
 }
