@@ -180,10 +180,49 @@ pub fn frames(data: &[u8]) {
 }
 
 fn check_body(body: Bytes) {
-    let Ok(message) = pb::Message::decode(body) else {
+    let Ok(message) = pb::Message::decode(body.clone()) else {
         return;
     };
     check_message(&message);
+    check_forwarded_copy(&body, message);
+}
+
+/// A node forwards a publish by copying the bytes it received ([`slim_proto::forward`]): for any
+/// input the decoder took, the copy (when it is made) must read back as the decoded message with
+/// the rewritten header fields; from prost's own encoding it must be byte for byte the full
+/// encode.
+fn check_forwarded_copy(raw: &[u8], mut message: pb::Message) {
+    let Some(MessageType::Publish(publish)) = &mut message.message_type else {
+        assert!(slim_proto::forwarded_publish_frame(raw, &pb::SlimHeader::default()).is_none());
+        return;
+    };
+    let Some(header) = publish.header.as_mut() else {
+        return;
+    };
+    header.ttl = header.ttl.wrapping_sub(1);
+    header.recv_from = None;
+    header.forward_to = None;
+    header.incoming_conn = Some(u64::from(header.ttl) << 20);
+    header.header_mac = Some(Bytes::from_static(&[7; 32]));
+    let header = header.clone();
+    if let Some(copied) = slim_proto::forwarded_publish_frame(raw, &header) {
+        let decoded = pb::Message::decode(&copied[5..]).expect("the copied frame decodes");
+        assert_eq!(decoded, message, "the copy reads as the routed message");
+        // What it keeps as received (repeated fields, long varints) is bounded by the input:
+        // at most the rewritten fields (≤ 73 bytes) and two longer length prefixes are added.
+        assert!(
+            copied.len() <= 5 + raw.len() + 80,
+            "the copy grew beyond its new fields"
+        );
+    }
+    let canonical = message.encode_to_vec();
+    let copied = slim_proto::forwarded_publish_frame(&canonical, &header)
+        .expect("prost's encoding of a publish with a header is a plain publish");
+    assert_eq!(
+        copied,
+        encode_frame(&message),
+        "byte for byte from prost's encoding"
+    );
 }
 
 /// What a node does with a decoded message, minus the routing: validation, a re-encode round

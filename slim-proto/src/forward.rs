@@ -34,7 +34,8 @@ const HEADER_MAC: u32 = 11;
 /// for byte as encoding it again would. `None` when `raw` is not a plain publish (another
 /// message type, the publish or its header repeated, bytes that do not parse): the caller then
 /// encodes the decoded message instead. Unknown fields are dropped, as decoding and encoding
-/// again would.
+/// again would; the rest is kept as received, which reads the same even where a re-encode would
+/// differ (a field repeated, a varint longer than needed).
 pub fn forwarded_publish_frame(raw: &[u8], header: &pb::SlimHeader) -> Option<Bytes> {
     // Top level: the publish, with the metadata entries before and after it.
     let (mut before, mut after) = (Vec::new(), Vec::new());
