@@ -103,8 +103,13 @@ enum Command {
     },
     Publish {
         session: SessionId,
-        payload: Bytes,
+        publish: session::Publish,
         reply: PublishReply,
+    },
+    SetOnline {
+        session: SessionId,
+        online: bool,
+        reply: Reply<Result<(), SessionError>>,
     },
     Close {
         session: SessionId,
@@ -261,10 +266,46 @@ impl App {
         session: SessionId,
         payload: impl Into<Bytes>,
     ) -> Result<u32, AppError> {
+        self.send(session, None, payload.into()).await
+    }
+
+    /// Sends `payload` to one member of a group session only (a direct message, outside the
+    /// group's sequence; `member` without an instance means any instance of that service).
+    /// Returns its id; waits for room like [`App::publish`].
+    pub async fn publish_to(
+        &self,
+        session: SessionId,
+        member: &Name,
+        payload: impl Into<Bytes>,
+    ) -> Result<u32, AppError> {
+        self.send(session, Some(member.clone()), payload.into())
+            .await
+    }
+
+    async fn send(
+        &self,
+        session: SessionId,
+        to: Option<Name>,
+        payload: Bytes,
+    ) -> Result<u32, AppError> {
         let (reply, answer) = channel::bounded(1);
         self.command(Command::Publish {
             session,
-            payload: payload.into(),
+            publish: session::Publish { to, payload },
+            reply,
+        })
+        .await?;
+        Ok(answer.recv().await.map_err(|_| AppError::Stopped)??)
+    }
+
+    /// Soft close (`false`) or back online (`true`): the other members are told and stop (or
+    /// resume) waiting for this app; back online in an MLS group with a stale epoch, it
+    /// rejoins the group through the moderator on its own.
+    pub async fn set_online(&self, session: SessionId, online: bool) -> Result<(), AppError> {
+        let (reply, answer) = channel::bounded(1);
+        self.command(Command::SetOnline {
+            session,
+            online,
             reply,
         })
         .await?;
@@ -322,11 +363,11 @@ impl Waiters {
         &mut self,
         layer: &mut SessionLayer,
         session: SessionId,
-        payload: Bytes,
+        publish: session::Publish,
         reply: PublishReply,
         now: slim_core::Timestamp,
     ) {
-        if let Some((reply, result)) = self.publishing.submit(layer, session, payload, reply, now) {
+        if let Some((reply, result)) = self.publishing.submit(layer, session, publish, reply, now) {
             let _ = reply.try_send(result);
         }
     }
@@ -533,9 +574,16 @@ impl Driver {
             }
             Command::Publish {
                 session,
-                payload,
+                publish,
                 reply,
-            } => self.waiters.publish(layer, session, payload, reply, now),
+            } => self.waiters.publish(layer, session, publish, reply, now),
+            Command::SetOnline {
+                session,
+                online,
+                reply,
+            } => {
+                let _ = reply.try_send(layer.set_online(session, online, now));
+            }
             Command::Close { session, reply } => {
                 let _ = reply.try_send(layer.close(session, now));
             }

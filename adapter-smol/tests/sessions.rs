@@ -362,3 +362,58 @@ fn publish_waits_for_room_in_a_full_send_queue() {
         }
     });
 }
+
+/// Direct messages (`publish_to`) and soft close (`set_online`) through either adapter's App.
+#[test]
+fn direct_messages_and_soft_close_smol() {
+    use slim_smol::session::App;
+    let _guard = watchdog(
+        "direct_messages_and_soft_close_smol",
+        Duration::from_secs(60),
+    );
+    let node = TestNode::start();
+    let endpoint = node.endpoint();
+    smol::block_on(async {
+        let connect = |role: &str| {
+            App::connect(
+                &endpoint,
+                common::scenario_name("direct-smol", role),
+                SECRET,
+            )
+        };
+        let (moderator, a, b) = (
+            connect("mod").await.unwrap(),
+            connect("a").await.unwrap(),
+            connect("b").await.unwrap(),
+        );
+        let channel = common::scenario_name("direct-smol", "chan");
+        common::direct_messages_and_soft_close(&moderator, &a, &b, &channel).await;
+    });
+}
+
+#[test]
+fn direct_messages_and_soft_close_tokio() {
+    use slim_tokio::session::App;
+    let _guard = watchdog(
+        "direct_messages_and_soft_close_tokio",
+        Duration::from_secs(60),
+    );
+    let node = TestNode::start();
+    let endpoint = node.endpoint();
+    common::tokio_runtime().block_on(async {
+        let connect = |role: &str| {
+            App::connect(
+                &endpoint,
+                common::scenario_name("direct-tokio", role),
+                SECRET,
+            )
+        };
+        let (moderator, a, b) = (
+            connect("mod").await.unwrap(),
+            connect("a").await.unwrap(),
+            connect("b").await.unwrap(),
+        );
+        let channel = common::scenario_name("direct-tokio", "chan");
+        common::direct_messages_and_soft_close(&moderator, &a, &b, &channel).await;
+    });
+}

@@ -154,6 +154,19 @@ pub trait SessionApp {
     async fn publish(&self, session: SessionId, payload: Bytes) -> Result<u32, Self::Error>;
     async fn close(&self, session: SessionId) -> Result<(), Self::Error>;
     async fn next_event(&self) -> Result<SessionEvent, Self::Error>;
+    async fn create_group(
+        &self,
+        channel: &Name,
+        config: SessionConfig,
+    ) -> Result<SessionId, Self::Error>;
+    async fn invite(&self, session: SessionId, invitee: &Name) -> Result<(), Self::Error>;
+    async fn publish_to(
+        &self,
+        session: SessionId,
+        member: &Name,
+        payload: Bytes,
+    ) -> Result<u32, Self::Error>;
+    async fn set_online(&self, session: SessionId, online: bool) -> Result<(), Self::Error>;
 }
 
 macro_rules! session_app {
@@ -182,6 +195,31 @@ macro_rules! session_app {
             }
             async fn next_event(&self) -> Result<SessionEvent, Self::Error> {
                 <$app>::next_event(self).await
+            }
+            async fn create_group(
+                &self,
+                channel: &Name,
+                config: SessionConfig,
+            ) -> Result<SessionId, Self::Error> {
+                <$app>::create_group(self, channel, config).await
+            }
+            async fn invite(&self, session: SessionId, invitee: &Name) -> Result<(), Self::Error> {
+                <$app>::invite(self, session, invitee).await
+            }
+            async fn publish_to(
+                &self,
+                session: SessionId,
+                member: &Name,
+                payload: Bytes,
+            ) -> Result<u32, Self::Error> {
+                <$app>::publish_to(self, session, member, payload).await
+            }
+            async fn set_online(
+                &self,
+                session: SessionId,
+                online: bool,
+            ) -> Result<(), Self::Error> {
+                <$app>::set_online(self, session, online).await
             }
         }
     };
@@ -489,7 +527,7 @@ pub fn tokio_runtime() -> tokio::runtime::Runtime {
 }
 
 /// Names of a scenario's apps, `org/ns/<prefix>-<role>`.
-fn scenario_name(prefix: &str, role: &str) -> Name {
+pub fn scenario_name(prefix: &str, role: &str) -> Name {
     Name::new("org", "ns", &format!("{prefix}-{role}"))
 }
 
@@ -636,4 +674,111 @@ pub fn smol_moderates_a_group_with_smol_and_tokio_members(prefix: &str, config: 
         "the tokio member got those before its removal"
     );
     assert_eq!(tokio_close, CloseReason::Removed);
+}
+
+/// Waits for the next event `wanted` accepts (skipping deliveries and membership news); panics
+/// on anything else or after 10 s.
+pub async fn next_matching<A: SessionApp>(
+    app: &A,
+    what: &str,
+    wanted: impl Fn(&SessionEvent) -> bool,
+) -> SessionEvent {
+    let wait = async {
+        loop {
+            let event = app.next_event().await.unwrap();
+            if wanted(&event) {
+                return event;
+            }
+            match event {
+                SessionEvent::Delivered { .. }
+                | SessionEvent::MemberJoined { .. }
+                | SessionEvent::MemberState { .. } => {}
+                other => panic!("{}: waiting for {what}, got {other:?}", app.name()),
+            }
+        }
+    };
+    let timeout = async {
+        smol::Timer::after(Duration::from_secs(10)).await;
+        panic!("{}: no {what} within 10 s", app.name())
+    };
+    futures_lite::future::or(wait, timeout).await
+}
+
+/// A moderator and two members, one app type (so it runs on either adapter): a direct message
+/// reaches its member only (the other's first message is the broadcast after it), a member's
+/// direct message reaches the moderator, and a member's soft close and return are seen by the
+/// moderator as its state.
+pub async fn direct_messages_and_soft_close<A: SessionApp>(
+    moderator: &A,
+    a: &A,
+    b: &A,
+    channel: &Name,
+) {
+    let session = moderator.create_group(channel, reliable()).await.unwrap();
+    moderator.invite(session, a.name()).await.unwrap();
+    moderator.invite(session, b.name()).await.unwrap();
+    for member in [a, b] {
+        next_matching(member, "the invitation", |e| {
+            matches!(e, SessionEvent::Incoming { session: s, group: true, .. } if *s == session)
+        })
+        .await;
+    }
+    let message = |expected: &'static [u8]| {
+        move |e: &SessionEvent| match e {
+            SessionEvent::Message {
+                session: s,
+                payload,
+                ..
+            } if *s == session => {
+                assert_eq!(&payload[..], expected);
+                true
+            }
+            _ => false,
+        }
+    };
+    moderator
+        .publish_to(session, a.name(), Bytes::from_static(b"for a"))
+        .await
+        .unwrap();
+    moderator
+        .publish(session, Bytes::from_static(b"for all"))
+        .await
+        .unwrap();
+    next_matching(a, "the direct message", message(b"for a")).await;
+    next_matching(a, "the broadcast", message(b"for all")).await;
+    // The links are FIFO and a direct message is delivered on arrival: had b been sent "for a",
+    // it would have seen it before the broadcast that followed.
+    next_matching(
+        b,
+        "the broadcast (and not the direct message)",
+        message(b"for all"),
+    )
+    .await;
+
+    a.publish_to(
+        session,
+        moderator.name(),
+        Bytes::from_static(b"for the moderator"),
+    )
+    .await
+    .unwrap();
+    next_matching(
+        moderator,
+        "a's direct message",
+        message(b"for the moderator"),
+    )
+    .await;
+
+    for online in [false, true] {
+        b.set_online(session, online).await.unwrap();
+        let b_name = b.name().clone();
+        let state = next_matching(moderator, "b's state", |e| {
+            matches!(e, SessionEvent::MemberState { member, .. } if member.key() == b_name.key())
+        })
+        .await;
+        assert!(
+            matches!(state, SessionEvent::MemberState { online: o, .. } if o == online),
+            "b online: {online}, moderator saw {state:?}"
+        );
+    }
 }

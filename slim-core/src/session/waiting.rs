@@ -1,12 +1,34 @@
-//! Publishes that wait for room in a session's send queue, for drivers whose `publish` waits
-//! instead of failing with [`SessionError::SendQueueFull`].
+//! Publishes that wait for room in a session's send queue, for drivers whose `publish` (and
+//! `publish_to`) waits instead of failing with [`SessionError::SendQueueFull`].
 
 use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
+use slim_proto::Name;
 
 use super::{SessionError, SessionId, SessionLayer};
 use crate::Timestamp;
+
+/// One publish: to the whole session, or (`to`) to one member only.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub to: Option<Name>,
+    pub payload: Bytes,
+}
+
+impl Publish {
+    fn send(
+        &self,
+        layer: &mut SessionLayer,
+        session: SessionId,
+        now: Timestamp,
+    ) -> Result<u32, SessionError> {
+        match &self.to {
+            None => layer.publish(session, self.payload.clone(), now),
+            Some(member) => layer.publish_to(session, member, self.payload.clone(), now),
+        }
+    }
+}
 
 /// Publishes the core refused with `SendQueueFull`, in order per session, each with the
 /// driver's way of answering its caller (`R`). The driver calls [`WaitingPublishes::retry`]
@@ -14,7 +36,7 @@ use crate::Timestamp;
 /// gone.
 #[derive(Debug)]
 pub struct WaitingPublishes<R> {
-    by_session: BTreeMap<SessionId, VecDeque<(Bytes, R)>>,
+    by_session: BTreeMap<SessionId, VecDeque<(Publish, R)>>,
 }
 
 impl<R> Default for WaitingPublishes<R> {
@@ -40,20 +62,20 @@ impl<R> WaitingPublishes<R> {
         &mut self,
         layer: &mut SessionLayer,
         session: SessionId,
-        payload: Bytes,
+        publish: Publish,
         reply: R,
         now: Timestamp,
     ) -> Option<Answer<R>> {
         if let Some(waiting) = self.by_session.get_mut(&session) {
-            waiting.push_back((payload, reply));
+            waiting.push_back((publish, reply));
             return None;
         }
-        match layer.publish(session, payload.clone(), now) {
+        match publish.send(layer, session, now) {
             Err(SessionError::SendQueueFull(..)) => {
                 self.by_session
                     .entry(session)
                     .or_default()
-                    .push_back((payload, reply));
+                    .push_back((publish, reply));
                 None
             }
             result => Some((reply, result)),
@@ -65,10 +87,10 @@ impl<R> WaitingPublishes<R> {
     pub fn retry(&mut self, layer: &mut SessionLayer, now: Timestamp) -> Vec<Answer<R>> {
         let mut answers = Vec::new();
         self.by_session.retain(|session, waiting| {
-            while let Some((payload, reply)) = waiting.pop_front() {
-                match layer.publish(*session, payload.clone(), now) {
+            while let Some((publish, reply)) = waiting.pop_front() {
+                match publish.send(layer, *session, now) {
                     Err(SessionError::SendQueueFull(..)) => {
-                        waiting.push_front((payload, reply));
+                        waiting.push_front((publish, reply));
                         return true;
                     }
                     result => answers.push((reply, result)),
