@@ -40,7 +40,9 @@ fi
 SHIM="$ROOT/target/libnodelay.so"
 [ -f "$SHIM" ] || gcc -O2 -shared -fPIC -o "$SHIM" benches/nodelay.c -ldl
 
-pin() { local cpus=$1; shift; if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
+# Replaces the calling (sub)shell with the command, so a `pin … &` pid is the program's own and
+# the EXIT trap stops it: only call it in the background or in a pipeline.
+pin() { local cpus=$1; shift; if [ -n "$cpus" ]; then exec taskset -c "$cpus" "$@"; else exec "$@"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
@@ -58,10 +60,12 @@ run() { # endpoint-port mode size -> json line
 }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])['$2'])" "$1"; }
 
-read -r RELAY _ < <(start_relay)
-read -r OURS _ < <(start_ours)
-read -r REF _ < <(start_ref "")
-read -r REFND _ < <(start_ref nodelay)
+# The starters run in a process substitution (a subshell): their PIDS+= is lost, so the
+# parent records the pids they print, for the EXIT trap to stop them.
+read -r RELAY pid < <(start_relay); PIDS+=("$pid")
+read -r OURS pid < <(start_ours); PIDS+=("$pid")
+read -r REF pid < <(start_ref ""); PIDS+=("$pid")
+read -r REFND pid < <(start_ref nodelay); PIDS+=("$pid")
 
 MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
 TABLE="### compare.sh, $(date -u +%Y-%m-%d\ %H:%M\ UTC)
