@@ -27,86 +27,126 @@ const HEADER_INCOMING_CONN: u32 = 9;
 const HEADER_MAC: u32 = 11;
 
 /// The gRPC frame of the publish received as `raw` (one encoded `Message`, without its frame
-/// prefix), with the rewritable header fields taken from `header`.
+/// prefix), with the rewritable header fields taken from `header`: [`ForwardTemplate::parse`]
+/// then [`ForwardTemplate::frame`].
+pub fn forwarded_publish_frame(raw: &[u8], header: &pb::SlimHeader) -> Option<Bytes> {
+    ForwardTemplate::parse(raw)?.frame(header)
+}
+
+/// A received publish split at the fields a node rewrites: parsed once per message, rendered
+/// once per target (each link has its own MAC).
 ///
 /// The fields keep their received order, and the rewritten ones take their place by field
 /// number, so a message encoded by prost (every SLIM client, the reference node) comes out byte
-/// for byte as encoding it again would. `None` when `raw` is not a plain publish (another
-/// message type, the publish or its header repeated, bytes that do not parse): the caller then
-/// encodes the decoded message instead. Unknown fields are dropped, as decoding and encoding
+/// for byte as encoding it again would. Unknown fields are dropped, as decoding and encoding
 /// again would; the rest is kept as received, which reads the same even where a re-encode would
 /// differ (a field repeated, a varint longer than needed).
-pub fn forwarded_publish_frame(raw: &[u8], header: &pb::SlimHeader) -> Option<Bytes> {
-    // Top level: the publish, with the metadata entries before and after it.
-    let (mut before, mut after) = (Vec::new(), Vec::new());
-    let mut publish = None;
-    for field in Fields(raw) {
-        let field = field?;
-        match field.number {
-            MESSAGE_PUBLISH if publish.is_none() => publish = Some(field.value()?),
-            MESSAGE_METADATA if publish.is_none() => before.push(field.whole),
-            MESSAGE_METADATA => after.push(field.whole),
-            // Another message type (or a second publish) in the oneof: not a plain publish.
-            1..=3 | 5 | 6 => return None,
-            _ => {}
-        }
-    }
-    // The publish: its header, with the session header and content before and after it.
-    let (mut publish_before, mut publish_after) = (Vec::new(), Vec::new());
-    let mut header_in = None;
-    for field in Fields(publish?) {
-        let field = field?;
-        match field.number {
-            PUBLISH_HEADER if header_in.is_none() => header_in = Some(field.value()?),
-            PUBLISH_HEADER => return None,
-            PUBLISH_SESSION | PUBLISH_MSG if header_in.is_none() => {
-                publish_before.push(field.whole)
+#[derive(Debug)]
+pub struct ForwardTemplate<'a> {
+    /// Top level: metadata entries before and after the publish.
+    before: Vec<&'a [u8]>,
+    after: Vec<&'a [u8]>,
+    /// In the publish: session header and content before and after its header.
+    publish_before: Vec<&'a [u8]>,
+    publish_after: Vec<&'a [u8]>,
+    /// Header fields copied as received, with their field numbers.
+    copied: Vec<(u32, &'a [u8])>,
+}
+
+impl<'a> ForwardTemplate<'a> {
+    /// `None` when `raw` is not a plain publish (another message type, the publish or its
+    /// header repeated, bytes that do not parse): the caller then encodes the decoded message.
+    pub fn parse(raw: &'a [u8]) -> Option<Self> {
+        let (mut before, mut after) = (Vec::new(), Vec::new());
+        let mut publish = None;
+        for field in Fields(raw) {
+            let field = field?;
+            match field.number {
+                MESSAGE_PUBLISH if publish.is_none() => publish = Some(field.value()?),
+                MESSAGE_METADATA if publish.is_none() => before.push(field.whole),
+                MESSAGE_METADATA => after.push(field.whole),
+                // Another message type (or a second publish) in the oneof: not a plain publish.
+                1..=3 | 5 | 6 => return None,
+                _ => {}
             }
-            PUBLISH_SESSION | PUBLISH_MSG => publish_after.push(field.whole),
-            _ => {}
         }
-    }
-    let mut copied = Vec::new();
-    for field in Fields(header_in?) {
-        let field = field?;
-        if HEADER_COPIED.contains(&field.number) {
-            copied.push((field.number, field.whole));
+        let (mut publish_before, mut publish_after) = (Vec::new(), Vec::new());
+        let mut header_in = None;
+        for field in Fields(publish?) {
+            let field = field?;
+            match field.number {
+                PUBLISH_HEADER if header_in.is_none() => header_in = Some(field.value()?),
+                PUBLISH_HEADER => return None,
+                PUBLISH_SESSION | PUBLISH_MSG if header_in.is_none() => {
+                    publish_before.push(field.whole)
+                }
+                PUBLISH_SESSION | PUBLISH_MSG => publish_after.push(field.whole),
+                _ => {}
+            }
         }
+        let mut copied = Vec::new();
+        for field in Fields(header_in?) {
+            let field = field?;
+            if HEADER_COPIED.contains(&field.number) {
+                copied.push((field.number, field.whole));
+            }
+        }
+        Some(Self {
+            before,
+            after,
+            publish_before,
+            publish_after,
+            copied,
+        })
     }
-    let rewritten = rewritten(header);
 
-    let header_len = copied.iter().map(|(_, whole)| whole.len()).sum::<usize>()
-        + rewritten
+    /// The frame with the rewritable header fields taken from `header` (`None` only past
+    /// 4 GiB).
+    pub fn frame(&self, header: &pb::SlimHeader) -> Option<Bytes> {
+        let rewritten = rewritten(header);
+        let rewritten = || {
+            rewritten
+                .iter()
+                .filter_map(|(n, v)| Some((*n, v.as_ref()?)))
+        };
+        let header_len = self
+            .copied
             .iter()
-            .map(|(number, value)| value.encoded_len(*number))
-            .sum::<usize>();
-    let publish_len =
-        total(&publish_before) + field_len(PUBLISH_HEADER, header_len) + total(&publish_after);
-    let message_len = total(&before) + field_len(MESSAGE_PUBLISH, publish_len) + total(&after);
+            .map(|(_, whole)| whole.len())
+            .sum::<usize>()
+            + rewritten()
+                .map(|(number, value)| value.encoded_len(number))
+                .sum::<usize>();
+        let publish_len = total(&self.publish_before)
+            + field_len(PUBLISH_HEADER, header_len)
+            + total(&self.publish_after);
+        let message_len =
+            total(&self.before) + field_len(MESSAGE_PUBLISH, publish_len) + total(&self.after);
 
-    let mut out = BytesMut::with_capacity(5 + message_len);
-    out.put_u8(0);
-    out.put_u32(u32::try_from(message_len).ok()?);
-    put_all(&before, &mut out);
-    encoding::encode_key(MESSAGE_PUBLISH, WireType::LengthDelimited, &mut out);
-    encoding::encode_varint(publish_len as u64, &mut out);
-    put_all(&publish_before, &mut out);
-    encoding::encode_key(PUBLISH_HEADER, WireType::LengthDelimited, &mut out);
-    encoding::encode_varint(header_len as u64, &mut out);
-    let mut pending = rewritten.iter().peekable();
-    for (number, whole) in &copied {
-        while let Some((pending_number, value)) = pending.next_if(|(n, _)| n < number) {
-            value.encode(*pending_number, &mut out);
+        let mut out = BytesMut::with_capacity(5 + message_len);
+        out.put_u8(0);
+        out.put_u32(u32::try_from(message_len).ok()?);
+        put_all(&self.before, &mut out);
+        encoding::encode_key(MESSAGE_PUBLISH, WireType::LengthDelimited, &mut out);
+        encoding::encode_varint(publish_len as u64, &mut out);
+        put_all(&self.publish_before, &mut out);
+        encoding::encode_key(PUBLISH_HEADER, WireType::LengthDelimited, &mut out);
+        encoding::encode_varint(header_len as u64, &mut out);
+        let mut pending = rewritten().peekable();
+        for (number, whole) in &self.copied {
+            while let Some((pending_number, value)) = pending.next_if(|(n, _)| n < number) {
+                value.encode(pending_number, &mut out);
+            }
+            out.put_slice(whole);
         }
-        out.put_slice(whole);
+        for (number, value) in pending {
+            value.encode(number, &mut out);
+        }
+        put_all(&self.publish_after, &mut out);
+        put_all(&self.after, &mut out);
+        debug_assert_eq!(out.len(), 5 + message_len);
+        Some(out.freeze())
     }
-    for (number, value) in pending {
-        value.encode(*number, &mut out);
-    }
-    put_all(&publish_after, &mut out);
-    put_all(&after, &mut out);
-    debug_assert_eq!(out.len(), 5 + message_len);
-    Some(out.freeze())
 }
 
 /// A rewritten header field's value.
@@ -134,9 +174,9 @@ impl Value<'_> {
     }
 }
 
-/// The fields a node rewrites, present ones only (proto3: a zero TTL is not encoded), by
-/// field number.
-fn rewritten(header: &pb::SlimHeader) -> Vec<(u32, Value<'_>)> {
+/// The fields a node rewrites, by field number; absent ones are `None` (proto3: a zero TTL is
+/// not encoded). An array: rendered once per target, it must not allocate.
+fn rewritten(header: &pb::SlimHeader) -> [(u32, Option<Value<'_>>); 5] {
     [
         (
             HEADER_TTL,
@@ -147,9 +187,6 @@ fn rewritten(header: &pb::SlimHeader) -> Vec<(u32, Value<'_>)> {
         (HEADER_INCOMING_CONN, header.incoming_conn.map(Value::U64)),
         (HEADER_MAC, header.header_mac.as_ref().map(Value::Bytes)),
     ]
-    .into_iter()
-    .filter_map(|(number, value)| Some((number, value?)))
-    .collect()
 }
 
 fn put_all(parts: &[&[u8]], out: &mut BytesMut) {

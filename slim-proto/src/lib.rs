@@ -23,7 +23,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/dataplane.proto.v1.rs"));
 }
 
-pub use forward::forwarded_publish_frame;
+pub use forward::{forwarded_publish_frame, ForwardTemplate};
 pub use framing::{encode_frame, Deframer, FrameError, DEFAULT_MAX_MESSAGE_SIZE};
 pub use link::{LinkKeyPair, NegotiationError};
 pub use mac::{HeaderMacKey, MacError};

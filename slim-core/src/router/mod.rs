@@ -40,7 +40,7 @@ use rustc_hash::FxHashMap;
 use slim_proto::link::{self, LocalLinkInfo, NegotiationError};
 use slim_proto::pb::message::MessageType;
 use slim_proto::pb::{self, LinkConnectionType};
-use slim_proto::{encode_frame, HeaderMacKey, LinkKeyPair, MacError, NameKey};
+use slim_proto::{encode_frame, ForwardTemplate, HeaderMacKey, LinkKeyPair, MacError, NameKey};
 
 use crate::Timestamp;
 
@@ -735,9 +735,11 @@ impl Router {
                 return;
             }
         }
+        // Parsed once; each target's frame is copied from it with that link's MAC.
+        let template = raw.as_deref().and_then(ForwardTemplate::parse);
         for (i, target) in targets.iter().enumerate() {
             let more = i + 1 < targets.len();
-            self.transmit_routed(*target, &mut message, raw.as_deref(), more);
+            self.transmit_routed(*target, &mut message, template.as_ref(), more);
             self.stats.forwarded += 1;
         }
         self.scratch = targets;
@@ -755,13 +757,13 @@ impl Router {
     }
 
     /// Sends a header-carrying message on `target`, signed for that link. `more`: the message
-    /// goes to further targets after this one (so it is not moved out). `raw`: the bytes a
-    /// publish was received in, which its frame is copied from.
+    /// goes to further targets after this one (so it is not moved out). `template`: the
+    /// bytes a publish was received in, which its frame is copied from.
     fn transmit_routed(
         &mut self,
         target: ConnId,
         message: &mut pb::Message,
-        raw: Option<&[u8]>,
+        template: Option<&ForwardTemplate<'_>>,
         more: bool,
     ) {
         let Some(connection) = self.conns.get(&target) else {
@@ -776,13 +778,19 @@ impl Router {
                 None => header.header_mac = None,
             }
         }
-        self.emit(target, message, raw, more);
+        self.emit(target, message, template, more);
     }
 
     /// Queues `message` for `conn`: as a frame (copied from `raw` where it can be, see
     /// [`slim_proto::forward`]), or as it is for an in-process app (moved out of `message`
     /// unless `more` says the caller still needs it).
-    fn emit(&mut self, conn: ConnId, message: &mut pb::Message, raw: Option<&[u8]>, more: bool) {
+    fn emit(
+        &mut self,
+        conn: ConnId,
+        message: &mut pb::Message,
+        template: Option<&ForwardTemplate<'_>>,
+        more: bool,
+    ) {
         let local = self
             .conns
             .get(&conn)
@@ -797,9 +805,9 @@ impl Router {
                 }),
             }
         } else {
-            let copied = raw
+            let copied = template
                 .zip(header_mut(message))
-                .and_then(|(raw, header)| slim_proto::forwarded_publish_frame(raw, header));
+                .and_then(|(template, header)| template.frame(header));
             Output::Transmit {
                 conn,
                 frame: copied.unwrap_or_else(|| encode_frame(message)),
