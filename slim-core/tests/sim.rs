@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use slim_core::router::ConnectionKind;
+use slim_core::session::rto::quiet_give_up;
 use slim_core::session::{
     CloseReason, Incoming, ReceiverEvent, Reliability, ReliableReceiver, SessionEvent,
 };
@@ -420,21 +421,26 @@ fn planted_loss_is_reported_on_both_sides() {
     ));
     assert!(report.frames_filtered > 0);
     // Message 3 is published at 520 ms and message 4, which reveals the gap, at 530 ms (+ 15 ms
-    // on the wire): after 5 retries 100 ms apart, both ends must have given up, on time.
+    // on the wire): after 5 retries backing off from 100 ms (waits of 100, 200, 400, 800, 800
+    // and 800 ms: `quiet_give_up`; the 30 ms round trips leave the timeout at the interval),
+    // each end gives up exactly on that schedule from where its clock started.
     let lost = when(&receiver, |e| {
         matches!(e, SessionEvent::MessageLost { id: 3, .. })
     });
     let failed = when(&sender, |e| {
         matches!(e, SessionEvent::SendFailed { id: 3, .. })
     });
-    let deadline = ms(545 + 6 * 100 + 50);
-    assert!(
-        lost.is_some_and(|at| at <= deadline),
-        "the receiver reports message 3 lost by {deadline:?}: {lost:?}, {receiver:#?}"
+    let schedule = quiet_give_up(ms(100), 5);
+    assert_eq!(schedule, ms(3_100));
+    assert_eq!(
+        failed,
+        Some(ms(520) + schedule),
+        "the sender reports message 3 failed: {sender:#?}"
     );
-    assert!(
-        failed.is_some_and(|at| at <= deadline),
-        "the sender reports message 3 failed by {deadline:?}: {failed:?}, {sender:#?}"
+    assert_eq!(
+        lost,
+        Some(ms(545) + schedule),
+        "the receiver reports message 3 lost: {receiver:#?}"
     );
     // The others got through, in order, around the hole; and the other direction is intact.
     assert_eq!(delivered_ids(&receiver), vec![1, 2, 4, 5, 6]);

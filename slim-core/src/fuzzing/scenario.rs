@@ -135,7 +135,7 @@ pub fn session_sim_config(data: &[u8]) -> (u64, SimConfig) {
             }
         });
         if let Some(r) = r {
-            max_retry_span = max_retry_span.max(r.interval * (r.max_retries + 2));
+            max_retry_span = max_retry_span.max(r.give_up_bound() + r.interval);
         }
         r
     };

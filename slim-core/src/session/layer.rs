@@ -101,6 +101,15 @@ pub struct Reliability {
     pub max_retries: u32,
 }
 
+impl Reliability {
+    /// The latest a data message is given up (`SendFailed`, or `MessageLost` from when the
+    /// receiver saw the gap), whatever the round-trip estimate: `8·interval·(max_retries + 1)`
+    /// (see [`rto`](super::rto) for the schedule).
+    pub fn give_up_bound(&self) -> Duration {
+        super::rto::worst_give_up(self.interval, self.max_retries)
+    }
+}
+
 /// How to open a session.
 #[derive(Debug, Clone, Default)]
 pub struct SessionConfig {
@@ -1323,7 +1332,7 @@ impl SessionLayer {
             (Mt::Msg, State::Established | State::Closing) => self.on_data(m, now),
             (Mt::MsgAck, State::Established | State::Closing) => {
                 if let Some(s) = self.sessions.get_mut(&m.session_id) {
-                    if let Some(event) = s.sender.on_ack(m.message_id, &m.source.key()) {
+                    if let Some(event) = s.sender.on_ack(m.message_id, &m.source.key(), now) {
                         self.sender_event(m.session_id, event, now);
                     }
                 }
@@ -2085,7 +2094,7 @@ impl SessionLayer {
             };
             let verdict =
                 s.receiver
-                    .on_message(&m.source, m.message_id, incoming, now, &mut events);
+                    .on_rtx_reply(&m.source, m.message_id, incoming, now, &mut events);
             let lost = s.receiver.is_lost(&m.source.key(), m.message_id);
             match verdict {
                 Verdict::Duplicate => self.stats.dropped[SessionDrop::Duplicate as usize] += 1,

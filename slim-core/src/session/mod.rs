@@ -4,6 +4,7 @@
 pub mod layer;
 pub mod mls;
 pub mod receiver;
+pub mod rto;
 pub mod sender;
 pub mod waiting;
 

@@ -4,10 +4,14 @@
 //! declares it ([`ReliableReceiver::expect`]: a p2p peer at 1, a group member where the moderator
 //! said its stream starts for us), else, as in the reference, at the first id seen. Ids below the
 //! start were never meant for us and are refused ([`Verdict::BeforeStart`]). Later ids above the
-//! next expected one are held back and every missing id is asked for again (RTX_REQUEST) every
-//! `interval`, up to `max_retries` times; after that the id is reported lost and the stream
-//! moves on — the session is not torn down. Duplicates and ids already released are dropped;
-//! ids absurdly far ahead are refused (a window bounds the memory a peer can make us hold).
+//! next expected one are held back and every missing id is asked for (RTX_REQUEST), then asked
+//! for again each time a request goes unanswered, up to `max_retries` times; after that the id
+//! is reported lost and the stream moves on — the session is not torn down. The waits adapt as
+//! the sender's ([`super::rto`]): at least `interval`, more when answers to requests took longer
+//! (request-to-reply round trips of ids asked for once), doubled per request of the same id up
+//! to 8 intervals, so that gaps on a congested path are not asked for ever faster than the path
+//! answers. Duplicates and ids already released are dropped; ids absurdly far ahead are refused
+//! (a window bounds the memory a peer can make us hold).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -16,6 +20,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use slim_proto::{Name, NameKey};
 
+use super::rto::RtoEstimator;
 use super::sender::MAX_SEQUENCE_ID;
 use crate::Timestamp;
 
@@ -59,8 +64,12 @@ pub enum Verdict {
 
 #[derive(Debug)]
 struct Rtx {
-    retries_left: u32,
+    /// Requests repeated so far; the next timeout after `max_retries` gives the id up.
+    attempt: u32,
     deadline: Timestamp,
+    /// When it was first asked for: the reply's delay from here is a round-trip sample while
+    /// it was asked for only once.
+    requested_at: Timestamp,
 }
 
 #[derive(Debug)]
@@ -94,7 +103,7 @@ impl Stream {
 
 #[derive(Debug)]
 pub struct ReliableReceiver {
-    interval: Duration,
+    rto: RtoEstimator,
     max_retries: u32,
     streams: FxHashMap<NameKey, Stream>,
     timers: BinaryHeap<Reverse<(Timestamp, NameKey, u32)>>,
@@ -103,7 +112,7 @@ pub struct ReliableReceiver {
 impl ReliableReceiver {
     pub fn new(interval: Duration, max_retries: u32) -> Self {
         Self {
-            interval,
+            rto: RtoEstimator::new(interval),
             max_retries,
             streams: FxHashMap::default(),
             timers: BinaryHeap::new(),
@@ -173,12 +182,13 @@ impl ReliableReceiver {
                 {
                     continue;
                 }
-                let deadline = now + self.interval;
+                let deadline = now + self.rto.wait(0);
                 stream.missing.insert(
                     gap,
                     Rtx {
-                        retries_left: self.max_retries,
+                        attempt: 0,
                         deadline,
+                        requested_at: now,
                     },
                 );
                 self.timers.push(Reverse((deadline, key, gap)));
@@ -191,6 +201,29 @@ impl ReliableReceiver {
         stream.held.insert(id, message);
         Self::release(stream, events);
         Verdict::Accepted
+    }
+
+    /// A successful RTX_REPLY: [`on_message`](Self::on_message), and, for an id asked for only
+    /// once, a round-trip sample for the request timer. (A gap filled by a MSG is no sample: it
+    /// may be the original, overtaken, arriving before any answer.)
+    pub fn on_rtx_reply(
+        &mut self,
+        source: &Name,
+        id: u32,
+        message: Incoming,
+        now: Timestamp,
+        events: &mut Vec<ReceiverEvent>,
+    ) -> Verdict {
+        let asked_once = self
+            .streams
+            .get(&source.key())
+            .and_then(|s| s.missing.get(&id))
+            .filter(|rtx| rtx.attempt == 0)
+            .map(|rtx| rtx.requested_at);
+        if let Some(requested_at) = asked_once {
+            self.rto.sample(now.saturating_since(requested_at));
+        }
+        self.on_message(source, id, message, now, events)
     }
 
     /// The sender answered an RTX_REQUEST with "no longer available".
@@ -219,14 +252,15 @@ impl ReliableReceiver {
             if rtx.deadline != deadline {
                 continue;
             }
-            if rtx.retries_left == 0 {
+            if rtx.attempt >= self.max_retries {
                 stream.missing.remove(&id);
                 stream.gone.insert(id);
                 Self::release(stream, events);
                 continue;
             }
-            rtx.retries_left -= 1;
-            rtx.deadline = now + self.interval;
+            rtx.attempt += 1;
+            // Unanswered: the next request for this id waits twice as long (capped).
+            rtx.deadline = now + self.rto.wait(rtx.attempt);
             self.timers.push(Reverse((rtx.deadline, key, id)));
             events.push(ReceiverEvent::RequestRtx {
                 source: stream.source.clone(),
@@ -248,6 +282,11 @@ impl ReliableReceiver {
 
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         self.timers.peek().map(|Reverse((at, ..))| *at)
+    }
+
+    /// The round-trip estimate behind the request timeouts.
+    pub fn rto(&self) -> &RtoEstimator {
+        &self.rto
     }
 
     /// Forgets a source (it left the session).
@@ -305,6 +344,7 @@ impl ReliableReceiver {
 
 #[cfg(test)]
 mod tests {
+    use super::super::rto;
     use super::*;
 
     const SEC: Duration = Duration::from_secs(1);
@@ -387,24 +427,30 @@ mod tests {
         r.on_message(&src(), 1, m(1), Timestamp::ZERO, &mut ev);
         r.on_message(&src(), 3, m(3), Timestamp::ZERO, &mut ev);
         ev.clear();
-        let mut requests = 0;
+        let mut requests = Vec::new();
         while let Some(at) = r.poll_timeout() {
             r.handle_timeout(at, &mut ev);
-            requests += ev
+            let n = ev
                 .iter()
                 .filter(|e| matches!(e, ReceiverEvent::RequestRtx { .. }))
                 .count();
+            requests.extend(std::iter::repeat_n(at, n));
             if ev.iter().any(|e| matches!(e, ReceiverEvent::Lost { .. })) {
                 assert_eq!(
                     at,
-                    Timestamp::ZERO + SEC * 3,
-                    "(max_retries + 1) x interval"
+                    Timestamp::ZERO + SEC * 7,
+                    "lost after waits of 1, 2 and 4 intervals (quiet_give_up)"
                 );
+                assert_eq!(at, Timestamp::ZERO + rto::quiet_give_up(SEC, 2));
                 break;
             }
             ev.clear();
         }
-        assert_eq!(requests, 2);
+        assert_eq!(
+            requests,
+            vec![Timestamp::ZERO + SEC, Timestamp::ZERO + SEC * 3],
+            "asked again after 1 interval, then 2"
+        );
         assert!(ev.contains(&ReceiverEvent::Lost {
             source: src(),
             id: 2
@@ -525,5 +571,73 @@ mod tests {
         r.on_message(&src(), 7, m(7), Timestamp::ZERO, &mut ev);
         r.on_message(&other, 1, m(1), Timestamp::ZERO, &mut ev);
         assert_eq!(delivered(&ev), vec![7, 1]);
+    }
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::ZERO + Duration::from_millis(ms)
+    }
+
+    /// When each request for a gap went out (after the first, at detection) and when it was
+    /// given up, running the timers from `from` on.
+    fn request_times(r: &mut ReliableReceiver, from: Timestamp) -> (Vec<u64>, Option<u64>) {
+        let (mut asked, mut lost) = (Vec::new(), None);
+        let mut ev = Vec::new();
+        r.handle_timeout(from, &mut ev);
+        while let Some(now) = r.poll_timeout() {
+            ev.clear();
+            r.handle_timeout(now, &mut ev);
+            let ms = now.saturating_since(Timestamp::ZERO).as_millis() as u64;
+            for e in &ev {
+                match e {
+                    ReceiverEvent::RequestRtx { .. } => asked.push(ms),
+                    ReceiverEvent::Lost { .. } => lost = Some(ms),
+                    ReceiverEvent::Deliver { .. } => {}
+                }
+            }
+        }
+        (asked, lost)
+    }
+
+    /// Requests for one gap back off like the sender's retransmissions: 1, 2, 4, 8, 8 s apart,
+    /// lost 31 s after the gap was seen (1 s x 5). (With the fixed timer: every second, lost at
+    /// 6 s.)
+    #[test]
+    fn requests_for_a_gap_back_off_to_the_cap() {
+        let mut r = ReliableReceiver::new(SEC, 5);
+        let mut ev = Vec::new();
+        r.on_message(&src(), 1, m(1), Timestamp::ZERO, &mut ev);
+        r.on_message(&src(), 3, m(3), Timestamp::ZERO, &mut ev);
+        let (asked, lost) = request_times(&mut r, Timestamp::ZERO);
+        assert_eq!(asked, vec![1_000, 3_000, 7_000, 15_000, 23_000]);
+        assert_eq!(lost, Some(31_000));
+        assert_eq!(rto::quiet_give_up(SEC, 5), SEC * 31);
+    }
+
+    /// A reply to a gap asked for once is a round-trip sample that raises the request timeout;
+    /// a reply after the request was repeated is none (Karn's rule), and neither is a gap filled
+    /// by a MSG (maybe the overtaken original).
+    #[test]
+    fn reply_round_trips_set_the_request_timeout_after_karn() {
+        let mut r = ReliableReceiver::new(SEC, 5);
+        let mut ev = Vec::new();
+        r.on_message(&src(), 1, m(1), Timestamp::ZERO, &mut ev);
+        // 2 asked for at 0, asked again at 1 s, answered at 2.9 s: no sample.
+        r.on_message(&src(), 3, m(3), Timestamp::ZERO, &mut ev);
+        r.handle_timeout(at(1_000), &mut ev);
+        r.on_rtx_reply(&src(), 2, m(2), at(2_900), &mut ev);
+        assert_eq!(r.rto().srtt(), None);
+        // 4 asked for at 3 s, filled by a MSG at 3.5 s: no sample either.
+        r.on_message(&src(), 5, m(5), at(3_000), &mut ev);
+        r.on_message(&src(), 4, m(4), at(3_500), &mut ev);
+        assert_eq!(r.rto().srtt(), None);
+        // 6 asked for at 4 s, answered once at 4.6 s: srtt 600 ms, rttvar 300 ms.
+        r.on_message(&src(), 7, m(7), at(4_000), &mut ev);
+        r.on_rtx_reply(&src(), 6, m(6), at(4_600), &mut ev);
+        assert_eq!(r.rto().srtt(), Some(Duration::from_millis(600)));
+        assert_eq!(r.rto().rto(), Duration::from_millis(1_800));
+        assert_eq!(delivered(&ev), vec![1, 2, 3, 4, 5, 6, 7]);
+        // The next gap is asked for again after 1.8 s, then 3.6 s, then 7.2 s.
+        r.on_message(&src(), 9, m(9), at(5_000), &mut ev);
+        let (asked, _) = request_times(&mut r, at(5_000));
+        assert_eq!(asked[..3], [6_800, 10_400, 17_600]);
     }
 }

@@ -1,10 +1,14 @@
 //! The sending half of a reliable session (spec §4.3, captures/flows f1–f9).
 //!
 //! Every data message gets the next sequence id (1, 2, …) and stays in a bounded buffer so it
-//! can be retransmitted. Each receiving endpoint must acknowledge it; after each `interval`
+//! can be retransmitted. Each receiving endpoint must acknowledge it; when a try's wait runs out
 //! without an ack the message is re-sent to the endpoints still missing, up to `max_retries`
-//! times. A receiver's RTX_REQUEST for an id is answered from the buffer (or with an error once
-//! the id was evicted).
+//! times. The wait adapts ([`super::rto`]): at least `interval`, more when the measured ack
+//! delay says so, doubled per try up to 8 intervals, so that a congested path is not fed more
+//! copies; `Failed` comes [`quiet_give_up`](super::rto::quiet_give_up) after the first
+//! transmission on a quiet path (71 s for 1 s × 10), at most
+//! [`worst_give_up`](super::rto::worst_give_up) (88 s). A receiver's RTX_REQUEST for an id is
+//! answered from the buffer (or with an error once the id was evicted).
 //!
 //! Unlike the reference's ring buffer, a message still waiting for an ack is never evicted: a
 //! receiver that asks for one that was only overtaken would be told it is gone and report it
@@ -22,6 +26,7 @@ use std::time::Duration;
 
 use slim_proto::{Name, NameKey};
 
+use super::rto::RtoEstimator;
 use crate::Timestamp;
 
 /// Messages kept for retransmission, as the reference (`producer_buffer.rs`): the window of
@@ -68,14 +73,22 @@ pub struct Queued {
 #[derive(Debug)]
 struct Pending {
     missing: Vec<Name>,
-    retries_left: u32,
+    /// Retransmissions so far (timer-driven); the next timeout after `max_retries` fails it.
+    attempt: u32,
+    /// The sender's backoff level when it first went out: try `k` waits `rto·2^(level + k)`.
+    level: u32,
     deadline: Timestamp,
+    /// When it first went out: an ack's delay from here is a round-trip sample...
+    sent_at: Timestamp,
+    /// ...unless a copy went out too (a retransmission or an RTX reply): the ack may answer the
+    /// copy (Karn's rule).
+    copied: bool,
 }
 
 /// Sequence numbering, the retransmission buffer and per-message ack tracking.
 #[derive(Debug)]
 pub struct ReliableSender {
-    interval: Duration,
+    rto: RtoEstimator,
     max_retries: u32,
     next_id: u32,
     /// Transmitted messages, oldest first: everything from the oldest unacknowledged one on,
@@ -90,7 +103,7 @@ pub struct ReliableSender {
 impl ReliableSender {
     pub fn new(interval: Duration, max_retries: u32) -> Self {
         Self {
-            interval,
+            rto: RtoEstimator::new(interval),
             max_retries,
             next_id: 1,
             // Grown on demand: most sessions never have many messages out.
@@ -167,13 +180,17 @@ impl ReliableSender {
         if endpoints.is_empty() {
             return;
         }
-        let deadline = now + self.interval;
+        let level = self.rto.level();
+        let deadline = now + self.rto.wait(level);
         self.pending.insert(
             id,
             Pending {
                 missing: endpoints,
-                retries_left: self.max_retries,
+                attempt: 0,
+                level,
                 deadline,
+                sent_at: now,
+                copied: false,
             },
         );
         self.timers.push(Reverse((deadline, id)));
@@ -184,8 +201,18 @@ impl ReliableSender {
         self.buffer.iter().rev().find(|m| m.id == id)
     }
 
-    /// `from` acknowledged `id`; `Delivered` once nobody is missing.
-    pub fn on_ack(&mut self, id: u32, from: &NameKey) -> Option<SenderEvent> {
+    /// `from` acknowledged `id` at `now`; `Delivered` once nobody is missing. The first ack of
+    /// an endpoint for a message sent only once is a round-trip sample.
+    pub fn on_ack(&mut self, id: u32, from: &NameKey, now: Timestamp) -> Option<SenderEvent> {
+        let pending = self.pending.get(&id)?;
+        if !pending.copied && pending.missing.iter().any(|n| n.key() == *from) {
+            self.rto.sample(now.saturating_since(pending.sent_at));
+        }
+        self.forget_endpoint(id, from)
+    }
+
+    /// `from` need not acknowledge `id` any more; `Delivered` once nobody is missing.
+    fn forget_endpoint(&mut self, id: u32, from: &NameKey) -> Option<SenderEvent> {
         let pending = self.pending.get_mut(&id)?;
         pending.missing.retain(|n| n.key() != *from);
         if pending.missing.is_empty() {
@@ -200,8 +227,12 @@ impl ReliableSender {
     ///
     /// Unlike the reference, the request is not taken as the receiver's ack: the answer may be
     /// lost too, and `Delivered` must only ever mean delivered. Our receivers ack the answer;
-    /// reference receivers ack the timer's retransmission instead.
-    pub fn on_rtx_request(&self, id: u32) -> Option<&Outgoing> {
+    /// reference receivers ack the timer's retransmission instead. Either way the ack may now
+    /// answer a copy, so it is no round-trip sample.
+    pub fn on_rtx_request(&mut self, id: u32) -> Option<&Outgoing> {
+        if let Some(pending) = self.pending.get_mut(&id) {
+            pending.copied = true;
+        }
         self.buffered(id)
     }
 
@@ -209,7 +240,7 @@ impl ReliableSender {
     pub fn remove_endpoint(&mut self, endpoint: &NameKey, events: &mut Vec<SenderEvent>) {
         let ids: Vec<u32> = self.pending.keys().copied().collect();
         for id in ids {
-            events.extend(self.on_ack(id, endpoint));
+            events.extend(self.forget_endpoint(id, endpoint));
         }
         // Held-back messages end the same way as those out: delivered once nobody is missing.
         for queued in &mut self.waiting {
@@ -235,7 +266,7 @@ impl ReliableSender {
             if pending.deadline != deadline {
                 continue;
             }
-            if pending.retries_left == 0 {
+            if pending.attempt >= self.max_retries {
                 if let Some(pending) = self.pending.remove(&id) {
                     events.push(SenderEvent::Failed {
                         id,
@@ -244,8 +275,14 @@ impl ReliableSender {
                 }
                 continue;
             }
-            pending.retries_left -= 1;
-            pending.deadline = now + self.interval;
+            pending.attempt += 1;
+            pending.copied = true;
+            // Each try of the same message waits twice as long (capped): while the path is
+            // congested, fewer copies join the queue. Messages sent from now on start there
+            // too, until an ack shows the path answers in time.
+            let exponent = pending.level.saturating_add(pending.attempt);
+            self.rto.backed_off(exponent);
+            pending.deadline = now + self.rto.wait(exponent);
             self.timers.push(Reverse((pending.deadline, id)));
             for to in &pending.missing {
                 events.push(SenderEvent::Retransmit { id, to: to.clone() });
@@ -271,6 +308,11 @@ impl ReliableSender {
     /// Messages still waiting for an ack.
     pub fn unacked(&self) -> usize {
         self.pending.len()
+    }
+
+    /// The round-trip estimate behind the retransmission timeouts.
+    pub fn rto(&self) -> &RtoEstimator {
+        &self.rto
     }
 }
 
@@ -306,14 +348,14 @@ mod tests {
     fn ack_from_every_endpoint_delivers() {
         let mut s = ReliableSender::new(SEC, 3);
         s.sent(msg(1), vec![peer(1), peer(2)], Timestamp::ZERO);
-        assert_eq!(s.on_ack(1, &peer(1).key()), None);
+        assert_eq!(s.on_ack(1, &peer(1).key(), Timestamp::ZERO), None);
         assert_eq!(
-            s.on_ack(1, &peer(1).key()),
+            s.on_ack(1, &peer(1).key(), Timestamp::ZERO),
             None,
             "duplicate ack changes nothing"
         );
         assert_eq!(
-            s.on_ack(1, &peer(2).key()),
+            s.on_ack(1, &peer(2).key(), Timestamp::ZERO),
             Some(SenderEvent::Delivered { id: 1 })
         );
         assert_eq!(s.unacked(), 0);
@@ -328,11 +370,35 @@ mod tests {
         assert_eq!(s.poll_timeout(), None);
     }
 
+    /// Runs the timers until nothing is pending; returns when each event came.
+    fn run_timers(s: &mut ReliableSender) -> Vec<(Duration, SenderEvent)> {
+        let mut told = Vec::new();
+        while let Some(now) = s.poll_timeout() {
+            let mut events = Vec::new();
+            s.handle_timeout(now, &mut events);
+            let at = now.saturating_since(Timestamp::ZERO);
+            told.extend(events.into_iter().map(|e| (at, e)));
+        }
+        told
+    }
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::ZERO + Duration::from_millis(ms)
+    }
+
+    /// The next deadline after `now`, once the stale timers of acknowledged messages went.
+    fn next_due(s: &mut ReliableSender, now: Timestamp) -> Option<Timestamp> {
+        let mut events = Vec::new();
+        s.handle_timeout(now, &mut events);
+        assert!(events.is_empty(), "{events:?}");
+        s.poll_timeout()
+    }
+
     #[test]
     fn retransmits_to_missing_endpoints_then_fails() {
         let mut s = ReliableSender::new(SEC, 2);
         s.sent(msg(1), vec![peer(1), peer(2)], Timestamp::ZERO);
-        s.on_ack(1, &peer(1).key());
+        s.on_ack(1, &peer(1).key(), Timestamp::ZERO);
         let mut events = Vec::new();
         for _ in 0..2 {
             let now = s.poll_timeout().unwrap();
@@ -349,8 +415,12 @@ mod tests {
         let now = s.poll_timeout().unwrap();
         assert_eq!(
             now,
-            Timestamp::ZERO + SEC * 3,
-            "fails at (max_retries + 1) x interval"
+            Timestamp::ZERO + SEC * 7,
+            "fails after waits of 1, 2 and 4 intervals (quiet_give_up)"
+        );
+        assert_eq!(
+            now,
+            Timestamp::ZERO + super::super::rto::quiet_give_up(SEC, 2)
         );
         s.handle_timeout(now, &mut events);
         assert_eq!(
@@ -370,7 +440,7 @@ mod tests {
         assert_eq!(s.on_rtx_request(1), Some(&msg(1)));
         assert_eq!(s.unacked(), 1, "still waiting for the real ack");
         assert_eq!(
-            s.on_ack(1, &peer(1).key()),
+            s.on_ack(1, &peer(1).key(), Timestamp::ZERO),
             Some(SenderEvent::Delivered { id: 1 })
         );
     }
@@ -414,10 +484,10 @@ mod tests {
             "still there for a gap request"
         );
         // Acks for later messages do not open the window: 1 still bounds it.
-        s.on_ack(2, &peer(1).key());
+        s.on_ack(2, &peer(1).key(), Timestamp::ZERO);
         assert_eq!(s.next_ready(Timestamp::ZERO), None);
         assert!(!s.can_send(), "held messages go first");
-        s.on_ack(1, &peer(1).key());
+        s.on_ack(1, &peer(1).key(), Timestamp::ZERO);
         let at = Timestamp::ZERO + SEC / 2;
         let ready = s.next_ready(at).expect("room for the held message");
         assert_eq!(ready.message.id, PRODUCER_BUFFER as u32 + 1);
@@ -442,7 +512,7 @@ mod tests {
     fn acknowledged_messages_stay_for_gap_requests_while_there_is_room() {
         let mut s = ReliableSender::new(SEC, 2);
         s.sent(msg(1), vec![peer(1)], Timestamp::ZERO);
-        s.on_ack(1, &peer(1).key());
+        s.on_ack(1, &peer(1).key(), Timestamp::ZERO);
         assert_eq!(s.on_rtx_request(1), Some(&msg(1)));
         assert!(s.can_send());
     }
@@ -473,9 +543,128 @@ mod tests {
     fn removing_an_endpoint_completes_what_waited_for_it() {
         let mut s = ReliableSender::new(SEC, 2);
         s.sent(msg(1), vec![peer(1), peer(2)], Timestamp::ZERO);
-        s.on_ack(1, &peer(1).key());
+        s.on_ack(1, &peer(1).key(), Timestamp::ZERO);
         let mut events = Vec::new();
         s.remove_endpoint(&peer(2).key(), &mut events);
         assert_eq!(events, vec![SenderEvent::Delivered { id: 1 }]);
+    }
+    /// The documented schedule with the defaults (1 s x 10) on a quiet path: retransmissions
+    /// after waits of 1, 2, 4 and then 8 s (capped), `Failed` 71 s after the first transmission.
+    /// (With the fixed timer: every second, `Failed` at 11 s.)
+    #[test]
+    fn backoff_schedule_doubles_to_the_cap() {
+        let mut s = ReliableSender::new(SEC, 10);
+        s.sent(msg(1), vec![peer(1)], Timestamp::ZERO);
+        let told = run_timers(&mut s);
+        let retransmitted: Vec<u64> = told
+            .iter()
+            .filter(|(_, e)| matches!(e, SenderEvent::Retransmit { .. }))
+            .map(|(at, _)| at.as_secs())
+            .collect();
+        assert_eq!(retransmitted, vec![1, 3, 7, 15, 23, 31, 39, 47, 55, 63]);
+        assert_eq!(
+            told.last(),
+            Some(&(
+                SEC * 71,
+                SenderEvent::Failed {
+                    id: 1,
+                    missing: vec![peer(1)]
+                }
+            ))
+        );
+        assert_eq!(super::super::rto::quiet_give_up(SEC, 10), SEC * 71);
+    }
+
+    /// Acks within a few ms: the estimate is far below the interval, which stays the timeout;
+    /// a message lost now is first retransmitted after exactly the interval, as before, and
+    /// only its later copies back off.
+    #[test]
+    fn quiet_path_keeps_the_configured_interval() {
+        let mut s = ReliableSender::new(SEC, 3);
+        for id in 1..=50u32 {
+            let sent = at(u64::from(id) * 100);
+            s.sent(msg(id), vec![peer(1)], sent);
+            s.on_ack(id, &peer(1).key(), sent + Duration::from_millis(5));
+        }
+        assert_eq!(s.rto().srtt(), Some(Duration::from_millis(5)));
+        assert_eq!(s.rto().rto(), SEC);
+        s.sent(msg(51), vec![peer(1)], at(5_100));
+        let told = run_timers(&mut s);
+        let times: Vec<u64> = told.iter().map(|(at, _)| at.as_millis() as u64).collect();
+        // Retransmissions at +1, +3, +7 s; Failed at +15 s.
+        assert_eq!(times, vec![6_100, 8_100, 12_100, 20_100]);
+    }
+
+    /// Ack delays above a third of the interval raise the timeout to srtt + 4 rttvar.
+    #[test]
+    fn ack_delays_raise_the_timeout() {
+        let mut s = ReliableSender::new(SEC, 3);
+        s.sent(msg(1), vec![peer(1)], Timestamp::ZERO);
+        s.on_ack(1, &peer(1).key(), at(600));
+        // First sample: srtt 600 ms, rttvar 300 ms: 600 + 1 200 ms.
+        assert_eq!(s.rto().rto(), Duration::from_millis(1_800));
+        s.sent(msg(2), vec![peer(1)], at(1_000));
+        assert_eq!(
+            next_due(&mut s, at(1_000)),
+            Some(at(2_800)),
+            "not at 2 000 ms"
+        );
+        // The next sample (1 s) moves srtt by an eighth of the difference.
+        s.on_ack(2, &peer(1).key(), at(2_000));
+        assert_eq!(s.rto().srtt(), Some(Duration::from_millis(650)));
+    }
+
+    /// Karn's rule: an ack for a message that went out more than once (timer retransmission, or
+    /// answered to an RTX request) may answer the copy, so it is no sample.
+    #[test]
+    fn karn_no_samples_from_copied_messages() {
+        let mut s = ReliableSender::new(SEC, 5);
+        s.sent(msg(1), vec![peer(1)], Timestamp::ZERO);
+        let mut events = Vec::new();
+        s.handle_timeout(at(1_000), &mut events);
+        assert_eq!(events, vec![SenderEvent::Retransmit { id: 1, to: peer(1) }]);
+        // Taken as a sample, 2.9 s would raise the timeout to 8 s.
+        s.on_ack(1, &peer(1).key(), at(2_900));
+        assert_eq!(s.rto().srtt(), None);
+        // Still backed off by the timeout (level 1): the next message waits 2 intervals.
+        s.sent(msg(2), vec![peer(1)], at(3_000));
+        assert_eq!(next_due(&mut s, at(3_000)), Some(at(5_000)));
+        s.on_ack(2, &peer(1).key(), at(3_050));
+        assert_eq!(s.rto().srtt(), Some(Duration::from_millis(50)));
+        // Asked for by the receiver, answered with a copy: no sample either.
+        s.sent(msg(3), vec![peer(1)], at(4_000));
+        assert!(s.on_rtx_request(3).is_some());
+        s.on_ack(3, &peer(1).key(), at(4_900));
+        assert_eq!(s.rto().srtt(), Some(Duration::from_millis(50)));
+        assert_eq!(s.rto().rto(), SEC);
+    }
+
+    /// A timeout backs off new messages too (RFC 6298 §5.5), until an ack of a message sent
+    /// once shows the path answers in time again.
+    #[test]
+    fn a_timeout_backs_off_new_messages_until_a_sample() {
+        let mut s = ReliableSender::new(SEC, 5);
+        s.sent(msg(1), vec![peer(1)], Timestamp::ZERO);
+        let mut events = Vec::new();
+        s.handle_timeout(at(1_000), &mut events);
+        s.sent(msg(2), vec![peer(1)], at(1_500));
+        s.sent(msg(3), vec![peer(1)], at(1_600));
+        s.on_ack(3, &peer(1).key(), at(1_700));
+        s.sent(msg(4), vec![peer(1)], at(2_000));
+        events.clear();
+        let mut due = Vec::new();
+        while let Some(now) = s.poll_timeout().filter(|t| *t <= at(3_500)) {
+            s.handle_timeout(now, &mut events);
+            due.extend(events.drain(..).map(|e| (now, e)));
+        }
+        assert_eq!(
+            due,
+            vec![
+                (at(3_000), SenderEvent::Retransmit { id: 1, to: peer(1) }),
+                (at(3_000), SenderEvent::Retransmit { id: 4, to: peer(1) }),
+                (at(3_500), SenderEvent::Retransmit { id: 2, to: peer(1) }),
+            ],
+            "2 went out backed off (2 s), 4 after the sample reset it (1 s)"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! drop chosen messages.
 
 use super::*;
+use crate::session::rto;
 
 const SECRET: &str = "interop-shared-secret-0123456789abcdef-0123456789";
 const UNIX0: u64 = 1_795_600_000;
@@ -389,19 +390,32 @@ fn unrecoverable_loss_is_reported_on_both_sides_and_the_session_goes_on() {
     // Every copy of message 2 and every answer to a request for it is lost.
     p.filter =
         Box::new(|from_a, m| !(from_a && matches!(kind(m), Mt::Msg | Mt::RtxReply) && mid(m) == 2));
+    let sent_at = p.now;
     for i in 1..=3u8 {
         p.a.publish(sid, Bytes::from(vec![i]), p.now).unwrap();
     }
     p.run();
-    for _ in 0..20 {
-        if !p.step_time() || p.now > Timestamp::ZERO + Duration::from_secs(9) {
-            break;
+    let (mut lost_at, mut failed_at) = (None, None);
+    while (lost_at.is_none() || failed_at.is_none()) && p.step_time() {
+        if p.events_b
+            .iter()
+            .any(|e| matches!(e, SessionEvent::MessageLost { id: 2, .. }))
+        {
+            lost_at.get_or_insert(p.now);
         }
+        if p.events_a
+            .iter()
+            .any(|e| matches!(e, SessionEvent::SendFailed { id: 2, .. }))
+        {
+            failed_at.get_or_insert(p.now);
+        }
+        assert!(p.now < sent_at + Duration::from_secs(60), "never given up");
     }
-    assert!(p
-        .events_b
-        .iter()
-        .any(|e| matches!(e, SessionEvent::MessageLost { id: 2, .. })));
+    // Both ends give up on the documented schedule (1 s x 3 retries: waits of 1, 2, 4 and 8 s),
+    // the receiver counting from when it saw the gap (at once: 3 came right after 2).
+    let give_up = sent_at + rto::quiet_give_up(Duration::from_secs(1), 3);
+    assert_eq!(give_up, sent_at + Duration::from_secs(15));
+    assert_eq!((lost_at, failed_at), (Some(give_up), Some(give_up)));
     assert_eq!(
         p.messages_b().iter().map(|(id, _)| *id).collect::<Vec<_>>(),
         vec![1, 3]
@@ -427,13 +441,22 @@ fn sender_reports_when_the_peer_never_acks() {
     let mut p = Pair::new();
     let sid = p.open(reliable());
     p.filter = Box::new(|from_a, m| !(from_a && kind(m) == Mt::Msg));
+    let sent_at = p.now;
     p.a.publish(sid, Bytes::from_static(b"x"), p.now).unwrap();
     p.run();
-    while p.step_time() && p.now < Timestamp::ZERO + Duration::from_secs(6) {}
-    assert!(p
-        .events_a
-        .iter()
-        .any(|e| matches!(e, SessionEvent::SendFailed { id: 1, .. })));
+    let failed = |p: &Pair| {
+        p.events_a
+            .iter()
+            .any(|e| matches!(e, SessionEvent::SendFailed { id: 1, .. }))
+    };
+    while !failed(&p) && p.step_time() && p.now < sent_at + Duration::from_secs(60) {}
+    assert!(failed(&p));
+    // Retransmissions after 1, 2 and 4 s, then `SendFailed` 8 s later (was 4 s after sending).
+    assert_eq!(p.now, sent_at + Duration::from_secs(15));
+    assert_eq!(
+        p.now,
+        sent_at + rto::quiet_give_up(Duration::from_secs(1), 3)
+    );
     assert!(
         p.events_a
             .iter()

@@ -328,7 +328,7 @@ impl SimConfig {
                 max_retries: rng.random_range(5..=20),
             });
             if let Some(r) = reliability {
-                max_retry_span = max_retry_span.max(r.interval * (r.max_retries + 2));
+                max_retry_span = max_retry_span.max(r.give_up_bound() + r.interval);
             }
             let open_at = rng.random_range(0..=total / 3);
             actions.push((
@@ -577,5 +577,5 @@ fn group_workload(
             Action::GroupClose,
         ));
     }
-    reliability.map_or(Duration::ZERO, |r| r.interval * (r.max_retries + 2))
+    reliability.map_or(Duration::ZERO, |r| r.give_up_bound() + r.interval)
 }
