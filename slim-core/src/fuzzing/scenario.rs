@@ -73,6 +73,7 @@ pub fn session_sim_config(data: &[u8]) -> (u64, SimConfig) {
         delay: ms(1 + u64::from(input.u8() % 20)),
         jitter: ms(u64::from(input.u8() % 31)),
         partitions: Vec::new(),
+        congestion: Vec::new(),
     };
     let link = |input: &mut Input| {
         let mut faults = [direction(input), direction(input)];

@@ -9,7 +9,8 @@
 //! * **Wire.** Links carry the gRPC-framed bytes the routers emit, deframed on arrival by
 //!   [`Deframer`]. Each direction of each link has its own faults, drawn from the seed (swarm
 //!   testing): loss, duplication, delay with jitter (reordering) and partitions that open and
-//!   heal ([`scenario::LinkFaults`]). A [`Filter`] can drop chosen frames (planted faults).
+//!   heal ([`scenario::LinkFaults`]); hand-made configs can add congestion episodes (extra
+//!   delay, in order). A [`Filter`] can drop chosen frames (planted faults).
 //! * **Phases.** Setup (link negotiation, each application's subscription forwarded to its node
 //!   and acknowledged, routes between nodes) runs on a clean network; then the faults are on for
 //!   the workload ([`scenario::Workload`]); then the network heals and the run settles.
@@ -95,7 +96,9 @@ use crate::session::{self, LayerConfig, SessionConfig, SessionEvent, SessionId, 
 use crate::Timestamp;
 
 pub use model::Outcome;
-pub use scenario::{Action, ClientSpec, LinkFaults, Side, SimConfig, Swarm, Window, Workload};
+pub use scenario::{
+    Action, ClientSpec, Congestion, LinkFaults, Side, SimConfig, Swarm, Window, Workload,
+};
 
 use scenario::{STREAM_CORES, STREAM_NETWORK, STREAM_PAYLOADS};
 
@@ -239,6 +242,8 @@ struct Link {
     faults: [LinkFaults; 2],
     /// Reassembly at the receiving end of direction `d`.
     deframers: [Deframer; 2],
+    /// The latest arrival scheduled in direction `d`: a congested direction is a queue.
+    last_arrival: [Timestamp; 2],
 }
 
 enum Event {
@@ -386,6 +391,7 @@ impl Sim {
                 ends: [a, b],
                 faults,
                 deframers: [Deframer::default(), Deframer::default()],
+                last_arrival: [Timestamp::ZERO; 2],
             });
         };
         let mut pair = 0;
@@ -1754,6 +1760,19 @@ impl Sim {
             jitter = faults.jitter;
         }
         let delay = faults.delay;
+        let queued = !faults.congestion.is_empty();
+        let congestion =
+            if self.phase == Phase::Workload && offset >= self.config.workload.faults_after {
+                faults
+                    .congestion
+                    .iter()
+                    .filter(|c| c.window.contains(offset))
+                    .map(|c| c.extra)
+                    .max()
+                    .unwrap_or_default()
+            } else {
+                Duration::ZERO
+            };
         for _ in 0..copies {
             self.in_flight += 1;
             let extra = if jitter.is_zero() {
@@ -1761,8 +1780,14 @@ impl Sim {
             } else {
                 Duration::from_micros(self.net_rng.random_range(0..=jitter.as_micros() as u64))
             };
+            let mut at = self.now + delay + congestion + extra;
+            if queued {
+                let last = &mut self.links[link].last_arrival[dir];
+                at = at.max(*last);
+                *last = at;
+            }
             self.schedule(
-                self.now + delay + extra,
+                at,
                 Event::Deliver {
                     link,
                     dir,

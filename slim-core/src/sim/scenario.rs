@@ -56,6 +56,18 @@ pub struct LinkFaults {
     pub jitter: Duration,
     /// While one of these is open, every frame in this direction is dropped.
     pub partitions: Vec<Window>,
+    /// Congestion episodes: while one is open, frames entering this direction wait `extra`
+    /// longer. A direction with any episode is a queue: its frames arrive in the order they
+    /// were sent (so when an episode ends, later frames wait behind the delayed ones instead of
+    /// overtaking them), which also undoes its jitter. Never drawn by the swarm.
+    pub congestion: Vec<Congestion>,
+}
+
+/// Extra delay on one link direction while `window` is open (see [`LinkFaults::congestion`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Congestion {
+    pub window: Window,
+    pub extra: Duration,
 }
 
 impl LinkFaults {
@@ -279,6 +291,7 @@ impl SimConfig {
             delay: Duration::from_millis(rng.random_range(1..=20)),
             jitter: Duration::from_millis(rng.random_range(0..=max_jitter_ms)),
             partitions: Vec::new(),
+            congestion: Vec::new(),
         };
         let link = |rng: &mut ChaCha8Rng| {
             let mut faults = [direction(rng), direction(rng)];
