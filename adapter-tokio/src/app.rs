@@ -125,6 +125,8 @@ impl Client {
             RouterConfig {
                 node_id: format!("client-{name}"),
                 slim_version: crate::SLIM_VERSION.to_owned(),
+                // What a client receives is for its apps, which take decoded messages.
+                route_from_bytes: false,
                 ..RouterConfig::default()
             },
             seed,

@@ -180,11 +180,41 @@ pub fn frames(data: &[u8]) {
 }
 
 fn check_body(body: Bytes) {
+    let routing = slim_proto::PublishView::parse(&body).and_then(|view| view.routing);
     let Ok(message) = pb::Message::decode(body.clone()) else {
+        assert!(
+            routing.is_none(),
+            "routing fields of bytes that do not decode"
+        );
         return;
     };
+    if let Some(routing) = routing {
+        check_view(&routing, &message);
+    }
     check_message(&message);
     check_forwarded_copy(&body, message);
+}
+
+/// A node routes a [`slim_proto::PublishView`] without decoding: it must read exactly what
+/// decoding gives, of a message the full path would route (it passes validation).
+fn check_view(view: &slim_proto::RoutingFields<'_>, message: &pb::Message) {
+    slim_proto::validate(message).expect("a viewed publish is valid");
+    let Some(MessageType::Publish(publish)) = &message.message_type else {
+        panic!("a view of a message that is not a publish");
+    };
+    let header = publish.header.as_ref().expect("validated");
+    assert_eq!(view.header, slim_proto::HeaderRef::from(header));
+    assert_eq!(view.header_mac, header.header_mac.as_deref());
+    let app_payload_or_nothing = publish.msg.as_ref().is_none_or(|content| {
+        matches!(
+            content.content_type,
+            None | Some(pb::content::ContentType::AppPayload(_))
+        )
+    });
+    assert!(
+        app_payload_or_nothing,
+        "session control messages are decoded"
+    );
 }
 
 /// A node forwards a publish by copying the bytes it received ([`slim_proto::forward`]): for any
@@ -402,9 +432,10 @@ pub fn router(data: &[u8]) {
         require_header_mac: flags & 1 == 0,
         negotiation_timeout: Duration::from_millis(100 + 500 * u64::from((flags >> 2) & 7)),
         forwarded_ack_timeout: Duration::from_millis(50 + 500 * u64::from((flags >> 5) & 7)),
+        route_from_bytes: true,
     };
     let mut sim = Sim {
-        router: Router::new(config, seed),
+        router: Twin::new(config, seed),
         peers: Vec::new(),
         now: Timestamp::from_micros(u64::from(input.u32())),
         last_body: Bytes::new(),
@@ -446,8 +477,100 @@ pub fn router(data: &[u8]) {
     assert_eq!(sim.router.table().route_count(), 0);
 }
 
+/// Two routers fed the same inputs, one routing publishes from their bytes and one decoding
+/// every message: whatever the input, they must give the same outputs and counters.
+struct Twin {
+    fast: Router,
+    full: Router,
+}
+
+impl Twin {
+    fn new(config: RouterConfig, seed: [u8; 32]) -> Self {
+        let full = RouterConfig {
+            route_from_bytes: false,
+            ..config.clone()
+        };
+        Self {
+            fast: Router::new(config, seed),
+            full: Router::new(full, seed),
+        }
+    }
+
+    fn same<T: PartialEq + std::fmt::Debug>(fast: T, full: T, what: &str) -> T {
+        assert_eq!(
+            fast, full,
+            "{what}: routing from bytes differs from decoding"
+        );
+        fast
+    }
+
+    fn accept_connection(&mut self, now: Timestamp) -> ConnId {
+        let conn = self.fast.accept_connection(now);
+        Self::same(conn, self.full.accept_connection(now), "accept")
+    }
+
+    fn dial_connection(&mut self, link_id: String, kind: ConnectionKind, now: Timestamp) -> ConnId {
+        let conn = self.fast.dial_connection(link_id.clone(), kind, now);
+        Self::same(conn, self.full.dial_connection(link_id, kind, now), "dial")
+    }
+
+    fn attach_local(&mut self) -> ConnId {
+        let conn = self.fast.attach_local();
+        Self::same(conn, self.full.attach_local(), "attach")
+    }
+
+    fn handle_connection_closed(&mut self, conn: ConnId, now: Timestamp) {
+        self.fast.handle_connection_closed(conn, now);
+        self.full.handle_connection_closed(conn, now);
+    }
+
+    fn handle_frame(&mut self, conn: ConnId, body: Bytes, now: Timestamp) {
+        self.fast.handle_frame(conn, body.clone(), now);
+        self.full.handle_frame(conn, body, now);
+        Self::same(self.fast.stats(), self.full.stats(), "counters");
+    }
+
+    fn handle_timeout(&mut self, now: Timestamp) {
+        self.fast.handle_timeout(now);
+        self.full.handle_timeout(now);
+    }
+
+    fn poll_output(&mut self) -> Option<Output> {
+        let output = self.fast.poll_output();
+        Self::same(output, self.full.poll_output(), "output")
+    }
+
+    fn poll_timeout(&self) -> Option<(Timestamp, crate::router::Timer)> {
+        Self::same(
+            self.fast.poll_timeout(),
+            self.full.poll_timeout(),
+            "timeout",
+        )
+    }
+
+    fn config(&self) -> &RouterConfig {
+        self.fast.config()
+    }
+
+    fn stats(&self) -> Stats {
+        Self::same(self.fast.stats(), self.full.stats(), "counters")
+    }
+
+    fn table(&self) -> &crate::router::SubscriptionTable {
+        self.fast.table()
+    }
+
+    fn connection_kind(&self, conn: ConnId) -> Option<ConnectionKind> {
+        self.fast.connection_kind(conn)
+    }
+
+    fn is_established(&self, conn: ConnId) -> bool {
+        self.fast.is_established(conn)
+    }
+}
+
 struct Sim {
-    router: Router,
+    router: Twin,
     peers: Vec<Peer>,
     now: Timestamp,
     /// The last message body sent, for replays on another connection.

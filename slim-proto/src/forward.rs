@@ -11,6 +11,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{self, WireType};
 
 use crate::pb;
+use crate::view::{EncodedRef, HeaderRef, NameRef};
 
 // Field numbers of dataplane.proto.v1 that the copy has to know.
 const MESSAGE_PUBLISH: u32 = 3;
@@ -30,7 +31,40 @@ const HEADER_MAC: u32 = 11;
 /// prefix), with the rewritable header fields taken from `header`: [`ForwardTemplate::parse`]
 /// then [`ForwardTemplate::frame`].
 pub fn forwarded_publish_frame(raw: &[u8], header: &pb::SlimHeader) -> Option<Bytes> {
-    ForwardTemplate::parse(raw)?.frame(header)
+    ForwardTemplate::parse(raw)?.frame(&Rewrite::from(header))
+}
+
+/// The header fields a node rewrites when it forwards a publish; absent ones are `None`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rewrite<'a> {
+    pub ttl: u32,
+    pub recv_from: Option<u64>,
+    pub forward_to: Option<u64>,
+    pub incoming_conn: Option<u64>,
+    pub header_mac: Option<&'a [u8]>,
+}
+
+impl<'a> From<&'a pb::SlimHeader> for Rewrite<'a> {
+    fn from(header: &'a pb::SlimHeader) -> Self {
+        Self {
+            ttl: header.ttl,
+            recv_from: header.recv_from,
+            forward_to: header.forward_to,
+            incoming_conn: header.incoming_conn,
+            header_mac: header.header_mac.as_deref(),
+        }
+    }
+}
+
+impl Rewrite<'_> {
+    /// Sets these fields on a decoded header.
+    pub fn apply(&self, header: &mut pb::SlimHeader) {
+        header.ttl = self.ttl;
+        header.recv_from = self.recv_from;
+        header.forward_to = self.forward_to;
+        header.incoming_conn = self.incoming_conn;
+        header.header_mac = self.header_mac.map(Bytes::copy_from_slice);
+    }
 }
 
 /// A received publish split at the fields a node rewrites: parsed once per message, rendered
@@ -53,57 +87,120 @@ pub struct ForwardTemplate<'a> {
     copied: Vec<(u32, &'a [u8])>,
 }
 
+/// A received publish read without decoding it: its template, and its routing fields where
+/// they can be read in place.
+#[derive(Debug)]
+pub struct PublishView<'a> {
+    pub template: ForwardTemplate<'a>,
+    /// Read only from a data publish that decoding would accept and give exactly these fields:
+    /// every field known and present at most once with its wire type, every string UTF-8, the
+    /// header's names with their encoded parts, a session header, and an application payload
+    /// (or no content). Anything else (a session control message, unknown or repeated fields,
+    /// anything malformed) has `None`, and must be decoded, with the same outcome (and the
+    /// same errors) as if this view did not exist.
+    pub routing: Option<RoutingFields<'a>>,
+}
+
+/// The header of a publish as [`PublishView`] reads it in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutingFields<'a> {
+    pub header: HeaderRef<'a>,
+    pub header_mac: Option<&'a [u8]>,
+}
+
+impl<'a> PublishView<'a> {
+    /// `None` when `raw` is not a plain publish (see [`ForwardTemplate::parse`]).
+    pub fn parse(raw: &'a [u8]) -> Option<Self> {
+        ForwardTemplate::walk(raw, true)
+    }
+}
+
 impl<'a> ForwardTemplate<'a> {
     /// `None` when `raw` is not a plain publish (another message type, the publish or its
     /// header repeated, bytes that do not parse): the caller then encodes the decoded message.
     pub fn parse(raw: &'a [u8]) -> Option<Self> {
+        Self::walk(raw, false).map(|view| view.template)
+    }
+
+    /// The template, and if `strict`, the read of [`PublishView::routing`] where the publish
+    /// allows one.
+    fn walk(raw: &'a [u8], mut strict: bool) -> Option<PublishView<'a>> {
         let (mut before, mut after) = (Vec::new(), Vec::new());
         let mut publish = None;
         for field in Fields(raw) {
             let field = field?;
             match field.number {
                 MESSAGE_PUBLISH if publish.is_none() => publish = Some(field.value()?),
-                MESSAGE_METADATA if publish.is_none() => before.push(field.whole),
-                MESSAGE_METADATA => after.push(field.whole),
+                MESSAGE_METADATA => {
+                    strict = strict && field.value().is_some_and(metadata_entry_is_plain);
+                    if publish.is_none() {
+                        before.push(field.whole);
+                    } else {
+                        after.push(field.whole);
+                    }
+                }
                 // Another message type (or a second publish) in the oneof: not a plain publish.
                 1..=3 | 5 | 6 => return None,
-                _ => {}
+                _ => strict = false,
             }
         }
         let (mut publish_before, mut publish_after) = (Vec::new(), Vec::new());
         let mut header_in = None;
+        let (mut session_seen, mut content_seen) = (false, false);
         for field in Fields(publish?) {
             let field = field?;
             match field.number {
                 PUBLISH_HEADER if header_in.is_none() => header_in = Some(field.value()?),
                 PUBLISH_HEADER => return None,
-                PUBLISH_SESSION | PUBLISH_MSG if header_in.is_none() => {
-                    publish_before.push(field.whole)
+                PUBLISH_SESSION | PUBLISH_MSG => {
+                    let (seen, plain): (&mut bool, fn(&[u8]) -> bool) =
+                        if field.number == PUBLISH_SESSION {
+                            (&mut session_seen, session_is_plain)
+                        } else {
+                            (&mut content_seen, content_is_app_payload)
+                        };
+                    let first = !std::mem::replace(seen, true);
+                    strict = strict && first && field.value().is_some_and(plain);
+                    if header_in.is_none() {
+                        publish_before.push(field.whole);
+                    } else {
+                        publish_after.push(field.whole);
+                    }
                 }
-                PUBLISH_SESSION | PUBLISH_MSG => publish_after.push(field.whole),
-                _ => {}
+                _ => strict = false,
             }
         }
         let mut copied = Vec::new();
+        let mut header = HeaderRead::default();
         for field in Fields(header_in?) {
             let field = field?;
             if HEADER_COPIED.contains(&field.number) {
                 copied.push((field.number, field.whole));
             }
+            strict = strict && header.read(&field).is_some();
         }
-        Some(Self {
+        let routable = |name: Option<NameRef<'_>>| name.is_some_and(|n| n.encoded.is_some());
+        let routing = (strict
+            && session_seen
+            && routable(header.fields.source)
+            && routable(header.fields.destination))
+        .then_some(RoutingFields {
+            header: header.fields,
+            header_mac: header.mac,
+        });
+        let template = Self {
             before,
             after,
             publish_before,
             publish_after,
             copied,
-        })
+        };
+        Some(PublishView { template, routing })
     }
 
-    /// The frame with the rewritable header fields taken from `header` (`None` only past
-    /// 4 GiB).
-    pub fn frame(&self, header: &pb::SlimHeader) -> Option<Bytes> {
-        let rewritten = rewritten(header);
+    /// The frame with the rewritten header fields (`None` only past 4 GiB).
+    pub fn frame(&self, rewrite: &Rewrite<'_>) -> Option<Bytes> {
+        let rewritten = rewritten(rewrite);
         let rewritten = || {
             rewritten
                 .iter()
@@ -149,11 +246,147 @@ impl<'a> ForwardTemplate<'a> {
     }
 }
 
+/// A header's fields as a strict read finds them, each field number at most once.
+#[derive(Default)]
+struct HeaderRead<'a> {
+    fields: HeaderRef<'a>,
+    mac: Option<&'a [u8]>,
+    seen: u16,
+}
+
+impl<'a> HeaderRead<'a> {
+    /// `None` if decoding would not give exactly the field read (unknown, repeated, wrong wire
+    /// type, bad UTF-8).
+    fn read(&mut self, field: &Field<'a>) -> Option<()> {
+        let bit = 1u16
+            .checked_shl(field.number)
+            .filter(|_| field.number <= 12)?;
+        if self.seen & bit != 0 {
+            return None;
+        }
+        self.seen |= bit;
+        let h = &mut self.fields;
+        match field.number {
+            1 => h.source = Some(name_ref(field.value()?)?),
+            2 => h.destination = Some(name_ref(field.value()?)?),
+            3 => h.identity = field.string()?,
+            4 => h.fanout = field.varint()? as u32,
+            5 => {
+                field.string()?; // version: not routed on, but decoding checks it
+            }
+            6 => h.ttl = field.varint()? as u32,
+            HEADER_RECV_FROM => h.recv_from = Some(field.varint()?),
+            HEADER_FORWARD_TO => h.forward_to = Some(field.varint()?),
+            HEADER_INCOMING_CONN => {
+                field.varint()?; // rewritten by every receiver
+            }
+            10 => h.error = Some(field.varint()? != 0),
+            HEADER_MAC => self.mac = Some(field.value()?),
+            12 => {
+                field.value()?;
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+}
+
+/// Reads the fields of `bytes`, each number at most once; `None` as [`HeaderRead::read`].
+fn read_once<'a>(bytes: &'a [u8], mut read: impl FnMut(&Field<'a>) -> Option<()>) -> Option<()> {
+    let mut seen = 0u32;
+    for field in Fields(bytes) {
+        let field = field?;
+        let bit = 1u32.checked_shl(field.number)?;
+        if seen & bit != 0 {
+            return None;
+        }
+        seen |= bit;
+        read(&field)?;
+    }
+    Some(())
+}
+
+fn name_ref(bytes: &[u8]) -> Option<NameRef<'_>> {
+    let mut name = NameRef::default();
+    read_once(bytes, |field| {
+        match field.number {
+            1 => name.encoded = Some(encoded_ref(field.value()?)?),
+            2 => {
+                let mut strings = [""; 3];
+                read_once(field.value()?, |part| {
+                    let slot = strings.get_mut(usize::try_from(part.number).ok()? - 1)?;
+                    *slot = part.string()?;
+                    Some(())
+                })?;
+                name.strings = Some(strings);
+            }
+            _ => return None,
+        }
+        Some(())
+    })?;
+    Some(name)
+}
+
+fn encoded_ref(bytes: &[u8]) -> Option<EncodedRef> {
+    let mut encoded = EncodedRef::default();
+    read_once(bytes, |field| {
+        match field.number {
+            1..=3 => encoded.components[field.number as usize - 1] = field.varint()?,
+            4 => {
+                let mut id = (0, 0);
+                read_once(field.value()?, |part| {
+                    match part.number {
+                        1 => id.0 = part.varint()?,
+                        2 => id.1 = part.varint()?,
+                        _ => return None,
+                    }
+                    Some(())
+                })?;
+                encoded.name_id = Some(id);
+            }
+            _ => return None,
+        }
+        Some(())
+    })?;
+    Some(encoded)
+}
+
+/// A `SessionHeader`: four varints (two enums decoding accepts whatever their value).
+fn session_is_plain(bytes: &[u8]) -> bool {
+    read_once(bytes, |field| {
+        matches!(field.number, 1..=4).then_some(())?;
+        field.varint().map(|_| ())
+    })
+    .is_some()
+}
+
+/// A `Content` that is empty or an `ApplicationPayload` (a session's data, not its control).
+fn content_is_app_payload(bytes: &[u8]) -> bool {
+    read_once(bytes, |field| {
+        (field.number == 1).then_some(())?;
+        read_once(field.value()?, |part| match part.number {
+            1 => part.string().map(|_| ()),
+            2 => part.value().map(|_| ()),
+            _ => None,
+        })
+    })
+    .is_some()
+}
+
+/// A `metadata` map entry: a string key and a string value.
+fn metadata_entry_is_plain(bytes: &[u8]) -> bool {
+    read_once(bytes, |field| {
+        matches!(field.number, 1 | 2).then_some(())?;
+        field.string().map(|_| ())
+    })
+    .is_some()
+}
+
 /// A rewritten header field's value.
 enum Value<'a> {
     U32(u32),
     U64(u64),
-    Bytes(&'a Bytes),
+    Bytes(&'a [u8]),
 }
 
 impl Value<'_> {
@@ -161,7 +394,7 @@ impl Value<'_> {
         match self {
             Value::U32(v) => encoding::uint32::encoded_len(number, v),
             Value::U64(v) => encoding::uint64::encoded_len(number, v),
-            Value::Bytes(v) => encoding::bytes::encoded_len(number, *v),
+            Value::Bytes(v) => field_len(number, v.len()),
         }
     }
 
@@ -169,23 +402,27 @@ impl Value<'_> {
         match self {
             Value::U32(v) => encoding::uint32::encode(number, v, out),
             Value::U64(v) => encoding::uint64::encode(number, v, out),
-            Value::Bytes(v) => encoding::bytes::encode(number, *v, out),
+            Value::Bytes(v) => {
+                encoding::encode_key(number, WireType::LengthDelimited, out);
+                encoding::encode_varint(v.len() as u64, out);
+                out.put_slice(v);
+            }
         }
     }
 }
 
 /// The fields a node rewrites, by field number; absent ones are `None` (proto3: a zero TTL is
 /// not encoded). An array: rendered once per target, it must not allocate.
-fn rewritten(header: &pb::SlimHeader) -> [(u32, Option<Value<'_>>); 5] {
+fn rewritten<'a>(rewrite: &Rewrite<'a>) -> [(u32, Option<Value<'a>>); 5] {
     [
         (
             HEADER_TTL,
-            (header.ttl != 0).then_some(Value::U32(header.ttl)),
+            (rewrite.ttl != 0).then_some(Value::U32(rewrite.ttl)),
         ),
-        (HEADER_RECV_FROM, header.recv_from.map(Value::U64)),
-        (HEADER_FORWARD_TO, header.forward_to.map(Value::U64)),
-        (HEADER_INCOMING_CONN, header.incoming_conn.map(Value::U64)),
-        (HEADER_MAC, header.header_mac.as_ref().map(Value::Bytes)),
+        (HEADER_RECV_FROM, rewrite.recv_from.map(Value::U64)),
+        (HEADER_FORWARD_TO, rewrite.forward_to.map(Value::U64)),
+        (HEADER_INCOMING_CONN, rewrite.incoming_conn.map(Value::U64)),
+        (HEADER_MAC, rewrite.header_mac.map(Value::Bytes)),
     ]
 }
 
@@ -209,12 +446,24 @@ struct Field<'a> {
     wire_type: WireType,
     whole: &'a [u8],
     value_at: usize,
+    /// The value of a varint field (0 for the other wire types).
+    varint: u64,
 }
 
 impl<'a> Field<'a> {
     /// The value of a length-delimited field.
     fn value(&self) -> Option<&'a [u8]> {
         (self.wire_type == WireType::LengthDelimited).then(|| &self.whole[self.value_at..])
+    }
+
+    /// The value of a `string` field, as decoding checks it.
+    fn string(&self) -> Option<&'a str> {
+        std::str::from_utf8(self.value()?).ok()
+    }
+
+    /// The value of a varint field, as decoding reads it (narrower types truncate it).
+    fn varint(&self) -> Option<u64> {
+        (self.wire_type == WireType::Varint).then_some(self.varint)
     }
 }
 
@@ -237,26 +486,41 @@ impl<'a> Iterator for Fields<'a> {
     }
 }
 
+/// A varint at the start of `bytes` and its length; `None` where prost's decoder fails (cut
+/// short, more than ten bytes, or past 64 bits). A slice loop: the router reads every field
+/// of a publish this way, most of them 64-bit name hashes ten bytes long.
+fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &byte) in bytes.iter().take(10).enumerate() {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return (i < 9 || byte <= 1).then_some((value, i + 1));
+        }
+    }
+    None
+}
+
 fn split_field(bytes: &[u8]) -> Option<(Field<'_>, &[u8])> {
-    let mut cursor = bytes;
-    let key = encoding::decode_varint(&mut cursor).ok()?;
+    let (key, key_len) = varint(bytes)?;
     let number = u32::try_from(key >> 3).ok().filter(|n| *n > 0)?;
     let wire_type = WireType::try_from(key & 7).ok()?;
+    let mut value_at = key_len;
+    let mut value = 0;
     let value_len = match wire_type {
         WireType::Varint => {
-            let before = cursor.len();
-            let mut probe = cursor;
-            encoding::decode_varint(&mut probe).ok()?;
-            before - probe.len()
+            let (v, len) = varint(&bytes[value_at..])?;
+            value = v;
+            len
         }
         WireType::SixtyFourBit => 8,
         WireType::ThirtyTwoBit => 4,
         WireType::LengthDelimited => {
-            usize::try_from(encoding::decode_varint(&mut cursor).ok()?).ok()?
+            let (len, len_len) = varint(&bytes[value_at..])?;
+            value_at += len_len;
+            usize::try_from(len).ok()?
         }
         WireType::StartGroup | WireType::EndGroup => return None,
     };
-    let value_at = bytes.len() - cursor.len();
     let end = value_at
         .checked_add(value_len)
         .filter(|end| *end <= bytes.len())?;
@@ -267,6 +531,7 @@ fn split_field(bytes: &[u8]) -> Option<(Field<'_>, &[u8])> {
             wire_type,
             whole,
             value_at,
+            varint: value,
         },
         rest,
     ))
@@ -392,5 +657,135 @@ mod tests {
         };
         let copied = forwarded_publish_frame(&raw, &header).unwrap();
         assert_eq!(copied, encode_frame(&received));
+    }
+
+    /// The view reads what decoding gives, for every publish the full path would route, and
+    /// leaves the others (no destination, no session header) to it.
+    #[test]
+    fn a_view_reads_what_decoding_gives() {
+        let mut viewed = 0;
+        for variant in 0..200 {
+            let message = publish(variant);
+            let raw = message.encode_to_vec();
+            let view = PublishView::parse(&raw).expect("a plain publish");
+            let routable = crate::validate(&message).is_ok();
+            assert_eq!(view.routing.is_some(), routable, "variant {variant}");
+            let Some(routing) = view.routing else {
+                continue;
+            };
+            viewed += 1;
+            let mut decoded = message.clone();
+            let header = header_of(&mut decoded);
+            assert_eq!(
+                routing.header,
+                HeaderRef::from(&*header),
+                "variant {variant}"
+            );
+            assert_eq!(routing.header_mac, header.header_mac.as_deref());
+            let routed = Rewrite {
+                ttl: 3,
+                incoming_conn: Some(9),
+                ..Rewrite::default()
+            };
+            routed.apply(header);
+            assert_eq!(view.template.frame(&routed), Some(encode_frame(&decoded)));
+        }
+        assert!(viewed > 50, "{viewed} variants viewed");
+    }
+
+    /// What decoding must handle: it rejects the bytes, or reads them in a way the view does
+    /// not (other content, unknown or repeated fields).
+    #[test]
+    fn what_the_view_leaves_to_decoding() {
+        let plain = publish(8); // with content, session header and metadata
+        let raw = plain.encode_to_vec();
+        let routing = |raw: &[u8]| {
+            PublishView::parse(raw)
+                .and_then(|view| view.routing)
+                .is_some()
+        };
+        assert!(routing(&raw));
+        let edit = |change: &dyn Fn(&mut pb::Publish)| {
+            let mut message = plain.clone();
+            if let Some(pb::message::MessageType::Publish(p)) = &mut message.message_type {
+                change(p);
+            }
+            message.encode_to_vec()
+        };
+        let decodes = |raw: &[u8]| pb::Message::decode(raw).is_ok();
+        let command = edit(&|p| {
+            p.msg = Some(pb::Content {
+                content_type: Some(pb::content::ContentType::CommandPayload(Default::default())),
+            })
+        });
+        let no_encoded_source = edit(&|p| {
+            if let Some(source) = p.header.as_mut().and_then(|h| h.source.as_mut()) {
+                source.name = None;
+            }
+        });
+        let mut unknown = raw.clone();
+        unknown.extend_from_slice(&[15 << 3, 1]);
+        let mut repeated_metadata_key = raw.clone();
+        repeated_metadata_key.extend_from_slice(&[4 << 3 | 2, 4, 1 << 3 | 2, 2, b'k', b'0']);
+        // Still decodes (and is routed or dropped by the full path), but gets no view.
+        for (what, bytes) in [
+            ("a session control message", &command),
+            ("a source without its encoded part", &no_encoded_source),
+            ("an unknown field", &unknown),
+        ] {
+            assert!(decodes(bytes), "{what}");
+            assert!(!routing(bytes), "{what}");
+        }
+        assert!(decodes(&repeated_metadata_key));
+        assert!(routing(&repeated_metadata_key), "map entries repeat");
+        // Rejected by decoding, so by the view too: bad UTF-8 anywhere, a wrong wire type.
+        let bad_utf8 = |text: &str| {
+            let at = raw
+                .windows(text.len())
+                .position(|w| w == text.as_bytes())
+                .expect("text in the encoding");
+            let mut bytes = raw.clone();
+            bytes[at] = 0xff;
+            bytes
+        };
+        for text in ["bytes", "2.0.0", "svc1", "v0"] {
+            let bytes = bad_utf8(text);
+            assert!(!decodes(&bytes), "{text}");
+            assert!(!routing(&bytes), "{text}");
+        }
+    }
+
+    /// The slice decoder agrees with prost's on every length and on the malformed cases.
+    #[test]
+    fn varints_read_as_prost_reads_them() {
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            300,
+            u64::from(u32::MAX),
+            1 << 56,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let mut bytes = Vec::new();
+            encoding::encode_varint(value, &mut bytes);
+            cases.push(bytes.clone());
+            bytes.pop();
+            cases.push(bytes); // cut short
+        }
+        cases.push(vec![0xff; 11]); // too long
+        cases.push([vec![0xff; 9], vec![0x02]].concat()); // past 64 bits
+        cases.push([vec![0x80; 9], vec![0x01]].concat()); // 1 << 63
+        cases.push(vec![0x80, 0x00]); // a longer zero than needed
+        for bytes in cases {
+            let mut cursor = bytes.as_slice();
+            let expected = encoding::decode_varint(&mut cursor)
+                .ok()
+                .map(|v| (v, bytes.len() - cursor.len()));
+            assert_eq!(varint(&bytes), expected, "{bytes:02x?}");
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! * [`mac`] — the per-link header MAC (HMAC-SHA256 over the canonical header pre-image).
 //! * [`link`] — link negotiation payloads and the X25519/HKDF key derivation.
 //! * [`validate`] — the structural rules a node applies to every received message.
+//! * [`view`] — borrowed views of a header's routing fields (decoded or as received).
 //!
 //! Everything here is pure: no I/O, no clock, no global randomness.
 
@@ -16,6 +17,7 @@ pub mod link;
 pub mod mac;
 pub mod name;
 pub mod validate;
+pub mod view;
 
 /// Generated protobuf types (`package dataplane.proto.v1`).
 #[allow(clippy::all, missing_docs)]
@@ -23,12 +25,13 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/dataplane.proto.v1.rs"));
 }
 
-pub use forward::{forwarded_publish_frame, ForwardTemplate};
+pub use forward::{forwarded_publish_frame, ForwardTemplate, PublishView, Rewrite, RoutingFields};
 pub use framing::{encode_frame, Deframer, FrameError, DEFAULT_MAX_MESSAGE_SIZE};
 pub use link::{LinkKeyPair, NegotiationError};
 pub use mac::{HeaderMacKey, MacError};
 pub use name::{Name, NameKey, NameParseError};
 pub use validate::{validate, ValidationError};
+pub use view::{EncodedRef, HeaderRef, NameRef};
 
 /// gRPC path of the one bidirectional stream a SLIM node serves.
 pub const OPEN_CHANNEL_PATH: &str = "/dataplane.proto.v1.DataPlaneService/OpenChannel";

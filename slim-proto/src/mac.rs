@@ -9,6 +9,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use crate::pb;
+use crate::view::{HeaderRef, NameRef};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -80,6 +81,11 @@ impl HeaderMacKey {
 
     /// The 32-byte tag of `header` (its `header_mac` field is ignored).
     pub fn tag(&self, header: &pb::SlimHeader) -> [u8; MAC_LEN] {
+        self.tag_fields(&HeaderRef::from(header))
+    }
+
+    /// The 32-byte tag of a header given by its pre-image fields.
+    pub fn tag_fields(&self, header: &HeaderRef<'_>) -> [u8; MAC_LEN] {
         let mut gathered = GatherSink {
             buf: [0; MEMO_MAX],
             len: 0,
@@ -103,7 +109,7 @@ impl HeaderMacKey {
         tag
     }
 
-    fn streamed_tag(&self, header: &pb::SlimHeader) -> [u8; MAC_LEN] {
+    fn streamed_tag(&self, header: &HeaderRef<'_>) -> [u8; MAC_LEN] {
         let mut mac = self.prefixed.clone();
         // The header is ~40 small fields: gathered first, they reach the MAC in a few large
         // updates instead of one call each.
@@ -125,12 +131,21 @@ impl HeaderMacKey {
 
     /// Checks `header.header_mac` in constant time.
     pub fn verify(&self, header: &pb::SlimHeader) -> Result<(), MacError> {
-        let received = header.header_mac.as_ref().ok_or(MacError::Missing)?;
+        self.verify_fields(&HeaderRef::from(header), header.header_mac.as_deref())
+    }
+
+    /// Checks the `received` tag of a header given by its pre-image fields, in constant time.
+    pub fn verify_fields(
+        &self,
+        header: &HeaderRef<'_>,
+        received: Option<&[u8]>,
+    ) -> Result<(), MacError> {
+        let received = received.ok_or(MacError::Missing)?;
         if received.len() != MAC_LEN {
             return Err(MacError::BadLength(received.len()));
         }
-        let expected = self.tag(header);
-        if bool::from(expected.ct_eq(received.as_ref())) {
+        let expected = self.tag_fields(header);
+        if bool::from(expected.ct_eq(received)) {
             Ok(())
         } else {
             Err(MacError::Mismatch)
@@ -141,7 +156,8 @@ impl HeaderMacKey {
 /// The pre-image as bytes (for tests and tooling; signing streams it into the MAC instead).
 pub fn preimage(link_id: &str, header: &pb::SlimHeader) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    feed_preimage(&mut VecSink(&mut out), link_id, header);
+    feed_prefix(&mut VecSink(&mut out), link_id);
+    feed_header(&mut VecSink(&mut out), &HeaderRef::from(header));
     out
 }
 
@@ -217,43 +233,38 @@ fn put_opt_u64(sink: &mut impl Sink, value: Option<u64>) {
     }
 }
 
-fn put_name(sink: &mut impl Sink, name: Option<&pb::Name>) {
+fn put_name(sink: &mut impl Sink, name: Option<&NameRef<'_>>) {
     let Some(name) = name else {
         sink.put(&[0]);
         return;
     };
     sink.put(&[1]);
-    match &name.name {
+    match &name.encoded {
         None => sink.put(&[0]),
         Some(encoded) => {
             sink.put(&[1]);
-            sink.put(&encoded.component_0.to_le_bytes());
-            sink.put(&encoded.component_1.to_le_bytes());
-            sink.put(&encoded.component_2.to_le_bytes());
-            match &encoded.name_id {
+            for component in encoded.components {
+                sink.put(&component.to_le_bytes());
+            }
+            match encoded.name_id {
                 None => sink.put(&[0]),
-                Some(id) => {
+                Some((id_0, id_1)) => {
                     sink.put(&[1]);
-                    sink.put(&id.id_0.to_le_bytes());
-                    sink.put(&id.id_1.to_le_bytes());
+                    sink.put(&id_0.to_le_bytes());
+                    sink.put(&id_1.to_le_bytes());
                 }
             }
         }
     }
-    match &name.str_name {
+    match &name.strings {
         None => sink.put(&[0]),
-        Some(s) => {
+        Some(strings) => {
             sink.put(&[1]);
-            put_str(sink, &s.str_component_0);
-            put_str(sink, &s.str_component_1);
-            put_str(sink, &s.str_component_2);
+            for component in strings {
+                put_str(sink, component);
+            }
         }
     }
-}
-
-fn feed_preimage(sink: &mut impl Sink, link_id: &str, header: &pb::SlimHeader) {
-    feed_prefix(sink, link_id);
-    feed_header(sink, header);
 }
 
 /// The part of the pre-image that is the same for every header of a link.
@@ -262,10 +273,10 @@ fn feed_prefix(sink: &mut impl Sink, link_id: &str) {
     put_str(sink, link_id);
 }
 
-fn feed_header(sink: &mut impl Sink, header: &pb::SlimHeader) {
+fn feed_header(sink: &mut impl Sink, header: &HeaderRef<'_>) {
     put_name(sink, header.source.as_ref());
     put_name(sink, header.destination.as_ref());
-    put_str(sink, &header.identity);
+    put_str(sink, header.identity);
     sink.put(&header.fanout.to_le_bytes());
     put_opt_u64(sink, header.recv_from);
     put_opt_u64(sink, header.forward_to);

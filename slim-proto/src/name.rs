@@ -73,15 +73,16 @@ pub struct NameKey {
 impl NameKey {
     /// The key of a wire `EncodedName`; an absent `name_id` means "any instance", as in the reference.
     pub fn from_encoded(encoded: &pb::EncodedName) -> Self {
-        let id = encoded.name_id.as_ref().map_or(ANY_INSTANCE, |n| {
-            (u128::from(n.id_0) << 64) | u128::from(n.id_1)
+        Self::from_encoded_ref(&crate::view::EncodedRef::from(encoded))
+    }
+
+    /// As [`NameKey::from_encoded`], from a borrowed view.
+    pub fn from_encoded_ref(encoded: &crate::view::EncodedRef) -> Self {
+        let id = encoded.name_id.map_or(ANY_INSTANCE, |(id_0, id_1)| {
+            (u128::from(id_0) << 64) | u128::from(id_1)
         });
         Self {
-            components: [
-                encoded.component_0,
-                encoded.component_1,
-                encoded.component_2,
-            ],
+            components: encoded.components,
             id,
         }
     }

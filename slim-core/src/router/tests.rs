@@ -982,3 +982,104 @@ fn a_local_kind_is_never_dialed() {
     let conn = a.dial_connection("l".into(), ConnectionKind::Local, T0);
     assert_eq!(a.connection_kind(conn), Some(ConnectionKind::Remote));
 }
+
+/// Data publishes from remote links are routed from their bytes (`route_from_bytes`); every
+/// other case falls back to decoding. Either way the outputs, byte for byte, and the counters
+/// are what decoding every message gives: unicast, anycast, multicast to links and to an
+/// in-process app, and each publish the full path drops or must decode.
+#[test]
+fn routing_from_bytes_gives_what_decoding_gives() {
+    let run = |route_from_bytes: bool| {
+        let mut h = Harness::with_config(RouterConfig {
+            route_from_bytes,
+            ..RouterConfig::default()
+        });
+        let alice = h.connect(&app("alice", 1));
+        let bob = h.connect(&app("bob", 2));
+        let carol = h.connect(&app("carol", 3));
+        h.subscribe(&bob, 1);
+        let channel = app("chan", 77);
+        h.send(carol.conn, &subscribe_msg(&carol, &channel, 2, true));
+        let local = h.router.attach_local();
+        let mut sub = subscribe_msg(&carol, &channel, 3, true);
+        header_mut(&mut sub).unwrap().header_mac = None;
+        h.router.handle_message(local, sub, T0);
+        h.drain();
+        h.inbox.clear();
+
+        let mut bodies: Vec<Vec<u8>> = Vec::new();
+        let mut add = |message: pb::Message| bodies.push(message.encode_to_vec());
+        add(publish_msg(&alice, &bob.name, 1, b"unicast"));
+        add(publish_msg(
+            &alice,
+            &app("bob", ANY_INSTANCE),
+            1,
+            b"anycast",
+        ));
+        add(publish_msg(&alice, &channel, 256, b"to a link and an app"));
+        add(publish_msg(&alice, &app("nobody", 1), 1, b"no route"));
+        let mut tampered = publish_msg(&alice, &bob.name, 1, b"bad mac");
+        header_mut(&mut tampered).unwrap().header_mac = Some(Bytes::from(vec![0; 32]));
+        add(tampered);
+        let mut expiring = header(&alice, &alice.name, &bob.name, 1);
+        expiring.ttl = 1;
+        alice.mac.sign(&mut expiring);
+        add(publish_with(expiring, b"ttl"));
+        let mut steered = header(&alice, &alice.name, &bob.name, 1);
+        steered.forward_to = Some(carol.conn);
+        alice.mac.sign(&mut steered);
+        add(publish_with(steered, b"forward_to"));
+        let mut control = publish_msg(&alice, &bob.name, 1, b"");
+        if let Some(MessageType::Publish(p)) = &mut control.message_type {
+            p.msg = Some(pb::Content {
+                content_type: Some(pb::content::ContentType::CommandPayload(Default::default())),
+            });
+        }
+        add(control);
+        let mut no_session = publish_msg(&alice, &bob.name, 1, b"no session");
+        if let Some(MessageType::Publish(p)) = &mut no_session.message_type {
+            p.session = None;
+        }
+        add(no_session);
+        let mut unknown = publish_msg(&alice, &bob.name, 1, b"unknown field").encode_to_vec();
+        unknown.extend_from_slice(&[15 << 3, 1]);
+        bodies.push(unknown);
+
+        let mut outputs = Vec::new();
+        for body in bodies {
+            h.router.handle_frame(alice.conn, Bytes::from(body), T0);
+            while let Some(output) = h.router.poll_output() {
+                outputs.push(output);
+            }
+        }
+        (outputs, h.router.stats())
+    };
+    let (fast, fast_stats) = run(true);
+    let (full, full_stats) = run(false);
+    assert_eq!(fast, full);
+    assert_eq!(fast_stats, full_stats);
+    let transmitted = |outputs: &[Output]| {
+        outputs
+            .iter()
+            .filter(|o| matches!(o, Output::Transmit { .. }))
+            .count()
+    };
+    // unicast, anycast, the channel's link, the command (decoded and routed), the unknown
+    // field; the app gets the channel's message itself.
+    assert_eq!(transmitted(&fast), 5);
+    assert_eq!(
+        fast.iter()
+            .filter(|o| matches!(o, Output::Deliver { .. }))
+            .count(),
+        1
+    );
+    for reason in [
+        DropReason::NoRoute,
+        DropReason::MacInvalid,
+        DropReason::TtlExpired,
+        DropReason::ForwardToRefused,
+        DropReason::Invalid,
+    ] {
+        assert_eq!(fast_stats.dropped(reason), 1, "{reason:?}");
+    }
+}
