@@ -23,7 +23,7 @@ pub(crate) const CONNECTION_QUEUE: usize = 1024;
 pub(crate) const CONNECTION_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// Inputs queued towards the router; readers wait when it is full (backpressure to the peers).
 const ROUTER_QUEUE: usize = 4096;
-/// Inputs handled between two drains, to amortise the wake-ups under load.
+/// Messages handled between two drains, to amortise the wake-ups under load.
 const INPUT_BATCH: usize = 256;
 
 /// How the router reaches one connection's writer task.
@@ -60,9 +60,11 @@ pub(crate) enum NodeInput {
         writer: ConnWriter,
         reply: oneshot::Sender<ConnId>,
     },
-    Frame {
+    /// The messages of one read from a connection, in order (one input, not one per message:
+    /// small messages arrive by the hundred per read).
+    Frames {
         conn: ConnId,
-        body: Bytes,
+        bodies: Vec<Bytes>,
     },
     /// A message from an in-process app (never encoded).
     Message {
@@ -171,8 +173,11 @@ impl NodeHandle {
     }
 
     /// Waits while the router is busy; false once it is gone.
-    pub async fn frame(&self, conn: ConnId, body: Bytes) -> bool {
-        self.tx.send(NodeInput::Frame { conn, body }).await.is_ok()
+    pub async fn frames(&self, conn: ConnId, bodies: Vec<Bytes>) -> bool {
+        self.tx
+            .send(NodeInput::Frames { conn, bodies })
+            .await
+            .is_ok()
     }
 
     /// A message from the in-process app `conn`; waits while the router is busy, false once it
@@ -206,6 +211,16 @@ impl NodeHandle {
 
     pub async fn shutdown(&self) {
         let _ = self.tx.send(NodeInput::Shutdown).await;
+    }
+}
+
+impl NodeInput {
+    /// How many messages this input carries, for [`INPUT_BATCH`].
+    fn messages(&self) -> usize {
+        match self {
+            NodeInput::Frames { bodies, .. } => bodies.len(),
+            _ => 1,
+        }
     }
 }
 
@@ -255,12 +270,16 @@ async fn run(
         tokio::select! {
             input = rx.recv() => {
                 let Some(input) = input else { break };
+                let mut handled = input.messages();
                 if !driver.handle(input) {
                     break;
                 }
-                for _ in 0..INPUT_BATCH {
+                while handled < INPUT_BATCH {
                     match rx.try_recv() {
-                        Ok(input) => if !driver.handle(input) { return },
+                        Ok(input) => {
+                            handled += input.messages();
+                            if !driver.handle(input) { return }
+                        }
                         Err(_) => break,
                     }
                 }
@@ -301,7 +320,11 @@ impl Driver {
                     self.router.handle_connection_closed(conn, now);
                 }
             }
-            NodeInput::Frame { conn, body } => self.router.handle_frame(conn, body, now),
+            NodeInput::Frames { conn, bodies } => {
+                for body in bodies {
+                    self.router.handle_frame(conn, body, now);
+                }
+            }
             NodeInput::Message { conn, message } => {
                 self.router.handle_message(conn, *message, now);
             }

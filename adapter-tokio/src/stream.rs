@@ -108,23 +108,25 @@ async fn read_loop(
     node.closed(conn).await;
 }
 
-/// Hands every complete message to the router; the framing error that ends the stream, if any.
+/// Hands every complete message to the router, all in one input; the framing error that ends
+/// the stream, if any (the messages before it are delivered).
 async fn deliver_frames(
     conn: ConnId,
     node: &NodeHandle,
     deframer: &mut Deframer,
 ) -> Option<slim_proto::FrameError> {
-    loop {
+    let mut bodies = Vec::new();
+    let error = loop {
         match deframer.next_frame() {
-            Ok(Some(body)) => {
-                if !node.frame(conn, body).await {
-                    return None;
-                }
-            }
-            Ok(None) => return None,
-            Err(error) => return Some(error),
+            Ok(Some(body)) => bodies.push(body),
+            Ok(None) => break None,
+            Err(error) => break Some(error),
         }
+    };
+    if !bodies.is_empty() && !node.frames(conn, bodies).await {
+        return None; // the router is gone: nothing left to report to
     }
+    error
 }
 
 enum WriteOutcome {
