@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use slim_core::router::{ConnId, ConnectionKind, Output, Router, RouterEvent, Stats};
 use slim_proto::pb;
 use tokio::sync::{mpsc, oneshot};
@@ -98,6 +98,27 @@ struct Writer {
     queued: Arc<AtomicUsize>,
 }
 
+impl Writer {
+    /// `len` bytes counted in this connection's queue until the result is dropped.
+    fn counted(&self, len: usize) -> QueuedBytes {
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        QueuedBytes {
+            len,
+            queued: self.queued.clone(),
+        }
+    }
+}
+
+/// Frames for one connection gathered while the router's outputs are drained.
+#[derive(Default)]
+struct Batch {
+    buf: BytesMut,
+    frames: u64,
+}
+
+/// Frames up to this size are copied into their connection's batch; larger ones go alone.
+const BATCH_COPY_MAX: usize = 64 * 1024;
+
 /// Bytes counted in a connection's queue until this is dropped.
 struct QueuedBytes {
     len: usize,
@@ -120,23 +141,6 @@ struct Queued {
 impl AsRef<[u8]> for Queued {
     fn as_ref(&self) -> &[u8] {
         &self.frame
-    }
-}
-
-/// What the router hands to one connection.
-enum Outgoing {
-    Frame(Bytes),
-    Message(Box<pb::Message>),
-}
-
-impl Outgoing {
-    /// Bytes it holds; for a message its payload plus a nominal header, which is what matters
-    /// for the queue's memory bound and costs nothing to compute.
-    fn len(&self) -> usize {
-        match self {
-            Outgoing::Frame(frame) => frame.len(),
-            Outgoing::Message(message) => 512 + payload_len(message),
-        }
     }
 }
 
@@ -237,6 +241,8 @@ pub(crate) fn spawn_router(
 struct Driver {
     router: Router,
     writers: HashMap<ConnId, Writer>,
+    /// Frames for each connection gathered during one drain, handed over as one buffer.
+    batches: HashMap<ConnId, Batch>,
     link_waiters: HashMap<ConnId, Vec<oneshot::Sender<Result<(), String>>>>,
     clock: Clock,
     counters: Arc<AdapterCounters>,
@@ -251,6 +257,7 @@ async fn run(
     let mut driver = Driver {
         router,
         writers: HashMap::new(),
+        batches: HashMap::new(),
         link_waiters: HashMap::new(),
         clock,
         counters,
@@ -355,10 +362,12 @@ impl Driver {
     fn drain(&mut self) {
         while let Some(output) = self.router.poll_output() {
             match output {
-                Output::Transmit { conn, frame } => self.queue(conn, Outgoing::Frame(frame)),
-                Output::Deliver { conn, message } => self.queue(conn, Outgoing::Message(message)),
+                Output::Transmit { conn, frame } => self.queue_frame(conn, frame),
+                Output::Deliver { conn, message } => self.deliver(conn, message),
                 Output::Close { conn, code, reason } => {
                     self.notify_link(conn, Err(reason.clone()));
+                    // What the router sent before closing goes out before the status.
+                    self.flush(conn);
                     if let Some(writer) = self.writers.remove(&conn) {
                         let _ = writer.conn.close.send((code, reason));
                     }
@@ -378,69 +387,110 @@ impl Driver {
                     conn,
                     routes_removed,
                 }) => {
-                    // Dropping the writer ends its stream (with the status the reader left, if any).
+                    // Dropping the writer ends its stream (with the status the reader left, if
+                    // any), after what was queued for it.
+                    self.flush(conn);
                     self.writers.remove(&conn);
                     self.notify_link(conn, Err(format!("connection {conn} closed")));
                     tracing::info!(conn, routes_removed, "connection removed");
                 }
             }
         }
+        let conns: Vec<ConnId> = self.batches.keys().copied().collect();
+        for conn in conns {
+            self.flush(conn);
+        }
     }
 
-    /// Hands an output to its connection's writer, or drops it (counted) when the connection
-    /// has more than its share queued: a connection that does not read must not stall the node.
-    fn queue(&self, conn: ConnId, outgoing: Outgoing) {
+    /// Adds a frame to its connection's batch, or drops it (counted) when the connection has
+    /// more than its share queued: a connection that does not read must not stall the node.
+    fn queue_frame(&mut self, conn: ConnId, frame: Bytes) {
         let Some(writer) = self.writers.get(&conn) else {
             return;
         };
-        let len = outgoing.len();
-        let queued = writer.queued.load(Ordering::Relaxed);
-        if queued > 0 && queued + len > CONNECTION_QUEUE_BYTES {
-            self.count_slow_consumer_drop(conn);
+        let batch = self.batches.entry(conn).or_default();
+        let queued = writer.queued.load(Ordering::Relaxed) + batch.buf.len();
+        if queued > 0 && queued + frame.len() > CONNECTION_QUEUE_BYTES {
+            self.count_slow_consumer_drops(conn, 1);
             return;
         }
-        writer.queued.fetch_add(len, Ordering::Relaxed);
-        let counted = QueuedBytes {
-            len,
-            queued: writer.queued.clone(),
-        };
-        // On failure the output, and so its count, is dropped right here.
-        let full = match (&writer.conn.outbox, outgoing) {
-            (Outbox::Frames(frames), Outgoing::Frame(frame)) => {
-                let frame = Bytes::from_owner(Queued {
-                    frame,
-                    _queued: counted,
-                });
-                matches!(
-                    frames.try_send(frame),
-                    Err(mpsc::error::TrySendError::Full(_))
-                )
-            }
-            (Outbox::Messages(messages), Outgoing::Message(message)) => matches!(
-                messages.try_send(Delivery {
-                    message,
-                    _queued: counted,
-                }),
-                Err(mpsc::error::TrySendError::Full(_))
-            ),
-            // The router delivers messages to local apps only, and frames to links only.
-            (_, _) => {
-                tracing::error!(conn, "output of the wrong form for the connection: dropped");
-                false
-            }
-        };
-        if full {
-            self.count_slow_consumer_drop(conn);
+        if frame.len() >= BATCH_COPY_MAX {
+            // Large frames go as they are, not copied: after what was batched before them.
+            self.flush(conn);
+            self.send_frames(conn, frame, 1);
+            return;
+        }
+        batch.buf.extend_from_slice(&frame);
+        batch.frames += 1;
+        if batch.buf.len() >= BATCH_COPY_MAX {
+            self.flush(conn);
         }
     }
 
-    fn count_slow_consumer_drop(&self, conn: ConnId) {
-        let n = self
+    /// Hands `conn`'s batch to its writer.
+    fn flush(&mut self, conn: ConnId) {
+        let Some(batch) = self.batches.remove(&conn) else {
+            return;
+        };
+        if batch.frames > 0 {
+            self.send_frames(conn, batch.buf.freeze(), batch.frames);
+        }
+    }
+
+    /// Queues `buf` (`frames` whole frames) for `conn`'s writer, counted in its queued bytes
+    /// until written; dropped (and counted) when its queue is full.
+    fn send_frames(&self, conn: ConnId, buf: Bytes, frames: u64) {
+        let Some(writer) = self.writers.get(&conn) else {
+            return;
+        };
+        let Outbox::Frames(outbox) = &writer.conn.outbox else {
+            // The router sends frames to links only, and messages to local apps only.
+            tracing::error!(conn, "frames for an in-process app: dropped");
+            return;
+        };
+        let counted = writer.counted(buf.len());
+        let buf = Bytes::from_owner(Queued {
+            frame: buf,
+            _queued: counted,
+        });
+        // On failure the frames, and so their count, are dropped right here.
+        if let Err(mpsc::error::TrySendError::Full(_)) = outbox.try_send(buf) {
+            self.count_slow_consumer_drops(conn, frames);
+        }
+    }
+
+    /// Hands a message to an in-process app, as [`Driver::queue_frame`] does a frame.
+    fn deliver(&self, conn: ConnId, message: Box<pb::Message>) {
+        let Some(writer) = self.writers.get(&conn) else {
+            return;
+        };
+        let len = 512 + payload_len(&message); // what matters for the bound, computed cheaply
+        let queued = writer.queued.load(Ordering::Relaxed);
+        if queued > 0 && queued + len > CONNECTION_QUEUE_BYTES {
+            self.count_slow_consumer_drops(conn, 1);
+            return;
+        }
+        let Outbox::Messages(outbox) = &writer.conn.outbox else {
+            tracing::error!(conn, "a message for a link: dropped");
+            return;
+        };
+        let delivery = Delivery {
+            message,
+            _queued: writer.counted(len),
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = outbox.try_send(delivery) {
+            self.count_slow_consumer_drops(conn, 1);
+        }
+    }
+
+    fn count_slow_consumer_drops(&self, conn: ConnId, frames: u64) {
+        let before = self
             .counters
             .slow_consumer_drops
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
-        if n.is_power_of_two() {
+            .fetch_add(frames, Ordering::Relaxed);
+        // Logged when the total passes a power of two.
+        let n = before + frames;
+        if (before + 1..=n).any(u64::is_power_of_two) {
             tracing::warn!(
                 conn,
                 dropped_total = n,
