@@ -61,9 +61,12 @@ const RELIABILITY: Reliability = Reliability {
     interval: Duration::from_secs(1),
     max_retries: 10,
 };
-/// After the senders stop, how long the last messages and acks may take (beyond the whole
-/// retransmission schedule, so that a recovered message still counts as delivered).
-const DRAIN: Duration = Duration::from_secs(30);
+/// After the senders stop, how long the last messages and acks may take: the whole
+/// retransmission schedule (88 s with backoff), so that a recovered message still counts as
+/// delivered. Only a soak that is losing messages waits it out.
+fn drain_time() -> Duration {
+    RELIABILITY.give_up_bound() + Duration::from_secs(2)
+}
 /// Concurrent connects and session handshakes.
 const CONNECTING: usize = 32;
 /// How long a probe publish is waited for before the soak stops (and then fails).
@@ -427,7 +430,8 @@ async fn run_member(
     sent_counts[member.me].store(tally.sent, Ordering::SeqCst);
     all_stopped.wait().await;
     let expected = sent_counts[member.from].load(Ordering::SeqCst);
-    let deadline = tokio::time::Instant::now() + DRAIN;
+    let drain = drain_time();
+    let deadline = tokio::time::Instant::now() + drain;
     while tally.received < expected || tally.delivered < tally.sent {
         match tokio::time::timeout_at(deadline, member.app.next_event()).await {
             Ok(Ok(event)) => member.take(event, &mut tally),
@@ -437,7 +441,7 @@ async fn run_member(
             }
             Err(_) => {
                 tally.errors.push(format!(
-                    "after {DRAIN:?}: {} of {expected} messages from a{} arrived, {} of {} of ours \
+                    "after {drain:?}: {} of {expected} messages from a{} arrived, {} of {} of ours \
                      acknowledged",
                     tally.received, member.from, tally.delivered, tally.sent
                 ));
