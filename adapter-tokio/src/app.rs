@@ -86,7 +86,8 @@ struct Inner {
 /// Dropping it closes the link.
 pub struct Client {
     inner: Arc<Inner>,
-    inbox: tokio::sync::Mutex<mpsc::Receiver<pb::Message>>,
+    /// Boxed: a message is ~700 bytes, moved through two channels on its way.
+    inbox: tokio::sync::Mutex<mpsc::Receiver<Box<pb::Message>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -296,6 +297,7 @@ impl Client {
             .await
             .recv()
             .await
+            .map(|message| *message)
             .ok_or(ClientError::Closed)
     }
 
@@ -491,10 +493,10 @@ async fn supervise_link(
 async fn dispatch(
     mut deliveries: mpsc::Receiver<Delivery>,
     pending_acks: PendingAcks,
-    inbox: mpsc::Sender<pb::Message>,
+    inbox: mpsc::Sender<Box<pb::Message>>,
 ) {
     while let Some(delivery) = deliveries.recv().await {
-        let message = *delivery.message;
+        let message = delivery.message;
         match &message.message_type {
             Some(MessageType::SubscriptionAck(ack)) => {
                 let waiter = pending_acks

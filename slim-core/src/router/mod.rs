@@ -231,6 +231,30 @@ impl Connection {
     }
 }
 
+/// The bytes a message was received in: read as a publish at once (a node), or kept to be
+/// parsed into a forward template only when a target needs one (a client).
+// One per received message, on the stack: boxing the view would allocate per message.
+#[allow(clippy::large_enum_variant)]
+enum Received<'a> {
+    Viewed(PublishView<'a>),
+    Raw(&'a [u8]),
+    Parsed(Option<ForwardTemplate<'a>>),
+}
+
+impl<'a> Received<'a> {
+    /// The template of a received publish, parsed on first use (`None`: not a plain publish).
+    fn template(&mut self) -> Option<&ForwardTemplate<'a>> {
+        if let Received::Raw(raw) = *self {
+            *self = Received::Parsed(ForwardTemplate::parse(raw));
+        }
+        match self {
+            Received::Viewed(view) => Some(&view.template),
+            Received::Parsed(template) => template.as_ref(),
+            Received::Raw(_) => None,
+        }
+    }
+}
+
 /// A subscription forwarded to another connection, whose ack we relay to the requester.
 struct PendingAck {
     requester: ConnId,
@@ -303,6 +327,13 @@ impl Router {
             self.conns.get(&conn).map(|c| &c.link),
             Some(LinkState::Established { .. })
         )
+    }
+
+    /// An in-process app's connection: it takes messages, not frames.
+    fn is_local(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|c| c.kind == ConnectionKind::Local)
     }
 
     fn allocate(&mut self, connection: Connection) -> ConnId {
@@ -381,31 +412,27 @@ impl Router {
     /// One received protobuf `Message` (the gRPC prefix already removed).
     pub fn handle_frame(&mut self, conn: ConnId, body: Bytes, now: Timestamp) {
         if let Some(negotiated) = self.received(conn) {
-            // Read once: routed from its bytes if it can be, else its template goes with the
-            // decoded message.
-            let view = match negotiated {
+            // A node reads a publish once: routed from its bytes if it can be, else decoded
+            // with its template parsed. A client (route_from_bytes off) parses the template only
+            // if a target needs it: what it receives is nearly always for its apps.
+            let mut received = match negotiated {
                 false => None,
-                true if self.config.route_from_bytes => PublishView::parse(&body),
-                true => ForwardTemplate::parse(&body).map(|template| PublishView {
-                    template,
-                    routing: None,
-                }),
+                true if self.config.route_from_bytes => {
+                    PublishView::parse(&body).map(Received::Viewed)
+                }
+                true => Some(Received::Raw(&body)),
             };
-            let routed = match &view {
-                Some(PublishView {
-                    template,
-                    routing: Some(routing),
-                }) => self.route_received_publish(conn, &body, template, routing),
-                _ => false,
-            };
-            if routed {
-                return self.prune_timers();
+            if let Some(Received::Viewed(PublishView {
+                template,
+                routing: Some(routing),
+            })) = &received
+            {
+                if self.route_received_publish(conn, &body, template, routing) {
+                    return self.prune_timers();
+                }
             }
             match pb::Message::decode(body.clone()) {
-                Ok(message) => {
-                    let template = view.map(|view| view.template);
-                    self.dispatch(conn, message, template.as_ref(), now);
-                }
+                Ok(message) => self.dispatch(conn, message, received.as_mut(), now),
                 Err(error) if negotiated => {
                     self.drop_message(conn, DropReason::Malformed, &error.to_string());
                 }
@@ -440,18 +467,18 @@ impl Router {
         Some(matches!(connection.link, LinkState::Established { .. }))
     }
 
-    /// `template`: the received bytes of a publish that came as a frame.
+    /// `received`: the bytes of a message that came as a frame.
     fn dispatch(
         &mut self,
         conn: ConnId,
         message: pb::Message,
-        template: Option<&ForwardTemplate<'_>>,
+        received: Option<&mut Received<'_>>,
         now: Timestamp,
     ) {
         match &self.conns[&conn].link {
             LinkState::AwaitingRequest { .. } => self.on_negotiation_request(conn, &message),
             LinkState::AwaitingReply { .. } => self.on_negotiation_reply(conn, &message),
-            LinkState::Established { .. } => self.on_message(conn, message, template, now),
+            LinkState::Established { .. } => self.on_message(conn, message, received, now),
         }
     }
 
@@ -654,7 +681,7 @@ impl Router {
         &mut self,
         conn: ConnId,
         mut message: pb::Message,
-        template: Option<&ForwardTemplate<'_>>,
+        received: Option<&mut Received<'_>>,
         now: Timestamp,
     ) {
         if let Err(error) = slim_proto::validate(&message) {
@@ -705,7 +732,7 @@ impl Router {
         // Never trusted from the wire: receivers overwrite it with the ingress connection.
         header.incoming_conn = Some(conn);
         if is_publish {
-            self.on_publish(conn, kind, message, template);
+            self.on_publish(conn, kind, message, received);
         } else {
             self.on_subscription(conn, kind, message, now);
         }
@@ -716,7 +743,7 @@ impl Router {
         conn: ConnId,
         kind: ConnectionKind,
         mut message: pb::Message,
-        template: Option<&ForwardTemplate<'_>>,
+        mut received: Option<&mut Received<'_>>,
     ) {
         let Some(header) = header_mut(&mut message) else {
             return;
@@ -726,9 +753,13 @@ impl Router {
         let Some(targets) = self.publish_targets(conn, kind, route) else {
             return;
         };
-        // Each target's frame is copied from the received bytes with that link's MAC.
+        // Each link's frame is copied from the received bytes with that link's MAC.
         for (i, target) in targets.iter().enumerate() {
             let more = i + 1 < targets.len();
+            let template = match &mut received {
+                Some(received) if !self.is_local(*target) => received.template(),
+                _ => None,
+            };
             self.transmit_routed(*target, &mut message, template, more);
             self.stats.forwarded += 1;
         }
@@ -928,11 +959,7 @@ impl Router {
         template: Option<&ForwardTemplate<'_>>,
         more: bool,
     ) {
-        let local = self
-            .conns
-            .get(&conn)
-            .is_some_and(|c| c.kind == ConnectionKind::Local);
-        self.out.push_back(if local {
+        self.out.push_back(if self.is_local(conn) {
             Output::Deliver {
                 conn,
                 message: Box::new(if more {
