@@ -14,40 +14,20 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use slim_core::session::Reliability;
-use slim_core::sim::{Action, ClientSpec, Side, Sim, SimConfig, Workload};
+use slim_core::sim::{Action, Side, Sim, SimConfig, Workload};
 
 const MESSAGES: u32 = 1000;
 /// The handshake finishes well within this, on the clean network (1 ms per hop).
 const HANDSHAKE: Duration = Duration::from_millis(100);
 
 fn scenario(loss: f64) -> SimConfig {
-    let mut config = SimConfig::clean(
-        1,
-        vec![
-            ClientSpec {
-                service: 0,
-                node: 0,
-            },
-            ClientSpec {
-                service: 1,
-                node: 0,
-            },
-        ],
-        Duration::from_millis(1),
-    )
-    .with_loss(loss);
-    let mut actions = vec![(
-        Duration::ZERO,
-        Action::Open {
-            session: 0,
-            client: 0,
-            service: 1,
-            reliability: Some(Reliability {
-                interval: Duration::from_millis(100),
-                max_retries: 10,
-            }),
-        },
-    )];
+    let reliability = Reliability {
+        interval: Duration::from_millis(100),
+        max_retries: 10,
+    };
+    let mut config =
+        SimConfig::one_session(1, Some(reliability), Duration::from_millis(1)).with_loss(loss);
+    let mut actions = std::mem::take(&mut config.workload.actions);
     // One message per simulated millisecond: the retransmission buffer (512) never overflows.
     actions.extend((0..u64::from(MESSAGES)).map(|n| {
         (

@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use slim_core::session::Reliability;
 use slim_core::sim::{
-    Action, ClientSpec, Congestion, FrameView, HostId, Report, Side, Sim, SimConfig, Window,
-    Workload,
+    Action, Congestion, FrameView, HostId, Report, Side, Sim, SimConfig, Window, Workload,
 };
 use slim_proto::pb::SessionMessageType as Mt;
 
@@ -39,32 +38,12 @@ const EPISODE: [(u64, u64, u64); 3] = [
 /// Two clients on two nodes, one reliable session (200 ms x 10 retries), client 0 publishing
 /// [`MESSAGES`]; `loss` on the node link from the episode's start to the end of publishing.
 fn scenario(loss: f64) -> SimConfig {
-    let mut config = SimConfig::clean(
-        2,
-        vec![
-            ClientSpec {
-                service: 0,
-                node: 0,
-            },
-            ClientSpec {
-                service: 1,
-                node: 1,
-            },
-        ],
-        ms(5),
-    );
-    let mut actions = vec![(
-        ms(0),
-        Action::Open {
-            session: 0,
-            client: 0,
-            service: 1,
-            reliability: Some(Reliability {
-                interval: ms(200),
-                max_retries: 10,
-            }),
-        },
-    )];
+    let reliability = Reliability {
+        interval: ms(200),
+        max_retries: 10,
+    };
+    let mut config = SimConfig::one_session(2, Some(reliability), ms(5));
+    let mut actions = std::mem::take(&mut config.workload.actions);
     for n in 0..u64::from(MESSAGES) {
         actions.push((
             ms(FIRST_MS + PERIOD_MS * n),

@@ -276,29 +276,8 @@ fn ms(v: u64) -> Duration {
 /// Two clients on two nodes, one reliable session; from 500 ms on, each side publishes
 /// `messages` messages, 10 ms apart.
 fn one_session(messages: u32, reliability: Reliability) -> SimConfig {
-    let mut config = SimConfig::clean(
-        2,
-        vec![
-            ClientSpec {
-                service: 0,
-                node: 0,
-            },
-            ClientSpec {
-                service: 1,
-                node: 1,
-            },
-        ],
-        ms(5),
-    );
-    let mut actions = vec![(
-        ms(0),
-        Action::Open {
-            session: 0,
-            client: 0,
-            service: 1,
-            reliability: Some(reliability),
-        },
-    )];
+    let mut config = SimConfig::one_session(2, Some(reliability), ms(5));
+    let mut actions = std::mem::take(&mut config.workload.actions);
     for n in 0..u64::from(messages) {
         for (offset, side) in [(0, Side::Initiator), (5, Side::Participant)] {
             actions.push((

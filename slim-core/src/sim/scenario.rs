@@ -461,6 +461,36 @@ impl SimConfig {
         }
     }
 
+    /// Two clients, services 0 and 1, on nodes 0 and `nodes - 1` (clean links, `delay` each
+    /// way), and a workload that opens one p2p session from the first to the second at 0 with
+    /// `reliability`: add the publishes and the duration.
+    pub fn one_session(nodes: usize, reliability: Option<Reliability>, delay: Duration) -> Self {
+        let mut config = Self::clean(
+            nodes,
+            vec![
+                ClientSpec {
+                    service: 0,
+                    node: 0,
+                },
+                ClientSpec {
+                    service: 1,
+                    node: nodes.saturating_sub(1),
+                },
+            ],
+            delay,
+        );
+        config.workload.actions.push((
+            Duration::ZERO,
+            Action::Open {
+                session: 0,
+                client: 0,
+                service: 1,
+                reliability,
+            },
+        ));
+        config
+    }
+
     /// Every session with MLS on (see [`SimConfig::mls`]).
     pub fn with_mls(mut self) -> Self {
         self.mls = true;
