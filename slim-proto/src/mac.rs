@@ -47,6 +47,8 @@ pub struct HeaderMacKey {
 struct LastTag {
     header: Vec<u8>,
     tag: [u8; MAC_LEN],
+    /// Where the next pre-image is gathered (kept, so gathering neither allocates nor zeroes).
+    next: Vec<u8>,
 }
 
 /// Headers whose pre-image is longer than this are hashed as they are gathered, not memoised.
@@ -86,27 +88,25 @@ impl HeaderMacKey {
 
     /// The 32-byte tag of a header given by its pre-image fields.
     pub fn tag_fields(&self, header: &HeaderRef<'_>) -> [u8; MAC_LEN] {
+        let mut last = self.last.borrow_mut();
+        let last = &mut *last;
+        last.next.clear();
         let mut gathered = GatherSink {
-            buf: [0; MEMO_MAX],
-            len: 0,
+            buf: &mut last.next,
             overflow: false,
         };
         feed_header(&mut gathered, header);
         if gathered.overflow {
             return self.streamed_tag(header);
         }
-        let bytes = &gathered.buf[..gathered.len];
-        let mut last = self.last.borrow_mut();
-        if last.header == bytes {
+        if last.header == last.next {
             return last.tag;
         }
         let mut mac = self.prefixed.clone();
-        mac.update(bytes);
-        let tag = mac.finalize().into_bytes().into();
-        last.header.clear();
-        last.header.extend_from_slice(bytes);
-        last.tag = tag;
-        tag
+        mac.update(&last.next);
+        last.tag = mac.finalize().into_bytes().into();
+        std::mem::swap(&mut last.header, &mut last.next);
+        last.tag
     }
 
     fn streamed_tag(&self, header: &HeaderRef<'_>) -> [u8; MAC_LEN] {
@@ -194,21 +194,18 @@ impl Sink for BufferedSink<'_> {
         self.len += bytes.len();
     }
 }
-/// Gathers a pre-image into a fixed buffer; `overflow` if it did not fit.
-struct GatherSink {
-    buf: [u8; MEMO_MAX],
-    len: usize,
+/// Gathers a pre-image of up to [`MEMO_MAX`] bytes; `overflow` if it did not fit.
+struct GatherSink<'a> {
+    buf: &'a mut Vec<u8>,
     overflow: bool,
 }
-impl Sink for GatherSink {
+impl Sink for GatherSink<'_> {
     fn put(&mut self, bytes: &[u8]) {
-        let end = self.len + bytes.len();
-        if self.overflow || end > self.buf.len() {
+        if self.overflow || self.buf.len() + bytes.len() > MEMO_MAX {
             self.overflow = true;
             return;
         }
-        self.buf[self.len..end].copy_from_slice(bytes);
-        self.len = end;
+        self.buf.extend_from_slice(bytes);
     }
 }
 struct VecSink<'a>(&'a mut Vec<u8>);

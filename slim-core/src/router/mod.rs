@@ -213,7 +213,8 @@ enum LinkState {
         keys: LinkKeyPair,
     },
     Established {
-        mac: Option<HeaderMacKey>,
+        /// Boxed: the HMAC state and its memo are large next to the other states.
+        mac: Option<Box<HeaderMacKey>>,
     },
 }
 
@@ -225,7 +226,7 @@ struct Connection {
 impl Connection {
     fn mac(&self) -> Option<&HeaderMacKey> {
         match &self.link {
-            LinkState::Established { mac } if self.kind.uses_header_mac() => mac.as_ref(),
+            LinkState::Established { mac } if self.kind.uses_header_mac() => mac.as_deref(),
             _ => None,
         }
     }
@@ -661,7 +662,9 @@ impl Router {
         };
         connection.kind = kind;
         let header_mac = mac.is_some();
-        connection.link = LinkState::Established { mac };
+        connection.link = LinkState::Established {
+            mac: mac.map(Box::new),
+        };
         self.stats.links_established += 1;
         tracing::debug!(conn, kind = kind.as_str(), link_id = %remote.link_id, remote_node = %remote.node_id, "link established");
         self.out
