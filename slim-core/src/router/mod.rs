@@ -203,9 +203,7 @@ enum TimerKey {
 
 enum LinkState {
     /// Accepted; the first message must be the peer's negotiation request.
-    AwaitingRequest {
-        deadline: Timestamp,
-    },
+    AwaitingRequest { deadline: Timestamp },
     /// Dialed; we sent our request and wait for the reply.
     AwaitingReply {
         deadline: Timestamp,
