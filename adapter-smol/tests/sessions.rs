@@ -417,3 +417,66 @@ fn direct_messages_and_soft_close_tokio() {
         common::direct_messages_and_soft_close(&moderator, &a, &b, &channel).await;
     });
 }
+
+/// A producer that never reads its events is refused with `SendQueueFull` once its driver
+/// holds `EVENT_BACKLOG` of them beyond its queue, instead of holding more without bound.
+#[test]
+fn a_producer_that_never_reads_is_refused_not_grown_smol() {
+    let _guard = watchdog(
+        "a_producer_that_never_reads_is_refused_not_grown_smol",
+        Duration::from_secs(120),
+    );
+    let node = TestNode::start();
+    let endpoint = node.endpoint();
+    smol::block_on(async {
+        let connect = |role: &str| {
+            App::connect(
+                &endpoint,
+                common::scenario_name("producer-smol", role),
+                SECRET,
+            )
+        };
+        let (producer, sink) = (
+            connect("producer").await.unwrap(),
+            connect("sink").await.unwrap(),
+        );
+        common::producer_that_never_reads(
+            &producer,
+            &sink,
+            4096,
+            slim_smol::session::EVENT_BACKLOG,
+        )
+        .await;
+    });
+}
+
+#[test]
+fn a_producer_that_never_reads_is_refused_not_grown_tokio() {
+    use slim_tokio::session::App;
+    let _guard = watchdog(
+        "a_producer_that_never_reads_is_refused_not_grown_tokio",
+        Duration::from_secs(120),
+    );
+    let node = TestNode::start();
+    let endpoint = node.endpoint();
+    common::tokio_runtime().block_on(async {
+        let connect = |role: &str| {
+            App::connect(
+                &endpoint,
+                common::scenario_name("producer-tokio", role),
+                SECRET,
+            )
+        };
+        let (producer, sink) = (
+            connect("producer").await.unwrap(),
+            connect("sink").await.unwrap(),
+        );
+        common::producer_that_never_reads(
+            &producer,
+            &sink,
+            4096,
+            slim_tokio::session::EVENT_BACKLOG,
+        )
+        .await;
+    });
+}

@@ -228,7 +228,9 @@ impl App {
 
     /// Sends `payload` on a session (to the peer, or to every group member); returns its
     /// sequence id. On a reliable session whose send queue is full (the receivers are behind
-    /// on their acknowledgements) it waits until there is room.
+    /// on their acknowledgements) it waits until there is room, unless this application is
+    /// more than [`EVENT_BACKLOG`] events behind its event queue (every acknowledged message is
+    /// a `Delivered` event): then it fails with `SendQueueFull`, and the events must be read.
     pub async fn publish(
         &self,
         session: SessionId,
@@ -392,6 +394,12 @@ impl Waiters {
 }
 
 /// drain → arm the timer → wait for one input (a message, a command or the timer).
+/// Events a session driver holds beyond the application's event queue (it stops reading the
+/// network while it holds any, except for a publish waiting for acknowledgements) before a
+/// waiting publish stops waiting and fails with `SendQueueFull`: a producer that never reads
+/// its events must not grow its driver without bound.
+pub const EVENT_BACKLOG: usize = 8192;
+
 async fn drive(
     mut layer: SessionLayer,
     client: Client,
@@ -452,6 +460,18 @@ async fn drive(
             }
         }
         let app_behind = !backlog.is_empty();
+        if backlog.len() >= EVENT_BACKLOG && !waiters.publishing.is_empty() {
+            // Reading on for the waiting publishes would grow the backlog without bound (a
+            // producer that never reads its events gets one Delivered per message): they fail
+            // as they would without waiting, and the application must read its events.
+            tracing::warn!(
+                unread = backlog.len(),
+                "application far behind on its events: waiting publishes refused"
+            );
+            for (reply, result) in waiters.publishing.refuse_all() {
+                let _ = reply.send(result);
+            }
+        }
         // A waiting publish needs the acks: the network is read while there is one, even if
         // the application is behind (it may be waiting for that publish before it reads).
         let read_net = !app_behind || !waiters.publishing.is_empty();

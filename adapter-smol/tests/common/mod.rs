@@ -167,10 +167,12 @@ pub trait SessionApp {
         payload: Bytes,
     ) -> Result<u32, Self::Error>;
     async fn set_online(&self, session: SessionId, online: bool) -> Result<(), Self::Error>;
+    /// Whether `error` is the core's `SendQueueFull`.
+    fn is_send_queue_full(error: &Self::Error) -> bool;
 }
 
 macro_rules! session_app {
-    ($app:ty, $error:ty) => {
+    ($app:ty, $error:ty, $session_error:path) => {
         impl SessionApp for $app {
             type Error = $error;
             fn name(&self) -> &Name {
@@ -221,12 +223,26 @@ macro_rules! session_app {
             ) -> Result<(), Self::Error> {
                 <$app>::set_online(self, session, online).await
             }
+            fn is_send_queue_full(error: &Self::Error) -> bool {
+                matches!(
+                    error,
+                    $session_error(slim_core::session::SessionError::SendQueueFull(..))
+                )
+            }
         }
     };
 }
 
-session_app!(slim_smol::session::App, slim_smol::session::AppError);
-session_app!(slim_tokio::session::App, slim_tokio::session::AppError);
+session_app!(
+    slim_smol::session::App,
+    slim_smol::session::AppError,
+    slim_smol::session::AppError::Session
+);
+session_app!(
+    slim_tokio::session::App,
+    slim_tokio::session::AppError,
+    slim_tokio::session::AppError::Session
+);
 
 /// What the initiator saw.
 #[derive(Debug)]
@@ -781,4 +797,76 @@ pub async fn direct_messages_and_soft_close<A: SessionApp>(
             "b online: {online}, moderator saw {state:?}"
         );
     }
+}
+
+/// Runs `work` with a limit; `None` when the limit passed first (works under either runtime).
+pub async fn within<T>(limit: Duration, work: impl std::future::Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(work.await) }, async {
+        smol::Timer::after(limit).await;
+        None
+    })
+    .await
+}
+
+/// A producer that never reads its events: each acknowledged message leaves a `Delivered` it
+/// does not take. Its publishes are answered while its driver holds up to `backlog` events
+/// beyond the app's event queue (`event_queue`); past that, a publish that would wait for room
+/// fails with `SendQueueFull` instead of the driver's memory growing without bound. Once the
+/// producer reads its events, it can publish again. `sink` takes the session and reads all.
+pub async fn producer_that_never_reads<A: SessionApp>(
+    producer: &A,
+    sink: &A,
+    event_queue: usize,
+    backlog: usize,
+) {
+    use slim_core::session::sender::{PRODUCER_BUFFER, SEND_QUEUE};
+    let sink_reads = async {
+        loop {
+            if sink.next_event().await.is_err() {
+                return;
+            }
+        }
+    };
+    let produce = async {
+        let session = producer
+            .open_session(sink.name(), reliable())
+            .await
+            .unwrap();
+        let mut answered = 0usize;
+        let refused = loop {
+            let payload = Bytes::from(answered.to_be_bytes().to_vec());
+            match within(Duration::from_secs(10), producer.publish(session, payload)).await {
+                None => panic!("publish {answered} not answered"),
+                Some(Ok(_)) => answered += 1,
+                Some(Err(error)) => break error,
+            }
+        };
+        assert!(A::is_send_queue_full(&refused), "refused with {refused:?}");
+        assert!(
+            answered >= event_queue + backlog,
+            "refused after {answered} publishes: the driver held fewer than its backlog allows"
+        );
+        assert!(
+            answered <= event_queue + backlog + SEND_QUEUE + PRODUCER_BUFFER,
+            "{answered} publishes answered: the backlog grew past its bound"
+        );
+        // Reading its events frees the producer.
+        let mut read = 0usize;
+        while let Some(event) = within(Duration::from_millis(500), producer.next_event()).await {
+            event.unwrap();
+            read += 1;
+        }
+        assert!(
+            read >= event_queue + backlog,
+            "only {read} events were held"
+        );
+        within(
+            Duration::from_secs(10),
+            producer.publish(session, Bytes::from_static(b"after reading")),
+        )
+        .await
+        .expect("publish not answered after reading")
+        .expect("publishing works again once the events are read");
+    };
+    futures_lite::future::or(produce, sink_reads).await;
 }

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use bytes::Bytes;
 use slim_proto::Name;
 
+use super::sender::SEND_QUEUE;
 use super::{SessionError, SessionId, SessionLayer};
 use crate::Timestamp;
 
@@ -80,6 +81,20 @@ impl<R> WaitingPublishes<R> {
             }
             result => Some((reply, result)),
         }
+    }
+
+    /// Answers every waiting publish with the `SendQueueFull` it waited on: for a driver that
+    /// stops waiting (its application is too far behind on its events for the network to be
+    /// read on the publishes' behalf).
+    pub fn refuse_all(&mut self) -> Vec<Answer<R>> {
+        std::mem::take(&mut self.by_session)
+            .into_iter()
+            .flat_map(|(session, waiting)| {
+                waiting.into_iter().map(move |(_, reply)| {
+                    (reply, Err(SessionError::SendQueueFull(session, SEND_QUEUE)))
+                })
+            })
+            .collect()
     }
 
     /// Retries the waiting publishes, in order per session, until the core refuses one again;
