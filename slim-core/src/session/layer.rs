@@ -1718,6 +1718,13 @@ impl SessionLayer {
         }
         let after = group.members.clone();
         self.ack(&m, now);
+        let rejoin = pb::GroupUpdateOp::try_from(update.op) == Ok(pb::GroupUpdateOp::Rejoin);
+        if let Some(rejoined) = subject
+            .as_ref()
+            .filter(|n| rejoin && n.key() != self.name.key())
+        {
+            self.resend_unacked(m.session_id, rejoined, now);
+        }
         for joined in after
             .iter()
             .filter(|n| !before.iter().any(|b| b.key() == n.key()))
@@ -2330,6 +2337,7 @@ impl SessionLayer {
             self.stats.dropped[SessionDrop::Duplicate as usize] += 1;
             let message = self.reply(&m, Mt::RejoinReply, command(Cmd::RejoinReply(reply)), now);
             self.emit_send(message);
+            self.resend_unacked(m.session_id, &m.source, now);
             return;
         }
         let queued = group.tasks.iter().any(|t| {
@@ -2435,6 +2443,21 @@ impl SessionLayer {
             Some(mls),
             now,
         );
+        self.resend_unacked(session, &member, now);
+    }
+
+    /// Sends `member` at once, at the current epoch, what it has not acknowledged of ours: it
+    /// could not read it while it was out of the MLS group (a rejoin), and the retransmission
+    /// timers, backed off by then, may be seconds away. Sent after its welcome on the same
+    /// path, so it arrives after it.
+    fn resend_unacked(&mut self, session: SessionId, member: &Name, now: Timestamp) {
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
+        for id in s.sender.unacked_by(&member.key()) {
+            let to = member.clone();
+            self.sender_event(session, SenderEvent::Retransmit { id, to }, now);
+        }
     }
 
     /// Peers silent for three heartbeat periods are marked offline.

@@ -254,6 +254,16 @@ impl ReliableSender {
         }
     }
 
+    /// Messages `endpoint` has not acknowledged yet, oldest first; their timers and tries stay
+    /// as they are.
+    pub fn unacked_by(&self, endpoint: &NameKey) -> Vec<u32> {
+        self.pending
+            .iter()
+            .filter(|(_, pending)| pending.missing.iter().any(|n| n.key() == *endpoint))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     pub fn handle_timeout(&mut self, now: Timestamp, events: &mut Vec<SenderEvent>) {
         while let Some(Reverse((deadline, id))) = self.timers.peek().copied() {
             if deadline > now {
