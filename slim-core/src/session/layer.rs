@@ -63,6 +63,9 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// reply, adding a whole message pass to every round trip; held, it follows the reply. Far
 /// below any sender's retransmission interval (the reference's is 1 s).
 pub const ACK_HOLD: Duration = Duration::from_millis(1);
+/// A held ack that goes out later than this after it was due (the driver was stalled, or its
+/// clock jumped) gets a fresh identity token: the one it was built with may have expired.
+const ACK_RESTAMP_AFTER: Duration = Duration::from_secs(60);
 /// Session ids are drawn below this (reference `0..u32::MAX-1000`).
 const MAX_SESSION_ID: u32 = u32::MAX - 1000;
 /// Publishes queued before a session is ready to send (handshake, MLS rejoin).
@@ -1010,11 +1013,7 @@ impl SessionLayer {
     }
 
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        while self.held_acks.front().is_some_and(|held| held.due <= now) {
-            if let Some(held) = self.held_acks.pop_front() {
-                self.push_send(held.ack);
-            }
-        }
+        self.release_due_acks(now);
         let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
@@ -1078,6 +1077,9 @@ impl SessionLayer {
 
     /// A message the application's router delivered.
     pub fn handle_message(&mut self, message: pb::Message, now: Timestamp) {
+        // Before anything this message makes us send: held acks due by now go out first, so
+        // that only acks held for less than ACK_HOLD ever ride out behind a reply.
+        self.release_due_acks(now);
         self.stats.received += 1;
         let Some(pb::message::MessageType::Publish(publish)) = &message.message_type else {
             self.drop_message(SessionDrop::Malformed, "not a publish");
@@ -3519,6 +3521,15 @@ impl SessionLayer {
         self.unix_at_zero + now.as_micros() / 1_000_000
     }
 
+    fn fresh_token(&mut self, now: Timestamp) -> String {
+        self.secret.issue(
+            &self.identity_id,
+            &self.public_key,
+            self.unix_now(now),
+            &mut self.rng,
+        )
+    }
+
     /// A session message with a fresh identity token; control messages are signed.
     #[allow(clippy::too_many_arguments)]
     fn build(
@@ -3534,12 +3545,7 @@ impl SessionLayer {
         metadata: BTreeMap<String, String>,
         now: Timestamp,
     ) -> pb::Message {
-        let token = self.secret.issue(
-            &self.identity_id,
-            &self.public_key,
-            self.unix_now(now),
-            &mut self.rng,
-        );
+        let token = self.fresh_token(now);
         let mut message = pb::Message {
             message_type: Some(pb::message::MessageType::Publish(pb::Publish {
                 header: Some(pb::SlimHeader {
@@ -3607,6 +3613,25 @@ impl SessionLayer {
     fn push_send(&mut self, message: pb::Message) {
         self.stats.sent += 1;
         self.out.push_back(Output::Send(Box::new(message)));
+    }
+
+    /// Sends the held acks due by `now`; one released long after it was due gets a fresh token.
+    fn release_due_acks(&mut self, now: Timestamp) {
+        while self.held_acks.front().is_some_and(|held| held.due <= now) {
+            let Some(mut held) = self.held_acks.pop_front() else {
+                break;
+            };
+            if now.saturating_since(held.due) > ACK_RESTAMP_AFTER {
+                let token = self.fresh_token(now);
+                if let Some(pb::message::MessageType::Publish(publish)) = &mut held.ack.message_type
+                {
+                    if let Some(header) = publish.header.as_mut() {
+                        header.identity = token;
+                    }
+                }
+            }
+            self.push_send(held.ack);
+        }
     }
 
     fn release_acks(&mut self, session: Option<SessionId>) {

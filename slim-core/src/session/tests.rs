@@ -724,3 +724,26 @@ fn an_ack_follows_the_reply_or_goes_out_after_the_hold() {
         id: 2
     }));
 }
+
+/// An ack held while the driver stalls (or its clock jumps) goes out with a fresh identity
+/// token, not the one it was built with an hour before, which its receiver would refuse.
+#[test]
+fn an_ack_released_long_after_its_hold_carries_a_fresh_token() {
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    p.a.publish(sid, Bytes::from_static(b"one way"), p.now)
+        .unwrap();
+    p.run();
+    assert_eq!(p.messages_b().len(), 1, "received, its ack held");
+    p.now = p.now + Duration::from_secs(2 * 3600);
+    p.b.handle_timeout(p.now);
+    p.run();
+    assert!(
+        p.events_a.contains(&SessionEvent::Delivered {
+            session: sid,
+            id: 1
+        }),
+        "the late ack verifies: {:?}",
+        p.events_a
+    );
+}
