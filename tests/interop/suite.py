@@ -33,7 +33,7 @@ ROLE_PY = os.path.join(HERE, "role.py")
 NEW, OLD = "3.3.8", "2.0.0"
 CASES = ["p2p_plain", "p2p_mls", "p2p_v200", "group_mls", "anycast", "rust_request", "rust_reply",
          "rust_group", "rust_member", "rust_request_mls", "rust_reply_mls", "rust_group_mls",
-         "rust_member_mls"]
+         "rust_member_mls", "rust_member_rejoin_mls"]
 P2P_EXCHANGES = 100
 GROUP_MEMBERS = 3
 GROUP_MSGS = 10
@@ -693,6 +693,133 @@ async def case_rust_member(ctx, mls=False):
         await stop_rust(proc, log)
 
 
+class CutProxy:
+    """A TCP relay in front of the node that can cut every connection through it and refuse
+    new ones for a while: a network partition, so that a client misses what is sent meanwhile
+    (the node drops what it cannot deliver) and has to redial."""
+
+    def __init__(self, endpoint):
+        u = urlparse(endpoint)
+        self.target = (u.hostname, u.port)
+        self.refusing = False
+        self.live = set()
+        self.accepted = 0
+        self.server = None
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _accept(self, reader, writer):
+        if self.refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.accepted += 1
+        pair = (writer, up_writer)
+        self.live.add(pair)
+
+        async def pump(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        finally:
+            self.live.discard(pair)
+
+    def cut(self):
+        self.refusing = True
+        for writer, up_writer in list(self.live):
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+    def heal(self):
+        self.refusing = False
+
+    async def stop(self):
+        self.cut()
+        self.server.close()
+
+
+async def case_rust_member_rejoin_mls(ctx):
+    """Ours, a member of an MLS group moderated by slim-bindings 3.3.8, loses its connection
+    while the moderator adds a member, so it misses that commit. Back online, it must find its
+    epoch stale and rejoin through the moderator (REJOIN_REQUEST / REJOIN_REPLY, flows g2),
+    then read what the moderator sends at the new epoch."""
+    proxy = CutProxy(ctx.endpoint)
+    via_proxy = await proxy.start()
+    rust_name, m0, m2 = ctx.name("rust-member"), ctx.name("member0"), ctx.name("member2")
+    ctx.set_step("start slim-tokio reply (member, through a cuttable relay) and two slim-bindings members")
+    proc, log = await run_rust(ctx, "rust-member", "reply", "--endpoint", via_proxy,
+                               "--name", rust_name, "--secret", ctx.secret, "--json", "--mls",
+                               wait=False)
+    ours = RustEvents(proc)
+    log_path = os.path.join(ctx.logs, "rust-member.log")
+
+    def ours_logged(text):
+        with open(log_path, "rb") as f:
+            return f.read().count(text.encode())
+
+    try:
+        await ours.wait(ctx, lambda: ours.of("ready"), "slim-tokio reply gets ready")
+        first = await ctx.spawn("member0", NEW, "member", "--local", m0)
+        late = await ctx.spawn("member2", NEW, "member", "--local", m2)
+        mod = await ctx.spawn("moderator", NEW, "moderator", "--local", ctx.name("moderator"),
+                              "--channel", ctx.name("chan"), "--mls")
+        for role in (first, late, mod):
+            await role.ready()
+        await mod.event("created", "moderator creates the group")
+        ctx.set_step("invite ours and member0")
+        mod.send(cmd="invite", names=[rust_name, m0])
+        await mod.event("done", "moderator invites both", cmd="invite")
+        await ours.wait(ctx, lambda: ours.of("session"), "ours joins the group")
+        before = hexes(blobs(ctx, "before", 3, 512))
+        mod.send(cmd="publish", hex=before)
+        await ours.wait(ctx, lambda: len(ours.of("msg")) >= len(before), "ours gets the first round")
+
+        ctx.set_step("cut ours off; the moderator adds member2 meanwhile")
+        proxy.cut()
+        mod.send(cmd="invite", names=[m2])
+        # A failed invite fails the wait (the role reports it).
+        await mod.wait(lambda: len(mod.of("done", cmd="invite")) >= 2,
+                       "the moderator invites member2 while ours is cut off", timeout=60)
+        await late.event("joined", "member2 joins")
+        ctx.set_step("heal; ours redials and must rejoin the MLS group")
+        accepted = proxy.accepted
+        proxy.heal()
+        await ours.wait(ctx, lambda: proxy.accepted > accepted, "ours redials through the relay")
+        await ours.wait(ctx, lambda: ours_logged("rejoined the MLS group"),
+                        "ours rejoins the MLS group (REJOIN_REQUEST answered by the moderator)")
+        ctx.set_step("broadcast at the new epoch")
+        after = hexes(blobs(ctx, "after", 5, 512))
+        mod.send(cmd="publish", hex=after)
+        await ours.wait(ctx, lambda: len(ours.of("msg")) >= len(before) + len(after),
+                        "ours reads the broadcast made after its rejoin")
+        got = [e["hex"] for e in ours.of("msg")]
+        if got[:len(before)] != before or sorted(got[len(before):]) != sorted(after):
+            raise CaseFailure(f"ours got {len(got)} msgs, not the {len(before)}+{len(after)} sent")
+        for m in (first, late):
+            await m.wait(lambda m=m: len(m.of("msg")) >= len(after) + (len(before) if m is first else 0),
+                         f"{m.label} gets the broadcast")
+        return (f"3.3.8 moderator: ours cut off while member2 joined, redialled, rejoined "
+                f"(remove+add commit) and read {len(after)} msgs at the new epoch")
+    finally:
+        await stop_rust(proc, log)
+        await proxy.stop()
+
+
 CASE_FUNCS = {"p2p_plain": case_p2p_plain, "p2p_mls": case_p2p_mls,
               "p2p_v200": case_p2p_v200, "group_mls": case_group_mls, "anycast": case_anycast,
               "rust_request": case_rust_request, "rust_reply": case_rust_reply,
@@ -700,7 +827,8 @@ CASE_FUNCS = {"p2p_plain": case_p2p_plain, "p2p_mls": case_p2p_mls,
               "rust_request_mls": lambda ctx: case_rust_request(ctx, mls=True),
               "rust_reply_mls": lambda ctx: case_rust_reply(ctx, mls=True),
               "rust_group_mls": lambda ctx: case_rust_group(ctx, mls=True),
-              "rust_member_mls": lambda ctx: case_rust_member(ctx, mls=True)}
+              "rust_member_mls": lambda ctx: case_rust_member(ctx, mls=True),
+              "rust_member_rejoin_mls": case_rust_member_rejoin_mls}
 
 
 async def drive(args):

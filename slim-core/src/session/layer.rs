@@ -2249,6 +2249,7 @@ impl SessionLayer {
             return;
         };
         let message_id = *s.rejoin_request.get_or_insert(fresh);
+        tracing::info!(session, %moderator, "our MLS epoch is stale: asking the moderator to rejoin");
         self.send_control_as(
             session,
             message_id,
@@ -2294,6 +2295,7 @@ impl SessionLayer {
             // The welcome put us at the group's epoch: nothing left to doubt.
             s.epoch_in_doubt = false;
         }
+        tracing::info!(session = m.session_id, "rejoined the MLS group");
         // The reference acknowledges the reply too (flows g2/g3).
         self.ack(m, now);
         // At the group's epoch again: what waited for it goes out.
