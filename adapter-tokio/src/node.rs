@@ -396,10 +396,13 @@ impl Driver {
                 }
             }
         }
-        let conns: Vec<ConnId> = self.batches.keys().copied().collect();
-        for conn in conns {
-            self.flush(conn);
+        // The map is taken out only so that `send_batch` may borrow `self` while it is drained;
+        // put back empty, it keeps its capacity, so a drain allocates nothing here.
+        let mut batches = std::mem::take(&mut self.batches);
+        for (conn, batch) in batches.drain() {
+            self.send_batch(conn, batch);
         }
+        self.batches = batches;
     }
 
     /// Adds a frame to its connection's batch, or drops it (counted) when the connection has
@@ -429,9 +432,13 @@ impl Driver {
 
     /// Hands `conn`'s batch to its writer.
     fn flush(&mut self, conn: ConnId) {
-        let Some(batch) = self.batches.remove(&conn) else {
-            return;
-        };
+        if let Some(batch) = self.batches.remove(&conn) {
+            self.send_batch(conn, batch);
+        }
+    }
+
+    /// Hands `batch`, already taken out of [`Driver::batches`], to `conn`'s writer.
+    fn send_batch(&self, conn: ConnId, batch: Batch) {
         if batch.frames > 0 {
             self.send_frames(conn, batch.buf.freeze(), batch.frames);
         }
