@@ -927,7 +927,8 @@ impl Router {
 
     /// Sends a header-carrying message on `target`, signed for that link. `more`: the message
     /// goes to further targets after this one (so it is not moved out). `template`: the
-    /// bytes a publish was received in, which its frame is copied from.
+    /// publish as received, parsed into a [`ForwardTemplate`], which a link's frame is copied
+    /// from (`None`: the message is encoded); see [`Router::emit`].
     fn transmit_routed(
         &mut self,
         target: ConnId,
@@ -950,9 +951,13 @@ impl Router {
         self.emit(target, message, template, more);
     }
 
-    /// Queues `message` for `conn`: as a frame (copied from `raw` where it can be, see
-    /// [`slim_proto::forward`]), or as it is for an in-process app (moved out of `message`
-    /// unless `more` says the caller still needs it).
+    /// Queues `message` for `conn`: as it is for an in-process app (moved out of `message`
+    /// unless `more` says the caller still needs it, and `template` unused), or as a frame for
+    /// a link. That frame is rendered from `template` where there is one (see
+    /// [`slim_proto::forward`]): the bytes the publish was received in, with only the
+    /// rewritable header fields (TTL, `recv_from`, `forward_to`, `incoming_conn`, the header
+    /// MAC) taken from `message`'s header. Without a template or a header (or past 4 GiB, where
+    /// [`ForwardTemplate::frame`] gives up), `message` itself is encoded.
     fn emit(
         &mut self,
         conn: ConnId,
