@@ -438,13 +438,11 @@ enum Wake {
     Handed(bool),
 }
 
-/// Moves messages, commands, events and time between one [`SessionLayer`] and the world.
-/// Events a session driver holds beyond the application's event queue (it stops reading the
-/// network while it holds any, except for a publish waiting for acknowledgements) before a
-/// waiting publish stops waiting and fails with `SendQueueFull`: a producer that never reads
-/// its events must not grow its driver without bound.
-pub const EVENT_BACKLOG: usize = 8192;
+// The backlog policy is the core's, so that both drivers keep the same one; re-exported here,
+// where the docs of `publish` and the tests name it.
+pub use slim_core::session::EVENT_BACKLOG;
 
+/// Moves messages, commands, events and time between one [`SessionLayer`] and the world.
 struct Driver {
     layer: SessionLayer,
     client: Client,
@@ -484,17 +482,12 @@ impl Driver {
                 }
                 Wake::Timer
             };
-            if self.backlog.len() >= EVENT_BACKLOG && !self.waiters.publishing.is_empty() {
-                // Reading on for the waiting publishes would grow the backlog without bound (a
-                // producer that never reads its events gets one Delivered per message): they
-                // fail as they would without waiting, and the application must read its events.
-                tracing::warn!(
-                    unread = self.backlog.len(),
-                    "application far behind on its events: waiting publishes refused"
-                );
-                for (reply, result) in self.waiters.publishing.refuse_all() {
-                    let _ = reply.try_send(result);
-                }
+            for (reply, result) in self
+                .waiters
+                .publishing
+                .refuse_when_backlogged(self.backlog.len())
+            {
+                let _ = reply.try_send(result);
             }
             // A waiting publish needs the acks: the network is read while there is one, even
             // if the application is behind (it may be waiting for that publish before it reads).

@@ -393,13 +393,11 @@ impl Waiters {
     }
 }
 
-/// drain → arm the timer → wait for one input (a message, a command or the timer).
-/// Events a session driver holds beyond the application's event queue (it stops reading the
-/// network while it holds any, except for a publish waiting for acknowledgements) before a
-/// waiting publish stops waiting and fails with `SendQueueFull`: a producer that never reads
-/// its events must not grow its driver without bound.
-pub const EVENT_BACKLOG: usize = 8192;
+// The backlog policy is the core's, so that both drivers keep the same one; re-exported here,
+// where the docs of `publish` and the tests name it.
+pub use slim_core::session::EVENT_BACKLOG;
 
+/// drain → arm the timer → wait for one input (a message, a command or the timer).
 async fn drive(
     mut layer: SessionLayer,
     client: Client,
@@ -460,17 +458,8 @@ async fn drive(
             }
         }
         let app_behind = !backlog.is_empty();
-        if backlog.len() >= EVENT_BACKLOG && !waiters.publishing.is_empty() {
-            // Reading on for the waiting publishes would grow the backlog without bound (a
-            // producer that never reads its events gets one Delivered per message): they fail
-            // as they would without waiting, and the application must read its events.
-            tracing::warn!(
-                unread = backlog.len(),
-                "application far behind on its events: waiting publishes refused"
-            );
-            for (reply, result) in waiters.publishing.refuse_all() {
-                let _ = reply.send(result);
-            }
+        for (reply, result) in waiters.publishing.refuse_when_backlogged(backlog.len()) {
+            let _ = reply.send(result);
         }
         // A waiting publish needs the acks: the network is read while there is one, even if
         // the application is behind (it may be waiting for that publish before it reads).

@@ -16,4 +16,4 @@ pub use layer::{
 pub use mls::{MlsState, PayloadError, DEFAULT_VALIDATION_PERCENT};
 pub use receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 pub use sender::{Outgoing, ReliableSender, SenderEvent};
-pub use waiting::{Publish, WaitingPublishes};
+pub use waiting::{Publish, WaitingPublishes, EVENT_BACKLOG};

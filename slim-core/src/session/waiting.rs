@@ -51,6 +51,13 @@ impl<R> Default for WaitingPublishes<R> {
 /// A caller to answer, and the answer.
 pub type Answer<R> = (R, Result<u32, SessionError>);
 
+/// Events a session driver holds beyond the application's event queue (it stops reading the
+/// network while it holds any, except for a publish waiting for acknowledgements) before a
+/// waiting publish stops waiting and fails with `SendQueueFull`: a producer that never reads
+/// its events must not grow its driver without bound. See
+/// [`WaitingPublishes::refuse_when_backlogged`].
+pub const EVENT_BACKLOG: usize = 8192;
+
 impl<R> WaitingPublishes<R> {
     /// True when nothing waits.
     pub fn is_empty(&self) -> bool {
@@ -97,6 +104,25 @@ impl<R> WaitingPublishes<R> {
             .collect()
     }
 
+    /// The policy for a driver holding `backlog` events its application has not taken yet:
+    /// from [`EVENT_BACKLOG`] on, while publishes wait, every one is refused
+    /// ([`WaitingPublishes::refuse_all`]); otherwise none is (an empty answer list, which does
+    /// not allocate). The driver calls it before it decides whether to read the network, as it
+    /// reads on for waiting publishes even when its application is behind.
+    pub fn refuse_when_backlogged(&mut self, backlog: usize) -> Vec<Answer<R>> {
+        if backlog < EVENT_BACKLOG || self.is_empty() {
+            return Vec::new();
+        }
+        // Reading on for the waiting publishes would grow the backlog without bound (a
+        // producer that never reads its events gets one Delivered per message): they fail as
+        // they would without waiting, and the application must read its events.
+        tracing::warn!(
+            unread = backlog,
+            "application far behind on its events: waiting publishes refused"
+        );
+        self.refuse_all()
+    }
+
     /// Retries the waiting publishes, in order per session, until the core refuses one again;
     /// the answers for those it took (or refused for good).
     pub fn retry(&mut self, layer: &mut SessionLayer, now: Timestamp) -> Vec<Answer<R>> {
@@ -114,5 +140,89 @@ impl<R> WaitingPublishes<R> {
             false
         });
         answers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{LayerConfig, Output, Reliability, SessionConfig};
+    use std::time::Duration;
+
+    fn layer(service: &str, seed: u8) -> SessionLayer {
+        SessionLayer::new(
+            LayerConfig {
+                name: Name::new("org", "ns", service),
+                secret: "interop-shared-secret-0123456789abcdef-0123456789".into(),
+                unix_at_zero: 1_795_600_000,
+            },
+            [seed; 32],
+        )
+        .unwrap()
+    }
+
+    /// Alice's layer with a reliable session to Bob whose send queue is full (Bob's acks are
+    /// never handed back once the handshake is done), and two publishes waiting behind it.
+    fn waiting_two() -> (SessionLayer, SessionId, WaitingPublishes<u8>) {
+        let (mut alice, mut bob) = (layer("alice", 1), layer("bob", 2));
+        let config = SessionConfig {
+            reliability: Some(Reliability {
+                interval: Duration::from_secs(1),
+                max_retries: 3,
+            }),
+            metadata: Default::default(),
+            mls: false,
+        };
+        let now = Timestamp::ZERO;
+        let session = alice.create_session(&Name::new("org", "ns", "bob"), config, now);
+        // The handshake: what each side sends goes to the other until both are quiet.
+        loop {
+            let mut moved = false;
+            while let Some(output) = alice.poll_output() {
+                if let Output::Send(message) = output {
+                    bob.handle_message(*message, now);
+                    moved = true;
+                }
+            }
+            while let Some(output) = bob.poll_output() {
+                if let Output::Send(message) = output {
+                    alice.handle_message(*message, now);
+                    moved = true;
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        let full = (0..4 * SEND_QUEUE).any(|_| {
+            matches!(
+                alice.publish(session, Bytes::from_static(b"x"), now),
+                Err(SessionError::SendQueueFull(..))
+            )
+        });
+        assert!(full, "the send queue never filled");
+        let mut waiting = WaitingPublishes::default();
+        for reply in [1, 2] {
+            let publish = Publish {
+                to: None,
+                payload: Bytes::from_static(b"waits"),
+            };
+            assert!(waiting
+                .submit(&mut alice, session, publish, reply, now)
+                .is_none());
+        }
+        (alice, session, waiting)
+    }
+
+    #[test]
+    fn waiting_publishes_are_refused_only_from_the_backlog_limit_on() {
+        let (_layer, session, mut waiting) = waiting_two();
+        assert!(waiting.refuse_when_backlogged(EVENT_BACKLOG - 1).is_empty());
+        assert!(!waiting.is_empty(), "below the limit they go on waiting");
+        let refused = waiting.refuse_when_backlogged(EVENT_BACKLOG);
+        let full = Err(SessionError::SendQueueFull(session, SEND_QUEUE));
+        assert_eq!(refused, vec![(1, full.clone()), (2, full)]);
+        assert!(waiting.is_empty());
+        assert!(waiting.refuse_when_backlogged(usize::MAX).is_empty());
     }
 }
