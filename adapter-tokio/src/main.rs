@@ -89,12 +89,19 @@ struct GroupArgs {
     /// Remove this member after the first round, then broadcast another round.
     #[arg(long, value_name = "ORG/NS/SVC")]
     remove: Option<String>,
+    /// Invite this member after the first round, then broadcast another round; repeat for more.
+    #[arg(long = "then-invite", value_name = "ORG/NS/SVC")]
+    then_invite: Vec<String>,
     /// Seconds to wait for the acknowledgements of a round.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
     /// Print one JSON line: {"members","sent","delivered","failed","removed"}.
     #[arg(long)]
     json: bool,
+    /// For test drivers: after each step (a round, the later invites, the removal) print
+    /// {"ev":"step","done":STEP} and wait for a line on stdin before the next one.
+    #[arg(long)]
+    step_on_stdin: bool,
 }
 
 fn run_group(args: GroupArgs) -> anyhow::Result<()> {
@@ -115,6 +122,11 @@ fn run_group(args: GroupArgs) -> anyhow::Result<()> {
         count: args.count,
         size: args.size.max(8),
         remove: args.remove.as_ref().map(parse).transpose()?,
+        then_invite: args
+            .then_invite
+            .iter()
+            .map(parse)
+            .collect::<anyhow::Result<_>>()?,
         reliability: slim_tokio::session::Reliability {
             interval: std::time::Duration::from_secs(1),
             max_retries: 10,
@@ -123,7 +135,8 @@ fn run_group(args: GroupArgs) -> anyhow::Result<()> {
         mls: args.app.mls,
     };
     let runtime = client_runtime()?;
-    let report = runtime.block_on(slim_tokio::tools::run_group(&config))?;
+    let gate = args.step_on_stdin.then(stdin_step_gate);
+    let report = runtime.block_on(slim_tokio::tools::run_group(&config, gate))?;
     if args.json {
         println!("{}", report.to_json());
     } else {
@@ -140,6 +153,24 @@ fn run_group(args: GroupArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Announces each step on stdout and lets the next one start on each line read from stdin.
+fn stdin_step_gate() -> slim_tokio::tools::StepGate {
+    let (go, proceed) = tokio::sync::mpsc::channel(1);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            if line.is_err() || go.blocking_send(()).is_err() {
+                return;
+            }
+        }
+    });
+    slim_tokio::tools::StepGate {
+        announce: Box::new(|done| {
+            println!("{}", serde_json::json!({"ev": "step", "done": done}));
+        }),
+        proceed,
+    }
 }
 
 /// Used when --secret is not given; every app of a deployment must share one secret.

@@ -141,6 +141,8 @@ pub struct GroupConfig {
     pub count: u64,
     pub size: usize,
     pub remove: Option<Name>,
+    /// Members invited after the first round; another round follows their invites.
+    pub then_invite: Vec<Name>,
     pub reliability: Reliability,
     /// How long to wait for all acknowledgements of one round of broadcasts.
     pub timeout: Duration,
@@ -173,9 +175,30 @@ impl GroupReport {
     }
 }
 
+/// Lets a driver (a test changing the network) act between the steps of [`run_group`]: each
+/// finished step is announced, and the next one starts when the driver says so.
+pub struct StepGate {
+    pub announce: Box<dyn FnMut(&str) + Send>,
+    /// One `()` per step allowed to start; a closed channel lets every later step start.
+    pub proceed: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl StepGate {
+    async fn pass(gate: &mut Option<Self>, done: &str) {
+        if let Some(gate) = gate {
+            (gate.announce)(done);
+            let _ = gate.proceed.recv().await;
+        }
+    }
+}
+
 /// Creates a group, invites every `invite`, broadcasts `count` messages and waits until every
-/// member acknowledged each; with `remove`, removes that member and broadcasts `count` more.
-pub async fn run_group(config: &GroupConfig) -> Result<GroupReport, AppError> {
+/// member acknowledged each. With `then_invite`, invites those members and broadcasts `count`
+/// more; with `remove`, removes that member and broadcasts `count` more.
+pub async fn run_group(
+    config: &GroupConfig,
+    mut gate: Option<StepGate>,
+) -> Result<GroupReport, AppError> {
     let app = App::connect(&config.endpoint, config.name.clone(), &config.secret).await?;
     let session = app
         .create_group(
@@ -195,12 +218,24 @@ pub async fn run_group(config: &GroupConfig) -> Result<GroupReport, AppError> {
         members: app.members(session).await?.len(),
         ..GroupReport::default()
     };
-    broadcast_round(&app, session, config, &mut report, 0).await?;
+    broadcast_round(&app, session, config, &mut report).await?;
+    if !config.then_invite.is_empty() {
+        StepGate::pass(&mut gate, "round").await;
+        for invitee in &config.then_invite {
+            app.invite(session, invitee).await?;
+            tracing::info!(%invitee, "joined");
+        }
+        report.members = app.members(session).await?.len();
+        StepGate::pass(&mut gate, "then_invite").await;
+        broadcast_round(&app, session, config, &mut report).await?;
+    }
     if let Some(member) = &config.remove {
+        StepGate::pass(&mut gate, "round").await;
         app.remove(session, member).await?;
         report.removed = true;
         report.members = app.members(session).await?.len();
-        broadcast_round(&app, session, config, &mut report, config.count).await?;
+        StepGate::pass(&mut gate, "remove").await;
+        broadcast_round(&app, session, config, &mut report).await?;
     }
     let _ = app.close(session).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -219,9 +254,10 @@ async fn broadcast_round(
     session: u32,
     config: &GroupConfig,
     report: &mut GroupReport,
-    first: u64,
 ) -> Result<(), AppError> {
     let mut outstanding = std::collections::BTreeSet::new();
+    // Payloads are numbered across rounds, so members can check the order of everything.
+    let first = report.sent;
     for i in first..first + config.count {
         let id = app
             .publish(session, request_payload(i, config.size))

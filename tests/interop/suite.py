@@ -33,7 +33,7 @@ ROLE_PY = os.path.join(HERE, "role.py")
 NEW, OLD = "3.3.8", "2.0.0"
 CASES = ["p2p_plain", "p2p_mls", "p2p_v200", "group_mls", "anycast", "rust_request", "rust_reply",
          "rust_group", "rust_member", "rust_request_mls", "rust_reply_mls", "rust_group_mls",
-         "rust_member_mls", "rust_member_rejoin_mls"]
+         "rust_member_mls", "rust_member_rejoin_mls", "rust_group_rejoin_mls"]
 P2P_EXCHANGES = 100
 GROUP_MEMBERS = 3
 GROUP_MSGS = 10
@@ -463,12 +463,16 @@ def slim_bin():
     return path
 
 
-async def run_rust(ctx, label, *args, wait=True):
-    """Starts `slim-tokio ARGS`; with wait=True returns (exit code, stdout) when it ends."""
+async def run_rust(ctx, label, *args, wait=True, stdin=False, log_filter=None):
+    """Starts `slim-tokio ARGS`; with wait=True returns (exit code, stdout) when it ends.
+    log_filter: its RUST_LOG (when the case watches its log)."""
     log = open(os.path.join(ctx.logs, f"{label}.log"), "ab")
+    env = dict(os.environ, NO_COLOR="1")
+    if log_filter:
+        env["RUST_LOG"] = log_filter
     proc = await asyncio.create_subprocess_exec(
         slim_bin(), *[str(a) for a in args], stdout=asyncio.subprocess.PIPE, stderr=log,
-        env=dict(os.environ, NO_COLOR="1"))
+        stdin=asyncio.subprocess.PIPE if stdin else None, env=env)
     ctx.note(f"started {label} (slim-tokio {args[0]}) pid {proc.pid}")
     if not wait:
         return proc, log
@@ -579,6 +583,9 @@ class RustEvents:
     async def wait(self, ctx, pred, what):
         while not pred():
             if self.proc.returncode is not None:
+                await self.task  # what it printed before it exited
+                if pred():
+                    return
                 raise CaseFailure(f"slim-tokio exited {self.proc.returncode} while waiting: {what}")
             if ctx.left() < 1:
                 raise CaseFailure(f"timed out: {what}")
@@ -696,25 +703,26 @@ async def case_rust_member(ctx, mls=False):
 class CutProxy:
     """A TCP relay in front of the node that can cut every connection through it and refuse
     new ones for a while: a network partition, so that a client misses what is sent meanwhile
-    (the node drops what it cannot deliver) and has to redial."""
+    (the node drops what it cannot deliver) and has to redial.
+
+    While cut it does not listen, so redials get ECONNREFUSED: slim-bindings redials every 2 s
+    on that, but abandons a link for good when a TCP connect succeeds and the HTTP/2 handshake
+    then fails (captures/mesh, section 5)."""
 
     def __init__(self, endpoint):
         u = urlparse(endpoint)
         self.target = (u.hostname, u.port)
-        self.refusing = False
         self.live = set()
         self.accepted = 0
         self.server = None
+        self.port = 0
 
     async def start(self):
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         self.port = self.server.sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{self.port}"
 
     async def _accept(self, reader, writer):
-        if self.refusing:
-            writer.transport.abort()
-            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -740,17 +748,16 @@ class CutProxy:
             self.live.discard(pair)
 
     def cut(self):
-        self.refusing = True
+        self.server.close()
         for writer, up_writer in list(self.live):
             writer.transport.abort()
             up_writer.transport.abort()
 
-    def heal(self):
-        self.refusing = False
+    async def heal(self):
+        await self.start()
 
     async def stop(self):
         self.cut()
-        self.server.close()
 
 
 async def case_rust_member_rejoin_mls(ctx):
@@ -764,7 +771,7 @@ async def case_rust_member_rejoin_mls(ctx):
     ctx.set_step("start slim-tokio reply (member, through a cuttable relay) and two slim-bindings members")
     proc, log = await run_rust(ctx, "rust-member", "reply", "--endpoint", via_proxy,
                                "--name", rust_name, "--secret", ctx.secret, "--json", "--mls",
-                               wait=False)
+                               wait=False, log_filter="info")
     ours = RustEvents(proc)
     log_path = os.path.join(ctx.logs, "rust-member.log")
 
@@ -798,7 +805,7 @@ async def case_rust_member_rejoin_mls(ctx):
         await late.event("joined", "member2 joins")
         ctx.set_step("heal; ours redials and must rejoin the MLS group")
         accepted = proxy.accepted
-        proxy.heal()
+        await proxy.heal()
         await ours.wait(ctx, lambda: proxy.accepted > accepted, "ours redials through the relay")
         await ours.wait(ctx, lambda: ours_logged("rejoined the MLS group"),
                         "ours rejoins the MLS group (REJOIN_REQUEST answered by the moderator)")
@@ -820,6 +827,81 @@ async def case_rust_member_rejoin_mls(ctx):
         await proxy.stop()
 
 
+async def case_rust_group_rejoin_mls(ctx):
+    """Ours moderates an MLS group of slim-bindings 3.3.8 members; member1 reaches the node
+    through a relay the case cuts while ours adds member2, so member1 misses that commit. Back
+    online, member1 must rejoin through ours (REJOIN_REQUEST / REJOIN_REPLY, flows g2), and the
+    next round must reach every member, member1 included, in order."""
+    proxy = CutProxy(ctx.endpoint)
+    via_proxy = await proxy.start()
+    labels = ["member0", "member1", "member2"]
+    names = {l: ctx.name(l) for l in labels}
+    ctx.set_step("start members (member1 through a cuttable relay)")
+    members = {l: await ctx.spawn(l, NEW, "member", "--local", names[l],
+                                  *(["--endpoint", via_proxy] if l == "member1" else []))
+               for l in labels}
+    for m in members.values():
+        await m.ready()
+    ctx.set_step("slim-tokio group invites member0 and member1 and broadcasts a round")
+    proc, log = await run_rust(ctx, "rust-group", "group", "--endpoint", ctx.endpoint,
+                               "--name", ctx.name("rust-mod"), "--channel", ctx.name("chan"),
+                               "--invite", names["member0"], "--invite", names["member1"],
+                               "--then-invite", names["member2"], "--count", GROUP_MSGS,
+                               "--secret", ctx.secret, "--json", "--mls", "--step-on-stdin",
+                               wait=False, stdin=True, log_filter="warn,slim_core::session=info")
+    ours = RustEvents(proc)
+    log_path = os.path.join(ctx.logs, "rust-group.log")
+
+    def ours_logged(text):
+        with open(log_path, "rb") as f:
+            return f.read().count(text.encode())
+
+    def go():
+        proc.stdin.write(b"go\n")
+
+    def seqs(role):
+        return [int(e["hex"][:16], 16) for e in role.of("msg")]
+
+    try:
+        await ours.wait(ctx, lambda: ours.of("step"), "ours finishes the first round")
+        for l in ("member0", "member1"):
+            m = members[l]
+            await m.wait(lambda m=m: len(m.of("msg")) >= GROUP_MSGS, f"{l} gets the first round")
+        ctx.set_step("cut member1 off; ours adds member2 meanwhile")
+        proxy.cut()
+        go()
+        await ours.wait(ctx, lambda: len(ours.of("step")) >= 2, "ours invites member2")
+        await members["member2"].event("joined", "member2 joins")
+        ctx.set_step("heal; member1 redials and must rejoin through ours")
+        accepted = proxy.accepted
+        await proxy.heal()
+        await ours.wait(ctx, lambda: proxy.accepted > accepted, "member1 redials through the relay")
+        await ours.wait(ctx, lambda: ours_logged("a member rejoins the MLS group"),
+                        "member1 asks ours to rejoin (REJOIN_REQUEST) and gets its welcome")
+        ctx.set_step("a round at the new epoch")
+        go()
+        await ours.wait(ctx, lambda: any(l.get("sent") is not None for l in ours.events),
+                        "ours finishes the second round")
+        rep = next(l for l in ours.events if l.get("sent") is not None)
+        # members: the moderator and the three members.
+        if rep["sent"] != 2 * GROUP_MSGS or rep["delivered"] != rep["sent"] or rep["members"] != 4:
+            raise CaseFailure(f"moderator report {rep}")
+        for l in ("member0", "member1"):
+            m = members[l]
+            await m.wait(lambda m=m: len(m.of("msg")) >= 2 * GROUP_MSGS, f"{l} gets both rounds")
+            if seqs(m) != list(range(2 * GROUP_MSGS)):
+                raise CaseFailure(f"{l} got {seqs(m)}, expected 0..{2 * GROUP_MSGS - 1} in order")
+        m2 = members["member2"]
+        await m2.wait(lambda: len(m2.of("msg")) >= GROUP_MSGS, "member2 gets the second round")
+        if seqs(m2) != list(range(GROUP_MSGS, 2 * GROUP_MSGS)):
+            raise CaseFailure(f"member2 got {seqs(m2)}, expected the second round in order")
+        return (f"rust moderator: 3.3.8 member1 cut off while member2 joined, redialled, rejoined "
+                f"through ours; {GROUP_MSGS} more broadcasts acked by all 3, in order")
+    finally:
+        await stop_rust(proc, log)
+        await proxy.stop()
+
+
 CASE_FUNCS = {"p2p_plain": case_p2p_plain, "p2p_mls": case_p2p_mls,
               "p2p_v200": case_p2p_v200, "group_mls": case_group_mls, "anycast": case_anycast,
               "rust_request": case_rust_request, "rust_reply": case_rust_reply,
@@ -828,7 +910,8 @@ CASE_FUNCS = {"p2p_plain": case_p2p_plain, "p2p_mls": case_p2p_mls,
               "rust_reply_mls": lambda ctx: case_rust_reply(ctx, mls=True),
               "rust_group_mls": lambda ctx: case_rust_group(ctx, mls=True),
               "rust_member_mls": lambda ctx: case_rust_member(ctx, mls=True),
-              "rust_member_rejoin_mls": case_rust_member_rejoin_mls}
+              "rust_member_rejoin_mls": case_rust_member_rejoin_mls,
+              "rust_group_rejoin_mls": case_rust_group_rejoin_mls}
 
 
 async def drive(args):

@@ -2426,6 +2426,7 @@ impl SessionLayer {
             now,
         );
         self.emit_send(message);
+        tracing::info!(session, %member, commit_id = commit.commit_id, "a member rejoins the MLS group: welcome sent");
         // Every member applies the commit; the rejoiner acknowledges the update too (it gets
         // it on the control channel, as reference members do).
         let awaiting = self.others(session, &[]);
