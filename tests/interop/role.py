@@ -386,6 +386,15 @@ async def member(args) -> None:
                     raise RuntimeError("no group session")
                 for payload in cmd["hex"]:
                     await state["session"].publish_async(bytes.fromhex(payload), None, None)
+            elif op == "soft_close":
+                # Goes offline in the group (UPDATE_PARTICIPANT_STATE), keeping the session.
+                state["offline"] = state["session"]
+                handle = await state["session"].close_with_mode_async(sb.CloseMode.SOFT)
+                await wait_done(handle, args.step_timeout, "soft close")
+            elif op == "rejoin":
+                # Back online; with a stale MLS epoch the others NACK and it rejoins.
+                handle = await state["offline"].rejoin_async()
+                await wait_done(handle, args.step_timeout, "rejoin")
             else:
                 raise ValueError(f"unknown command {op!r}")
             emit("done", cmd=op)

@@ -33,7 +33,8 @@ ROLE_PY = os.path.join(HERE, "role.py")
 NEW, OLD = "3.3.8", "2.0.0"
 CASES = ["p2p_plain", "p2p_mls", "p2p_v200", "group_mls", "anycast", "rust_request", "rust_reply",
          "rust_group", "rust_member", "rust_request_mls", "rust_reply_mls", "rust_group_mls",
-         "rust_member_mls", "rust_member_rejoin_mls", "rust_group_rejoin_mls"]
+         "rust_member_mls", "rust_member_rejoin_mls", "rust_group_rejoin_mls",
+         "rust_group_soft_rejoin_mls"]
 P2P_EXCHANGES = 100
 GROUP_MEMBERS = 3
 GROUP_MSGS = 10
@@ -827,18 +828,20 @@ async def case_rust_member_rejoin_mls(ctx):
         await proxy.stop()
 
 
-async def case_rust_group_rejoin_mls(ctx):
-    """Ours moderates an MLS group of slim-bindings 3.3.8 members; member1 reaches the node
-    through a relay the case cuts while ours adds member2, so member1 misses that commit. Back
-    online, member1 must rejoin through ours (REJOIN_REQUEST / REJOIN_REPLY, flows g2), and the
-    next round must reach every member, member1 included, in order."""
+async def case_rust_group_rejoin_mls(ctx, soft=False):
+    """Ours moderates an MLS group of slim-bindings 3.3.8 members; member1 misses the commit
+    that adds member2. Back online, member1 must rejoin through ours (REJOIN_REQUEST /
+    REJOIN_REPLY), and the next round must reach every member, member1 included, in order.
+    soft=False: member1 reaches the node through a relay the case cuts meanwhile (flows g2).
+    soft=True: member1 goes offline with close_with_mode(SOFT) and comes back with rejoin():
+    its UPDATE_PARTICIPANT_STATE is NACKed for its stale epoch, then it rejoins (flows g3)."""
     proxy = CutProxy(ctx.endpoint)
     via_proxy = await proxy.start()
     labels = ["member0", "member1", "member2"]
     names = {l: ctx.name(l) for l in labels}
     ctx.set_step("start members (member1 through a cuttable relay)")
     members = {l: await ctx.spawn(l, NEW, "member", "--local", names[l],
-                                  *(["--endpoint", via_proxy] if l == "member1" else []))
+                                  *(["--endpoint", via_proxy] if l == "member1" and not soft else []))
                for l in labels}
     for m in members.values():
         await m.ready()
@@ -867,15 +870,26 @@ async def case_rust_group_rejoin_mls(ctx):
         for l in ("member0", "member1"):
             m = members[l]
             await m.wait(lambda m=m: len(m.of("msg")) >= GROUP_MSGS, f"{l} gets the first round")
-        ctx.set_step("cut member1 off; ours adds member2 meanwhile")
-        proxy.cut()
+        m1 = members["member1"]
+        if soft:
+            ctx.set_step("member1 goes offline (soft close); ours adds member2 meanwhile")
+            m1.send(cmd="soft_close")
+            await m1.event("done", "member1's soft close is acknowledged", cmd="soft_close")
+        else:
+            ctx.set_step("cut member1 off; ours adds member2 meanwhile")
+            proxy.cut()
         go()
         await ours.wait(ctx, lambda: len(ours.of("step")) >= 2, "ours invites member2")
         await members["member2"].event("joined", "member2 joins")
-        ctx.set_step("heal; member1 redials and must rejoin through ours")
-        accepted = proxy.accepted
-        await proxy.heal()
-        await ours.wait(ctx, lambda: proxy.accepted > accepted, "member1 redials through the relay")
+        if soft:
+            ctx.set_step("member1 comes back (rejoin()) and must rejoin the MLS group through ours")
+            m1.send(cmd="rejoin")
+            await m1.event("done", "member1's rejoin() completes", cmd="rejoin")
+        else:
+            ctx.set_step("heal; member1 redials and must rejoin through ours")
+            accepted = proxy.accepted
+            await proxy.heal()
+            await ours.wait(ctx, lambda: proxy.accepted > accepted, "member1 redials through the relay")
         await ours.wait(ctx, lambda: ours_logged("a member rejoins the MLS group"),
                         "member1 asks ours to rejoin (REJOIN_REQUEST) and gets its welcome")
         ctx.set_step("a round at the new epoch")
@@ -895,8 +909,10 @@ async def case_rust_group_rejoin_mls(ctx):
         await m2.wait(lambda: len(m2.of("msg")) >= GROUP_MSGS, "member2 gets the second round")
         if seqs(m2) != list(range(GROUP_MSGS, 2 * GROUP_MSGS)):
             raise CaseFailure(f"member2 got {seqs(m2)}, expected the second round in order")
-        return (f"rust moderator: 3.3.8 member1 cut off while member2 joined, redialled, rejoined "
-                f"through ours; {GROUP_MSGS} more broadcasts acked by all 3, in order")
+        how = ("went offline (soft close) while member2 joined, came back" if soft
+               else "cut off while member2 joined, redialled")
+        return (f"rust moderator: 3.3.8 member1 {how}, rejoined through ours; "
+                f"{GROUP_MSGS} more broadcasts acked by all 3, in order")
     finally:
         await stop_rust(proc, log)
         await proxy.stop()
@@ -911,7 +927,8 @@ CASE_FUNCS = {"p2p_plain": case_p2p_plain, "p2p_mls": case_p2p_mls,
               "rust_group_mls": lambda ctx: case_rust_group(ctx, mls=True),
               "rust_member_mls": lambda ctx: case_rust_member(ctx, mls=True),
               "rust_member_rejoin_mls": case_rust_member_rejoin_mls,
-              "rust_group_rejoin_mls": case_rust_group_rejoin_mls}
+              "rust_group_rejoin_mls": case_rust_group_rejoin_mls,
+              "rust_group_soft_rejoin_mls": lambda ctx: case_rust_group_rejoin_mls(ctx, soft=True)}
 
 
 async def drive(args):

@@ -435,18 +435,16 @@ fn direct_messages_reach_one_member_once() {
     ));
 }
 
-#[test]
-fn a_member_that_goes_offline_is_not_waited_for() {
-    let (mut net, sid) = group();
-    // A announces it goes offline (what a soft close sends).
-    let me = net.apps[A].name().clone();
-    let control = net.apps[A].sessions[&sid]
+/// `who` tells the moderator it goes offline (what a soft close sends); returns its name.
+fn announce_offline(net: &mut Net, sid: SessionId, who: usize) -> Name {
+    let me = net.apps[who].name().clone();
+    let control = net.apps[who].sessions[&sid]
         .group
         .as_ref()
         .unwrap()
         .control
         .clone();
-    let ups = net.apps[A].build(
+    let ups = net.apps[who].build(
         SessionType::Multicast,
         Mt::UpdateParticipantState,
         sid,
@@ -466,6 +464,13 @@ fn a_member_that_goes_offline_is_not_waited_for() {
     );
     net.apps[M].handle_message(ups, net.now);
     net.run();
+    me
+}
+
+#[test]
+fn a_member_that_goes_offline_is_not_waited_for() {
+    let (mut net, sid) = group();
+    let me = announce_offline(&mut net, sid, A);
     assert!(net.has(
         M,
         |e| matches!(e, SessionEvent::MemberState { online: false, member, .. } if *member == me)
@@ -487,6 +492,36 @@ fn a_member_that_goes_offline_is_not_waited_for() {
         M,
         |e| matches!(e, SessionEvent::MemberState { online: true, member, .. } if *member == me)
     ));
+}
+
+#[test]
+fn an_invite_does_not_wait_for_an_offline_members_ack_of_the_update() {
+    let mut net = Net::new(&["moderator", "a", "b", "c"]);
+    let sid = net.apps[M].create_group(&Name::new("org", "ns", "chan"), reliable(), net.now);
+    for service in ["a", "b"] {
+        net.apps[M]
+            .invite(sid, &Name::new("org", "ns", service), net.now)
+            .unwrap();
+    }
+    net.run();
+    announce_offline(&mut net, sid, A);
+    // Offline, A drops what it gets (as a reference member does after a soft close).
+    net.keep = Box::new(|_, to, _| to != A);
+    net.apps[M]
+        .invite(sid, &Name::new("org", "ns", "c"), net.now)
+        .unwrap();
+    // No time passes: only B's ack of the update is waited for, not a retransmission to A.
+    net.run();
+    let c = net.apps[C].name().clone();
+    assert!(net.has(
+        M,
+        |e| matches!(e, SessionEvent::MemberJoined { member, .. } if *member == c)
+    ));
+    assert_eq!(
+        net.apps[M].members(sid).unwrap().len(),
+        4,
+        "A stays a member"
+    );
 }
 
 #[test]

@@ -521,6 +521,16 @@ struct Session {
 }
 
 impl Session {
+    /// The group's members other than `me` that are not offline: who a membership update
+    /// waits for. An offline member (soft-closed, or silent) drops what it gets, as reference
+    /// members do, and rejoins with a fresh key package when it is back (flows g2, g3).
+    fn online_members<'a>(&'a self, me: &'a NameKey) -> impl Iterator<Item = &'a Name> + 'a {
+        self.group
+            .iter()
+            .flat_map(|g| g.members.iter())
+            .filter(move |n| n.key() != *me && !self.offline.contains(&n.key()))
+    }
+
     /// Who must acknowledge our data messages.
     fn receivers(&self, me: &Name) -> Vec<Name> {
         self.peers(me)
@@ -3002,16 +3012,11 @@ impl SessionLayer {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
+        let key = invitee.key();
+        let existing: Vec<Name> = s.online_members(&me.key()).cloned().collect();
         let Some(group) = s.group.as_mut() else {
             return;
         };
-        let key = invitee.key();
-        let existing: Vec<Name> = group
-            .members
-            .iter()
-            .filter(|n| n.key() != me.key())
-            .cloned()
-            .collect();
         if group.members.len() == 1 {
             // As the reference: the first member is listed before the moderator.
             group.members.insert(0, invitee.clone());
@@ -3167,11 +3172,9 @@ impl SessionLayer {
         let me = self.name.key();
         self.sessions
             .get(&session)
-            .and_then(|s| s.group.as_ref())
-            .map(|g| {
-                g.members
-                    .iter()
-                    .filter(|n| n.key() != me && !except.iter().any(|e| e.key() == n.key()))
+            .map(|s| {
+                s.online_members(&me)
+                    .filter(|n| !except.iter().any(|e| e.key() == n.key()))
                     .cloned()
                     .collect()
             })
