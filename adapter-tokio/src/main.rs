@@ -155,6 +155,40 @@ fn run_group(args: GroupArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads `offline` / `online` lines from stdin into presence requests, and reports each.
+fn stdin_presence() -> slim_tokio::tools::Presence {
+    let (request, requests) = tokio::sync::mpsc::channel(1);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { return };
+            let online = match line.trim() {
+                "online" => true,
+                "offline" => false,
+                "" => continue,
+                other => {
+                    tracing::warn!(line = other, "expected `online` or `offline` on stdin");
+                    continue;
+                }
+            };
+            if request.blocking_send(online).is_err() {
+                return;
+            }
+        }
+    });
+    slim_tokio::tools::Presence {
+        requests,
+        done: Box::new(|online, result| {
+            if let Err(error) = &result {
+                tracing::warn!(online, %error, "presence change failed");
+            }
+            println!(
+                "{}",
+                serde_json::json!({"ev": "presence", "online": online, "ok": result.is_ok()})
+            );
+        }),
+    }
+}
+
 /// Announces each step on stdout and lets the next one start on each line read from stdin.
 fn stdin_step_gate() -> slim_tokio::tools::StepGate {
     let (go, proceed) = tokio::sync::mpsc::channel(1);
@@ -200,6 +234,11 @@ struct ReplyArgs {
     /// Print one JSON line per session event (opened, message, member change, closed) on stdout.
     #[arg(long)]
     json: bool,
+    /// For test drivers: a line `offline` on stdin soft-closes every group session (the others
+    /// stop waiting for us), `online` brings them back (rejoining the MLS group if it moved
+    /// on); each prints {"ev":"presence","online":B,"ok":B}.
+    #[arg(long)]
+    presence_on_stdin: bool,
 }
 
 /// One JSON line describing a session event (payloads in hex).
@@ -349,6 +388,7 @@ fn run_reply(args: ReplyArgs) -> anyhow::Result<()> {
                     }
                 }
             },
+            args.presence_on_stdin.then(stdin_presence),
             async {
                 let _ = wait_for_signal().await;
             },

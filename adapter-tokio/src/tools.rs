@@ -299,8 +299,30 @@ pub struct ReplyStats {
     pub replies: u64,
 }
 
+/// Soft close and back online on request (for test drivers): each `false` received takes
+/// the app offline in every group it is in, each `true` brings it back; `done` is told how
+/// each request ended.
+pub struct Presence {
+    pub requests: tokio::sync::mpsc::Receiver<bool>,
+    pub done: Box<dyn FnMut(bool, Result<(), AppError>) + Send>,
+}
+
+impl Presence {
+    /// The next request; never resolves without a `Presence` or once its sender is gone.
+    async fn next(presence: &mut Option<Self>) -> bool {
+        match presence {
+            Some(p) => match p.requests.recv().await {
+                Some(online) => online,
+                None => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Accepts every session (with `require_mls`, only end-to-end encrypted ones: others are
 /// closed at once) and answers each message with `reply|` + the message, until `stop` resolves.
+#[allow(clippy::too_many_arguments)] // the tool's knobs and hooks, each used once by the CLI
 pub async fn run_reply(
     endpoint: &str,
     name: Name,
@@ -308,6 +330,7 @@ pub async fn run_reply(
     require_mls: bool,
     ready: impl FnOnce(&Name),
     mut observe: impl FnMut(&SessionEvent),
+    mut presence: Option<Presence>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<ReplyStats, AppError> {
     let app = App::connect(endpoint, name, secret).await?;
@@ -318,6 +341,18 @@ pub async fn run_reply(
     loop {
         let event = tokio::select! {
             () = &mut stop => return Ok(stats),
+            online = Presence::next(&mut presence) => {
+                let mut result = Ok(());
+                for &session in &groups {
+                    if let Err(error) = app.set_online(session, online).await {
+                        result = Err(error);
+                    }
+                }
+                if let Some(p) = presence.as_mut() {
+                    (p.done)(online, result);
+                }
+                continue;
+            }
             event = app.next_event() => event?,
         };
         observe(&event);

@@ -34,7 +34,7 @@ NEW, OLD = "3.3.8", "2.0.0"
 CASES = ["p2p_plain", "p2p_mls", "p2p_v200", "group_mls", "anycast", "rust_request", "rust_reply",
          "rust_group", "rust_member", "rust_request_mls", "rust_reply_mls", "rust_group_mls",
          "rust_member_mls", "rust_member_rejoin_mls", "rust_group_rejoin_mls",
-         "rust_group_soft_rejoin_mls"]
+         "rust_member_soft_close_mls", "rust_group_soft_rejoin_mls"]
 P2P_EXCHANGES = 100
 GROUP_MEMBERS = 3
 GROUP_MSGS = 10
@@ -761,18 +761,21 @@ class CutProxy:
         self.cut()
 
 
-async def case_rust_member_rejoin_mls(ctx):
-    """Ours, a member of an MLS group moderated by slim-bindings 3.3.8, loses its connection
-    while the moderator adds a member, so it misses that commit. Back online, it must find its
-    epoch stale and rejoin through the moderator (REJOIN_REQUEST / REJOIN_REPLY, flows g2),
-    then read what the moderator sends at the new epoch."""
+async def case_rust_member_rejoin_mls(ctx, soft=False):
+    """Ours, a member of an MLS group moderated by slim-bindings 3.3.8, misses the commit that
+    adds a member. Back online, it must find its epoch stale and rejoin through the moderator
+    (REJOIN_REQUEST / REJOIN_REPLY), then read what the moderator sends at the new epoch.
+    soft=False: ours reaches the node through a relay the case cuts meanwhile (flows g2).
+    soft=True: ours goes offline (soft close) and comes back; the others NACK its stale
+    epoch (flows g3)."""
     proxy = CutProxy(ctx.endpoint)
     via_proxy = await proxy.start()
     rust_name, m0, m2 = ctx.name("rust-member"), ctx.name("member0"), ctx.name("member2")
-    ctx.set_step("start slim-tokio reply (member, through a cuttable relay) and two slim-bindings members")
-    proc, log = await run_rust(ctx, "rust-member", "reply", "--endpoint", via_proxy,
+    ctx.set_step("start slim-tokio reply (member) and two slim-bindings members")
+    proc, log = await run_rust(ctx, "rust-member", "reply",
+                               "--endpoint", ctx.endpoint if soft else via_proxy,
                                "--name", rust_name, "--secret", ctx.secret, "--json", "--mls",
-                               wait=False, log_filter="info")
+                               "--presence-on-stdin", wait=False, stdin=True, log_filter="info")
     ours = RustEvents(proc)
     log_path = os.path.join(ctx.logs, "rust-member.log")
 
@@ -797,19 +800,34 @@ async def case_rust_member_rejoin_mls(ctx):
         mod.send(cmd="publish", hex=before)
         await ours.wait(ctx, lambda: len(ours.of("msg")) >= len(before), "ours gets the first round")
 
-        ctx.set_step("cut ours off; the moderator adds member2 meanwhile")
-        proxy.cut()
+        def presence(online):
+            proc.stdin.write(b"online\n" if online else b"offline\n")
+            return ours.wait(ctx, lambda: any(e["online"] == online for e in ours.of("presence")),
+                             f"ours goes {'online' if online else 'offline'}")
+
+        if soft:
+            ctx.set_step("ours goes offline (soft close); the moderator adds member2 meanwhile")
+            await presence(False)
+        else:
+            ctx.set_step("cut ours off; the moderator adds member2 meanwhile")
+            proxy.cut()
         mod.send(cmd="invite", names=[m2])
         # A failed invite fails the wait (the role reports it).
         await mod.wait(lambda: len(mod.of("done", cmd="invite")) >= 2,
-                       "the moderator invites member2 while ours is cut off", timeout=60)
+                       "the moderator invites member2 while ours is away", timeout=60)
         await late.event("joined", "member2 joins")
-        ctx.set_step("heal; ours redials and must rejoin the MLS group")
-        accepted = proxy.accepted
-        await proxy.heal()
-        await ours.wait(ctx, lambda: proxy.accepted > accepted, "ours redials through the relay")
-        await ours.wait(ctx, lambda: ours_logged("rejoined the MLS group"),
-                        "ours rejoins the MLS group (REJOIN_REQUEST answered by the moderator)")
+        if soft:
+            # Offline, ours still applies the group's commits (only data is dropped), so it
+            # comes back at the current epoch: the members ACK, no rejoin is needed.
+            ctx.set_step("ours comes back online at the group's epoch")
+            await presence(True)
+        else:
+            ctx.set_step("heal; ours redials and must rejoin the MLS group")
+            accepted = proxy.accepted
+            await proxy.heal()
+            await ours.wait(ctx, lambda: proxy.accepted > accepted, "ours redials through the relay")
+            await ours.wait(ctx, lambda: ours_logged("rejoined the MLS group"),
+                            "ours rejoins the MLS group (REJOIN_REQUEST answered by the moderator)")
         ctx.set_step("broadcast at the new epoch")
         after = hexes(blobs(ctx, "after", 5, 512))
         mod.send(cmd="publish", hex=after)
@@ -821,8 +839,11 @@ async def case_rust_member_rejoin_mls(ctx):
         for m in (first, late):
             await m.wait(lambda m=m: len(m.of("msg")) >= len(after) + (len(before) if m is first else 0),
                          f"{m.label} gets the broadcast")
-        return (f"3.3.8 moderator: ours cut off while member2 joined, redialled, rejoined "
-                f"(remove+add commit) and read {len(after)} msgs at the new epoch")
+        if not all(e["ok"] for e in ours.of("presence")):
+            raise CaseFailure(f"a presence change of ours failed: {ours.of('presence')}")
+        how = ("went offline (soft close) while member2 joined (applying its commit), came back"
+               if soft else "cut off while member2 joined, redialled, rejoined (remove+add commit)")
+        return f"3.3.8 moderator: ours {how} and read {len(after)} msgs at the new epoch"
     finally:
         await stop_rust(proc, log)
         await proxy.stop()
@@ -928,6 +949,7 @@ CASE_FUNCS = {"p2p_plain": case_p2p_plain, "p2p_mls": case_p2p_mls,
               "rust_member_mls": lambda ctx: case_rust_member(ctx, mls=True),
               "rust_member_rejoin_mls": case_rust_member_rejoin_mls,
               "rust_group_rejoin_mls": case_rust_group_rejoin_mls,
+              "rust_member_soft_close_mls": lambda ctx: case_rust_member_rejoin_mls(ctx, soft=True),
               "rust_group_soft_rejoin_mls": lambda ctx: case_rust_group_rejoin_mls(ctx, soft=True)}
 
 
