@@ -1388,8 +1388,18 @@ impl SessionLayer {
                     Awaiting::Each(names) => names.iter().any(|n| n.key() == m.source.key()),
                 }
         }) else {
-            // A late duplicate of a reply already counted, or a stranger's.
-            self.drop_message(SessionDrop::Unexpected, "reply to nothing we wait for");
+            // A member acknowledges our REJOIN_REPLY (members do, flows g2/g3), although
+            // nothing waits for that: expected, not a drop.
+            let rejoin_reply_ack = m.message_type == Mt::GroupAck
+                && s.group.as_ref().is_some_and(|g| {
+                    g.rejoin_replies
+                        .get(&m.source.key())
+                        .is_some_and(|(id, _)| *id == m.message_id)
+                });
+            if !rejoin_reply_ack {
+                // A late duplicate of a reply already counted, or a stranger's.
+                self.drop_message(SessionDrop::Unexpected, "reply to nothing we wait for");
+            }
             return;
         };
         if s.pending[index].message_type == Mt::GroupUpdate {
