@@ -88,7 +88,7 @@ for _ in $(seq 1 150); do
 done
 if grep -q "^ready" "$REF_LOG"; then
   tests/interop/run.sh --endpoint "http://127.0.0.1:$REF_PORT" --slim-bin "$NODE_BIN" \
-    --only rust_request,rust_reply,rust_group,rust_member,rust_request_mls,rust_reply_mls,rust_group_mls,rust_member_mls,rust_member_rejoin_mls,rust_group_rejoin_mls,rust_member_soft_close_mls,rust_group_soft_rejoin_mls \
+    --only rust_request,rust_reply,rust_group,rust_member,rust_request_mls,rust_reply_mls,rust_group_mls,rust_member_mls,rust_member_rejoin_mls,rust_group_rejoin_mls,rust_member_soft_close_mls,rust_group_soft_rejoin_mls,rust_request_lossy_mls,rust_group_lossy_mls,rust_member_lossy_mls \
     || reference_status=$?
 else
   echo "the reference node did not start (log: $REF_LOG)" >&2

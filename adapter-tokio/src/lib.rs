@@ -16,6 +16,7 @@ pub mod app;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub mod lossy_relay;
 pub mod session;
 pub mod tools;
 

@@ -62,6 +62,22 @@ enum Command {
     /// A plain TCP relay (connections paired in arrival order): the baseline that
     /// `bench --mode tcp-relay` measures next to a node.
     TcpRelay(TcpRelayArgs),
+    /// For tests: a relay in front of a node that drops every Nth session data message
+    /// (MSG) in each direction, so both session layers must recover the losses.
+    LossyRelay(LossyRelayArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct LossyRelayArgs {
+    /// Address to listen on (plaintext HTTP/2, as a node).
+    #[arg(long, default_value = "127.0.0.1:46359")]
+    listen: String,
+    /// The node to relay to, host:port.
+    #[arg(long, default_value = "127.0.0.1:46357")]
+    upstream: String,
+    /// Drop the Nth, 2Nth, … data message of each stream direction (0: drop nothing).
+    #[arg(long, default_value_t = 10)]
+    drop_every: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -362,6 +378,22 @@ fn run_tcp_relay(args: TcpRelayArgs) -> anyhow::Result<()> {
     })
 }
 
+fn run_lossy_relay(args: LossyRelayArgs) -> anyhow::Result<()> {
+    init_logging(Some("info"));
+    client_runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        tracing::info!(listen = %args.listen, upstream = %args.upstream, drop_every = args.drop_every, "lossy relay ready");
+        let config = slim_tokio::lossy_relay::LossyConfig {
+            upstream: args.upstream,
+            drop_every: args.drop_every,
+        };
+        slim_tokio::lossy_relay::serve(listener, config).await;
+        Ok(())
+    })
+}
+
 fn run_reply(args: ReplyArgs) -> anyhow::Result<()> {
     init_logging(Some("info"));
     let (name, secret) = args.app.resolve()?;
@@ -643,6 +675,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Request(args)) => return run_request(args),
         Some(Command::Group(args)) => return run_group(args),
         Some(Command::TcpRelay(args)) => return run_tcp_relay(args),
+        Some(Command::LossyRelay(args)) => return run_lossy_relay(args),
         None => {}
     }
     let mut node_config = match &cli.config {

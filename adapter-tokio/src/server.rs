@@ -168,7 +168,7 @@ async fn serve_stream(
     .await;
 }
 
-fn grpc_response() -> Response<()> {
+pub(crate) fn grpc_response() -> Response<()> {
     let mut response = Response::new(());
     *response.status_mut() = StatusCode::OK;
     response.headers_mut().insert(
@@ -180,9 +180,14 @@ fn grpc_response() -> Response<()> {
 
 /// A gRPC error without a body: status in the response headers (gRPC "Trailers-Only").
 fn reply_trailers_only(respond: &mut SendResponse<Bytes>, code: u32, message: &str) {
+    let _ = respond.send_response(trailers_only(code, message), true);
+}
+
+/// The response of a gRPC error without a body ("Trailers-Only").
+pub(crate) fn trailers_only(code: u32, message: &str) -> Response<()> {
     let mut response = grpc_response();
     response.headers_mut().extend(grpc_trailers(code, message));
-    let _ = respond.send_response(response, true);
+    response
 }
 
 /// A rustls server config for the certificate chain and key in PEM files.

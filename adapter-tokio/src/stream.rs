@@ -221,7 +221,10 @@ fn batch_frames(first: Bytes, frames: &mut mpsc::Receiver<Bytes>) -> Bytes {
 
 /// Sends within the peer's flow-control window, waiting for capacity instead of letting h2
 /// buffer without bound.
-async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
+pub(crate) async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+) -> Result<(), h2::Error> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let capacity = match poll_fn(|cx| send.poll_capacity(cx)).await {

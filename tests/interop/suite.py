@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -34,7 +35,8 @@ NEW, OLD = "3.3.8", "2.0.0"
 CASES = ["p2p_plain", "p2p_mls", "p2p_v200", "group_mls", "anycast", "rust_request", "rust_reply",
          "rust_group", "rust_member", "rust_request_mls", "rust_reply_mls", "rust_group_mls",
          "rust_member_mls", "rust_member_rejoin_mls", "rust_group_rejoin_mls",
-         "rust_member_soft_close_mls", "rust_group_soft_rejoin_mls"]
+         "rust_member_soft_close_mls", "rust_group_soft_rejoin_mls", "rust_request_lossy_mls",
+         "rust_group_lossy_mls", "rust_member_lossy_mls"]
 P2P_EXCHANGES = 100
 GROUP_MEMBERS = 3
 GROUP_MSGS = 10
@@ -485,6 +487,52 @@ async def run_rust(ctx, label, *args, wait=True, stdin=False, log_filter=None):
     return proc.returncode, out.decode(errors="replace")
 
 
+LOSSY_DROP_EVERY = 5
+
+
+class LossyRelay:
+    """`slim-tokio lossy-relay` in front of the node: it drops every LOSSY_DROP_EVERY-th
+    session data message (MSG) of each stream direction and passes everything else, so the
+    session layers at both ends must recover the losses (RTX_REQUEST / RTX_REPLY, or their
+    retransmission timers)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.log_path = os.path.join(ctx.logs, "lossy-relay.log")
+
+    async def start(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        upstream = urlparse(self.ctx.endpoint)
+        self.proc, self.log = await run_rust(
+            self.ctx, "lossy-relay", "lossy-relay", "--listen", f"127.0.0.1:{port}",
+            "--upstream", f"{upstream.hostname}:{upstream.port}",
+            "--drop-every", LOSSY_DROP_EVERY, wait=False, log_filter="info")
+        while b"lossy relay ready" not in open(self.log_path, "rb").read():
+            if self.proc.returncode is not None:
+                raise CaseFailure(f"the lossy relay exited {self.proc.returncode}")
+            self.ctx.left()
+            await asyncio.sleep(0.05)
+        return f"http://127.0.0.1:{port}"
+
+    def dropped(self, way):
+        text = open(self.log_path, "rb").read().decode(errors="replace")
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+        return sum(1 for line in text.splitlines()
+                   if "dropped a data message" in line and f"way={way}" in line.replace('"', ""))
+
+    def require_drops(self, *ways):
+        """'N MSGs dropped <way>, …'; fails unless every way had a drop."""
+        counts = {way: self.dropped(way) for way in ways}
+        if not all(counts.values()):
+            raise CaseFailure(f"the lossy relay dropped too little to test recovery: {counts}")
+        return ", ".join(f"{n} MSGs dropped {way}" for way, n in counts.items())
+
+    async def stop(self):
+        await stop_rust(self.proc, self.log)
+
+
 def mls_flag(mls):
     return ["--mls"] if mls else []
 
@@ -493,31 +541,47 @@ def mls_label(mls):
     return " MLS" if mls else ""
 
 
-async def case_rust_request(ctx, mls=False):
-    """slim-tokio request (ours) -> slim-bindings 3.3.8 responder, 100 requests byte-exact."""
+async def case_rust_request(ctx, mls=False, lossy=False):
+    """slim-tokio request (ours) -> slim-bindings 3.3.8 responder, 100 requests byte-exact.
+    lossy: the responder reaches the node through the lossy relay, so requests and replies
+    are lost and must be retransmitted (by ours and by theirs)."""
     resp_name = ctx.name("resp")
+    relay = LossyRelay(ctx) if lossy else None
+    via = ["--endpoint", await relay.start()] if lossy else []
+    try:
+        # Fewer exchanges when lossy: a lost request or reply (one at a time, nothing after it
+        # reveals the gap) waits for a retransmission timer, about a second.
+        return await rust_request(ctx, resp_name, via, mls, relay, 30 if lossy else P2P_EXCHANGES)
+    finally:
+        if relay:
+            await relay.stop()
+
+
+async def rust_request(ctx, resp_name, via, mls, relay, exchanges):
     ctx.set_step("start the slim-bindings responder")
-    resp = await ctx.spawn("responder", NEW, "responder", "--local", resp_name, "--prefix", "reply")
+    resp = await ctx.spawn("responder", NEW, "responder", "--local", resp_name, "--prefix", "reply",
+                           *via)
     await resp.ready()
-    ctx.set_step("slim-tokio request sends 100 requests")
+    ctx.set_step(f"slim-tokio request sends {exchanges} requests")
     code, out = await run_rust(ctx, "rust-request", "request", "--endpoint", ctx.endpoint,
                                "--name", ctx.name("rust-init"), "--to", resp_name,
-                               "--count", P2P_EXCHANGES, "--size", 1000, "--secret", ctx.secret,
+                               "--count", exchanges, "--size", 1000, "--secret", ctx.secret,
                                "--json", *mls_flag(mls))
     lines = [l for l in out.splitlines() if l.startswith("{")]
     if not lines:
         raise CaseFailure(f"slim-tokio request exited {code} without a JSON summary")
     rep = json.loads(lines[-1])
-    if code != 0 or rep["received"] != P2P_EXCHANGES or rep["mismatched"]:
+    if code != 0 or rep["received"] != exchanges or rep["mismatched"]:
         raise CaseFailure(f"slim-tokio request exited {code}: {rep}")
     ctx.set_step("responder accounting")
-    await resp.wait(lambda: any(e["count"] >= P2P_EXCHANGES for e in resp.of("served")),
+    await resp.wait(lambda: any(e["count"] >= exchanges for e in resp.of("served")),
                     ctx.step, timeout=10)
     served = [e for e in resp.of("session")]
     if served and served[0].get("mls") is not None and served[0]["mls"] != mls:
         raise CaseFailure(f"responder's session has MLS {'on' if served[0]['mls'] else 'off'}")
-    return (f"rust->3.3.8 {rep['received']}/{P2P_EXCHANGES} byte-exact, "
-            f"p50 {rep['p50_us']:.0f}us{mls_label(mls)}")
+    lost = f"; {relay.require_drops('to node', 'to client')} (responder side), recovered" if relay else ""
+    return (f"rust->3.3.8 {rep['received']}/{exchanges} byte-exact, "
+            f"p50 {rep['p50_us']:.0f}us{mls_label(mls)}{lost}")
 
 
 async def case_rust_reply(ctx, mls=False):
@@ -603,13 +667,26 @@ async def stop_rust(proc, log):
     log.close()
 
 
-async def case_rust_group(ctx, mls=False):
+async def case_rust_group(ctx, mls=False, lossy=False):
     """slim-tokio group (ours) moderates three slim-bindings 3.3.8 members: invite, broadcast,
-    remove one, broadcast again; every remaining member gets everything, in order."""
+    remove one, broadcast again; every remaining member gets everything, in order.
+    lossy: member1 reaches the node through the lossy relay; it must ask ours for what it
+    misses (RTX_REQUEST / RTX_REPLY) and still get everything in order."""
+    relay = LossyRelay(ctx) if lossy else None
+    try:
+        return await rust_group(ctx, mls, relay)
+    finally:
+        if relay:
+            await relay.stop()
+
+
+async def rust_group(ctx, mls, relay):
     labels = [f"member{i}" for i in range(GROUP_MEMBERS)]
     names = {l: ctx.name(l) for l in labels}
     ctx.set_step("start members")
-    members = [await ctx.spawn(l, NEW, "member", "--local", names[l]) for l in labels]
+    via = ["--endpoint", await relay.start()] if relay else []
+    members = [await ctx.spawn(l, NEW, "member", "--local", names[l],
+                               *(via if l == "member1" else [])) for l in labels]
     for m in members:
         await m.ready()
     ctx.set_step("slim-tokio group: invite, broadcast, remove member0, broadcast")
@@ -642,16 +719,29 @@ async def case_rust_group(ctx, mls=False):
     await asyncio.sleep(REMOVED_GRACE_S)
     if seqs(victim) != list(range(GROUP_MSGS)):
         raise CaseFailure(f"removed member got {seqs(victim)}, expected exactly the first round")
+    lost = f"; {relay.require_drops('to client')} (member1), recovered" if relay else ""
     return (f"rust moderator: {GROUP_MEMBERS} 3.3.8 members joined, {GROUP_MSGS} broadcast acked by all, "
-            f"member0 removed (nothing after), {GROUP_MSGS} more to {len(rest)}{mls_label(mls)}")
+            f"member0 removed (nothing after), {GROUP_MSGS} more to {len(rest)}{mls_label(mls)}{lost}")
 
 
-async def case_rust_member(ctx, mls=False):
+async def case_rust_member(ctx, mls=False, lossy=False):
     """A slim-bindings 3.3.8 moderator invites slim-tokio (ours) and a 3.3.8 member; broadcast and
-    fan-in reach ours; then ours is removed and gets nothing more."""
+    fan-in reach ours; then ours is removed and gets nothing more.
+    lossy: ours reaches the node through the lossy relay; it must ask theirs for what it
+    misses (RTX_REQUEST / RTX_REPLY) and still get the broadcast in order."""
+    relay = LossyRelay(ctx) if lossy else None
+    try:
+        return await rust_member(ctx, mls, relay)
+    finally:
+        if relay:
+            await relay.stop()
+
+
+async def rust_member(ctx, mls, relay):
     rust_name, other = ctx.name("rust-member"), ctx.name("member")
     ctx.set_step("start slim-tokio reply (member) and a slim-bindings member")
-    proc, log = await run_rust(ctx, "rust-member", "reply", "--endpoint", ctx.endpoint,
+    endpoint = await relay.start() if relay else ctx.endpoint
+    proc, log = await run_rust(ctx, "rust-member", "reply", "--endpoint", endpoint,
                                "--name", rust_name, "--secret", ctx.secret, "--json", *mls_flag(mls),
                                wait=False)
     ours = RustEvents(proc)
@@ -695,8 +785,9 @@ async def case_rust_member(ctx, mls=False):
         await asyncio.sleep(REMOVED_GRACE_S)
         if len(ours.of("msg")) != before:
             raise CaseFailure(f"ours received {len(ours.of('msg')) - before} msgs after its removal")
+        lost = f"; {relay.require_drops('to client')} (ours), recovered" if relay else ""
         return (f"3.3.8 moderator: ours joined, got {GROUP_MSGS} broadcast in order + fan-in, "
-                f"removed (nothing after){mls_label(mls)}")
+                f"removed (nothing after){mls_label(mls)}{lost}")
     finally:
         await stop_rust(proc, log)
 
@@ -947,6 +1038,9 @@ CASE_FUNCS = {"p2p_plain": case_p2p_plain, "p2p_mls": case_p2p_mls,
               "rust_reply_mls": lambda ctx: case_rust_reply(ctx, mls=True),
               "rust_group_mls": lambda ctx: case_rust_group(ctx, mls=True),
               "rust_member_mls": lambda ctx: case_rust_member(ctx, mls=True),
+              "rust_request_lossy_mls": lambda ctx: case_rust_request(ctx, mls=True, lossy=True),
+              "rust_group_lossy_mls": lambda ctx: case_rust_group(ctx, mls=True, lossy=True),
+              "rust_member_lossy_mls": lambda ctx: case_rust_member(ctx, mls=True, lossy=True),
               "rust_member_rejoin_mls": case_rust_member_rejoin_mls,
               "rust_group_rejoin_mls": case_rust_group_rejoin_mls,
               "rust_member_soft_close_mls": lambda ctx: case_rust_member_rejoin_mls(ctx, soft=True),
