@@ -533,6 +533,23 @@ class LossyRelay:
         await stop_rust(self.proc, self.log)
 
 
+async def maybe_lossy(ctx, lossy, run):
+    """run(relay) with a LossyRelay (started by run, when it needs its endpoint) or None;
+    the relay is stopped afterwards."""
+    relay = LossyRelay(ctx) if lossy else None
+    try:
+        return await run(relay)
+    finally:
+        if relay and hasattr(relay, "proc"):
+            await relay.stop()
+
+
+def logged(path, text):
+    """Whether a process's log file has `text` yet."""
+    with open(path, "rb") as f:
+        return text.encode() in f.read()
+
+
 def mls_flag(mls):
     return ["--mls"] if mls else []
 
@@ -545,19 +562,15 @@ async def case_rust_request(ctx, mls=False, lossy=False):
     """slim-tokio request (ours) -> slim-bindings 3.3.8 responder, 100 requests byte-exact.
     lossy: the responder reaches the node through the lossy relay, so requests and replies
     are lost and must be retransmitted (by ours and by theirs)."""
+    # Fewer exchanges when lossy: a lost request or reply (one at a time, nothing after it
+    # reveals the gap) waits for a retransmission timer, about a second.
+    exchanges = 30 if lossy else P2P_EXCHANGES
+    return await maybe_lossy(ctx, lossy, lambda relay: rust_request(ctx, mls, relay, exchanges))
+
+
+async def rust_request(ctx, mls, relay, exchanges):
     resp_name = ctx.name("resp")
-    relay = LossyRelay(ctx) if lossy else None
-    via = ["--endpoint", await relay.start()] if lossy else []
-    try:
-        # Fewer exchanges when lossy: a lost request or reply (one at a time, nothing after it
-        # reveals the gap) waits for a retransmission timer, about a second.
-        return await rust_request(ctx, resp_name, via, mls, relay, 30 if lossy else P2P_EXCHANGES)
-    finally:
-        if relay:
-            await relay.stop()
-
-
-async def rust_request(ctx, resp_name, via, mls, relay, exchanges):
+    via = ["--endpoint", await relay.start()] if relay else []
     ctx.set_step("start the slim-bindings responder")
     resp = await ctx.spawn("responder", NEW, "responder", "--local", resp_name, "--prefix", "reply",
                            *via)
@@ -672,12 +685,7 @@ async def case_rust_group(ctx, mls=False, lossy=False):
     remove one, broadcast again; every remaining member gets everything, in order.
     lossy: member1 reaches the node through the lossy relay; it must ask ours for what it
     misses (RTX_REQUEST / RTX_REPLY) and still get everything in order."""
-    relay = LossyRelay(ctx) if lossy else None
-    try:
-        return await rust_group(ctx, mls, relay)
-    finally:
-        if relay:
-            await relay.stop()
+    return await maybe_lossy(ctx, lossy, lambda relay: rust_group(ctx, mls, relay))
 
 
 async def rust_group(ctx, mls, relay):
@@ -729,12 +737,7 @@ async def case_rust_member(ctx, mls=False, lossy=False):
     fan-in reach ours; then ours is removed and gets nothing more.
     lossy: ours reaches the node through the lossy relay; it must ask theirs for what it
     misses (RTX_REQUEST / RTX_REPLY) and still get the broadcast in order."""
-    relay = LossyRelay(ctx) if lossy else None
-    try:
-        return await rust_member(ctx, mls, relay)
-    finally:
-        if relay:
-            await relay.stop()
+    return await maybe_lossy(ctx, lossy, lambda relay: rust_member(ctx, mls, relay))
 
 
 async def rust_member(ctx, mls, relay):
@@ -848,6 +851,12 @@ class CutProxy:
     async def heal(self):
         await self.start()
 
+    async def heal_until_redialled(self, ctx, events, who):
+        """Heals, then waits (on `events`, a RustEvents) until `who` connected again."""
+        accepted = self.accepted
+        await self.heal()
+        await events.wait(ctx, lambda: self.accepted > accepted, f"{who} redials through the relay")
+
     async def stop(self):
         self.cut()
 
@@ -869,10 +878,6 @@ async def case_rust_member_rejoin_mls(ctx, soft=False):
                                "--presence-on-stdin", wait=False, stdin=True, log_filter="info")
     ours = RustEvents(proc)
     log_path = os.path.join(ctx.logs, "rust-member.log")
-
-    def ours_logged(text):
-        with open(log_path, "rb") as f:
-            return f.read().count(text.encode())
 
     try:
         await ours.wait(ctx, lambda: ours.of("ready"), "slim-tokio reply gets ready")
@@ -914,10 +919,8 @@ async def case_rust_member_rejoin_mls(ctx, soft=False):
             await presence(True)
         else:
             ctx.set_step("heal; ours redials and must rejoin the MLS group")
-            accepted = proxy.accepted
-            await proxy.heal()
-            await ours.wait(ctx, lambda: proxy.accepted > accepted, "ours redials through the relay")
-            await ours.wait(ctx, lambda: ours_logged("rejoined the MLS group"),
+            await proxy.heal_until_redialled(ctx, ours, "ours")
+            await ours.wait(ctx, lambda: logged(log_path, "rejoined the MLS group"),
                             "ours rejoins the MLS group (REJOIN_REQUEST answered by the moderator)")
         ctx.set_step("broadcast at the new epoch")
         after = hexes(blobs(ctx, "after", 5, 512))
@@ -967,10 +970,6 @@ async def case_rust_group_rejoin_mls(ctx, soft=False):
     ours = RustEvents(proc)
     log_path = os.path.join(ctx.logs, "rust-group.log")
 
-    def ours_logged(text):
-        with open(log_path, "rb") as f:
-            return f.read().count(text.encode())
-
     def go():
         proc.stdin.write(b"go\n")
 
@@ -999,10 +998,8 @@ async def case_rust_group_rejoin_mls(ctx, soft=False):
             await m1.event("done", "member1's rejoin() completes", cmd="rejoin")
         else:
             ctx.set_step("heal; member1 redials and must rejoin through ours")
-            accepted = proxy.accepted
-            await proxy.heal()
-            await ours.wait(ctx, lambda: proxy.accepted > accepted, "member1 redials through the relay")
-        await ours.wait(ctx, lambda: ours_logged("a member rejoins the MLS group"),
+            await proxy.heal_until_redialled(ctx, ours, "member1")
+        await ours.wait(ctx, lambda: logged(log_path, "a member rejoins the MLS group"),
                         "member1 asks ours to rejoin (REJOIN_REQUEST) and gets its welcome")
         ctx.set_step("a round at the new epoch")
         go()
