@@ -191,6 +191,12 @@ fn check_body(body: Bytes) {
     if let Some(routing) = routing {
         check_view(&routing, &message);
     }
+    // Publishes are encoded without prost (slim_proto's encode module): byte for byte the same.
+    assert_eq!(
+        &encode_frame(&message)[5..],
+        &message.encode_to_vec()[..],
+        "a frame encoded otherwise than prost encodes it"
+    );
     check_message(&message);
     check_forwarded_copy(&body, message);
 }

@@ -10,7 +10,7 @@ use crate::pb;
 /// The largest message accepted by default: 4 MiB, tonic's default and so the reference's.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
-const PREFIX_LEN: usize = 5;
+pub(crate) const PREFIX_LEN: usize = 5;
 
 /// Why the byte stream cannot be read as gRPC messages. Every variant ends the stream: after a bad
 /// prefix there is no way to find the next message boundary.
@@ -41,6 +41,10 @@ impl FrameError {
 
 /// Encodes one message with its gRPC prefix, in a single allocation.
 pub fn encode_frame(message: &pb::Message) -> Bytes {
+    // Data publishes, the bulk of the traffic, without prost's repeated nested lengths.
+    if let Some(frame) = crate::encode::publish_frame(message) {
+        return frame;
+    }
     let len = message.encoded_len();
     let mut buf = BytesMut::with_capacity(PREFIX_LEN + len);
     buf.put_u8(0);

@@ -11,6 +11,7 @@
 //!
 //! Everything here is pure: no I/O, no clock, no global randomness.
 
+mod encode;
 pub mod forward;
 pub mod framing;
 pub mod link;
