@@ -181,13 +181,21 @@ pub fn frames(data: &[u8]) {
 
 fn check_body(body: Bytes) {
     let routing = slim_proto::PublishView::parse(&body).and_then(|view| view.routing);
+    let fast = slim_proto::decode_plain_publish(&body);
     let Ok(message) = pb::Message::decode(body.clone()) else {
         assert!(
             routing.is_none(),
             "routing fields of bytes that do not decode"
         );
+        assert!(fast.is_none(), "a publish decoded from bytes prost refuses");
         return;
     };
+    if let Some(fast) = fast {
+        assert_eq!(
+            fast, message,
+            "a publish decoded otherwise than prost decodes it"
+        );
+    }
     if let Some(routing) = routing {
         check_view(&routing, &message);
     }

@@ -514,6 +514,109 @@ mod tests {
             .unwrap();
     }
 
+    /// Runs `check` on generated publishes, on a thread with room for the deep strategy.
+    fn for_publishes(
+        cases: u32,
+        check: impl Fn(pb::Message, Vec<usize>) -> Result<(), TestCaseError> + Send + 'static,
+    ) {
+        std::thread::Builder::new()
+            .stack_size(64 << 20)
+            .spawn(move || {
+                let mut runner =
+                    proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(cases));
+                let cuts = proptest::collection::vec(any::<usize>(), 0..4);
+                runner
+                    .run(&(publish_message(), cuts), |(message, cuts)| {
+                        check(message, cuts)
+                    })
+                    .unwrap();
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn plain_publishes_decode_as_prost_decodes_them() {
+        for_publishes(2000, |message, _| {
+            let body = Bytes::from(message.encode_to_vec());
+            let fast = crate::decode_plain_publish(&body).expect("a plain publish");
+            prop_assert_eq!(&fast, &message);
+            prop_assert_eq!(crate::decode_message(body).unwrap(), message);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn damaged_publishes_decode_as_prost_or_are_left_to_it() {
+        // Bytes flipped, cut short or repeated: whatever the fast decoder accepts, prost
+        // decodes to the same message.
+        for_publishes(3000, |message, cuts| {
+            let mut raw = message.encode_to_vec();
+            for cut in cuts {
+                if raw.is_empty() {
+                    break;
+                }
+                let at = cut % raw.len();
+                match cut % 4 {
+                    0 => raw[at] ^= 1 << (cut % 8),
+                    1 => raw.truncate(at),
+                    2 => raw.extend_from_within(at..),
+                    _ => raw[at] = (cut >> 8) as u8,
+                }
+            }
+            let body = Bytes::from(raw);
+            if let Some(fast) = crate::decode_plain_publish(&body) {
+                prop_assert_eq!(Some(fast), pb::Message::decode(body).ok());
+            }
+            Ok(())
+        });
+    }
+
+    /// Bytes prost accepts but would never write: the fast decoder must read them as prost does.
+    #[test]
+    fn unusual_but_valid_encodings_decode_as_prost_decodes_them() {
+        use prost::encoding::{encode_key, encode_varint, WireType};
+        fn varint_field(out: &mut Vec<u8>, tag: u32, value: u64) {
+            encode_key(tag, WireType::Varint, out);
+            encode_varint(value, out);
+        }
+        fn len_field(out: &mut Vec<u8>, tag: u32, body: &[u8]) {
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(body.len() as u64, out);
+            out.extend_from_slice(body);
+        }
+        let mut header = Vec::new();
+        varint_field(&mut header, 4, (1 << 33) + 5); // uint32 fanout: truncated
+        varint_field(&mut header, 6, u64::MAX); // uint32 ttl
+        varint_field(&mut header, 10, 2); // bool error: any non-zero is true
+        varint_field(&mut header, 7, 0); // optional, present although zero
+        len_field(&mut header, 11, b""); // optional bytes, present although empty
+        let mut session = Vec::new();
+        varint_field(&mut session, 1, (1 << 40) + 3); // enum: truncated to i32
+        varint_field(&mut session, 2, u64::MAX); // -1
+        varint_field(&mut session, 3, 0); // a zero written anyway
+        let mut publish = Vec::new();
+        len_field(&mut publish, 2, &session); // session before header
+        len_field(&mut publish, 1, &header);
+        len_field(&mut publish, 3, b""); // empty content
+        let entry = |key: &[u8], value: &[u8]| {
+            let mut entry = Vec::new();
+            len_field(&mut entry, 2, value); // value before key
+            len_field(&mut entry, 1, key);
+            entry
+        };
+        let mut raw = Vec::new();
+        len_field(&mut raw, 4, &entry(b"k", b"first"));
+        len_field(&mut raw, 3, &publish);
+        len_field(&mut raw, 4, &entry(b"k", b"second")); // a repeated key: the later wins
+        len_field(&mut raw, 4, &entry(b"", b"")); // empty key and value
+        let body = Bytes::from(raw);
+        let fast = crate::decode_plain_publish(&body).expect("a plain publish");
+        assert_eq!(fast, pb::Message::decode(body).unwrap());
+        assert_eq!(fast.metadata["k"], "second");
+    }
+
     #[test]
     fn other_messages_are_left_to_prost() {
         let command = pb::Message {

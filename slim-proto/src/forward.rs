@@ -246,6 +246,117 @@ impl<'a> ForwardTemplate<'a> {
     }
 }
 
+/// Decodes one `Message` as prost does, without prost for a plain data publish: the fields of
+/// a publish, its header, names, session header, application payload and metadata, each at
+/// most once and with the wire type decoding expects. prost decodes anything else (or errs).
+///
+/// prost spends most of a client's decode walking nested messages through generic merge
+/// loops; the strict walk of [`PublishView`] reads the same bytes directly, and byte fields
+/// share `body` instead of being copied.
+pub fn decode_message(body: Bytes) -> Result<pb::Message, prost::DecodeError> {
+    match decode_plain_publish(&body) {
+        Some(message) => Ok(message),
+        None => prost::Message::decode(body),
+    }
+}
+
+/// A plain publish decoded in one strict walk; `None` for anything else, including input
+/// prost would reject or read differently (repeated or unknown fields, wrong wire types, bad
+/// UTF-8, a command payload).
+pub fn decode_plain_publish(body: &Bytes) -> Option<pb::Message> {
+    let bytes = |value: &[u8]| body.slice_ref(value);
+    let mut metadata = std::collections::BTreeMap::new();
+    let mut publish = None;
+    for field in Fields(body) {
+        let field = field?;
+        match field.number {
+            MESSAGE_PUBLISH if publish.is_none() => publish = Some(field.value()?),
+            MESSAGE_METADATA => {
+                let (mut key, mut value) = ("", "");
+                read_once(field.value()?, |part| {
+                    match part.number {
+                        1 => key = part.string()?,
+                        2 => value = part.string()?,
+                        _ => return None,
+                    }
+                    Some(())
+                })?;
+                // A repeated key: the later entry wins, as in prost's map merge.
+                metadata.insert(key.to_owned(), value.to_owned());
+            }
+            _ => return None,
+        }
+    }
+    let mut out = pb::Publish::default();
+    read_once(publish?, |field| {
+        match field.number {
+            PUBLISH_HEADER => out.header = Some(decode_header(field.value()?, &bytes)?),
+            PUBLISH_SESSION => {
+                let mut session = pb::SessionHeader::default();
+                read_once(field.value()?, |part| {
+                    let v = part.varint()?;
+                    match part.number {
+                        1 => session.session_type = v as i32,
+                        2 => session.session_message_type = v as i32,
+                        3 => session.session_id = v as u32,
+                        4 => session.message_id = v as u32,
+                        _ => return None,
+                    }
+                    Some(())
+                })?;
+                out.session = Some(session);
+            }
+            PUBLISH_MSG => {
+                let mut content = pb::Content::default();
+                read_once(field.value()?, |part| {
+                    (part.number == 1).then_some(())?;
+                    let mut app = pb::ApplicationPayload::default();
+                    read_once(part.value()?, |inner| {
+                        match inner.number {
+                            1 => app.payload_type = inner.string()?.to_owned(),
+                            2 => app.blob = bytes(inner.value()?),
+                            _ => return None,
+                        }
+                        Some(())
+                    })?;
+                    content.content_type = Some(pb::content::ContentType::AppPayload(app));
+                    Some(())
+                })?;
+                out.msg = Some(content);
+            }
+            _ => return None,
+        }
+        Some(())
+    })?;
+    Some(pb::Message {
+        metadata,
+        message_type: Some(pb::message::MessageType::Publish(out)),
+    })
+}
+
+fn decode_header(raw: &[u8], bytes: &impl Fn(&[u8]) -> Bytes) -> Option<pb::SlimHeader> {
+    let mut h = pb::SlimHeader::default();
+    read_once(raw, |field| {
+        match field.number {
+            1 => h.source = Some(name_ref(field.value()?)?.to_pb()),
+            2 => h.destination = Some(name_ref(field.value()?)?.to_pb()),
+            3 => h.identity = field.string()?.to_owned(),
+            4 => h.fanout = field.varint()? as u32,
+            5 => h.version = field.string()?.to_owned(),
+            6 => h.ttl = field.varint()? as u32,
+            HEADER_RECV_FROM => h.recv_from = Some(field.varint()?),
+            HEADER_FORWARD_TO => h.forward_to = Some(field.varint()?),
+            HEADER_INCOMING_CONN => h.incoming_conn = Some(field.varint()?),
+            10 => h.error = Some(field.varint()? != 0),
+            HEADER_MAC => h.header_mac = Some(bytes(field.value()?)),
+            12 => h.e2e_header_sig = Some(bytes(field.value()?)),
+            _ => return None,
+        }
+        Some(())
+    })?;
+    Some(h)
+}
+
 /// A header's fields as a strict read finds them, each field number at most once.
 #[derive(Default)]
 struct HeaderRead<'a> {
@@ -307,6 +418,9 @@ fn read_once<'a>(bytes: &'a [u8], mut read: impl FnMut(&Field<'a>) -> Option<()>
 }
 
 fn name_ref(bytes: &[u8]) -> Option<NameRef<'_>> {
+    if let Some(name) = ordered_name(bytes) {
+        return Some(name);
+    }
     let mut name = NameRef::default();
     read_once(bytes, |field| {
         match field.number {
@@ -325,6 +439,98 @@ fn name_ref(bytes: &[u8]) -> Option<NameRef<'_>> {
         Some(())
     })?;
     Some(name)
+}
+
+/// A name laid out as encoders write it: every field at most once, in field-number order,
+/// with one-byte keys. Read front to back without the generic walk (names are most of a
+/// publish's fields); `None` for any other layout, which [`name_ref`]'s walk then reads.
+fn ordered_name(bytes: &[u8]) -> Option<NameRef<'_>> {
+    let mut name = Ordered(bytes);
+    let encoded = name.length_delimited(0x0a)?;
+    let strings = name.length_delimited(0x12)?;
+    name.end()?;
+    let encoded = match encoded {
+        None => None,
+        Some(bytes) => {
+            let mut e = Ordered(bytes);
+            let components = [e.varint(0x08)?, e.varint(0x10)?, e.varint(0x18)?];
+            let id = e.length_delimited(0x22)?;
+            e.end()?;
+            let name_id = match id {
+                None => None,
+                Some(bytes) => {
+                    let mut id = Ordered(bytes);
+                    let pair = (id.varint(0x08)?, id.varint(0x10)?);
+                    id.end()?;
+                    Some(pair)
+                }
+            };
+            Some(EncodedRef {
+                components,
+                name_id,
+            })
+        }
+    };
+    let strings = match strings {
+        None => None,
+        Some(bytes) => {
+            let mut s = Ordered(bytes);
+            let parts = [s.string(0x0a)?, s.string(0x12)?, s.string(0x1a)?];
+            s.end()?;
+            Some(parts)
+        }
+    };
+    Some(NameRef { encoded, strings })
+}
+
+/// Fields read in order, each optional: a field whose one-byte key is not next is absent.
+/// Whatever is left at [`Ordered::end`] (a field out of order, repeated or unknown) makes the
+/// read fail, so what it accepts reads as the generic walk reads it.
+struct Ordered<'a>(&'a [u8]);
+
+impl<'a> Ordered<'a> {
+    fn take_key(&mut self, key: u8) -> bool {
+        match self.0.split_first() {
+            Some((&first, rest)) if first == key => {
+                self.0 = rest;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The varint field's value (0 when absent); `None` if it does not decode.
+    fn varint(&mut self, key: u8) -> Option<u64> {
+        if !self.take_key(key) {
+            return Some(0);
+        }
+        let (value, len) = varint(self.0)?;
+        self.0 = &self.0[len..];
+        Some(value)
+    }
+
+    /// `Some(None)` when absent; `None` if it does not decode.
+    fn length_delimited(&mut self, key: u8) -> Option<Option<&'a [u8]>> {
+        if !self.take_key(key) {
+            return Some(None);
+        }
+        let (len, len_len) = varint(self.0)?;
+        let end = usize::try_from(len).ok()?.checked_add(len_len)?;
+        let value = self.0.get(len_len..end)?;
+        self.0 = &self.0[end..];
+        Some(Some(value))
+    }
+
+    fn string(&mut self, key: u8) -> Option<&'a str> {
+        match self.length_delimited(key)? {
+            None => Some(""),
+            Some(bytes) => std::str::from_utf8(bytes).ok(),
+        }
+    }
+
+    fn end(&self) -> Option<()> {
+        self.0.is_empty().then_some(())
+    }
 }
 
 fn encoded_ref(bytes: &[u8]) -> Option<EncodedRef> {
@@ -592,6 +798,46 @@ mod tests {
 
     use super::*;
     use crate::encode_frame;
+
+    /// Names as encoders write them take the in-order read, and it reads what decoding gives;
+    /// any zero, empty or absent part just leaves that field out.
+    #[test]
+    fn names_in_field_order_are_read_without_the_walk() {
+        let full = pb::Name {
+            name: Some(pb::EncodedName {
+                component_0: u64::MAX,
+                component_1: 1,
+                component_2: 1 << 40,
+                name_id: Some(pb::NameId {
+                    id_0: 0, // left out, as small ids' high half
+                    id_1: u64::MAX - 1,
+                }),
+            }),
+            str_name: Some(pb::StringName {
+                str_component_0: "org".into(),
+                str_component_1: String::new(),
+                str_component_2: "svc-é".into(),
+            }),
+        };
+        let no_id = pb::Name {
+            name: full.name.map(|e| pb::EncodedName { name_id: None, ..e }),
+            str_name: None,
+        };
+        for name in [full, no_id, pb::Name::default()] {
+            let bytes = name.encode_to_vec();
+            assert_eq!(ordered_name(&bytes), Some(NameRef::from(&name)), "{name:?}");
+        }
+        // Out of order (strings first): not read in order, but the walk still reads it.
+        let mut swapped = Vec::new();
+        let name = pb::Name {
+            name: Some(pb::EncodedName::default()),
+            str_name: Some(pb::StringName::default()),
+        };
+        prost::encoding::message::encode(2, name.str_name.as_ref().unwrap(), &mut swapped);
+        prost::encoding::message::encode(1, name.name.as_ref().unwrap(), &mut swapped);
+        assert_eq!(ordered_name(&swapped), None);
+        assert_eq!(name_ref(&swapped), Some(NameRef::from(&name)));
+    }
 
     fn name(tag: u64) -> pb::Name {
         pb::Name {

@@ -26,7 +26,10 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/dataplane.proto.v1.rs"));
 }
 
-pub use forward::{forwarded_publish_frame, ForwardTemplate, PublishView, Rewrite, RoutingFields};
+pub use forward::{
+    decode_message, decode_plain_publish, forwarded_publish_frame, ForwardTemplate, PublishView,
+    Rewrite, RoutingFields,
+};
 pub use framing::{encode_frame, Deframer, FrameError, DEFAULT_MAX_MESSAGE_SIZE};
 pub use link::{LinkKeyPair, NegotiationError};
 pub use mac::{HeaderMacKey, MacError};

@@ -61,6 +61,25 @@ impl<'a> From<&'a pb::Name> for NameRef<'a> {
     }
 }
 
+impl NameRef<'_> {
+    /// The owned wire name this view reads.
+    pub fn to_pb(&self) -> pb::Name {
+        pb::Name {
+            name: self.encoded.map(|e| pb::EncodedName {
+                component_0: e.components[0],
+                component_1: e.components[1],
+                component_2: e.components[2],
+                name_id: e.name_id.map(|(id_0, id_1)| pb::NameId { id_0, id_1 }),
+            }),
+            str_name: self.strings.map(|[a, b, c]| pb::StringName {
+                str_component_0: a.to_owned(),
+                str_component_1: b.to_owned(),
+                str_component_2: c.to_owned(),
+            }),
+        }
+    }
+}
+
 impl From<&pb::EncodedName> for EncodedRef {
     fn from(encoded: &pb::EncodedName) -> Self {
         Self {

@@ -33,7 +33,6 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
-use prost::Message as _;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rustc_hash::FxHashMap;
@@ -430,7 +429,7 @@ impl Router {
                     return self.prune_timers();
                 }
             }
-            match pb::Message::decode(body.clone()) {
+            match slim_proto::decode_message(body.clone()) {
                 Ok(message) => self.dispatch(conn, message, received.as_mut(), now),
                 Err(error) if negotiated => {
                     self.drop_message(conn, DropReason::Malformed, &error.to_string());
@@ -838,7 +837,7 @@ impl Router {
             // An in-process app gets the message itself: decoded here, once.
             let message = match &mut decoded {
                 Some(message) => message,
-                None => match pb::Message::decode(raw.clone()) {
+                None => match slim_proto::decode_message(raw.clone()) {
                     Ok(message) => decoded.insert(message),
                     Err(error) => {
                         self.drop_message(conn, DropReason::Malformed, &error.to_string());

@@ -2,6 +2,7 @@
 //! the protocol with the real slim-proto primitives (X25519, HKDF, HMAC).
 
 use super::*;
+use prost::Message as _;
 use slim_proto::link::LocalLinkInfo;
 use slim_proto::name::ANY_INSTANCE;
 use slim_proto::{Deframer, Name};
