@@ -87,13 +87,23 @@ async fn relay_connection(tcp: TcpStream, config: &Arc<LossyConfig>) -> Result<(
 
 /// Relays one direction, message by message, until it ends; then ends the other side too.
 async fn pump(mut recv: RecvStream, mut send: SendStream<Bytes>, drop_every: u64, way: &str) {
-    let mut deframer = Deframer::new(usize::MAX);
+    let mut deframer = Deframer::new(slim_proto::DEFAULT_MAX_MESSAGE_SIZE);
     let mut data_messages = 0u64;
     while let Some(chunk) = recv.data().await {
         let Ok(chunk) = chunk else { break };
         let _ = recv.flow_control().release_capacity(chunk.len());
         deframer.push(&chunk);
-        while let Ok(Some(frame)) = deframer.next_frame() {
+        loop {
+            let frame = match deframer.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(error) => {
+                    // Not gRPC framing: end both directions rather than buffer what follows.
+                    tracing::warn!(way, %error, "bad gRPC framing: closing the stream");
+                    send.send_reset(h2::Reason::PROTOCOL_ERROR);
+                    return;
+                }
+            };
             if let Some((session, id)) = data_message(&frame) {
                 data_messages += 1;
                 if drop_every > 0 && data_messages.is_multiple_of(drop_every) {
