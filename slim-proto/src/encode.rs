@@ -573,32 +573,48 @@ mod tests {
         });
     }
 
+    fn varint_field(out: &mut Vec<u8>, tag: u32, value: u64) {
+        use prost::encoding::{encode_key, encode_varint, WireType};
+        encode_key(tag, WireType::Varint, out);
+        encode_varint(value, out);
+    }
+
+    fn len_field(out: &mut Vec<u8>, tag: u32, body: &[u8]) {
+        use prost::encoding::{encode_key, encode_varint, WireType};
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(body.len() as u64, out);
+        out.extend_from_slice(body);
+    }
+
     /// Bytes prost accepts but would never write: the fast decoder must read them as prost does.
     #[test]
     fn unusual_but_valid_encodings_decode_as_prost_decodes_them() {
-        use prost::encoding::{encode_key, encode_varint, WireType};
-        fn varint_field(out: &mut Vec<u8>, tag: u32, value: u64) {
-            encode_key(tag, WireType::Varint, out);
-            encode_varint(value, out);
+        // In field order (the in-order read) and out of it (the generic walk).
+        for in_order in [true, false] {
+            let mut header = Vec::new();
+            varint_field(&mut header, 4, (1 << 33) + 5); // uint32 fanout: truncated
+            varint_field(&mut header, 6, u64::MAX); // uint32 ttl
+            if in_order {
+                varint_field(&mut header, 7, 0); // optional, present although zero
+            }
+            varint_field(&mut header, 10, 2); // bool error: any non-zero is true
+            if !in_order {
+                varint_field(&mut header, 7, 0);
+            }
+            len_field(&mut header, 11, b""); // optional bytes, present although empty
+            check_unusual(&header);
         }
-        fn len_field(out: &mut Vec<u8>, tag: u32, body: &[u8]) {
-            encode_key(tag, WireType::LengthDelimited, out);
-            encode_varint(body.len() as u64, out);
-            out.extend_from_slice(body);
-        }
-        let mut header = Vec::new();
-        varint_field(&mut header, 4, (1 << 33) + 5); // uint32 fanout: truncated
-        varint_field(&mut header, 6, u64::MAX); // uint32 ttl
-        varint_field(&mut header, 10, 2); // bool error: any non-zero is true
-        varint_field(&mut header, 7, 0); // optional, present although zero
-        len_field(&mut header, 11, b""); // optional bytes, present although empty
+    }
+
+    /// A publish around `header` with an unusual session header, content and metadata.
+    fn check_unusual(header: &[u8]) {
         let mut session = Vec::new();
         varint_field(&mut session, 1, (1 << 40) + 3); // enum: truncated to i32
         varint_field(&mut session, 2, u64::MAX); // -1
         varint_field(&mut session, 3, 0); // a zero written anyway
         let mut publish = Vec::new();
         len_field(&mut publish, 2, &session); // session before header
-        len_field(&mut publish, 1, &header);
+        len_field(&mut publish, 1, header);
         len_field(&mut publish, 3, b""); // empty content
         let entry = |key: &[u8], value: &[u8]| {
             let mut entry = Vec::new();

@@ -335,6 +335,9 @@ pub fn decode_plain_publish(body: &Bytes) -> Option<pb::Message> {
 }
 
 fn decode_header(raw: &[u8], bytes: &impl Fn(&[u8]) -> Bytes) -> Option<pb::SlimHeader> {
+    if let Some(header) = ordered_header(raw, bytes) {
+        return Some(header);
+    }
     let mut h = pb::SlimHeader::default();
     read_once(raw, |field| {
         match field.number {
@@ -441,6 +444,34 @@ fn name_ref(bytes: &[u8]) -> Option<NameRef<'_>> {
     Some(name)
 }
 
+/// A header laid out as encoders write it (see [`ordered_name`]); `None` for any other layout,
+/// which [`decode_header`]'s walk then reads.
+fn ordered_header(raw: &[u8], bytes: &impl Fn(&[u8]) -> Bytes) -> Option<pb::SlimHeader> {
+    let mut r = Ordered(raw);
+    let name = |r: &mut Ordered<'_>, key| match r.length_delimited(key)? {
+        None => Some(None),
+        Some(value) => name_ref(value).map(|n| Some(n.to_pb())),
+    };
+    let source = name(&mut r, 0x0a)?;
+    let destination = name(&mut r, 0x12)?;
+    let header = pb::SlimHeader {
+        source,
+        destination,
+        identity: r.string(0x1a)?.to_owned(),
+        fanout: r.varint(0x20)? as u32,
+        version: r.string(0x2a)?.to_owned(),
+        ttl: r.varint(0x30)? as u32,
+        recv_from: r.optional_varint(0x38)?,
+        forward_to: r.optional_varint(0x40)?,
+        incoming_conn: r.optional_varint(0x48)?,
+        error: r.optional_varint(0x50)?.map(|v| v != 0),
+        header_mac: r.length_delimited(0x5a)?.map(bytes),
+        e2e_header_sig: r.length_delimited(0x62)?.map(bytes),
+    };
+    r.end()?;
+    Some(header)
+}
+
 /// A name laid out as encoders write it: every field at most once, in field-number order,
 /// with one-byte keys. Read front to back without the generic walk (names are most of a
 /// publish's fields); `None` for any other layout, which [`name_ref`]'s walk then reads.
@@ -507,6 +538,14 @@ impl<'a> Ordered<'a> {
         let (value, len) = varint(self.0)?;
         self.0 = &self.0[len..];
         Some(value)
+    }
+
+    /// An `optional` varint field: `Some(None)` when absent; `None` if it does not decode.
+    fn optional_varint(&mut self, key: u8) -> Option<Option<u64>> {
+        if self.0.first() != Some(&key) {
+            return Some(None);
+        }
+        self.varint(key).map(Some)
     }
 
     /// `Some(None)` when absent; `None` if it does not decode.
@@ -798,6 +837,29 @@ mod tests {
 
     use super::*;
     use crate::encode_frame;
+
+    /// A header as encoders write it takes the in-order read, optional fields kept apart from
+    /// absent ones.
+    #[test]
+    fn headers_in_field_order_are_read_without_the_walk() {
+        let header = pb::SlimHeader {
+            source: Some(name(1)),
+            destination: Some(name(2)),
+            identity: "token".into(),
+            fanout: 1,
+            version: "0.1".into(),
+            ttl: 8,
+            recv_from: Some(0),
+            forward_to: None,
+            incoming_conn: Some(u64::MAX),
+            error: Some(false),
+            header_mac: Some(Bytes::from_static(b"mac")),
+            e2e_header_sig: None,
+        };
+        let raw = header.encode_to_vec();
+        let copy = |value: &[u8]| Bytes::copy_from_slice(value);
+        assert_eq!(ordered_header(&raw, &copy), Some(header));
+    }
 
     /// Names as encoders write them take the in-order read, and it reads what decoding gives;
     /// any zero, empty or absent part just leaves that field out.
