@@ -41,7 +41,10 @@ fi
 
 step "interop: real slim-bindings clients through slim-tokio"
 cargo build -q --bin slim-tokio
-NODE_BIN="$ROOT/target/debug/slim-tokio"
+# Where cargo put it: CARGO_TARGET_DIR (absolute, or relative to here) when set.
+CARGO_OUT="${CARGO_TARGET_DIR:-target}"
+case "$CARGO_OUT" in /*) ;; *) CARGO_OUT="$ROOT/$CARGO_OUT" ;; esac
+NODE_BIN="$CARGO_OUT/debug/slim-tokio"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mkdir -p target/interop/logs
 NODE_LOG="$ROOT/target/interop/logs/node-$PORT.log"

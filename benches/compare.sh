@@ -32,7 +32,9 @@ while [ $# -gt 0 ]; do
 done
 
 cargo build --release -q --bin slim-tokio
-BIN="$ROOT/target/release/slim-tokio"
+CARGO_OUT="${CARGO_TARGET_DIR:-target}"
+case "$CARGO_OUT" in /*) ;; *) CARGO_OUT="$ROOT/$CARGO_OUT" ;; esac
+BIN="$CARGO_OUT/release/slim-tokio"
 VENV="$ROOT/target/interop/venv-3.3.8"
 if ! "$VENV/bin/python" -c 'import slim_bindings' 2>/dev/null; then
   python3 -m venv "$VENV" && "$VENV/bin/pip" install -q slim-bindings==3.3.8
