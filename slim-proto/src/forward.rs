@@ -288,9 +288,13 @@ pub fn decode_plain_publish(body: &Bytes) -> Option<pb::Message> {
         }
     }
     let mut out = pb::Publish::default();
+    // The header (names and token: most of the allocations) is decoded last, once the rest is
+    // known to be plain: a session control message then costs the walk, not a wasted decode,
+    // before prost.
+    let mut header = None;
     read_once(publish?, |field| {
         match field.number {
-            PUBLISH_HEADER => out.header = Some(decode_header(field.value()?, &bytes)?),
+            PUBLISH_HEADER => header = Some(field.value()?),
             PUBLISH_SESSION => {
                 let mut session = pb::SessionHeader::default();
                 read_once(field.value()?, |part| {
@@ -328,6 +332,9 @@ pub fn decode_plain_publish(body: &Bytes) -> Option<pb::Message> {
         }
         Some(())
     })?;
+    if let Some(header) = header {
+        out.header = Some(decode_header(header, &bytes)?);
+    }
     Some(pb::Message {
         metadata,
         message_type: Some(pb::message::MessageType::Publish(out)),
