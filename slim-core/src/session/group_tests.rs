@@ -525,6 +525,63 @@ fn an_invite_does_not_wait_for_an_offline_members_ack_of_the_update() {
 }
 
 #[test]
+fn an_invite_completes_at_once_when_every_other_member_is_offline() {
+    let mut net = Net::new(&["moderator", "a", "b", "c"]);
+    let sid = net.apps[M].create_group(&Name::new("org", "ns", "chan"), reliable(), net.now);
+    for service in ["a", "b"] {
+        net.apps[M]
+            .invite(sid, &Name::new("org", "ns", service), net.now)
+            .unwrap();
+    }
+    net.run();
+    announce_offline(&mut net, sid, A);
+    announce_offline(&mut net, sid, B);
+    let updates = std::rc::Rc::new(std::cell::Cell::new(0));
+    let counted = updates.clone();
+    net.keep = Box::new(move |from, to, m| {
+        if from == M && kind(m) == Mt::GroupUpdate {
+            counted.set(counted.get() + 1);
+        }
+        to != A && to != B
+    });
+    net.apps[M]
+        .invite(sid, &Name::new("org", "ns", "c"), net.now)
+        .unwrap();
+    // The update waits for nobody: it ends at the next timeout, due at once (no time passes).
+    let start = net.now;
+    net.settle(Duration::ZERO);
+    assert_eq!(net.now, start);
+    let c = net.apps[C].name().clone();
+    assert!(net.has(
+        M,
+        |e| matches!(e, SessionEvent::MemberJoined { member, .. } if *member == c)
+    ));
+    assert!(net.apps[M].sessions[&sid].pending.is_empty());
+    // Sent once (to the channel, so to A and B, both dropping it), never retransmitted.
+    net.settle(Duration::from_secs(5));
+    assert_eq!(updates.get(), 2);
+    assert_eq!(net.apps[M].members(sid).unwrap().len(), 4);
+}
+
+#[test]
+fn a_state_update_ends_at_once_when_the_member_it_still_waits_for_is_removed() {
+    let (mut net, sid) = group();
+    // B's acks of A's state update are lost: it is all A still waits for.
+    net.keep = Box::new(|from, to, m| !(from == B && to == A && kind(m) == Mt::GroupAck));
+    net.apps[A].set_online(sid, true, net.now).unwrap();
+    net.run();
+    assert_eq!(net.apps[A].sessions[&sid].pending.len(), 1);
+    let b = net.apps[B].name().clone();
+    net.apps[M].remove(sid, &b, net.now).unwrap();
+    // A applies the removal: nobody is left to ack, the update ends without a retransmission.
+    let start = net.now;
+    net.settle(Duration::ZERO);
+    assert_eq!(net.now, start);
+    assert!(net.apps[A].sessions[&sid].pending.is_empty());
+    assert_eq!(net.apps[A].members(sid).unwrap().len(), 3);
+}
+
+#[test]
 fn silent_peers_are_marked_offline_after_three_heartbeats() {
     let (mut net, _sid) = group();
     // C stops hearing anything and says nothing.

@@ -393,6 +393,28 @@ struct PendingControl {
     deadline: Timestamp,
 }
 
+impl PendingControl {
+    /// Every peer it went to is offline or gone (a membership update while all the other
+    /// members are offline): no ack will come, and none is needed.
+    fn awaits_nobody(&self) -> bool {
+        matches!(&self.awaiting, Awaiting::Each(names) if names.is_empty())
+    }
+
+    /// Awaiting nobody, it is due at once: it ends at the next timeout instead of being
+    /// retried. Not at once in the call that sends it, so that it ends after the messages
+    /// sent with it (an invite's welcome goes out after its update).
+    fn end_soon_if_unawaited(&mut self, now: Timestamp) {
+        if self.awaits_nobody() {
+            self.deadline = self.deadline.min(now);
+        }
+    }
+
+    /// It ends at `now`: its retries ran out, or it awaits nobody.
+    fn ends(&self, now: Timestamp) -> bool {
+        self.deadline <= now && (self.retries_left == 0 || self.awaits_nobody())
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Task {
     Invite(Name),
@@ -1449,7 +1471,9 @@ impl SessionLayer {
     }
 
     /// A control message got all its replies (`reply` is the last one), or ran out of retries
-    /// (`reply` is `None`).
+    /// or awaits nobody any more (`reply` is `None`). Without a reply a request (discovery,
+    /// join, welcome, rejoin) failed, while a notification to members (an update, a close, a
+    /// state update) ends as if every ack had come: it needs nothing more from them.
     fn on_control_done(
         &mut self,
         session: SessionId,
@@ -3229,6 +3253,7 @@ impl SessionLayer {
             if let Awaiting::Each(names) = &mut p.awaiting {
                 names.retain(|n| n.key() != member.key());
             }
+            p.end_soon_if_unawaited(now);
         }
         for event in events {
             self.sender_event(session, event, now);
@@ -3440,7 +3465,7 @@ impl SessionLayer {
         };
         // Traffic to the whole group counts as "sent" for the heartbeat (flows g1).
         s.sent_since_heartbeat |= s.group.is_some() && fanout == MAX_FANOUT;
-        let pending = PendingControl {
+        let mut pending = PendingControl {
             purpose,
             message_type,
             message_id,
@@ -3452,6 +3477,7 @@ impl SessionLayer {
             retries_left: s.control_retries,
             deadline: now + s.control_interval,
         };
+        pending.end_soon_if_unawaited(now);
         s.pending.push(pending.clone());
         self.transmit_control(session, &pending, now);
     }
@@ -3769,7 +3795,7 @@ impl SessionLayer {
     }
 
     fn session_timeout(&mut self, id: SessionId, now: Timestamp) {
-        // Control retransmission, or giving up.
+        // Control retransmission, or the end (retries ran out, or nobody is awaited).
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
@@ -3777,12 +3803,9 @@ impl SessionLayer {
         let mut expired = Vec::new();
         let interval = s.control_interval;
         for p in &mut s.pending {
-            if p.deadline > now {
-                continue;
-            }
-            if p.retries_left == 0 {
+            if p.ends(now) {
                 expired.push(p.message_id);
-            } else {
+            } else if p.deadline <= now {
                 p.retries_left -= 1;
                 p.deadline = now + interval;
                 due.push(p.clone());
@@ -3798,9 +3821,11 @@ impl SessionLayer {
             let Some(s) = self.sessions.get_mut(&id) else {
                 return;
             };
-            let Some(index) = s.pending.iter().position(|p| {
-                p.message_id == message_id && p.retries_left == 0 && p.deadline <= now
-            }) else {
+            let Some(index) = s
+                .pending
+                .iter()
+                .position(|p| p.message_id == message_id && p.ends(now))
+            else {
                 continue;
             };
             let pending = s.pending.remove(index);
