@@ -93,7 +93,7 @@ enum Command {
 pub struct Client {
     name: Name,
     commands: Sender<Command>,
-    inbox: Receiver<pb::Message>,
+    inbox: Receiver<Box<pb::Message>>,
     reconnects: Arc<AtomicU64>,
     _driver: smol::Task<()>,
 }
@@ -281,7 +281,7 @@ impl Client {
     /// The next publish delivered to this client, as it came off the wire.
     ///
     /// Cancel-safe: a message is only taken when the future completes.
-    pub async fn recv_message(&self) -> Result<pb::Message, ClientError> {
+    pub async fn recv_message(&self) -> Result<Box<pb::Message>, ClientError> {
         self.inbox.recv().await.map_err(|_| ClientError::Closed)
     }
 
@@ -395,7 +395,7 @@ struct Driver {
     subscriptions: HashMap<NameKey, (Name, u64)>,
     /// Subscriptions asked for while there is no link.
     deferred: Vec<(Name, Reply)>,
-    inbox: Sender<pb::Message>,
+    inbox: Sender<Box<pb::Message>>,
     inbox_drops: u64,
     /// `connect` waiting for the first link.
     ready: Option<Sender<Result<(), ClientError>>>,
@@ -616,7 +616,7 @@ impl Driver {
             },
             Command::Message(message) => {
                 self.router
-                    .handle_message(self.app, *message, self.clock.now());
+                    .handle_message(self.app, message, self.clock.now());
             }
         }
     }
@@ -657,7 +657,7 @@ impl Driver {
             metadata: Default::default(),
         };
         self.router
-            .handle_message(self.app, message, self.clock.now());
+            .handle_message(self.app, Box::new(message), self.clock.now());
     }
 
     /// The link is negotiated: the first one completes `connect`; later ones make every
@@ -686,7 +686,7 @@ impl Driver {
     async fn drain(&mut self) -> Result<(), Loss> {
         while let Some(output) = self.router.poll_output() {
             match output {
-                Output::Deliver { conn, message } if conn == self.app => self.deliver(*message),
+                Output::Deliver { conn, message } if conn == self.app => self.deliver(message),
                 Output::Transmit { conn, frame } => {
                     let Some(link) = self.link.as_mut().filter(|l| l.conn == conn) else {
                         continue;
@@ -714,7 +714,7 @@ impl Driver {
 
     /// Messages the router routed to the application: acks to their waiters, publishes to the
     /// inbox. Never waits: a full inbox drops (reliable sessions recover by retransmission).
-    fn deliver(&mut self, message: pb::Message) {
+    fn deliver(&mut self, message: Box<pb::Message>) {
         match &message.message_type {
             Some(MessageType::SubscriptionAck(ack)) => {
                 let Some(pos) = self

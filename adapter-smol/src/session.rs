@@ -496,7 +496,7 @@ impl Driver {
                 if !read_net {
                     return future::pending().await;
                 }
-                Wake::Net(self.client.recv_message().await)
+                Wake::Net(self.client.recv_message().await.map(|message| *message))
             };
             let app = async { Wake::App(self.commands.recv().await.ok()) };
             // A send future dropped unfinished has sent nothing, hence the clone.

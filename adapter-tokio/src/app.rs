@@ -291,13 +291,12 @@ impl Client {
     }
 
     /// The next publish delivered to this client, as it came off the wire.
-    pub async fn recv_message(&self) -> Result<pb::Message, ClientError> {
+    pub async fn recv_message(&self) -> Result<Box<pb::Message>, ClientError> {
         self.inbox
             .lock()
             .await
             .recv()
             .await
-            .map(|message| *message)
             .ok_or(ClientError::Closed)
     }
 

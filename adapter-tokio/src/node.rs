@@ -333,7 +333,7 @@ impl Driver {
                 }
             }
             NodeInput::Message { conn, message } => {
-                self.router.handle_message(conn, *message, now);
+                self.router.handle_message(conn, message, now);
             }
             NodeInput::Closed { conn } => self.router.handle_connection_closed(conn, now),
             NodeInput::Stats(reply) => {

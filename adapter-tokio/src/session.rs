@@ -474,7 +474,7 @@ async fn drive(
                 Err(_) => return,
             },
             message = client.recv_message(), if read_net => match message {
-                Ok(message) => layer.handle_message(message, clock.now()),
+                Ok(message) => layer.handle_message(*message, clock.now()),
                 Err(_) => return,
             },
             command = commands.recv() => match command {

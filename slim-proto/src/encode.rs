@@ -55,7 +55,9 @@ pub(crate) fn publish_frame(message: &pb::Message) -> Option<Bytes> {
         .sum();
     let total = field_len(3, publish_len) + metadata_len;
 
-    let mut out = Writer(BytesMut::with_capacity(PREFIX_LEN + total));
+    let mut out = Writer(BytesMut::with_capacity(
+        PREFIX_LEN + total + Writer::VARINT_SLACK,
+    ));
     out.0.put_u8(0);
     out.0.put_u32(u32::try_from(total).ok()?);
     out.len_key(3, publish_len);
@@ -236,7 +238,11 @@ fn bytes_len(tag: u32, bytes: &[u8]) -> usize {
 struct Writer(BytesMut);
 
 impl Writer {
-    /// A varint in one write: ten-byte hashes are common in names.
+    /// Spare capacity past the message's end, so that `varint` can always write ten bytes.
+    const VARINT_SLACK: usize = 10;
+
+    /// A varint in one fixed-size write, then cut back to its length: ten-byte hashes are
+    /// common in names, and a copy of a variable length is a call to `memcpy`.
     fn varint(&mut self, mut value: u64) {
         if value < 0x80 {
             self.0.put_u8(value as u8);
@@ -250,7 +256,9 @@ impl Writer {
             n += 1;
         }
         bytes[n] = value as u8;
-        self.0.put_slice(&bytes[..=n]);
+        let end = self.0.len() + n + 1;
+        self.0.extend_from_slice(&bytes);
+        self.0.truncate(end);
     }
 
     fn key(&mut self, tag: u32, wire_type: u32) {

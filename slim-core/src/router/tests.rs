@@ -629,7 +629,7 @@ fn local_apps_exchange_messages_not_frames() {
     for (i, &local) in locals.iter().enumerate() {
         let mut sub = subscribe_msg(&edge, &channel, 20 + i as u64, true);
         header_mut(&mut sub).unwrap().header_mac = None;
-        h.router.handle_message(local, sub, T0);
+        h.router.handle_message(local, Box::new(sub), T0);
         h.drain();
         let acks: Vec<_> = h.take(local).into_iter().filter_map(as_ack).collect();
         assert!(acks.len() == 1 && acks[0].success, "acked as a message");
@@ -647,7 +647,7 @@ fn local_apps_exchange_messages_not_frames() {
         b"to all",
     );
     message.metadata.insert("trace".into(), "kept".into());
-    h.router.handle_message(locals[0], message, T0);
+    h.router.handle_message(locals[0], Box::new(message), T0);
     h.drain();
     assert!(h.take(locals[0]).is_empty());
     let got = h.take(locals[1]);
@@ -668,7 +668,7 @@ fn local_apps_exchange_messages_not_frames() {
         .verify(to_edge[0].header.as_ref().unwrap())
         .expect("signed for the edge link");
     // Unknown connections are counted, as for frames.
-    h.router.handle_message(4242, pb::Message::default(), T0);
+    h.router.handle_message(4242, Box::default(), T0);
     assert_eq!(h.router.stats().dropped(DropReason::UnknownConnection), 1);
 }
 
@@ -1004,7 +1004,7 @@ fn routing_from_bytes_gives_what_decoding_gives() {
         let local = h.router.attach_local();
         let mut sub = subscribe_msg(&carol, &channel, 3, true);
         header_mut(&mut sub).unwrap().header_mac = None;
-        h.router.handle_message(local, sub, T0);
+        h.router.handle_message(local, Box::new(sub), T0);
         h.drain();
         h.inbox.clear();
 
