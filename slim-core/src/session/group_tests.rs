@@ -582,6 +582,51 @@ fn a_state_update_ends_at_once_when_the_member_it_still_waits_for_is_removed() {
 }
 
 #[test]
+fn acks_of_a_re_sent_update_from_members_that_acked_it_are_duplicates() {
+    let mut net = Net::new(&["moderator", "a", "b", "c"]);
+    let sid = net.apps[M].create_group(&Name::new("org", "ns", "chan"), reliable(), net.now);
+    for service in ["a", "b"] {
+        net.apps[M]
+            .invite(sid, &Name::new("org", "ns", service), net.now)
+            .unwrap();
+    }
+    net.run();
+    // A's first two acks of the update announcing C are lost: the update goes to the whole
+    // channel twice more, and B, which acked it, acks each copy again (C too, on the channel
+    // by then): the first time while the update waits for A, the second after A's ack ended it.
+    let mut lost = 0;
+    net.keep = Box::new(move |from, to, m| {
+        let drop = lost < 2 && from == A && to == M && kind(m) == Mt::GroupAck;
+        lost += u32::from(drop);
+        !drop
+    });
+    let stats = net.apps[M].stats().clone();
+    net.apps[M]
+        .invite(sid, &Name::new("org", "ns", "c"), net.now)
+        .unwrap();
+    net.settle(Duration::from_secs(5));
+    let c = net.apps[C].name().clone();
+    assert!(net.has(
+        M,
+        |e| matches!(e, SessionEvent::MemberJoined { member, .. } if *member == c)
+    ));
+    let after = net.apps[M].stats();
+    assert_eq!(
+        after.dropped(SessionDrop::Unexpected),
+        stats.dropped(SessionDrop::Unexpected)
+    );
+    assert_eq!(
+        after.dropped(SessionDrop::Duplicate),
+        stats.dropped(SessionDrop::Duplicate) + 4,
+        "B's and C's acks of the two copies re-sent"
+    );
+    assert!(net.apps[M].sessions[&sid].pending.is_empty());
+    for member in [A, B, C] {
+        assert_eq!(net.apps[member].members(sid).unwrap().len(), 4);
+    }
+}
+
+#[test]
 fn silent_peers_are_marked_offline_after_three_heartbeats() {
     let (mut net, _sid) = group();
     // C stops hearing anything and says nothing.

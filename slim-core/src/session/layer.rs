@@ -72,6 +72,9 @@ const MAX_SESSION_ID: u32 = u32::MAX - 1000;
 const MAX_QUEUED: usize = 1024;
 /// Group updates remembered to recognise retransmissions.
 const SEEN_UPDATES: usize = 64;
+/// Our control messages to a whole channel remembered after they end, to recognise the acks
+/// of their retransmitted copies that come in later.
+const ENDED_CHANNEL_WIDE: usize = 64;
 /// Metadata a member puts on its leave request (spec §1.3).
 const LEAVING_SESSION: &str = "LEAVING_SESSION";
 /// A peer not heard from for this many heartbeat periods is offline (spec §4.6).
@@ -409,6 +412,20 @@ impl PendingControl {
         }
     }
 
+    /// `m` answers this message, whoever sent it.
+    fn answered_by(&self, m: &Received) -> bool {
+        self.message_id == m.message_id && answers(self.message_type, m.message_type)
+    }
+
+    /// `m` is one of the answers this message still waits for.
+    fn awaits(&self, m: &Received) -> bool {
+        self.answered_by(m)
+            && match &self.awaiting {
+                Awaiting::AnyOf(service) => service.key().components == m.source.key().components,
+                Awaiting::Each(names) => names.iter().any(|n| n.key() == m.source.key()),
+            }
+    }
+
     /// It ends at `now`: its retries ran out, or it awaits nobody.
     fn ends(&self, now: Timestamp) -> bool {
         self.deadline <= now && (self.retries_left == 0 || self.awaits_nobody())
@@ -538,6 +555,9 @@ struct Session {
     rejoin_request: Option<u32>,
     /// Direct messages already delivered, by source and id.
     seen_direct: VecDeque<(NameKey, u32)>,
+    /// Our last control messages to the whole channel that ended, by id and type (see
+    /// [`Session::is_channel_re_ack`]).
+    ended_channel_wide: VecDeque<(u32, Mt)>,
     /// The session's MLS group when it is end-to-end encrypted.
     mls: Option<SessionMls>,
 }
@@ -600,6 +620,34 @@ impl Session {
 
     fn is_moderator(&self) -> bool {
         self.group.is_some() && self.role == Role::Initiator
+    }
+
+    /// Takes a control message that waits for nothing more out of `pending`. One to the whole
+    /// channel is remembered: acks of its retransmitted copies may still come in.
+    fn end_pending(&mut self, index: usize) -> PendingControl {
+        let p = self.pending.remove(index);
+        if p.fanout == MAX_FANOUT {
+            if self.ended_channel_wide.len() == ENDED_CHANNEL_WIDE {
+                self.ended_channel_wide.pop_front();
+            }
+            self.ended_channel_wide
+                .push_back((p.message_id, p.message_type));
+        }
+        p
+    }
+
+    /// `m`, which nothing waits for, answers one of our control messages to the whole channel.
+    /// Such a message is re-sent to everyone while some member has not acked it, and each
+    /// member acks every copy it gets (as reference members do): one that acked already, or
+    /// that was not waited for, acks again. A harmless duplicate, not a stranger's reply.
+    fn is_channel_re_ack(&self, m: &Received) -> bool {
+        self.pending
+            .iter()
+            .any(|p| p.fanout == MAX_FANOUT && p.answered_by(m))
+            || self
+                .ended_channel_wide
+                .iter()
+                .any(|(id, t)| *id == m.message_id && answers(*t, m.message_type))
     }
 }
 
@@ -1400,16 +1448,7 @@ impl SessionLayer {
             self.drop_message(SessionDrop::UnknownSession, "reply for no session");
             return;
         };
-        let Some(index) = s.pending.iter().position(|p| {
-            p.message_id == m.message_id
-                && answers(p.message_type, m.message_type)
-                && match &p.awaiting {
-                    Awaiting::AnyOf(service) => {
-                        service.key().components == m.source.key().components
-                    }
-                    Awaiting::Each(names) => names.iter().any(|n| n.key() == m.source.key()),
-                }
-        }) else {
+        let Some(index) = s.pending.iter().position(|p| p.awaits(&m)) else {
             // A member acknowledges our REJOIN_REPLY (members do, flows g2/g3), although
             // nothing waits for that: expected, not a drop.
             let rejoin_reply_ack = m.message_type == Mt::GroupAck
@@ -1418,7 +1457,12 @@ impl SessionLayer {
                         .get(&m.source.key())
                         .is_some_and(|(id, _)| *id == m.message_id)
                 });
-            if !rejoin_reply_ack {
+            if s.is_channel_re_ack(&m) {
+                self.drop_message(
+                    SessionDrop::Duplicate,
+                    "ack of a re-sent channel-wide message",
+                );
+            } else if !rejoin_reply_ack {
                 // A late duplicate of a reply already counted, or a stranger's.
                 self.drop_message(SessionDrop::Unexpected, "reply to nothing we wait for");
             }
@@ -1465,7 +1509,7 @@ impl SessionLayer {
             }
         };
         if done {
-            let pending = s.pending.remove(index);
+            let pending = s.end_pending(index);
             self.on_control_done(m.session_id, pending.purpose, Some(m), now);
         }
     }
@@ -3742,6 +3786,7 @@ impl SessionLayer {
             epoch_in_doubt: false,
             rejoin_request: None,
             seen_direct: VecDeque::new(),
+            ended_channel_wide: VecDeque::new(),
             mls: None,
         }
     }
@@ -3828,7 +3873,7 @@ impl SessionLayer {
             else {
                 continue;
             };
-            let pending = s.pending.remove(index);
+            let pending = s.end_pending(index);
             if let (Mt::GroupUpdate, Awaiting::Each(missing), Some(g)) =
                 (pending.message_type, &pending.awaiting, s.group.as_mut())
             {
