@@ -192,7 +192,7 @@ fn check_body(body: Bytes) {
     };
     if let Some(fast) = fast {
         assert_eq!(
-            fast, message,
+            *fast, message,
             "a publish decoded otherwise than prost decodes it"
         );
     }

@@ -242,21 +242,20 @@ impl Writer {
     const VARINT_SLACK: usize = 10;
 
     /// A varint in one fixed-size write, then cut back to its length: ten-byte hashes are
-    /// common in names, and a copy of a variable length is a call to `memcpy`.
-    fn varint(&mut self, mut value: u64) {
+    /// common in names, and a copy of a variable length is a call to `memcpy`. All ten bytes
+    /// are computed without a branch on the value; those past its length are cut off.
+    fn varint(&mut self, value: u64) {
         if value < 0x80 {
             self.0.put_u8(value as u8);
             return;
         }
+        let len = (64 - value.leading_zeros() as usize).div_ceil(7);
         let mut bytes = [0u8; 10];
-        let mut n = 0;
-        while value >= 0x80 {
-            bytes[n] = (value as u8) | 0x80;
-            value >>= 7;
-            n += 1;
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = (value >> (7 * i)) as u8 | 0x80;
         }
-        bytes[n] = value as u8;
-        let end = self.0.len() + n + 1;
+        bytes[len - 1] &= 0x7f;
+        let end = self.0.len() + len;
         self.0.extend_from_slice(&bytes);
         self.0.truncate(end);
     }
@@ -538,8 +537,8 @@ mod tests {
         for_publishes(2000, |message, _| {
             let body = Bytes::from(message.encode_to_vec());
             let fast = crate::decode_plain_publish(&body).expect("a plain publish");
-            prop_assert_eq!(&fast, &message);
-            prop_assert_eq!(crate::decode_message(body).unwrap(), message);
+            prop_assert_eq!(&*fast, &message);
+            prop_assert_eq!(*crate::decode_message(body).unwrap(), message);
             Ok(())
         });
     }
@@ -564,7 +563,7 @@ mod tests {
             }
             let body = Bytes::from(raw);
             if let Some(fast) = crate::decode_plain_publish(&body) {
-                prop_assert_eq!(Some(fast), pb::Message::decode(body).ok());
+                prop_assert_eq!(Some(*fast), pb::Message::decode(body).ok());
             }
             Ok(())
         });
@@ -626,7 +625,7 @@ mod tests {
         len_field(&mut raw, 4, &entry(b"", b"")); // empty key and value
         let body = Bytes::from(raw);
         let fast = crate::decode_plain_publish(&body).expect("a plain publish");
-        assert_eq!(fast, pb::Message::decode(body).unwrap());
+        assert_eq!(*fast, pb::Message::decode(body).unwrap());
         assert_eq!(fast.metadata["k"], "second");
     }
 

@@ -253,17 +253,19 @@ impl<'a> ForwardTemplate<'a> {
 /// prost spends most of a client's decode walking nested messages through generic merge
 /// loops; the strict walk of [`PublishView`] reads the same bytes directly, and byte fields
 /// share `body` instead of being copied.
-pub fn decode_message(body: Bytes) -> Result<pb::Message, prost::DecodeError> {
+///
+/// Boxed: a message is large, and it is handed on as it is (see `Router::handle_message`).
+pub fn decode_message(body: Bytes) -> Result<Box<pb::Message>, prost::DecodeError> {
     match decode_plain_publish(&body) {
         Some(message) => Ok(message),
-        None => prost::Message::decode(body),
+        None => prost::Message::decode(body).map(Box::new),
     }
 }
 
 /// A plain publish decoded in one strict walk; `None` for anything else, including input
 /// prost would reject or read differently (repeated or unknown fields, wrong wire types, bad
 /// UTF-8, a command payload).
-pub fn decode_plain_publish(body: &Bytes) -> Option<pb::Message> {
+pub fn decode_plain_publish(body: &Bytes) -> Option<Box<pb::Message>> {
     let bytes = |value: &[u8]| body.slice_ref(value);
     let mut metadata = std::collections::BTreeMap::new();
     let mut publish = None;
@@ -287,7 +289,14 @@ pub fn decode_plain_publish(body: &Bytes) -> Option<pb::Message> {
             _ => return None,
         }
     }
-    let mut out = pb::Publish::default();
+    // Filled in place, in its box: built on the stack it was copied at every level.
+    let mut message = Box::new(pb::Message {
+        metadata,
+        message_type: Some(pb::message::MessageType::Publish(pb::Publish::default())),
+    });
+    let Some(pb::message::MessageType::Publish(out)) = &mut message.message_type else {
+        return None;
+    };
     // The header (names and token: most of the allocations) is decoded last, once the rest is
     // known to be plain: a session control message then costs the walk, not a wasted decode,
     // before prost.
@@ -335,10 +344,7 @@ pub fn decode_plain_publish(body: &Bytes) -> Option<pb::Message> {
     if let Some(header) = header {
         out.header = Some(decode_header(header, &bytes)?);
     }
-    Some(pb::Message {
-        metadata,
-        message_type: Some(pb::message::MessageType::Publish(out)),
-    })
+    Some(message)
 }
 
 fn decode_header(raw: &[u8], bytes: &impl Fn(&[u8]) -> Bytes) -> Option<pb::SlimHeader> {

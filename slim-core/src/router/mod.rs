@@ -430,7 +430,7 @@ impl Router {
                 }
             }
             match slim_proto::decode_message(body.clone()) {
-                Ok(message) => self.dispatch(conn, Box::new(message), received.as_mut(), now),
+                Ok(message) => self.dispatch(conn, message, received.as_mut(), now),
                 Err(error) if negotiated => {
                     self.drop_message(conn, DropReason::Malformed, &error.to_string());
                 }
@@ -842,7 +842,7 @@ impl Router {
             // An in-process app gets the message itself: decoded here, once.
             if decoded.is_none() {
                 match slim_proto::decode_message(raw.clone()) {
-                    Ok(message) => decoded = Some(Box::new(message)),
+                    Ok(message) => decoded = Some(message),
                     Err(error) => {
                         self.drop_message(conn, DropReason::Malformed, &error.to_string());
                         break;
