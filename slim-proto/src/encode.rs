@@ -241,14 +241,22 @@ impl Writer {
     /// Spare capacity past the message's end, so that `varint` can always write ten bytes.
     const VARINT_SLACK: usize = 10;
 
-    /// A varint in one fixed-size write, then cut back to its length: ten-byte hashes are
-    /// common in names, and a copy of a variable length is a call to `memcpy`. All ten bytes
-    /// are computed without a branch on the value; those past its length are cut off.
+    #[inline(always)]
     fn varint(&mut self, value: u64) {
+        // Most are keys and lengths of one byte: inline those, call for the rest.
         if value < 0x80 {
             self.0.put_u8(value as u8);
-            return;
+        } else {
+            self.long_varint(value);
         }
+    }
+
+    /// A varint of two bytes or more in one fixed-size write, then cut back to its length:
+    /// ten-byte hashes are common in names, and a copy of a variable length is a call to
+    /// `memcpy`. All ten bytes are computed without a branch on the value; those past its
+    /// length are cut off.
+    #[inline(never)]
+    fn long_varint(&mut self, value: u64) {
         let len = (64 - value.leading_zeros() as usize).div_ceil(7);
         let mut bytes = [0u8; 10];
         for (i, byte) in bytes.iter_mut().enumerate() {
