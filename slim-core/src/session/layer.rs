@@ -311,6 +311,18 @@ pub struct SessionStats {
     pub identity_binding_mismatches: u64,
     /// Signed messages without `slim-payload-sig` (clients before session 0.7.20).
     pub unsigned_payloads: u64,
+    /// RTX_REQUESTs sent: as a receiver, asking a source for a data message we are missing.
+    pub rtx_requests_sent: u64,
+    /// RTX_REQUESTs received for a session we have.
+    pub rtx_requests_received: u64,
+    /// RTX_REPLYs sent in answer to requests (with the message, or saying it is gone).
+    pub rtx_replies_sent: u64,
+    /// RTX_REPLYs received that carried the message asked for (not "no longer available").
+    pub rtx_replies_received: u64,
+    /// Data MSG copies re-sent by the sender's timer because an ack did not come in time.
+    pub data_retransmissions: u64,
+    /// Control messages re-sent by their retry timer because a reply did not come in time.
+    pub control_retransmissions: u64,
     dropped: [u64; SessionDrop::ALL.len()],
 }
 
@@ -2133,6 +2145,7 @@ impl SessionLayer {
         let Some(s) = self.sessions.get_mut(&m.session_id) else {
             return;
         };
+        self.stats.rtx_requests_received += 1;
         let fanout = if s.group.is_some() { MAX_FANOUT } else { 1 };
         let found = s.sender.on_rtx_request(m.message_id).cloned();
         let me = self.name.clone();
@@ -2143,6 +2156,7 @@ impl SessionLayer {
             ),
             None => (empty_app_payload(), BTreeMap::new()),
         };
+        self.stats.rtx_replies_sent += 1;
         let mut reply = self.build(
             m.session_type,
             Mt::RtxReply,
@@ -2195,6 +2209,7 @@ impl SessionLayer {
             let Some(s) = self.sessions.get_mut(&m.session_id) else {
                 return;
             };
+            self.stats.rtx_replies_received += 1;
             let verdict =
                 s.receiver
                     .on_rtx_reply(&m.source, m.message_id, incoming, now, &mut events);
@@ -2589,6 +2604,7 @@ impl SessionLayer {
                     message,
                 } => self.deliver(session, source, id, message),
                 ReceiverEvent::RequestRtx { source, id } => {
+                    self.stats.rtx_requests_sent += 1;
                     let me = self.name.clone();
                     let request = self.build(
                         session_type,
@@ -3856,6 +3872,7 @@ impl SessionLayer {
                 due.push(p.clone());
             }
         }
+        self.stats.control_retransmissions += due.len() as u64;
         for pending in &due {
             self.transmit_control(id, pending, now);
         }
@@ -3891,6 +3908,11 @@ impl SessionLayer {
         s.receiver.handle_timeout(now, &mut receiver_events);
         let heartbeat_due = s.state == State::Established && s.next_heartbeat <= now;
         for event in sender_events {
+            // Counted here, not in `sender_event`: a rejoin's catch-up re-sends go through it
+            // too, and those are not the timer's.
+            if matches!(event, SenderEvent::Retransmit { .. }) {
+                self.stats.data_retransmissions += 1;
+            }
             self.sender_event(id, event, now);
         }
         self.receiver_events(id, receiver_events, now);

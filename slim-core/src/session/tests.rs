@@ -383,6 +383,71 @@ fn a_lost_last_message_is_retransmitted_after_the_interval() {
     assert_eq!(p.messages_b(), vec![(1, b"last".to_vec())]);
 }
 
+/// The recovery counters of [`SessionStats`], one loss at a time: each moves exactly where
+/// its event happens, and no other does.
+#[test]
+fn recovery_counters_count_requests_replies_and_retransmissions() {
+    fn recovery(stats: &SessionStats) -> [u64; 6] {
+        [
+            stats.rtx_requests_sent,
+            stats.rtx_requests_received,
+            stats.rtx_replies_sent,
+            stats.rtx_replies_received,
+            stats.data_retransmissions,
+            stats.control_retransmissions,
+        ]
+    }
+
+    // A data message lost mid-stream: the gap is asked for once and answered once.
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    let mut dropped = false;
+    p.filter = Box::new(move |from_a, m| {
+        let drop = from_a && kind(m) == Mt::Msg && mid(m) == 2 && !dropped;
+        dropped |= drop;
+        !drop
+    });
+    for i in 1..=4u8 {
+        p.a.publish(sid, Bytes::from(vec![i]), p.now).unwrap();
+    }
+    p.run();
+    assert_eq!(p.messages_b().len(), 4);
+    assert_eq!(recovery(p.b.stats()), [1, 0, 0, 1, 0, 0]);
+    assert_eq!(recovery(p.a.stats()), [0, 1, 1, 0, 0, 0]);
+
+    // The last message lost: nothing after it shows the gap, the sender's timer re-sends it.
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    let mut dropped = false;
+    p.filter = Box::new(move |from_a, m| {
+        let drop = from_a && kind(m) == Mt::Msg && !dropped;
+        dropped |= drop;
+        !drop
+    });
+    p.a.publish(sid, Bytes::from_static(b"last"), p.now)
+        .unwrap();
+    p.run();
+    p.step_time();
+    assert_eq!(p.messages_b(), vec![(1, b"last".to_vec())]);
+    assert_eq!(recovery(p.a.stats()), [0, 0, 0, 0, 1, 0]);
+    assert_eq!(recovery(p.b.stats()), [0; 6]);
+
+    // The welcome's ack lost: the welcome is re-sent by its retry timer.
+    let mut p = Pair::new();
+    let mut dropped = false;
+    p.filter = Box::new(move |from_a, m| {
+        let drop = !from_a && kind(m) == Mt::GroupAck && !dropped;
+        dropped |= drop;
+        !drop
+    });
+    p.open(reliable());
+    assert_eq!(recovery(p.a.stats()), [0; 6]);
+    p.step_time();
+    assert!(matches!(p.events_a[..], [SessionEvent::Established { .. }]));
+    assert_eq!(recovery(p.a.stats()), [0, 0, 0, 0, 0, 1]);
+    assert_eq!(recovery(p.b.stats()), [0; 6]);
+}
+
 #[test]
 fn unrecoverable_loss_is_reported_on_both_sides_and_the_session_goes_on() {
     let mut p = Pair::new();
