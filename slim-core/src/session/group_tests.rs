@@ -564,6 +564,62 @@ fn an_invite_completes_at_once_when_every_other_member_is_offline() {
 }
 
 #[test]
+fn a_removal_does_not_wait_for_an_offline_members_ack_of_the_update() {
+    let (mut net, sid) = group();
+    announce_offline(&mut net, sid, A);
+    // Offline, A drops what it gets. B's first ack of the update is lost: the removed member
+    // is still waited for, as before.
+    let mut lost = false;
+    net.keep = Box::new(move |from, to, m| {
+        let drop = !lost && from == B && to == M && kind(m) == Mt::GroupAck;
+        lost |= drop;
+        to != A && !drop
+    });
+    let b = net.apps[B].name().clone();
+    net.apps[M].remove(sid, &b, net.now).unwrap();
+    net.run();
+    let left = |net: &Net| {
+        net.has(
+            M,
+            |e| matches!(e, SessionEvent::MemberLeft { member, .. } if *member == b),
+        )
+    };
+    assert!(!left(&net), "B's ack of the update is waited for");
+    // Its one retransmission brings B's ack, then B leaves: A's retries are not waited out.
+    net.settle(Duration::from_millis(500));
+    assert!(left(&net));
+    assert!(net.has(B, |e| *e
+        == SessionEvent::Closed {
+            session: sid,
+            reason: CloseReason::Removed
+        }));
+    assert_eq!(
+        net.apps[M].members(sid).unwrap().len(),
+        3,
+        "A stays a member"
+    );
+}
+
+#[test]
+fn a_state_update_does_not_wait_for_an_offline_members_ack() {
+    let (mut net, sid) = group();
+    // A soft-closes, and every member hears of it.
+    net.apps[A].set_online(sid, false, net.now).unwrap();
+    net.run();
+    let a = net.apps[A].name().clone();
+    assert!(net.has(
+        B,
+        |e| matches!(e, SessionEvent::MemberState { online: false, member, .. } if *member == a)
+    ));
+    // Offline, A drops what it gets (as a reference member does).
+    net.keep = Box::new(|_, to, _| to != A);
+    net.apps[B].set_online(sid, false, net.now).unwrap();
+    // No time passes: only the moderator's and C's acks are waited for, not a retry to A.
+    net.run();
+    assert!(net.apps[B].sessions[&sid].pending.is_empty());
+}
+
+#[test]
 fn a_state_update_ends_at_once_when_the_member_it_still_waits_for_is_removed() {
     let (mut net, sid) = group();
     // B's acks of A's state update are lost: it is all A still waits for.

@@ -585,12 +585,14 @@ impl Session {
             .filter(move |n| n.key() != *me && !self.offline.contains(&n.key()))
     }
 
-    /// Who must acknowledge our data messages.
-    fn receivers(&self, me: &Name) -> Vec<Name> {
-        self.peers(me)
-            .into_iter()
-            .filter(|m| !self.offline.contains(&m.key()))
-            .collect()
+    /// The peers that are not offline: who must acknowledge our data messages and our state
+    /// updates.
+    fn online_peers(&self, me: &Name) -> Vec<Name> {
+        match &self.group {
+            None if self.offline.contains(&self.peer.key()) => Vec::new(),
+            None => vec![self.peer.clone()],
+            Some(_) => self.online_members(&me.key()).cloned().collect(),
+        }
     }
 
     /// Everyone we exchange data with: the p2p peer, or the other group members.
@@ -1137,10 +1139,12 @@ impl SessionLayer {
             Some(g) => (g.control.clone(), MAX_FANOUT),
         };
         s.soft_closed = !online;
-        let others = s.peers(&me);
-        if others.is_empty() {
+        if s.peers(&me).is_empty() {
             return Ok(()); // nobody to tell
         }
+        // Told to all, but offline peers drop it (reference members drop everything while
+        // offline): waiting for them would only cost the full retries.
+        let awaiting = s.online_peers(&me);
         if online && s.mls.is_some() && s.group.is_some() && !s.is_moderator() {
             s.epoch_in_doubt = true;
         }
@@ -1161,7 +1165,7 @@ impl SessionLayer {
                 epoch,
             }),
             BTreeMap::new(),
-            Awaiting::Each(others),
+            Awaiting::Each(awaiting),
             now,
         );
         Ok(())
@@ -2719,7 +2723,6 @@ impl SessionLayer {
 
     /// Membership changes run one at a time (spec §4.6).
     fn start_next_task(&mut self, session: SessionId, now: Timestamp) {
-        let me = self.name.clone();
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
@@ -2747,28 +2750,20 @@ impl SessionLayer {
             ),
             Task::Remove(member) => {
                 let mls = self.remove_from_mls_group(session, &member);
-                let Some(group) = self
-                    .sessions
-                    .get_mut(&session)
-                    .and_then(|s| s.group.as_mut())
-                else {
+                let Some(group) = self.sessions.get(&session).and_then(|s| s.group.as_ref()) else {
                     return;
                 };
                 // The update goes out when more than the moderator and the member are in the
-                // group (the list before removal has > 2 entries).
-                let others: Vec<Name> = group
-                    .members
-                    .iter()
-                    .filter(|n| n.key() != me.key())
-                    .cloned()
-                    .collect();
+                // group (the list before removal has > 2 entries). Like the other updates it
+                // waits for the online members only (the removed one too, while online).
                 if group.members.len() > 2 {
+                    let awaiting = self.others(session, &[]);
                     self.send_update(
                         session,
                         pb::GroupUpdateOp::Remove,
                         &member,
                         None,
-                        others,
+                        awaiting,
                         Purpose::RemoveUpdate(member.clone()),
                         mls,
                         now,
@@ -3261,7 +3256,7 @@ impl SessionLayer {
         );
     }
 
-    /// Group members other than us and `except`.
+    /// Online group members other than us and `except`: who a membership update waits for.
     fn others(&self, session: SessionId, except: &[&Name]) -> Vec<Name> {
         let me = self.name.key();
         self.sessions
@@ -3343,7 +3338,7 @@ impl SessionLayer {
         let id = s.sender.allocate_id();
         let (destination, fanout) = s.data_destination();
         s.sent_since_heartbeat = true;
-        let receivers = s.receivers(&me);
+        let receivers = s.online_peers(&me);
         let outgoing = Outgoing {
             id,
             payload,
