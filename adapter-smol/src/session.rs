@@ -40,7 +40,7 @@ use crate::clock::Clock;
 use crate::{either_first, with_timeout};
 
 pub use slim_core::session::{
-    CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId,
+    CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId, SessionStats,
 };
 
 /// How long `open_session`, `invite` and `remove` wait at most (the core gives up on its own
@@ -114,6 +114,9 @@ enum Command {
     Close {
         session: SessionId,
         reply: Reply<Result<(), SessionError>>,
+    },
+    Stats {
+        reply: Reply<SessionStats>,
     },
 }
 
@@ -320,6 +323,13 @@ impl App {
         let (reply, answer) = channel::bounded(1);
         self.command(Command::Close { session, reply }).await?;
         Ok(answer.recv().await.map_err(|_| AppError::Stopped)??)
+    }
+
+    /// The session layer's counters: messages, drops by reason, retransmissions.
+    pub async fn stats(&self) -> Result<SessionStats, AppError> {
+        let (reply, answer) = channel::bounded(1);
+        self.command(Command::Stats { reply }).await?;
+        answer.recv().await.map_err(|_| AppError::Stopped)
     }
 
     /// The next session event: incoming sessions, messages, deliveries, membership, losses,
@@ -599,6 +609,9 @@ impl Driver {
             }
             Command::Close { session, reply } => {
                 let _ = reply.try_send(layer.close(session, now));
+            }
+            Command::Stats { reply } => {
+                let _ = reply.try_send(layer.stats().clone());
             }
         }
     }

@@ -432,6 +432,14 @@ fn run_reply(args: ReplyArgs) -> anyhow::Result<()> {
         replies = stats.replies,
         "stopped"
     );
+    if args.json {
+        println!(
+            "{{\"ev\":\"stats\",\"sessions\":{},\"replies\":{},\"recovery\":{}}}",
+            stats.sessions,
+            stats.replies,
+            slim_tokio::tools::recovery_json(&stats.session)
+        );
+    }
     Ok(())
 }
 

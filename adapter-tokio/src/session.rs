@@ -26,7 +26,7 @@ use crate::app::{Client, ClientError};
 use crate::clock::Clock;
 
 pub use slim_core::session::{
-    CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId,
+    CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId, SessionStats,
 };
 
 /// How long `open_session` waits for the handshake at most (the core gives up on its own
@@ -94,6 +94,9 @@ enum Command {
     Close {
         session: SessionId,
         reply: oneshot::Sender<Result<(), session::SessionError>>,
+    },
+    Stats {
+        reply: oneshot::Sender<SessionStats>,
     },
 }
 
@@ -288,6 +291,13 @@ impl App {
         let (reply, answer) = oneshot::channel();
         self.command(Command::Close { session, reply }).await?;
         Ok(answer.await.map_err(|_| AppError::Stopped)??)
+    }
+
+    /// The session layer's counters: messages, drops by reason, retransmissions.
+    pub async fn stats(&self) -> Result<SessionStats, AppError> {
+        let (reply, answer) = oneshot::channel();
+        self.command(Command::Stats { reply }).await?;
+        answer.await.map_err(|_| AppError::Stopped)
     }
 
     /// The next session event: incoming sessions, messages, membership, losses, closes.
@@ -556,6 +566,9 @@ fn run_command(
         }
         Command::Close { session, reply } => {
             let _ = reply.send(layer.close(session, now));
+        }
+        Command::Stats { reply } => {
+            let _ = reply.send(layer.stats().clone());
         }
     }
 }

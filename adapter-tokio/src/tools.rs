@@ -7,7 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use slim_core::session::SessionEvent;
 use slim_proto::Name;
 
-use crate::session::{App, AppError, Reliability, SessionConfig};
+use crate::session::{App, AppError, Reliability, SessionConfig, SessionStats};
 
 /// What the reply service puts before every payload it echoes.
 pub const REPLY_PREFIX: &[u8] = b"reply|";
@@ -36,15 +36,36 @@ pub struct RequestReport {
     pub mismatched: u64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// The session layer's counters at the end of the run.
+    pub session: SessionStats,
 }
 
 impl RequestReport {
     pub fn to_json(&self) -> String {
         format!(
-            "{{\"sent\":{},\"received\":{},\"mismatched\":{},\"p50_us\":{:.1},\"p99_us\":{:.1}}}",
-            self.sent, self.received, self.mismatched, self.p50_us, self.p99_us
+            "{{\"sent\":{},\"received\":{},\"mismatched\":{},\"p50_us\":{:.1},\"p99_us\":{:.1},\"recovery\":{}}}",
+            self.sent,
+            self.received,
+            self.mismatched,
+            self.p50_us,
+            self.p99_us,
+            recovery_json(&self.session)
         )
     }
+}
+
+/// How a session layer recovered lost messages, as a JSON object: what test drivers check to
+/// see which recovery path a run took.
+pub fn recovery_json(stats: &SessionStats) -> String {
+    format!(
+        "{{\"rtx_requests_sent\":{},\"rtx_requests_received\":{},\"rtx_replies_sent\":{},\"rtx_replies_received\":{},\"data_retransmissions\":{},\"control_retransmissions\":{}}}",
+        stats.rtx_requests_sent,
+        stats.rtx_requests_received,
+        stats.rtx_replies_sent,
+        stats.rtx_replies_received,
+        stats.data_retransmissions,
+        stats.control_retransmissions
+    )
 }
 
 /// Request `i`: its index, then bytes that vary with it (every byte value appears).
@@ -85,6 +106,7 @@ pub async fn run_request(config: &RequestConfig) -> Result<RequestReport, AppErr
                 })) if s == session => break Some(payload),
                 Ok(Ok(SessionEvent::Closed { session: s, reason })) if s == session => {
                     tracing::warn!(?reason, "session closed by the peer");
+                    report.session = app.stats().await?;
                     return Ok(finish(report, latencies));
                 }
                 Ok(Ok(_)) => continue,
@@ -103,6 +125,7 @@ pub async fn run_request(config: &RequestConfig) -> Result<RequestReport, AppErr
             report.mismatched += 1;
         }
     }
+    report.session = app.stats().await?;
     let _ = app.close(session).await;
     // Give the close a moment to reach the peer before the link goes.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -159,13 +182,20 @@ pub struct GroupReport {
     /// Broadcasts some member never acknowledged.
     pub failed: u64,
     pub removed: bool,
+    /// The session layer's counters at the end of the run.
+    pub session: SessionStats,
 }
 
 impl GroupReport {
     pub fn to_json(&self) -> String {
         format!(
-            "{{\"members\":{},\"sent\":{},\"delivered\":{},\"failed\":{},\"removed\":{}}}",
-            self.members, self.sent, self.delivered, self.failed, self.removed
+            "{{\"members\":{},\"sent\":{},\"delivered\":{},\"failed\":{},\"removed\":{},\"recovery\":{}}}",
+            self.members,
+            self.sent,
+            self.delivered,
+            self.failed,
+            self.removed,
+            recovery_json(&self.session)
         )
     }
 
@@ -237,6 +267,7 @@ pub async fn run_group(
         StepGate::pass(&mut gate, "remove").await;
         broadcast_round(&app, session, config, &mut report).await?;
     }
+    report.session = app.stats().await?;
     let _ = app.close(session).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while let Ok(event) = app.next_event().await {
@@ -297,6 +328,8 @@ async fn broadcast_round(
 pub struct ReplyStats {
     pub sessions: u64,
     pub replies: u64,
+    /// The session layer's counters when the service stopped.
+    pub session: SessionStats,
 }
 
 /// Soft close and back online on request (for test drivers): each `false` received takes
@@ -340,7 +373,10 @@ pub async fn run_reply(
     tokio::pin!(stop);
     loop {
         let event = tokio::select! {
-            () = &mut stop => return Ok(stats),
+            () = &mut stop => {
+                stats.session = app.stats().await?;
+                return Ok(stats);
+            }
             online = Presence::next(&mut presence) => {
                 let mut result = Ok(());
                 for &session in &groups {

@@ -310,5 +310,9 @@ async fn publish_waits_for_room_in_a_full_send_queue() {
     .await
     .unwrap();
     assert_eq!(failed, 1);
+    // Message 1 failed only after its one retry: the sender's timer re-sent it.
+    let stats = sender.stats().await.unwrap();
+    assert!(stats.data_retransmissions >= 1, "{stats:?}");
+    assert_eq!(stats.rtx_replies_sent, 0, "{stats:?}");
     node.shutdown().await;
 }

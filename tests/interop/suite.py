@@ -533,6 +533,18 @@ class LossyRelay:
         await stop_rust(self.proc, self.log)
 
 
+def require_recovery(who, recovery, *paths):
+    """'<who> <counter> N, …' for ours' session-layer recovery counters (the `recovery` object of
+    its JSON report); fails unless each of `paths` (counter names) moved: which way a lost
+    message came back, not only that it did."""
+    if recovery is None:
+        raise CaseFailure(f"{who}: no recovery counters in its report")
+    missing = [p for p in paths if not recovery.get(p)]
+    if missing:
+        raise CaseFailure(f"{who} recovered without {', '.join(missing)}: {recovery}")
+    return f"{who} " + ", ".join(f"{p} {recovery[p]}" for p in paths)
+
+
 async def maybe_lossy(ctx, lossy, run):
     """run(relay) with a LossyRelay (started by run, when it needs its endpoint) or None;
     the relay is stopped afterwards."""
@@ -592,7 +604,12 @@ async def rust_request(ctx, mls, relay, exchanges):
     served = [e for e in resp.of("session")]
     if served and served[0].get("mls") is not None and served[0]["mls"] != mls:
         raise CaseFailure(f"responder's session has MLS {'on' if served[0]['mls'] else 'off'}")
-    lost = f"; {relay.require_drops('to node', 'to client')} (responder side), recovered" if relay else ""
+    lost = ""
+    if relay:
+        # A request is alone in flight: the responder sees no gap, so a dropped request can only
+        # come back by our sender's timer.
+        lost = (f"; {relay.require_drops('to node', 'to client')} (responder side), recovered: "
+                f"{require_recovery('ours', rep.get('recovery'), 'data_retransmissions')}")
     return (f"rust->3.3.8 {rep['received']}/{exchanges} byte-exact, "
             f"p50 {rep['p50_us']:.0f}us{mls_label(mls)}{lost}")
 
@@ -727,7 +744,11 @@ async def rust_group(ctx, mls, relay):
     await asyncio.sleep(REMOVED_GRACE_S)
     if seqs(victim) != list(range(GROUP_MSGS)):
         raise CaseFailure(f"removed member got {seqs(victim)}, expected exactly the first round")
-    lost = f"; {relay.require_drops('to client')} (member1), recovered" if relay else ""
+    lost = ""
+    if relay:
+        # member1 (3.3.8) sees the gaps and asks ours, which answers from its send buffer.
+        lost = (f"; {relay.require_drops('to client')} (member1), recovered: "
+                f"{require_recovery('ours', rep.get('recovery'), 'rtx_requests_received', 'rtx_replies_sent')}")
     return (f"rust moderator: {GROUP_MEMBERS} 3.3.8 members joined, {GROUP_MSGS} broadcast acked by all, "
             f"member0 removed (nothing after), {GROUP_MSGS} more to {len(rest)}{mls_label(mls)}{lost}")
 
@@ -788,7 +809,14 @@ async def rust_member(ctx, mls, relay):
         await asyncio.sleep(REMOVED_GRACE_S)
         if len(ours.of("msg")) != before:
             raise CaseFailure(f"ours received {len(ours.of('msg')) - before} msgs after its removal")
-        lost = f"; {relay.require_drops('to client')} (ours), recovered" if relay else ""
+        lost = ""
+        if relay:
+            # Ours sees the gaps and asks the 3.3.8 moderator, which answers.
+            await stop_rust(proc, log)
+            await ours.task
+            stats = ours.of("stats")
+            lost = (f"; {relay.require_drops('to client')} (ours), recovered: "
+                    f"{require_recovery('ours', stats[-1].get('recovery') if stats else None, 'rtx_requests_sent', 'rtx_replies_received')}")
         return (f"3.3.8 moderator: ours joined, got {GROUP_MSGS} broadcast in order + fan-in, "
                 f"removed (nothing after){mls_label(mls)}{lost}")
     finally:
