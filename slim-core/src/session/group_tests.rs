@@ -161,10 +161,15 @@ const C: usize = 3;
 
 /// Moderator and three members, all invited.
 fn group() -> (Net, SessionId) {
+    group_of(&["a", "b", "c"])
+}
+
+/// Moderator and three apps (a, b, c), of which `invited` are in the group.
+fn group_of(invited: &[&str]) -> (Net, SessionId) {
     let mut net = Net::new(&["moderator", "a", "b", "c"]);
     let chan = Name::new("org", "ns", "chan");
     let sid = net.apps[M].create_group(&chan, reliable(), net.now);
-    for service in ["a", "b", "c"] {
+    for service in invited {
         net.apps[M]
             .invite(sid, &Name::new("org", "ns", service), net.now)
             .unwrap();
@@ -496,14 +501,7 @@ fn a_member_that_goes_offline_is_not_waited_for() {
 
 #[test]
 fn an_invite_does_not_wait_for_an_offline_members_ack_of_the_update() {
-    let mut net = Net::new(&["moderator", "a", "b", "c"]);
-    let sid = net.apps[M].create_group(&Name::new("org", "ns", "chan"), reliable(), net.now);
-    for service in ["a", "b"] {
-        net.apps[M]
-            .invite(sid, &Name::new("org", "ns", service), net.now)
-            .unwrap();
-    }
-    net.run();
+    let (mut net, sid) = group_of(&["a", "b"]);
     announce_offline(&mut net, sid, A);
     // Offline, A drops what it gets (as a reference member does after a soft close).
     net.keep = Box::new(|_, to, _| to != A);
@@ -526,14 +524,7 @@ fn an_invite_does_not_wait_for_an_offline_members_ack_of_the_update() {
 
 #[test]
 fn an_invite_completes_at_once_when_every_other_member_is_offline() {
-    let mut net = Net::new(&["moderator", "a", "b", "c"]);
-    let sid = net.apps[M].create_group(&Name::new("org", "ns", "chan"), reliable(), net.now);
-    for service in ["a", "b"] {
-        net.apps[M]
-            .invite(sid, &Name::new("org", "ns", service), net.now)
-            .unwrap();
-    }
-    net.run();
+    let (mut net, sid) = group_of(&["a", "b"]);
     announce_offline(&mut net, sid, A);
     announce_offline(&mut net, sid, B);
     let updates = std::rc::Rc::new(std::cell::Cell::new(0));
@@ -639,14 +630,7 @@ fn a_state_update_ends_at_once_when_the_member_it_still_waits_for_is_removed() {
 
 #[test]
 fn acks_of_a_re_sent_update_from_members_that_acked_it_are_duplicates() {
-    let mut net = Net::new(&["moderator", "a", "b", "c"]);
-    let sid = net.apps[M].create_group(&Name::new("org", "ns", "chan"), reliable(), net.now);
-    for service in ["a", "b"] {
-        net.apps[M]
-            .invite(sid, &Name::new("org", "ns", service), net.now)
-            .unwrap();
-    }
-    net.run();
+    let (mut net, sid) = group_of(&["a", "b"]);
     // A's first two acks of the update announcing C are lost: the update goes to the whole
     // channel twice more, and B, which acked it, acks each copy again (C too, on the channel
     // by then): the first time while the update waits for A, the second after A's ack ended it.
