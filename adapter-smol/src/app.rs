@@ -569,7 +569,7 @@ impl Driver {
         };
         // Or h2 stalls the node once the window is used up.
         let _ = link.recv.flow_control().release_capacity(chunk.len());
-        link.deframer.push(chunk);
+        link.deframer.push_bytes(chunk.clone());
         loop {
             match link.deframer.next_frame() {
                 Ok(Some(body)) => self.router.handle_frame(link.conn, body, self.clock.now()),

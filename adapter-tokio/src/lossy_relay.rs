@@ -92,7 +92,7 @@ async fn pump(mut recv: RecvStream, mut send: SendStream<Bytes>, drop_every: u64
     while let Some(chunk) = recv.data().await {
         let Ok(chunk) = chunk else { break };
         let _ = recv.flow_control().release_capacity(chunk.len());
-        deframer.push(&chunk);
+        deframer.push_bytes(chunk);
         loop {
             let frame = match deframer.next_frame() {
                 Ok(Some(frame)) => frame,

@@ -95,7 +95,7 @@ async fn read_loop(
             }
             Some(Ok(bytes)) => {
                 let _ = recv.flow_control().release_capacity(bytes.len());
-                deframer.push(&bytes);
+                deframer.push_bytes(bytes);
                 if let Some(error) = deliver_frames(conn, node, &mut deframer).await {
                     tracing::warn!(conn, %error, "bad gRPC framing: closing stream");
                     *status.lock().expect("status lock") =

@@ -154,7 +154,12 @@ pub fn frames(data: &[u8]) {
             }
         };
         let end = (pos + chunk).min(stream.len());
-        deframer.push(&stream[pos..end]);
+        // Both ways in: copied, and owned (kept and sliced until a message spans chunks).
+        if rng & 0x100 != 0 {
+            deframer.push_bytes(Bytes::copy_from_slice(&stream[pos..end]));
+        } else {
+            deframer.push(&stream[pos..end]);
+        }
         pos = end;
         loop {
             match deframer.next_frame() {

@@ -64,10 +64,14 @@ pub fn frame_bytes(body: &[u8]) -> Bytes {
     buf.freeze()
 }
 
-/// Incremental decoder: feed bytes with [`Deframer::push`], take messages with
-/// [`Deframer::next_frame`].
+/// Incremental decoder: feed bytes with [`Deframer::push_bytes`] (or [`Deframer::push`]), take
+/// messages with [`Deframer::next_frame`].
 #[derive(Debug)]
 pub struct Deframer {
+    /// A received chunk, kept as it is: the messages wholly inside it are returned as slices
+    /// of it, not copied. Only when `buf` is empty.
+    chunk: Bytes,
+    /// Bytes copied out of chunks: a message that spans them.
     buf: BytesMut,
     max: usize,
 }
@@ -81,52 +85,79 @@ impl Default for Deframer {
 impl Deframer {
     pub fn new(max_message_size: usize) -> Self {
         Self {
+            chunk: Bytes::new(),
             buf: BytesMut::new(),
             max: max_message_size,
         }
     }
 
+    /// Received bytes, copied.
     pub fn push(&mut self, chunk: &[u8]) {
+        self.spill();
         self.buf.extend_from_slice(chunk);
+    }
+
+    /// Received bytes, owned: the messages wholly inside `chunk` share its memory (an h2 DATA
+    /// frame usually carries whole messages), only the pieces of one that spans chunks are
+    /// copied.
+    pub fn push_bytes(&mut self, chunk: Bytes) {
+        if self.buf.is_empty() && self.chunk.is_empty() {
+            self.chunk = chunk;
+        } else {
+            self.push(&chunk);
+        }
+    }
+
+    /// Moves what is left of the kept chunk (the start of a message) into `buf`, before bytes
+    /// that follow it are appended.
+    fn spill(&mut self) {
+        if !self.chunk.is_empty() {
+            self.buf.extend_from_slice(&self.chunk);
+            self.chunk = Bytes::new();
+        }
     }
 
     /// Bytes received but not yet returned as a message.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.chunk.len() + self.buf.len()
     }
 
     /// The next complete message body (without prefix), `Ok(None)` if more bytes are needed.
     /// An oversize length is reported as soon as the prefix is seen, before the body is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
-        if self.buf.len() < PREFIX_LEN {
+        let in_chunk = !self.chunk.is_empty();
+        let data: &[u8] = if in_chunk { &self.chunk } else { &self.buf };
+        if data.len() < PREFIX_LEN {
             return Ok(None);
         }
-        match self.buf[0] {
+        match data[0] {
             0 => {}
             1 => return Err(FrameError::Compressed),
             other => return Err(FrameError::BadFlag(other)),
         }
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
         if len > self.max {
             return Err(FrameError::TooLarge { len, max: self.max });
         }
-        if self.buf.len() < PREFIX_LEN + len {
+        if data.len() < PREFIX_LEN + len {
             // No reservation of the declared size: a 5-byte prefix must not make us allocate
             // megabytes before the peer has sent them.
             return Ok(None);
         }
-        self.buf.advance(PREFIX_LEN);
-        Ok(Some(self.buf.split_to(len).freeze()))
+        Ok(Some(if in_chunk {
+            self.chunk.advance(PREFIX_LEN);
+            self.chunk.split_to(len)
+        } else {
+            self.buf.advance(PREFIX_LEN);
+            self.buf.split_to(len).freeze()
+        }))
     }
 
     /// Call at end of stream: an error if a message was cut off.
     pub fn finish(&self) -> Result<(), FrameError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(FrameError::Truncated {
-                buffered: self.buf.len(),
-            })
+        match self.buffered() {
+            0 => Ok(()),
+            buffered => Err(FrameError::Truncated { buffered }),
         }
     }
 }
@@ -219,23 +250,48 @@ mod tests {
     proptest! {
         #[test]
         fn any_chunking_yields_the_same_messages(ids in proptest::collection::vec(any::<u64>(), 1..20),
-                                                  cuts in proptest::collection::vec(1usize..40, 1..50)) {
+                                                  cuts in proptest::collection::vec(1usize..40, 1..50),
+                                                  owned in proptest::collection::vec(any::<bool>(), 1..8)) {
             let mut wire = Vec::new();
             for id in &ids { wire.extend_from_slice(&encode_frame(&ack(*id))); }
+            let wire = Bytes::from(wire);
             let mut d = Deframer::default();
             let mut got = Vec::new();
             let mut pos = 0;
             let mut cut_iter = cuts.iter().cycle();
+            // Copied and owned chunks mixed: the kept chunk is spilled before a copied one.
+            let mut owned_iter = owned.iter().cycle();
             while pos < wire.len() {
                 let end = (pos + cut_iter.next().unwrap()).min(wire.len());
-                d.push(&wire[pos..end]);
+                if *owned_iter.next().unwrap() {
+                    d.push_bytes(wire.slice(pos..end));
+                } else {
+                    d.push(&wire[pos..end]);
+                }
                 pos = end;
                 while let Some(body) = d.next_frame().unwrap() {
                     got.push(pb::Message::decode(body).unwrap());
                 }
+                let returned: usize = got.iter().map(|m: &pb::Message| 5 + m.encoded_len()).sum();
+                prop_assert_eq!(returned + d.buffered(), pos);
             }
+            d.finish().unwrap();
             let expected: Vec<_> = ids.iter().map(|i| ack(*i)).collect();
             prop_assert_eq!(got, expected);
+        }
+
+        #[test]
+        fn a_chunk_of_whole_messages_is_returned_without_a_copy(ids in proptest::collection::vec(any::<u64>(), 1..10)) {
+            let mut wire = Vec::new();
+            for id in &ids { wire.extend_from_slice(&encode_frame(&ack(*id))); }
+            let wire = Bytes::from(wire);
+            let mut d = Deframer::default();
+            d.push_bytes(wire.clone());
+            let range = wire.as_ptr_range();
+            while let Some(body) = d.next_frame().unwrap() {
+                prop_assert!(range.contains(&body.as_ptr()), "a slice of the chunk");
+            }
+            prop_assert_eq!(d.buffered(), 0);
         }
 
         #[test]
