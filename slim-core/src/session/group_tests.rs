@@ -592,6 +592,33 @@ fn a_removal_does_not_wait_for_an_offline_members_ack_of_the_update() {
 }
 
 #[test]
+fn an_offline_member_that_missed_a_removal_gets_the_member_list_when_heard_from() {
+    let (mut net, sid) = group();
+    announce_offline(&mut net, sid, A);
+    // Offline, A drops what it gets: the removal's update too, which is not waited for.
+    net.keep = Box::new(|_, to, _| to != A);
+    let b = net.apps[B].name().clone();
+    net.apps[M].remove(sid, &b, net.now).unwrap();
+    net.run();
+    let lists_b = |net: &Net| {
+        net.apps[A]
+            .members(sid)
+            .unwrap()
+            .iter()
+            .any(|n| n.key() == b.key())
+    };
+    assert!(lists_b(&net), "A missed the removal");
+    // A is back and speaks: the moderator sends it the current list.
+    net.keep = Box::new(|_, _, _| true);
+    net.apps[A]
+        .publish(sid, Bytes::from_static(b"back"), net.now)
+        .unwrap();
+    net.run();
+    assert!(!lists_b(&net), "A was resynchronised");
+    assert_eq!(net.apps[A].members(sid).unwrap().len(), 3);
+}
+
+#[test]
 fn a_state_update_does_not_wait_for_an_offline_members_ack() {
     let (mut net, sid) = group();
     // A soft-closes, and every member hears of it.

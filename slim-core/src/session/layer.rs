@@ -3233,10 +3233,29 @@ impl SessionLayer {
         if op == pb::GroupUpdateOp::Remove && !group.is_member(&subject.key()) {
             participants.push(participant(subject));
         }
+        // Offline members are not waited for: if they dropped the update they keep an older
+        // member list, so they are resynchronised when heard from, as a member whose ack never
+        // came is (with MLS the rejoin brings them back instead).
+        let skipped: Vec<NameKey> = match (&to, &s.mls) {
+            (None, None) => group
+                .members
+                .iter()
+                .map(Name::key)
+                .filter(|key| s.offline.contains(key))
+                .collect(),
+            _ => Vec::new(),
+        };
         let (destination, fanout) = match to {
             Some(member) => (member, 1),
             None => (group.control.clone(), MAX_FANOUT),
         };
+        if let Some(group) = self
+            .sessions
+            .get_mut(&session)
+            .and_then(|s| s.group.as_mut())
+        {
+            group.stale.extend(skipped);
+        }
         let payload = pb::GroupUpdatePayload {
             op: op as i32,
             participant: Some(participant(subject)),
