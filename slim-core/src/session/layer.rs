@@ -3946,7 +3946,7 @@ impl SessionLayer {
         };
         s.next_heartbeat = now + HEARTBEAT_INTERVAL;
         // Skipped after group traffic or data, unless every peer is offline (flows f5).
-        let anyone_online = s.peers(&me).iter().any(|p| !s.offline.contains(&p.key()));
+        let anyone_online = !s.online_peers(&me).is_empty();
         if std::mem::take(&mut s.sent_since_heartbeat) && anyone_online {
             return;
         }
