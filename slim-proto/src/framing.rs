@@ -68,11 +68,12 @@ pub fn frame_bytes(body: &[u8]) -> Bytes {
 /// messages with [`Deframer::next_frame`].
 #[derive(Debug)]
 pub struct Deframer {
-    /// A received chunk, kept as it is: the messages wholly inside it are returned as slices
-    /// of it, not copied. Only when `buf` is empty.
-    chunk: Bytes,
-    /// Bytes copied out of chunks: a message that spans them.
+    /// Bytes copied out of chunks: the start of a message that spans them (or whatever
+    /// [`Deframer::push`] copied). They come before `chunk`.
     buf: BytesMut,
+    /// A received chunk, kept as it is: the messages wholly inside it are returned as slices
+    /// of it, not copied; a message `buf` started takes from it only the bytes it lacks.
+    chunk: Bytes,
     max: usize,
 }
 
@@ -97,19 +98,17 @@ impl Deframer {
         self.buf.extend_from_slice(chunk);
     }
 
-    /// Received bytes, owned: the messages wholly inside `chunk` share its memory (an h2 DATA
-    /// frame usually carries whole messages), only the pieces of one that spans chunks are
-    /// copied.
+    /// Received bytes, owned: the messages wholly inside `chunk` share its memory; only a
+    /// message that spans chunks is copied, and only its own bytes (an h2 DATA frame rarely
+    /// ends on a message boundary: copying whole chunks from the first split on would copy
+    /// everything).
     pub fn push_bytes(&mut self, chunk: Bytes) {
-        if self.buf.is_empty() && self.chunk.is_empty() {
-            self.chunk = chunk;
-        } else {
-            self.push(&chunk);
-        }
+        self.spill();
+        self.chunk = chunk;
     }
 
-    /// Moves what is left of the kept chunk (the start of a message) into `buf`, before bytes
-    /// that follow it are appended.
+    /// Moves what is left of the kept chunk (drained, so the start of one message) into
+    /// `buf`, before bytes that follow it arrive.
     fn spill(&mut self) {
         if !self.chunk.is_empty() {
             self.buf.extend_from_slice(&self.chunk);
@@ -125,8 +124,34 @@ impl Deframer {
     /// The next complete message body (without prefix), `Ok(None)` if more bytes are needed.
     /// An oversize length is reported as soon as the prefix is seen, before the body is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
-        let in_chunk = !self.chunk.is_empty();
-        let data: &[u8] = if in_chunk { &self.chunk } else { &self.buf };
+        if self.buf.is_empty() {
+            let Some(len) = self.message_len(&self.chunk)? else {
+                return Ok(None);
+            };
+            if self.chunk.len() < PREFIX_LEN + len {
+                return Ok(None);
+            }
+            self.chunk.advance(PREFIX_LEN);
+            return Ok(Some(self.chunk.split_to(len)));
+        }
+        // A message started in `buf`: its prefix, then its body, from the kept chunk.
+        self.take_from_chunk(PREFIX_LEN);
+        let Some(len) = self.message_len(&self.buf)? else {
+            return Ok(None);
+        };
+        // Only what has arrived is copied: a 5-byte prefix must not make us reserve megabytes
+        // before the peer has sent them.
+        self.take_from_chunk(PREFIX_LEN + len);
+        if self.buf.len() < PREFIX_LEN + len {
+            return Ok(None);
+        }
+        self.buf.advance(PREFIX_LEN);
+        Ok(Some(self.buf.split_to(len).freeze()))
+    }
+
+    /// The body length of the message at the start of `data`, once its prefix is there; an
+    /// error as soon as the prefix is bad (an oversize length before its body is buffered).
+    fn message_len(&self, data: &[u8]) -> Result<Option<usize>, FrameError> {
         if data.len() < PREFIX_LEN {
             return Ok(None);
         }
@@ -139,18 +164,17 @@ impl Deframer {
         if len > self.max {
             return Err(FrameError::TooLarge { len, max: self.max });
         }
-        if data.len() < PREFIX_LEN + len {
-            // No reservation of the declared size: a 5-byte prefix must not make us allocate
-            // megabytes before the peer has sent them.
-            return Ok(None);
+        Ok(Some(len))
+    }
+
+    /// Copies bytes from the front of the kept chunk until `buf` holds `want` (or the chunk is
+    /// used up).
+    fn take_from_chunk(&mut self, want: usize) {
+        let take = want.saturating_sub(self.buf.len()).min(self.chunk.len());
+        if take > 0 {
+            self.buf.extend_from_slice(&self.chunk[..take]);
+            self.chunk.advance(take);
         }
-        Ok(Some(if in_chunk {
-            self.chunk.advance(PREFIX_LEN);
-            self.chunk.split_to(len)
-        } else {
-            self.buf.advance(PREFIX_LEN);
-            self.buf.split_to(len).freeze()
-        }))
     }
 
     /// Call at end of stream: an error if a message was cut off.
@@ -278,6 +302,28 @@ mod tests {
             d.finish().unwrap();
             let expected: Vec<_> = ids.iter().map(|i| ack(*i)).collect();
             prop_assert_eq!(got, expected);
+        }
+
+        #[test]
+        fn only_a_message_that_spans_chunks_is_copied(a in any::<u64>(), b in any::<u64>(), c in any::<u64>(), cut in 1usize..16) {
+            let (fa, fb, fc) = (encode_frame(&ack(a)), encode_frame(&ack(b)), encode_frame(&ack(c)));
+            let cut = fa.len() + cut.min(fb.len() - 1);
+            let wire = Bytes::from([&fa[..], &fb[..], &fc[..]].concat());
+            let (first, second) = (wire.slice(..cut), wire.slice(cut..));
+            let mut d = Deframer::default();
+            d.push_bytes(first.clone());
+            let body_a = d.next_frame().unwrap().unwrap();
+            prop_assert!(d.next_frame().unwrap().is_none());
+            d.push_bytes(second.clone());
+            let body_b = d.next_frame().unwrap().unwrap();
+            let body_c = d.next_frame().unwrap().unwrap();
+            prop_assert!(d.next_frame().unwrap().is_none());
+            prop_assert_eq!(d.buffered(), 0);
+            prop_assert!(first.as_ptr_range().contains(&body_a.as_ptr()), "A is a slice of the first chunk");
+            prop_assert!(!wire.as_ptr_range().contains(&body_b.as_ptr()), "B, split, is copied");
+            prop_assert!(second.as_ptr_range().contains(&body_c.as_ptr()), "C is a slice of the second chunk");
+            prop_assert_eq!(pb::Message::decode(body_b).unwrap(), ack(b));
+            prop_assert_eq!(pb::Message::decode(body_c).unwrap(), ack(c));
         }
 
         #[test]
