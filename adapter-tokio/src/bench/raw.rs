@@ -58,20 +58,20 @@ struct Shared {
     /// Time base of `last_delivery_ns`.
     epoch: Instant,
     last_delivery_ns: AtomicU64,
-    multicast: bool,
     /// Deliveries per publish: 1, or S for multicast.
     copies: u64,
 }
 
 impl Shared {
     /// How many of publisher `j`'s messages are done: delivered to one subscriber (unicast,
-    /// anycast) or to all of them (multicast).
+    /// anycast) or to all of them (multicast, the mode with more than one copy; with a single
+    /// subscriber the two counts are the same).
     fn completed(&self, j: usize) -> u64 {
         let delivered = self.flows[j]
             .delivered
             .iter()
             .map(|d| d.load(Ordering::Relaxed));
-        if self.multicast {
+        if self.copies > 1 {
             delivered.min().unwrap_or(0)
         } else {
             delivered.sum()
@@ -316,7 +316,6 @@ pub(super) async fn run(
         out_of_order: AtomicU64::new(0),
         epoch: Instant::now(),
         last_delivery_ns: AtomicU64::new(0),
-        multicast,
         copies,
     });
     let _subscriber_tasks = AbortOnDrop(
