@@ -235,6 +235,35 @@ fn bytes_len(tag: u32, bytes: &[u8]) -> usize {
     }
 }
 
+/// The low 56 bits of `value` as eight 7-bit groups, group `i` in byte `i` (little-endian).
+fn spread_groups(value: u64) -> u64 {
+    let x = value & 0x00ff_ffff_ffff_ffff;
+    // 28-bit halves into 32-bit lanes, 14-bit quarters into 16-bit lanes, 7-bit groups into bytes.
+    let x = (x & 0x0000_0000_0fff_ffff) | (x & 0x00ff_ffff_f000_0000) << 4;
+    let x = (x & 0x0000_3fff_0000_3fff) | (x & 0x0fff_c000_0fff_c000) << 2;
+    (x & 0x007f_007f_007f_007f) | (x & 0x3f80_3f80_3f80_3f80) << 1
+}
+
+/// The continuation bits of a varint of `len` bytes (index), for its first eight bytes and its
+/// last two: set on every byte but the last.
+const CONTINUATION: [(u64, u16); 11] = {
+    let mut table = [(0, 0); 11];
+    let mut len = 2;
+    while len <= 10 {
+        let mut byte = 0;
+        while byte < len - 1 {
+            if byte < 8 {
+                table[len].0 |= 0x80 << (8 * byte);
+            } else {
+                table[len].1 |= 0x80 << (8 * (byte - 8));
+            }
+            byte += 1;
+        }
+        len += 1;
+    }
+    table
+};
+
 struct Writer(BytesMut);
 
 impl Writer {
@@ -251,20 +280,20 @@ impl Writer {
         }
     }
 
-    /// A varint of two bytes or more in one fixed-size write, then cut back to its length:
-    /// ten-byte hashes are common in names, and a copy of a variable length is a call to
-    /// `memcpy`. All ten bytes are computed without a branch on the value; those past its
-    /// length are cut off.
+    /// A varint of two bytes or more in two fixed-size writes (eight bytes, then two), cut back
+    /// to its length: ten-byte hashes are common in names, and a copy of a variable length is a
+    /// call to `memcpy`. The bytes are built in registers, without a branch on the value:
+    /// setting one byte of an array in memory and then copying the array as a word stalled
+    /// the store-to-load forwarding (perf: most of this function's cycles, 4.5 % of a bench
+    /// client's).
     #[inline(never)]
     fn long_varint(&mut self, value: u64) {
         let len = (64 - value.leading_zeros() as usize).div_ceil(7);
-        let mut bytes = [0u8; 10];
-        for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = (value >> (7 * i)) as u8 | 0x80;
-        }
-        bytes[len - 1] &= 0x7f;
+        let (low_continuation, high_continuation) = CONTINUATION[len];
+        let high = ((value >> 56) & 0x7f) as u16 | ((value >> 63) as u16) << 8;
         let end = self.0.len() + len;
-        self.0.extend_from_slice(&bytes);
+        self.0.put_u64_le(spread_groups(value) | low_continuation);
+        self.0.put_u16_le(high | high_continuation);
         self.0.truncate(end);
     }
 
@@ -494,6 +523,26 @@ mod tests {
                 })),
                 metadata,
             })
+    }
+
+    /// Every length (each bit position set, with and without all the bits below it) and the
+    /// values around each length's limits write what prost writes.
+    #[test]
+    fn varints_encode_as_prost_encodes_them() {
+        let mut values = vec![0, u64::MAX];
+        for bit in 0..64 {
+            let power = 1u64 << bit;
+            values.extend([power, power - 1, power | (power - 1), power + 1]);
+        }
+        values.extend((0..1000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        for value in values {
+            let mut out = Writer(BytesMut::with_capacity(Writer::VARINT_SLACK + 1));
+            out.0.put_u8(0xaa);
+            out.varint(value);
+            let mut expected = vec![0xaa];
+            prost::encoding::encode_varint(value, &mut expected);
+            assert_eq!(&out.0[..], &expected[..], "{value:#x}");
+        }
     }
 
     #[test]
