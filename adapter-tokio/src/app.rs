@@ -30,11 +30,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
-use crate::node::{self, AdapterCounters, ConnWriter, Delivery, NodeHandle, OpenKind, Outbox};
+use crate::node::{
+    self, AckWaiters, AdapterCounters, ConnWriter, Delivery, NodeHandle, OpenKind, Outbox,
+};
 
 const LINK_WAIT: Duration = Duration::from_secs(10);
 const ACK_WAIT: Duration = Duration::from_secs(10);
-const INBOX: usize = 4096;
+/// Messages queued for the application before the router drops (and counts) the next, as for
+/// a connection that does not read. As much as the router's queue and the inbox behind it held
+/// when a task of the client's sat between them.
+const INBOX: usize = node::CONNECTION_QUEUE + 4096;
 
 /// Errors of the client API.
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +64,6 @@ pub struct Received {
     pub payload: Bytes,
 }
 
-type PendingAcks = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>>;
-
 /// No uplink right now (between a lost link and its replacement).
 const NO_UPLINK: u64 = u64::MAX;
 /// First and largest wait between redials after the link to the node is lost.
@@ -74,7 +77,7 @@ struct Inner {
     app: ConnId,
     /// The connection of the current link to the node ([`NO_UPLINK`] while redialling).
     uplink: AtomicU64,
-    pending_acks: PendingAcks,
+    pending_acks: AckWaiters,
     next_sub_id: AtomicU64,
     /// Subscription ids by name: to unsubscribe with the id a subscription was made with, and
     /// to make them again on a new link.
@@ -87,7 +90,7 @@ struct Inner {
 pub struct Client {
     inner: Arc<Inner>,
     /// Boxed: a message is ~700 bytes, moved through two channels on its way.
-    inbox: tokio::sync::Mutex<mpsc::Receiver<Box<pb::Message>>>,
+    inbox: tokio::sync::Mutex<mpsc::Receiver<Delivery>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -144,13 +147,17 @@ impl Client {
             "{:032x}",
             u128::from_le_bytes(seed[..16].try_into().unwrap_or_default())
         );
-        let (frames_tx, frames_rx) = mpsc::channel(node::CONNECTION_QUEUE);
+        let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
+        let pending_acks = AckWaiters::default();
         let (close_tx, _close_rx) = oneshot::channel();
         let app = node
             .open(
                 OpenKind::Local,
                 ConnWriter {
-                    outbox: Outbox::Messages(frames_tx),
+                    outbox: Outbox::App {
+                        inbox: inbox_tx,
+                        ack_waiters: pending_acks.clone(),
+                    },
                     close: close_tx,
                 },
             )
@@ -161,19 +168,13 @@ impl Client {
             node,
             app,
             uplink: AtomicU64::new(NO_UPLINK),
-            pending_acks: PendingAcks::default(),
+            pending_acks,
             next_sub_id: AtomicU64::new(
                 u64::from_le_bytes(seed[16..24].try_into().unwrap_or_default()) | 1,
             ),
             subscriptions: Mutex::default(),
             reconnects: AtomicU64::new(0),
         });
-        let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
-        tasks.push(tokio::spawn(dispatch(
-            frames_rx,
-            inner.pending_acks.clone(),
-            inbox_tx,
-        )));
         let (ready_tx, ready_rx) = oneshot::channel();
         tasks.push(tokio::spawn(supervise_link(
             inner.clone(),
@@ -297,6 +298,7 @@ impl Client {
             .await
             .recv()
             .await
+            .map(|delivery| delivery.message)
             .ok_or(ClientError::Closed)
     }
 
@@ -484,38 +486,5 @@ async fn supervise_link(
         }
         tracing::info!(endpoint = %authority, "link to the node restored");
         let _ = link.await;
-    }
-}
-
-/// Splits what the client's router delivers to the application: acks to their waiters,
-/// messages to the inbox.
-async fn dispatch(
-    mut deliveries: mpsc::Receiver<Delivery>,
-    pending_acks: PendingAcks,
-    inbox: mpsc::Sender<Box<pb::Message>>,
-) {
-    while let Some(delivery) = deliveries.recv().await {
-        let message = delivery.message;
-        match &message.message_type {
-            Some(MessageType::SubscriptionAck(ack)) => {
-                let waiter = pending_acks
-                    .lock()
-                    .expect("pending acks lock")
-                    .remove(&ack.subscription_id);
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(if ack.success {
-                        Ok(())
-                    } else {
-                        Err(ack.error.clone())
-                    });
-                }
-                continue;
-            }
-            Some(MessageType::Publish(_)) => {}
-            _ => continue,
-        }
-        if inbox.send(message).await.is_err() {
-            return;
-        }
     }
 }

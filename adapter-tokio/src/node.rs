@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use slim_core::router::{ConnId, ConnectionKind, Output, Router, RouterEvent, Stats};
@@ -35,8 +35,17 @@ pub(crate) struct ConnWriter {
 /// Where a connection's outputs go: gRPC frames for a link, messages for an in-process app.
 pub(crate) enum Outbox {
     Frames(mpsc::Sender<Bytes>),
-    Messages(mpsc::Sender<Delivery>),
+    /// An in-process app: publishes to its inbox, acks of its subscriptions to their waiters.
+    /// Split here rather than by a task of the app's: that was one more queue and wake-up
+    /// between the router and the app for every message.
+    App {
+        inbox: mpsc::Sender<Delivery>,
+        ack_waiters: AckWaiters,
+    },
 }
+
+/// Who waits for the ack of which subscription id (an in-process app's subscribe calls).
+pub(crate) type AckWaiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>>;
 
 /// A message for an in-process app, counted in its queued bytes until dropped.
 pub(crate) struct Delivery {
@@ -477,15 +486,34 @@ impl Driver {
             self.count_slow_consumer_drops(conn, 1);
             return;
         }
-        let Outbox::Messages(outbox) = &writer.conn.outbox else {
+        let Outbox::App { inbox, ack_waiters } = &writer.conn.outbox else {
             tracing::error!(conn, "a message for a link: dropped");
             return;
         };
+        match &message.message_type {
+            Some(pb::message::MessageType::Publish(_)) => {}
+            Some(pb::message::MessageType::SubscriptionAck(ack)) => {
+                let waiter = ack_waiters
+                    .lock()
+                    .expect("ack waiters lock")
+                    .remove(&ack.subscription_id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(if ack.success {
+                        Ok(())
+                    } else {
+                        Err(ack.error.clone())
+                    });
+                }
+                return;
+            }
+            // Nothing else is for an application.
+            _ => return,
+        }
         let delivery = Delivery {
             message,
             _queued: writer.counted(len),
         };
-        if let Err(mpsc::error::TrySendError::Full(_)) = outbox.try_send(delivery) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = inbox.try_send(delivery) {
             self.count_slow_consumer_drops(conn, 1);
         }
     }
