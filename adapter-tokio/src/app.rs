@@ -83,13 +83,16 @@ struct Inner {
     /// to make them again on a new link.
     subscriptions: Mutex<HashMap<slim_proto::NameKey, (Name, u64)>>,
     reconnects: AtomicU64,
+    counters: Arc<AdapterCounters>,
 }
 
 /// A connected client. It redials and re-subscribes when the link to the node is lost.
 /// Dropping it closes the link.
 pub struct Client {
     inner: Arc<Inner>,
-    /// Boxed: a message is ~700 bytes, moved through two channels on its way.
+    /// Filled by the client's router; bounded in messages ([`INBOX`]) and, with the other
+    /// queues of the router, in bytes: what does not fit is dropped and counted
+    /// ([`Client::dropped`]), so an application that stops reading does not stall the link.
     inbox: tokio::sync::Mutex<mpsc::Receiver<Delivery>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -135,8 +138,8 @@ impl Client {
             },
             seed,
         );
-        let (node, router_task) =
-            node::spawn_router(router, Clock::new(), Arc::new(AdapterCounters::default()));
+        let counters = Arc::new(AdapterCounters::default());
+        let (node, router_task) = node::spawn_router(router, Clock::new(), counters.clone());
         let mut tasks = vec![router_task];
 
         // The first link is made here so that a node that is not there is an error at once.
@@ -174,6 +177,7 @@ impl Client {
             ),
             subscriptions: Mutex::default(),
             reconnects: AtomicU64::new(0),
+            counters,
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         tasks.push(tokio::spawn(supervise_link(
@@ -202,6 +206,16 @@ impl Client {
     /// How many times the link to the node was lost and made again.
     pub fn reconnects(&self) -> u64 {
         self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Messages this client dropped because they did not fit a queue: deliveries the
+    /// application did not read in time (its inbox was full), or publishes the link to the node
+    /// could not take.
+    pub fn dropped(&self) -> u64 {
+        self.inner
+            .counters
+            .slow_consumer_drops
+            .load(Ordering::Relaxed)
     }
 
     /// Makes `name` reachable through the node; returns once the node acknowledged it. The

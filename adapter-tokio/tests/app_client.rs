@@ -316,3 +316,65 @@ async fn publish_waits_for_room_in_a_full_send_queue() {
     assert_eq!(stats.rtx_replies_sent, 0, "{stats:?}");
     node.shutdown().await;
 }
+
+/// An application that stops reading: its client keeps the earliest messages up to its inbox's
+/// bound (here the bytes bound: 16 MiB at 512 + 4 096 bytes a message) and drops and counts the
+/// rest; nothing is lost uncounted, and the link still works once the app reads again.
+#[tokio::test]
+async fn an_app_that_does_not_read_loses_only_what_its_inbox_cannot_hold_and_counts_it() {
+    use std::time::Duration;
+    const SENT: u32 = 6000;
+    const SIZE: usize = 4096;
+    const HELD: u64 = (16 << 20) / (512 + SIZE as u64);
+    let node = node().await;
+    let endpoint = format!("http://{}", node.local_addrs()[0]);
+    let alice = Client::connect(&endpoint, Name::with_id("org", "ns", "alice", 1))
+        .await
+        .unwrap();
+    let bob_name = Name::with_id("org", "ns", "bob", 2);
+    let bob = Client::connect(&endpoint, bob_name.clone()).await.unwrap();
+    bob.subscribe(&bob_name).await.unwrap();
+    for i in 0..SENT {
+        let mut payload = vec![0u8; SIZE];
+        payload[..4].copy_from_slice(&i.to_le_bytes());
+        alice.publish(&bob_name, payload).await.unwrap();
+    }
+    // Everything is in bob's client once its drop count has been still for a second.
+    let mut last = u64::MAX;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = bob.dropped();
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    let dropped = bob.dropped();
+    assert!(dropped > 0, "a full inbox drops and counts");
+    let mut kept = Vec::new();
+    while let Ok(got) = tokio::time::timeout(Duration::from_millis(300), bob.recv()).await {
+        let got = got.unwrap();
+        assert_eq!(got.payload.len(), SIZE);
+        kept.push(u32::from_le_bytes(got.payload[..4].try_into().unwrap()));
+    }
+    let node_drops = node.stats().await.unwrap().slow_consumer_drops;
+    assert_eq!(
+        kept.len() as u64 + dropped + node_drops,
+        u64::from(SENT),
+        "each message was delivered or counted as dropped (kept {}, dropped by bob's client \
+         {dropped}, by the node {node_drops})",
+        kept.len()
+    );
+    assert!(kept.len() as u64 <= HELD, "kept {} > {HELD}", kept.len());
+    assert!(kept.windows(2).all(|w| w[0] < w[1]), "kept in order");
+    assert_eq!(kept.first(), Some(&0), "the earliest are kept");
+
+    alice.publish(&bob_name, vec![7; 10]).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), bob.recv())
+        .await
+        .expect("the link still works")
+        .unwrap();
+    assert_eq!(got.payload.as_ref(), &[7; 10]);
+    assert_eq!(bob.dropped(), dropped);
+    node.shutdown().await;
+}
