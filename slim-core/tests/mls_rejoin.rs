@@ -891,3 +891,91 @@ fn back_online_data_goes_once_the_unanswered_update_gives_up() {
     assert_eq!(data_epochs(&net, 1), vec![epoch]);
     all_read(&net, session, &[0, 2], b"back");
 }
+
+/// A member that heard nothing from the others for three heartbeat periods marks them
+/// offline, so its state update waits for nobody. Back from a soft close after missing a
+/// commit, it is NACKed by members it was not waiting for: the NACK still says its epoch is
+/// stale, and it rejoins at once instead of at the next heartbeat.
+#[test]
+fn a_nack_from_members_marked_offline_still_starts_the_rejoin() {
+    let (mut net, session) = common::mls_net::group(&["moderator", "m1", "m2"], 1);
+    let moderator = net.name(0);
+    // m1 hears nothing (the commit adding m2 included) for longer than three heartbeats.
+    net.hook = Box::new(|_, to, _| if to == 1 { Fate::Drop } else { Fate::Deliver });
+    net.apps[0]
+        .invite(session, &Name::new("org", "ns", "m2"), net.now)
+        .unwrap();
+    net.advance(Duration::from_secs(31));
+    assert_eq!(net.incoming(2), Some((session, true)), "m2 joined");
+    assert!(
+        net.events[1].iter().any(|e| matches!(e,
+            SessionEvent::MemberState { member, online: false, .. } if member.key() == moderator.key())),
+        "m1 marked the moderator offline"
+    );
+    let epoch = |net: &Net, i: usize| net.apps[i].mls_state(session).unwrap().epoch;
+    assert!(epoch(&net, 1) < epoch(&net, 0), "m1 missed the commit");
+
+    // Heartbeats (which would tell m1 the newer epoch) stay lost: only the NACK can.
+    net.hook = Box::new(|_, to, m| {
+        if to == 1 && kind(m) == Mt::Heartbeat {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    net.apps[1].set_online(session, false, net.now).unwrap();
+    net.advance(Duration::from_millis(50));
+    // (The acks of that update, from members it did not wait for, count as duplicates.)
+    let duplicates = net.dropped(1, SessionDrop::Duplicate);
+    net.apps[1].set_online(session, true, net.now).unwrap();
+    net.advance(Duration::from_millis(50));
+    let m1 = net.name(1);
+    let ups = net.sent(1, Mt::UpdateParticipantState);
+    let back = ups.last().expect("the update saying m1 is back");
+    assert!(
+        replies(&net, Mt::GroupNack, &m1, message_id(back)).contains(&0),
+        "the moderator NACKs m1's stale epoch"
+    );
+    the_rejoin_request(&net, &m1);
+    assert_eq!(
+        net.dropped(1, SessionDrop::Duplicate),
+        duplicates,
+        "the NACKs were used, not dropped"
+    );
+    net.advance(Duration::from_millis(200));
+    assert!(!net.apps[1].mls_rejoining(session), "rejoined");
+    assert_eq!(epoch(&net, 1), epoch(&net, 0));
+}
+
+/// A state update is re-sent while a member it waits for has not acked, and the members
+/// NACK every copy. Once the first NACK's rejoin is done, the NACKs of later copies are about
+/// the epoch we had: no second rejoin.
+#[test]
+fn nacks_of_copies_re_sent_after_the_rejoin_do_not_start_another() {
+    let (mut net, session) = group();
+    let m1 = net.name(1);
+    make_m1_stale(&mut net, session);
+    // m2's answers to m1 are lost: m1 re-sends its update until its retries run out.
+    net.hook = Box::new(|from, to, m| {
+        if from == 2 && to == 1 && matches!(kind(m), Mt::GroupAck | Mt::GroupNack) {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    net.apps[1].set_online(session, true, net.now).unwrap();
+    net.advance(Duration::from_secs(3));
+    let ups = net.sent(1, Mt::UpdateParticipantState);
+    assert!(ups.len() > 2, "the update was re-sent: {}", ups.len());
+    let nacks = replies(&net, Mt::GroupNack, &m1, message_id(ups[0]));
+    assert!(
+        nacks.iter().filter(|i| **i == 0).count() > 1,
+        "the moderator NACKed more than one copy"
+    );
+    the_rejoin_request(&net, &m1);
+    assert!(!net.apps[1].mls_rejoining(session));
+    assert_eq!(
+        net.apps[1].mls_state(session).unwrap().epoch,
+        net.apps[0].mls_state(session).unwrap().epoch
+    );
+}

@@ -570,6 +570,9 @@ struct Session {
     /// Our last control messages to the whole channel that ended, by id and type (see
     /// [`Session::is_channel_re_ack`]).
     ended_channel_wide: VecDeque<(u32, Mt)>,
+    /// Our last state update's id and the MLS epoch it told (see
+    /// [`Session::nacks_our_current_epoch`]).
+    last_state_update: Option<(u32, u64)>,
     /// The session's MLS group when it is end-to-end encrypted.
     mls: Option<SessionMls>,
 }
@@ -654,6 +657,15 @@ impl Session {
     /// Such a message is re-sent to everyone while some member has not acked it, and each
     /// member acks every copy it gets (as reference members do): one that acked already, or
     /// that was not waited for, acks again. A harmless duplicate, not a stranger's reply.
+    /// Whether a NACK of message `message_id` says our epoch is stale: it answers our last
+    /// state update, and the epoch that update told is still ours. Members NACK every copy of
+    /// a re-sent update; once we have rejoined, the later NACKs are about the old epoch.
+    fn nacks_our_current_epoch(&self, message_id: u32) -> bool {
+        self.last_state_update.is_some_and(|(id, told)| {
+            id == message_id && self.mls.as_ref().and_then(SessionMls::epoch) == Some(told)
+        })
+    }
+
     fn is_channel_re_ack(&self, m: &Received) -> bool {
         self.pending
             .iter()
@@ -1153,8 +1165,13 @@ impl SessionLayer {
         } else {
             pb::ParticipantState::Offline
         };
-        self.send_control(
+        let message_id = self.rng.random();
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.last_state_update = Some((message_id, epoch));
+        }
+        self.send_control_as(
             session,
+            message_id,
             Purpose::StateUpdate,
             Mt::UpdateParticipantState,
             destination,
@@ -1473,7 +1490,11 @@ impl SessionLayer {
                         .get(&m.source.key())
                         .is_some_and(|(id, _)| *id == m.message_id)
                 });
-            if s.is_channel_re_ack(&m) {
+            if m.message_type == Mt::GroupNack && s.nacks_our_current_epoch(m.message_id) {
+                // From a member the update did not wait for (we had marked it offline, or it
+                // answered after the others): its NACK still says our epoch is stale.
+                self.start_rejoin(m.session_id, now);
+            } else if s.is_channel_re_ack(&m) {
                 self.drop_message(
                     SessionDrop::Duplicate,
                     "ack of a re-sent channel-wide message",
@@ -3817,6 +3838,7 @@ impl SessionLayer {
             rejoin_request: None,
             seen_direct: VecDeque::new(),
             ended_channel_wide: VecDeque::new(),
+            last_state_update: None,
             mls: None,
         }
     }
