@@ -95,6 +95,7 @@ pub struct Client {
     commands: Sender<Command>,
     inbox: Receiver<Box<pb::Message>>,
     reconnects: Arc<AtomicU64>,
+    inbox_drops: Arc<AtomicU64>,
     _driver: smol::Task<()>,
 }
 
@@ -149,6 +150,7 @@ impl Client {
         let (inbox_tx, inbox) = channel::bounded(INBOX);
         let (ready_tx, ready_rx) = channel::bounded(1);
         let reconnects = Arc::new(AtomicU64::new(0));
+        let inbox_drops = Arc::new(AtomicU64::new(0));
         let mut driver = Driver {
             router,
             clock,
@@ -164,7 +166,7 @@ impl Client {
             subscriptions: HashMap::new(),
             deferred: Vec::new(),
             inbox: inbox_tx,
-            inbox_drops: 0,
+            inbox_drops: inbox_drops.clone(),
             ready: Some(ready_tx),
             reconnects: reconnects.clone(),
             source: name.clone(),
@@ -177,6 +179,7 @@ impl Client {
                 commands,
                 inbox,
                 reconnects,
+                inbox_drops,
                 _driver: task,
             }),
             Some(Ok(Err(error))) => Err(error),
@@ -192,6 +195,12 @@ impl Client {
     /// How many times the link to the node was lost and made again.
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Messages this client dropped because the application did not read them in time (its
+    /// inbox was full).
+    pub fn dropped(&self) -> u64 {
+        self.inbox_drops.load(Ordering::Relaxed)
     }
 
     /// Makes `name` reachable through the node; returns once the node acknowledged it. The
@@ -396,7 +405,7 @@ struct Driver {
     /// Subscriptions asked for while there is no link.
     deferred: Vec<(Name, Reply)>,
     inbox: Sender<Box<pb::Message>>,
-    inbox_drops: u64,
+    inbox_drops: Arc<AtomicU64>,
     /// `connect` waiting for the first link.
     ready: Option<Sender<Result<(), ClientError>>>,
     reconnects: Arc<AtomicU64>,
@@ -738,10 +747,10 @@ impl Driver {
             }
             Some(MessageType::Publish(_)) => {
                 if let Err(TrySendError::Full(_)) = self.inbox.try_send(message) {
-                    self.inbox_drops += 1;
-                    if self.inbox_drops.is_power_of_two() {
+                    let dropped = self.inbox_drops.fetch_add(1, Ordering::Relaxed) + 1;
+                    if dropped.is_power_of_two() {
                         tracing::warn!(
-                            dropped_total = self.inbox_drops,
+                            dropped_total = dropped,
                             "the application does not read fast enough: message dropped"
                         );
                     }

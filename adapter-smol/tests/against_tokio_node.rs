@@ -115,3 +115,68 @@ fn client_reconnects_and_resubscribes_after_the_node_restarts() {
     });
     drop(stop);
 }
+
+/// An application that stops reading: its client keeps the earliest messages up to its inbox
+/// (4 096 messages), drops and counts the rest, and still receives once the app reads again.
+#[test]
+fn an_app_that_does_not_read_keeps_the_earliest_and_counts_the_rest() {
+    const SENT: u32 = 6000;
+    let _guard = common::watchdog(
+        "an_app_that_does_not_read_keeps_the_earliest_and_counts_the_rest",
+        Duration::from_secs(120),
+    );
+    let (addr, stop) = start_node();
+    smol::block_on(async {
+        let alice = Client::connect(&addr.to_string(), Name::with_id("org", "ns", "alice", 11))
+            .await
+            .unwrap();
+        let bob_name = Name::with_id("org", "ns", "bob", 22);
+        let bob = Client::connect(&addr.to_string(), bob_name.clone())
+            .await
+            .unwrap();
+        bob.subscribe(&bob_name).await.unwrap();
+        for i in 0..SENT {
+            alice
+                .publish(&bob_name, i.to_le_bytes().to_vec())
+                .await
+                .unwrap();
+        }
+        // Everything is in bob's client once its drop count has been still for a second.
+        let mut last = u64::MAX;
+        for _ in 0..60 {
+            smol::Timer::after(Duration::from_secs(1)).await;
+            let now = bob.dropped();
+            if now == last && now > 0 {
+                break;
+            }
+            last = now;
+        }
+        let dropped = bob.dropped();
+        assert!(dropped > 0, "a full inbox drops and counts");
+        let mut kept = Vec::new();
+        loop {
+            let next = smol::future::or(async { Some(bob.recv().await) }, async {
+                smol::Timer::after(Duration::from_millis(300)).await;
+                None
+            });
+            let Some(got) = next.await else { break };
+            kept.push(u32::from_le_bytes(
+                got.unwrap().payload[..4].try_into().unwrap(),
+            ));
+        }
+        assert!(kept.len() <= 4096, "kept {}", kept.len());
+        assert!(
+            kept.len() as u64 + dropped <= u64::from(SENT),
+            "kept {} + dropped {dropped}",
+            kept.len()
+        );
+        assert!(kept.windows(2).all(|w| w[0] < w[1]), "kept in order");
+        assert_eq!(kept.first(), Some(&0), "the earliest are kept");
+
+        alice.publish(&bob_name, vec![7; 10]).await.unwrap();
+        let got = bob.recv().await.unwrap();
+        assert_eq!(got.payload.as_ref(), &[7; 10]);
+        assert_eq!(bob.dropped(), dropped);
+    });
+    drop(stop);
+}
