@@ -480,16 +480,11 @@ impl Driver {
         let Some(writer) = self.writers.get(&conn) else {
             return;
         };
-        let len = 512 + payload_len(&message); // what matters for the bound, computed cheaply
-        let queued = writer.queued.load(Ordering::Relaxed);
-        if queued > 0 && queued + len > CONNECTION_QUEUE_BYTES {
-            self.count_slow_consumer_drops(conn, 1);
-            return;
-        }
         let Outbox::App { inbox, ack_waiters } = &writer.conn.outbox else {
             tracing::error!(conn, "a message for a link: dropped");
             return;
         };
+        // Acks go to their waiters, never queued: a full inbox must not fail a subscribe.
         match &message.message_type {
             Some(pb::message::MessageType::Publish(_)) => {}
             Some(pb::message::MessageType::SubscriptionAck(ack)) => {
@@ -508,6 +503,12 @@ impl Driver {
             }
             // Nothing else is for an application.
             _ => return,
+        }
+        let len = 512 + payload_len(&message); // what matters for the bound, computed cheaply
+        let queued = writer.queued.load(Ordering::Relaxed);
+        if queued > 0 && queued + len > CONNECTION_QUEUE_BYTES {
+            self.count_slow_consumer_drops(conn, 1);
+            return;
         }
         let delivery = Delivery {
             message,

@@ -318,13 +318,14 @@ async fn publish_waits_for_room_in_a_full_send_queue() {
 }
 
 /// An application that stops reading: its client keeps the earliest messages up to its inbox's
-/// bound (here the bytes bound: 16 MiB at 512 + 4 096 bytes a message) and drops and counts the
+/// bound (here the bytes bound: 16 MiB at 512 + 3 937 bytes a message) and drops and counts the
 /// rest; nothing is lost uncounted, and the link still works once the app reads again.
 #[tokio::test]
 async fn an_app_that_does_not_read_loses_only_what_its_inbox_cannot_hold_and_counts_it() {
     use std::time::Duration;
     const SENT: u32 = 6000;
-    const SIZE: usize = 4096;
+    // 16 MiB fills to within 37 bytes: too little room left for even an ack to queue.
+    const SIZE: usize = 3937;
     const HELD: u64 = (16 << 20) / (512 + SIZE as u64);
     let node = node().await;
     let endpoint = format!("http://{}", node.local_addrs()[0]);
@@ -351,6 +352,14 @@ async fn an_app_that_does_not_read_loses_only_what_its_inbox_cannot_hold_and_cou
     }
     let dropped = bob.dropped();
     assert!(dropped > 0, "a full inbox drops and counts");
+    // A subscription's ack does not queue behind the full inbox.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        bob.subscribe(&Name::with_id("org", "ns", "bob-too", 3)),
+    )
+    .await
+    .expect("subscribe answered with the inbox full")
+    .unwrap();
     let mut kept = Vec::new();
     while let Ok(got) = tokio::time::timeout(Duration::from_millis(300), bob.recv()).await {
         let got = got.unwrap();

@@ -653,19 +653,23 @@ impl Session {
         p
     }
 
+    /// Whether `m`, a NACK nothing waits for, says our epoch is stale: it answers our last
+    /// state update, and the epoch that update told is still ours. Members NACK every copy of a
+    /// re-sent update; once we have rejoined, the later NACKs are about the old epoch. Its
+    /// sender is not checked against our member list: with a stale epoch that list misses the
+    /// members added since, whose NACKs say so too (the message is signed, as every control
+    /// message, by a holder of the shared secret).
+    fn nacks_our_current_epoch(&self, m: &Received) -> bool {
+        m.message_type == Mt::GroupNack
+            && self.last_state_update.is_some_and(|(id, told)| {
+                id == m.message_id && self.mls.as_ref().and_then(SessionMls::epoch) == Some(told)
+            })
+    }
+
     /// `m`, which nothing waits for, answers one of our control messages to the whole channel.
     /// Such a message is re-sent to everyone while some member has not acked it, and each
     /// member acks every copy it gets (as reference members do): one that acked already, or
     /// that was not waited for, acks again. A harmless duplicate, not a stranger's reply.
-    /// Whether a NACK of message `message_id` says our epoch is stale: it answers our last
-    /// state update, and the epoch that update told is still ours. Members NACK every copy of
-    /// a re-sent update; once we have rejoined, the later NACKs are about the old epoch.
-    fn nacks_our_current_epoch(&self, message_id: u32) -> bool {
-        self.last_state_update.is_some_and(|(id, told)| {
-            id == message_id && self.mls.as_ref().and_then(SessionMls::epoch) == Some(told)
-        })
-    }
-
     fn is_channel_re_ack(&self, m: &Received) -> bool {
         self.pending
             .iter()
@@ -1490,9 +1494,9 @@ impl SessionLayer {
                         .get(&m.source.key())
                         .is_some_and(|(id, _)| *id == m.message_id)
                 });
-            if m.message_type == Mt::GroupNack && s.nacks_our_current_epoch(m.message_id) {
-                // From a member the update did not wait for (we had marked it offline, or it
-                // answered after the others): its NACK still says our epoch is stale.
+            if s.nacks_our_current_epoch(&m) {
+                // From a member the update did not wait for (we had marked it offline) or one
+                // answering a re-sent copy: its NACK still says our epoch is stale.
                 self.start_rejoin(m.session_id, now);
             } else if s.is_channel_re_ack(&m) {
                 self.drop_message(
