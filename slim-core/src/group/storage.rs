@@ -57,784 +57,149 @@ impl LeanStorage {
     }
 }
 
+/// Implements each listed method by forwarding it to the inner `MemoryStorage`, except that a
+/// `group_state` method does nothing (a write) or finds nothing (a read) unless the storage keeps
+/// group state. Each type parameter is named after its bound: `GroupId` stands for
+/// `GroupId: traits::GroupId<CURRENT_VERSION>`.
+macro_rules! forward_to_memory_storage {
+    ($($kind:ident fn $name:ident<$($param:ident),+>($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {$(
+        fn $name<$($param: traits::$param<CURRENT_VERSION>),+>(
+            &self,
+            $($arg: $ty),*
+        ) -> Result<$ret, Self::Error> {
+            forward_to_memory_storage!(@skip $kind, self);
+            <MemoryStorage as StorageProvider<CURRENT_VERSION>>::$name::<$($param),+>(
+                &self.inner,
+                $($arg),*
+            )
+        }
+    )*};
+    (@skip group_state, $self:ident) => {
+        if !$self.keep_group_state {
+            return Ok(Default::default());
+        }
+    };
+    (@skip kept, $self:ident) => {};
+}
+
 impl StorageProvider<CURRENT_VERSION> for LeanStorage {
     type Error = <MemoryStorage as StorageProvider<CURRENT_VERSION>>::Error;
 
-    fn write_mls_join_config<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        MlsGroupJoinConfig: traits::MlsGroupJoinConfig<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        config: &MlsGroupJoinConfig,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_mls_join_config::<
-            GroupId,
-            MlsGroupJoinConfig,
-        >(&self.inner, group_id, config)
-    }
-
-    fn append_own_leaf_node<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        LeafNode: traits::LeafNode<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        leaf_node: &LeafNode,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::append_own_leaf_node::<GroupId, LeafNode>(
-            &self.inner,
-            group_id,
-            leaf_node,
-        )
-    }
-
-    fn queue_proposal<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        ProposalRef: traits::ProposalRef<CURRENT_VERSION>,
-        QueuedProposal: traits::QueuedProposal<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        proposal_ref: &ProposalRef,
-        proposal: &QueuedProposal,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::queue_proposal::<
-            GroupId,
-            ProposalRef,
-            QueuedProposal,
-        >(&self.inner, group_id, proposal_ref, proposal)
-    }
-
-    fn write_tree<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        TreeSync: traits::TreeSync<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        tree: &TreeSync,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_tree::<GroupId, TreeSync>(
-            &self.inner,
-            group_id,
-            tree,
-        )
-    }
-
-    fn write_interim_transcript_hash<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        InterimTranscriptHash: traits::InterimTranscriptHash<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        interim_transcript_hash: &InterimTranscriptHash,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_interim_transcript_hash::<
-            GroupId,
-            InterimTranscriptHash,
-        >(&self.inner, group_id, interim_transcript_hash)
-    }
-
-    fn write_context<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        GroupContext: traits::GroupContext<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        group_context: &GroupContext,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_context::<GroupId, GroupContext>(
-            &self.inner,
-            group_id,
-            group_context,
-        )
-    }
-
-    fn write_confirmation_tag<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        ConfirmationTag: traits::ConfirmationTag<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        confirmation_tag: &ConfirmationTag,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_confirmation_tag::<
-            GroupId,
-            ConfirmationTag,
-        >(&self.inner, group_id, confirmation_tag)
-    }
-
-    fn write_group_state<
-        GroupState: traits::GroupState<CURRENT_VERSION>,
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        group_state: &GroupState,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_group_state::<GroupState, GroupId>(
-            &self.inner,
-            group_id,
-            group_state,
-        )
-    }
-
-    fn write_message_secrets<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        MessageSecrets: traits::MessageSecrets<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        message_secrets: &MessageSecrets,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_message_secrets::<
-            GroupId,
-            MessageSecrets,
-        >(&self.inner, group_id, message_secrets)
-    }
-
-    fn write_resumption_psk_store<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        ResumptionPskStore: traits::ResumptionPskStore<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        resumption_psk_store: &ResumptionPskStore,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_resumption_psk_store::<
-            GroupId,
-            ResumptionPskStore,
-        >(&self.inner, group_id, resumption_psk_store)
-    }
-
-    fn write_own_leaf_index<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        LeafNodeIndex: traits::LeafNodeIndex<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        own_leaf_index: &LeafNodeIndex,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_own_leaf_index::<
-            GroupId,
-            LeafNodeIndex,
-        >(&self.inner, group_id, own_leaf_index)
-    }
-
-    fn write_group_epoch_secrets<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        GroupEpochSecrets: traits::GroupEpochSecrets<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        group_epoch_secrets: &GroupEpochSecrets,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_group_epoch_secrets::<
-            GroupId,
-            GroupEpochSecrets,
-        >(&self.inner, group_id, group_epoch_secrets)
-    }
-
-    fn write_signature_key_pair<
-        SignaturePublicKey: traits::SignaturePublicKey<CURRENT_VERSION>,
-        SignatureKeyPair: traits::SignatureKeyPair<CURRENT_VERSION>,
-    >(
-        &self,
-        public_key: &SignaturePublicKey,
-        signature_key_pair: &SignatureKeyPair,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_signature_key_pair::<
-            SignaturePublicKey,
-            SignatureKeyPair,
-        >(&self.inner, public_key, signature_key_pair)
-    }
-
-    fn write_encryption_key_pair<
-        EncryptionKey: traits::EncryptionKey<CURRENT_VERSION>,
-        HpkeKeyPair: traits::HpkeKeyPair<CURRENT_VERSION>,
-    >(
-        &self,
-        public_key: &EncryptionKey,
-        key_pair: &HpkeKeyPair,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_encryption_key_pair::<
-            EncryptionKey,
-            HpkeKeyPair,
-        >(&self.inner, public_key, key_pair)
-    }
-
-    fn write_encryption_epoch_key_pairs<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        EpochKey: traits::EpochKey<CURRENT_VERSION>,
-        HpkeKeyPair: traits::HpkeKeyPair<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        epoch: &EpochKey,
-        leaf_index: u32,
-        key_pairs: &[HpkeKeyPair],
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_encryption_epoch_key_pairs::<
-            GroupId,
-            EpochKey,
-            HpkeKeyPair,
-        >(&self.inner, group_id, epoch, leaf_index, key_pairs)
-    }
-
-    fn write_key_package<
-        HashReference: traits::HashReference<CURRENT_VERSION>,
-        KeyPackage: traits::KeyPackage<CURRENT_VERSION>,
-    >(
-        &self,
-        hash_ref: &HashReference,
-        key_package: &KeyPackage,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_key_package::<
-            HashReference,
-            KeyPackage,
-        >(&self.inner, hash_ref, key_package)
-    }
-
-    fn write_psk<
-        PskId: traits::PskId<CURRENT_VERSION>,
-        PskBundle: traits::PskBundle<CURRENT_VERSION>,
-    >(
-        &self,
-        psk_id: &PskId,
-        psk: &PskBundle,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::write_psk::<PskId, PskBundle>(
-            &self.inner,
-            psk_id,
-            psk,
-        )
-    }
-
-    fn mls_group_join_config<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        MlsGroupJoinConfig: traits::MlsGroupJoinConfig<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Option<MlsGroupJoinConfig>, Self::Error> {
-        if !self.keep_group_state {
-            return Ok(None);
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::mls_group_join_config::<
-            GroupId,
-            MlsGroupJoinConfig,
-        >(&self.inner, group_id)
-    }
-
-    fn own_leaf_nodes<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        LeafNode: traits::LeafNode<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Vec<LeafNode>, Self::Error> {
-        if !self.keep_group_state {
-            return Ok(Vec::new());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::own_leaf_nodes::<GroupId, LeafNode>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn queued_proposal_refs<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        ProposalRef: traits::ProposalRef<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Vec<ProposalRef>, Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::queued_proposal_refs::<
-            GroupId,
-            ProposalRef,
-        >(&self.inner, group_id)
-    }
-
-    fn queued_proposals<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        ProposalRef: traits::ProposalRef<CURRENT_VERSION>,
-        QueuedProposal: traits::QueuedProposal<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Vec<(ProposalRef, QueuedProposal)>, Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::queued_proposals::<
-            GroupId,
-            ProposalRef,
-            QueuedProposal,
-        >(&self.inner, group_id)
-    }
-
-    fn tree<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        TreeSync: traits::TreeSync<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Option<TreeSync>, Self::Error> {
-        if !self.keep_group_state {
-            return Ok(None);
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::tree::<GroupId, TreeSync>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn group_context<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        GroupContext: traits::GroupContext<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Option<GroupContext>, Self::Error> {
-        if !self.keep_group_state {
-            return Ok(None);
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::group_context::<GroupId, GroupContext>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn interim_transcript_hash<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        InterimTranscriptHash: traits::InterimTranscriptHash<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Option<InterimTranscriptHash>, Self::Error> {
-        if !self.keep_group_state {
-            return Ok(None);
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::interim_transcript_hash::<
-            GroupId,
-            InterimTranscriptHash,
-        >(&self.inner, group_id)
-    }
-
-    fn confirmation_tag<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        ConfirmationTag: traits::ConfirmationTag<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Option<ConfirmationTag>, Self::Error> {
-        if !self.keep_group_state {
-            return Ok(None);
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::confirmation_tag::<
-            GroupId,
-            ConfirmationTag,
-        >(&self.inner, group_id)
-    }
-
-    fn group_state<
-        GroupState: traits::GroupState<CURRENT_VERSION>,
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Option<GroupState>, Self::Error> {
-        if !self.keep_group_state {
-            return Ok(None);
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::group_state::<GroupState, GroupId>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn message_secrets<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        MessageSecrets: traits::MessageSecrets<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Option<MessageSecrets>, Self::Error> {
-        if !self.keep_group_state {
-            return Ok(None);
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::message_secrets::<
-            GroupId,
-            MessageSecrets,
-        >(&self.inner, group_id)
-    }
-
-    fn resumption_psk_store<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        ResumptionPskStore: traits::ResumptionPskStore<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Option<ResumptionPskStore>, Self::Error> {
-        if !self.keep_group_state {
-            return Ok(None);
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::resumption_psk_store::<
-            GroupId,
-            ResumptionPskStore,
-        >(&self.inner, group_id)
-    }
-
-    fn own_leaf_index<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        LeafNodeIndex: traits::LeafNodeIndex<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Option<LeafNodeIndex>, Self::Error> {
-        if !self.keep_group_state {
-            return Ok(None);
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::own_leaf_index::<GroupId, LeafNodeIndex>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn group_epoch_secrets<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        GroupEpochSecrets: traits::GroupEpochSecrets<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<Option<GroupEpochSecrets>, Self::Error> {
-        if !self.keep_group_state {
-            return Ok(None);
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::group_epoch_secrets::<
-            GroupId,
-            GroupEpochSecrets,
-        >(&self.inner, group_id)
-    }
-
-    fn signature_key_pair<
-        SignaturePublicKey: traits::SignaturePublicKey<CURRENT_VERSION>,
-        SignatureKeyPair: traits::SignatureKeyPair<CURRENT_VERSION>,
-    >(
-        &self,
-        public_key: &SignaturePublicKey,
-    ) -> Result<Option<SignatureKeyPair>, Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::signature_key_pair::<
-            SignaturePublicKey,
-            SignatureKeyPair,
-        >(&self.inner, public_key)
-    }
-
-    fn encryption_key_pair<
-        HpkeKeyPair: traits::HpkeKeyPair<CURRENT_VERSION>,
-        EncryptionKey: traits::EncryptionKey<CURRENT_VERSION>,
-    >(
-        &self,
-        public_key: &EncryptionKey,
-    ) -> Result<Option<HpkeKeyPair>, Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::encryption_key_pair::<
-            HpkeKeyPair,
-            EncryptionKey,
-        >(&self.inner, public_key)
-    }
-
-    fn encryption_epoch_key_pairs<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        EpochKey: traits::EpochKey<CURRENT_VERSION>,
-        HpkeKeyPair: traits::HpkeKeyPair<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        epoch: &EpochKey,
-        leaf_index: u32,
-    ) -> Result<Vec<HpkeKeyPair>, Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::encryption_epoch_key_pairs::<
-            GroupId,
-            EpochKey,
-            HpkeKeyPair,
-        >(&self.inner, group_id, epoch, leaf_index)
-    }
-
-    fn key_package<
-        KeyPackageRef: traits::HashReference<CURRENT_VERSION>,
-        KeyPackage: traits::KeyPackage<CURRENT_VERSION>,
-    >(
-        &self,
-        hash_ref: &KeyPackageRef,
-    ) -> Result<Option<KeyPackage>, Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::key_package::<KeyPackageRef, KeyPackage>(
-            &self.inner,
-            hash_ref,
-        )
-    }
-
-    fn psk<PskBundle: traits::PskBundle<CURRENT_VERSION>, PskId: traits::PskId<CURRENT_VERSION>>(
-        &self,
-        psk_id: &PskId,
-    ) -> Result<Option<PskBundle>, Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::psk::<PskBundle, PskId>(
-            &self.inner,
-            psk_id,
-        )
-    }
-
-    fn remove_proposal<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        ProposalRef: traits::ProposalRef<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        proposal_ref: &ProposalRef,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::remove_proposal::<GroupId, ProposalRef>(
-            &self.inner,
-            group_id,
-            proposal_ref,
-        )
-    }
-
-    fn delete_own_leaf_nodes<GroupId: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_own_leaf_nodes::<GroupId>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn delete_group_config<GroupId: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_group_config::<GroupId>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn delete_tree<GroupId: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_tree::<GroupId>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn delete_confirmation_tag<GroupId: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_confirmation_tag::<GroupId>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn delete_group_state<GroupId: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_group_state::<GroupId>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn delete_context<GroupId: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_context::<GroupId>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn delete_interim_transcript_hash<GroupId: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_interim_transcript_hash::<GroupId>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn delete_message_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_message_secrets::<GroupId>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn delete_all_resumption_psk_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_all_resumption_psk_secrets::<
-            GroupId,
-        >(&self.inner, group_id)
-    }
-
-    fn delete_own_leaf_index<GroupId: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_own_leaf_index::<GroupId>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn delete_group_epoch_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        if !self.keep_group_state {
-            return Ok(());
-        }
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_group_epoch_secrets::<GroupId>(
-            &self.inner,
-            group_id,
-        )
-    }
-
-    fn clear_proposal_queue<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        ProposalRef: traits::ProposalRef<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::clear_proposal_queue::<
-            GroupId,
-            ProposalRef,
-        >(&self.inner, group_id)
-    }
-
-    fn delete_signature_key_pair<
-        SignaturePublicKey: traits::SignaturePublicKey<CURRENT_VERSION>,
-    >(
-        &self,
-        public_key: &SignaturePublicKey,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_signature_key_pair::<
-            SignaturePublicKey,
-        >(&self.inner, public_key)
-    }
-
-    fn delete_encryption_key_pair<EncryptionKey: traits::EncryptionKey<CURRENT_VERSION>>(
-        &self,
-        public_key: &EncryptionKey,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_encryption_key_pair::<
-            EncryptionKey,
-        >(&self.inner, public_key)
-    }
-
-    fn delete_encryption_epoch_key_pairs<
-        GroupId: traits::GroupId<CURRENT_VERSION>,
-        EpochKey: traits::EpochKey<CURRENT_VERSION>,
-    >(
-        &self,
-        group_id: &GroupId,
-        epoch: &EpochKey,
-        leaf_index: u32,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_encryption_epoch_key_pairs::<
-            GroupId,
-            EpochKey,
-        >(&self.inner, group_id, epoch, leaf_index)
-    }
-
-    fn delete_key_package<KeyPackageRef: traits::HashReference<CURRENT_VERSION>>(
-        &self,
-        hash_ref: &KeyPackageRef,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_key_package::<KeyPackageRef>(
-            &self.inner,
-            hash_ref,
-        )
-    }
-
-    fn delete_psk<PskKey: traits::PskId<CURRENT_VERSION>>(
-        &self,
-        psk_id: &PskKey,
-    ) -> Result<(), Self::Error> {
-        <MemoryStorage as StorageProvider<CURRENT_VERSION>>::delete_psk::<PskKey>(
-            &self.inner,
-            psk_id,
-        )
+    forward_to_memory_storage! {
+        group_state fn write_mls_join_config<GroupId, MlsGroupJoinConfig>(
+            group_id: &GroupId, config: &MlsGroupJoinConfig
+        ) -> ();
+        group_state fn append_own_leaf_node<GroupId, LeafNode>(
+            group_id: &GroupId, leaf_node: &LeafNode
+        ) -> ();
+        kept fn queue_proposal<GroupId, ProposalRef, QueuedProposal>(
+            group_id: &GroupId, proposal_ref: &ProposalRef, proposal: &QueuedProposal
+        ) -> ();
+        group_state fn write_tree<GroupId, TreeSync>(group_id: &GroupId, tree: &TreeSync) -> ();
+        group_state fn write_interim_transcript_hash<GroupId, InterimTranscriptHash>(
+            group_id: &GroupId, interim_transcript_hash: &InterimTranscriptHash
+        ) -> ();
+        group_state fn write_context<GroupId, GroupContext>(
+            group_id: &GroupId, group_context: &GroupContext
+        ) -> ();
+        group_state fn write_confirmation_tag<GroupId, ConfirmationTag>(
+            group_id: &GroupId, confirmation_tag: &ConfirmationTag
+        ) -> ();
+        group_state fn write_group_state<GroupState, GroupId>(
+            group_id: &GroupId, group_state: &GroupState
+        ) -> ();
+        group_state fn write_message_secrets<GroupId, MessageSecrets>(
+            group_id: &GroupId, message_secrets: &MessageSecrets
+        ) -> ();
+        group_state fn write_resumption_psk_store<GroupId, ResumptionPskStore>(
+            group_id: &GroupId, resumption_psk_store: &ResumptionPskStore
+        ) -> ();
+        group_state fn write_own_leaf_index<GroupId, LeafNodeIndex>(
+            group_id: &GroupId, own_leaf_index: &LeafNodeIndex
+        ) -> ();
+        group_state fn write_group_epoch_secrets<GroupId, GroupEpochSecrets>(
+            group_id: &GroupId, group_epoch_secrets: &GroupEpochSecrets
+        ) -> ();
+        kept fn write_signature_key_pair<SignaturePublicKey, SignatureKeyPair>(
+            public_key: &SignaturePublicKey, signature_key_pair: &SignatureKeyPair
+        ) -> ();
+        kept fn write_encryption_key_pair<EncryptionKey, HpkeKeyPair>(
+            public_key: &EncryptionKey, key_pair: &HpkeKeyPair
+        ) -> ();
+        kept fn write_encryption_epoch_key_pairs<GroupId, EpochKey, HpkeKeyPair>(
+            group_id: &GroupId, epoch: &EpochKey, leaf_index: u32, key_pairs: &[HpkeKeyPair]
+        ) -> ();
+        kept fn write_key_package<HashReference, KeyPackage>(
+            hash_ref: &HashReference, key_package: &KeyPackage
+        ) -> ();
+        kept fn write_psk<PskId, PskBundle>(psk_id: &PskId, psk: &PskBundle) -> ();
+        group_state fn mls_group_join_config<GroupId, MlsGroupJoinConfig>(
+            group_id: &GroupId
+        ) -> Option<MlsGroupJoinConfig>;
+        group_state fn own_leaf_nodes<GroupId, LeafNode>(group_id: &GroupId) -> Vec<LeafNode>;
+        kept fn queued_proposal_refs<GroupId, ProposalRef>(group_id: &GroupId) -> Vec<ProposalRef>;
+        kept fn queued_proposals<GroupId, ProposalRef, QueuedProposal>(
+            group_id: &GroupId
+        ) -> Vec<(ProposalRef, QueuedProposal)>;
+        group_state fn tree<GroupId, TreeSync>(group_id: &GroupId) -> Option<TreeSync>;
+        group_state fn group_context<GroupId, GroupContext>(
+            group_id: &GroupId
+        ) -> Option<GroupContext>;
+        group_state fn interim_transcript_hash<GroupId, InterimTranscriptHash>(
+            group_id: &GroupId
+        ) -> Option<InterimTranscriptHash>;
+        group_state fn confirmation_tag<GroupId, ConfirmationTag>(
+            group_id: &GroupId
+        ) -> Option<ConfirmationTag>;
+        group_state fn group_state<GroupState, GroupId>(group_id: &GroupId) -> Option<GroupState>;
+        group_state fn message_secrets<GroupId, MessageSecrets>(
+            group_id: &GroupId
+        ) -> Option<MessageSecrets>;
+        group_state fn resumption_psk_store<GroupId, ResumptionPskStore>(
+            group_id: &GroupId
+        ) -> Option<ResumptionPskStore>;
+        group_state fn own_leaf_index<GroupId, LeafNodeIndex>(
+            group_id: &GroupId
+        ) -> Option<LeafNodeIndex>;
+        group_state fn group_epoch_secrets<GroupId, GroupEpochSecrets>(
+            group_id: &GroupId
+        ) -> Option<GroupEpochSecrets>;
+        kept fn signature_key_pair<SignaturePublicKey, SignatureKeyPair>(
+            public_key: &SignaturePublicKey
+        ) -> Option<SignatureKeyPair>;
+        kept fn encryption_key_pair<HpkeKeyPair, EncryptionKey>(
+            public_key: &EncryptionKey
+        ) -> Option<HpkeKeyPair>;
+        kept fn encryption_epoch_key_pairs<GroupId, EpochKey, HpkeKeyPair>(
+            group_id: &GroupId, epoch: &EpochKey, leaf_index: u32
+        ) -> Vec<HpkeKeyPair>;
+        kept fn key_package<HashReference, KeyPackage>(
+            hash_ref: &HashReference
+        ) -> Option<KeyPackage>;
+        kept fn psk<PskBundle, PskId>(psk_id: &PskId) -> Option<PskBundle>;
+        kept fn remove_proposal<GroupId, ProposalRef>(
+            group_id: &GroupId, proposal_ref: &ProposalRef
+        ) -> ();
+        group_state fn delete_own_leaf_nodes<GroupId>(group_id: &GroupId) -> ();
+        group_state fn delete_group_config<GroupId>(group_id: &GroupId) -> ();
+        group_state fn delete_tree<GroupId>(group_id: &GroupId) -> ();
+        group_state fn delete_confirmation_tag<GroupId>(group_id: &GroupId) -> ();
+        group_state fn delete_group_state<GroupId>(group_id: &GroupId) -> ();
+        group_state fn delete_context<GroupId>(group_id: &GroupId) -> ();
+        group_state fn delete_interim_transcript_hash<GroupId>(group_id: &GroupId) -> ();
+        group_state fn delete_message_secrets<GroupId>(group_id: &GroupId) -> ();
+        group_state fn delete_all_resumption_psk_secrets<GroupId>(group_id: &GroupId) -> ();
+        group_state fn delete_own_leaf_index<GroupId>(group_id: &GroupId) -> ();
+        group_state fn delete_group_epoch_secrets<GroupId>(group_id: &GroupId) -> ();
+        kept fn clear_proposal_queue<GroupId, ProposalRef>(group_id: &GroupId) -> ();
+        kept fn delete_signature_key_pair<SignaturePublicKey>(
+            public_key: &SignaturePublicKey
+        ) -> ();
+        kept fn delete_encryption_key_pair<EncryptionKey>(public_key: &EncryptionKey) -> ();
+        kept fn delete_encryption_epoch_key_pairs<GroupId, EpochKey>(
+            group_id: &GroupId, epoch: &EpochKey, leaf_index: u32
+        ) -> ();
+        kept fn delete_key_package<HashReference>(hash_ref: &HashReference) -> ();
+        kept fn delete_psk<PskId>(psk_id: &PskId) -> ();
     }
 }
