@@ -26,12 +26,12 @@
 //! # }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_lite::future;
-use slim_core::session::{self, Output, SessionLayer, WaitingPublishes};
+use slim_core::session::{self, Output, SessionLayer};
 use slim_proto::{pb, Name};
 use smol::channel::{self, Receiver, Sender, TrySendError};
 
@@ -69,56 +69,20 @@ pub enum AppError {
     Membership(String),
 }
 
-/// A one-shot reply: a channel of one, sent to with `try_send` (never waits).
-type Reply<T> = Sender<T>;
-/// How a membership change ended.
-type MembershipReply = Reply<Result<(), String>>;
+/// The driver answers its application's commands on channels of one, sent to with `try_send`
+/// (never waits).
+struct SmolReplies;
 
-type PublishReply = Reply<Result<u32, SessionError>>;
+impl session::Replies for SmolReplies {
+    type Reply<T> = Sender<T>;
 
-enum Command {
-    Open {
-        peer: Name,
-        config: SessionConfig,
-        reply: Reply<Result<SessionId, CloseReason>>,
-    },
-    CreateGroup {
-        channel: Name,
-        config: SessionConfig,
-        reply: Reply<SessionId>,
-    },
-    Invite {
-        session: SessionId,
-        invitee: Name,
-        reply: MembershipReply,
-    },
-    Remove {
-        session: SessionId,
-        member: Name,
-        reply: MembershipReply,
-    },
-    Members {
-        session: SessionId,
-        reply: Reply<Option<Vec<Name>>>,
-    },
-    Publish {
-        session: SessionId,
-        publish: session::Publish,
-        reply: PublishReply,
-    },
-    SetOnline {
-        session: SessionId,
-        online: bool,
-        reply: Reply<Result<(), SessionError>>,
-    },
-    Close {
-        session: SessionId,
-        reply: Reply<Result<(), SessionError>>,
-    },
-    Stats {
-        reply: Reply<SessionStats>,
-    },
+    fn answer<T>(reply: Sender<T>, value: T) -> bool {
+        reply.try_send(value).is_ok()
+    }
 }
+
+type Command = session::Command<SmolReplies>;
+type Waiters = session::Waiters<SmolReplies>;
 
 /// An application with sessions. Dropping it stops it (and closes its link).
 pub struct App {
@@ -357,88 +321,6 @@ async fn membership_answer(answer: Receiver<Result<(), String>>) -> Result<(), A
     }
 }
 
-/// Application commands waiting for an outcome the core reports as an event.
-#[derive(Default)]
-struct Waiters {
-    opening: HashMap<SessionId, Reply<Result<SessionId, CloseReason>>>,
-    /// By session and the member's service (the invitee is named without instance).
-    joining: HashMap<(SessionId, [u64; 3]), MembershipReply>,
-    leaving: HashMap<(SessionId, [u64; 3]), MembershipReply>,
-    /// Publishes waiting for room in their session's send queue: `publish` waits instead of
-    /// failing.
-    publishing: WaitingPublishes<PublishReply>,
-}
-
-impl Waiters {
-    /// A publish: straight to the core, unless earlier ones on its session wait for room.
-    fn publish(
-        &mut self,
-        layer: &mut SessionLayer,
-        session: SessionId,
-        publish: session::Publish,
-        reply: PublishReply,
-        now: slim_core::Timestamp,
-    ) {
-        if let Some((reply, result)) = self.publishing.submit(layer, session, publish, reply, now) {
-            let _ = reply.try_send(result);
-        }
-    }
-
-    /// Retries the waiting publishes, in order per session, until the core refuses one again.
-    fn retry_publishes(&mut self, layer: &mut SessionLayer, now: slim_core::Timestamp) {
-        for (reply, result) in self.publishing.retry(layer, now) {
-            let _ = reply.try_send(result);
-        }
-    }
-
-    /// Resolves what `event` completes; false when the event only concerned a waiter (the
-    /// outcome of `open_session`, unless the caller gave up waiting).
-    fn resolve(&mut self, event: &SessionEvent) -> bool {
-        let answer = |waiters: &mut HashMap<_, MembershipReply>, key, outcome| {
-            if let Some(reply) = waiters.remove(&key) {
-                let _ = reply.try_send(outcome);
-            }
-        };
-        match event {
-            SessionEvent::Established { session, .. } => {
-                if let Some(reply) = self.opening.remove(session) {
-                    return reply.try_send(Ok(*session)).is_err();
-                }
-            }
-            SessionEvent::Closed { session, reason } => {
-                if let Some(reply) = self.opening.remove(session) {
-                    return reply.try_send(Err(reason.clone())).is_err();
-                }
-            }
-            SessionEvent::MemberJoined { session, member } => {
-                answer(
-                    &mut self.joining,
-                    (*session, member.key().components),
-                    Ok(()),
-                );
-            }
-            SessionEvent::InviteFailed {
-                session,
-                invitee,
-                reason,
-            } => answer(
-                &mut self.joining,
-                (*session, invitee.key().components),
-                Err((*reason).to_owned()),
-            ),
-            SessionEvent::MemberLeft { session, member } => {
-                answer(
-                    &mut self.leaving,
-                    (*session, member.key().components),
-                    Ok(()),
-                );
-            }
-            _ => {}
-        }
-        true
-    }
-}
-
 #[allow(clippy::large_enum_variant)] // lives for one loop turn; boxing would allocate per message
 enum Wake {
     Timer,
@@ -492,16 +374,10 @@ impl Driver {
                 }
                 Wake::Timer
             };
-            for (reply, result) in self
-                .waiters
-                .publishing
-                .refuse_when_backlogged(self.backlog.len())
-            {
-                let _ = reply.try_send(result);
-            }
+            self.waiters.refuse_when_backlogged(self.backlog.len());
             // A waiting publish needs the acks: the network is read while there is one, even
             // if the application is behind (it may be waiting for that publish before it reads).
-            let read_net = self.backlog.is_empty() || !self.waiters.publishing.is_empty();
+            let read_net = self.backlog.is_empty() || self.waiters.publishes_waiting();
             let net = async {
                 if !read_net {
                     return future::pending().await;
@@ -527,92 +403,15 @@ impl Driver {
                     return;
                 }
                 Wake::App(None) | Wake::Handed(false) => return,
-                Wake::App(Some(command)) => self.command(command),
+                Wake::App(Some(command)) => {
+                    self.waiters.run(&mut self.layer, command, self.clock.now())
+                }
                 Wake::Handed(true) => {
                     self.backlog.pop_front();
                 }
             }
-            self.retry_publishes();
-        }
-    }
-
-    fn retry_publishes(&mut self) {
-        if !self.waiters.publishing.is_empty() {
             self.waiters
                 .retry_publishes(&mut self.layer, self.clock.now());
-        }
-    }
-
-    /// Hands a command to the core; its answer goes back at once, or once the core reports
-    /// the outcome (handshakes, membership changes).
-    fn command(&mut self, command: Command) {
-        let now = self.clock.now();
-        let layer = &mut self.layer;
-        match command {
-            Command::Open {
-                peer,
-                config,
-                reply,
-            } => {
-                let session = layer.create_session(&peer, config, now);
-                self.waiters.opening.insert(session, reply);
-            }
-            Command::CreateGroup {
-                channel,
-                config,
-                reply,
-            } => {
-                let _ = reply.try_send(layer.create_group(&channel, config, now));
-            }
-            Command::Invite {
-                session,
-                invitee,
-                reply,
-            } => match layer.invite(session, &invitee, now) {
-                Ok(()) => {
-                    self.waiters
-                        .joining
-                        .insert((session, invitee.key().components), reply);
-                }
-                Err(error) => {
-                    let _ = reply.try_send(Err(error.to_string()));
-                }
-            },
-            Command::Remove {
-                session,
-                member,
-                reply,
-            } => match layer.remove(session, &member, now) {
-                Ok(()) => {
-                    self.waiters
-                        .leaving
-                        .insert((session, member.key().components), reply);
-                }
-                Err(error) => {
-                    let _ = reply.try_send(Err(error.to_string()));
-                }
-            },
-            Command::Members { session, reply } => {
-                let _ = reply.try_send(layer.members(session));
-            }
-            Command::Publish {
-                session,
-                publish,
-                reply,
-            } => self.waiters.publish(layer, session, publish, reply, now),
-            Command::SetOnline {
-                session,
-                online,
-                reply,
-            } => {
-                let _ = reply.try_send(layer.set_online(session, online, now));
-            }
-            Command::Close { session, reply } => {
-                let _ = reply.try_send(layer.close(session, now));
-            }
-            Command::Stats { reply } => {
-                let _ = reply.try_send(layer.stats().clone());
-            }
         }
     }
 

@@ -13,11 +13,11 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use slim_core::session::{self, Output, SessionLayer, WaitingPublishes};
+use slim_core::session::{self, Output, SessionLayer};
 use slim_proto::Name;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -53,52 +53,19 @@ pub enum AppError {
     Membership(String),
 }
 
-/// How a membership change ended.
-type MembershipReply = oneshot::Sender<Result<(), String>>;
+/// The driver answers its application's commands on tokio's one-shot channels.
+struct TokioReplies;
 
-enum Command {
-    Open {
-        peer: Name,
-        config: SessionConfig,
-        reply: oneshot::Sender<Result<SessionId, CloseReason>>,
-    },
-    CreateGroup {
-        channel: Name,
-        config: SessionConfig,
-        reply: oneshot::Sender<SessionId>,
-    },
-    Invite {
-        session: SessionId,
-        invitee: Name,
-        reply: MembershipReply,
-    },
-    Remove {
-        session: SessionId,
-        member: Name,
-        reply: MembershipReply,
-    },
-    Members {
-        session: SessionId,
-        reply: oneshot::Sender<Option<Vec<Name>>>,
-    },
-    Publish {
-        session: SessionId,
-        publish: session::Publish,
-        reply: PublishReply,
-    },
-    SetOnline {
-        session: SessionId,
-        online: bool,
-        reply: oneshot::Sender<Result<(), session::SessionError>>,
-    },
-    Close {
-        session: SessionId,
-        reply: oneshot::Sender<Result<(), session::SessionError>>,
-    },
-    Stats {
-        reply: oneshot::Sender<SessionStats>,
-    },
+impl session::Replies for TokioReplies {
+    type Reply<T> = oneshot::Sender<T>;
+
+    fn answer<T>(reply: oneshot::Sender<T>, value: T) -> bool {
+        reply.send(value).is_ok()
+    }
 }
+
+type Command = session::Command<TokioReplies>;
+type Waiters = session::Waiters<TokioReplies>;
 
 /// An application with sessions. Dropping it stops it.
 pub struct App {
@@ -327,82 +294,6 @@ async fn membership_answer(answer: oneshot::Receiver<Result<(), String>>) -> Res
     }
 }
 
-type PublishReply = oneshot::Sender<Result<u32, session::SessionError>>;
-
-/// Application commands waiting for an outcome the core reports as an event.
-#[derive(Default)]
-struct Waiters {
-    opening: HashMap<SessionId, oneshot::Sender<Result<SessionId, CloseReason>>>,
-    /// By session and the member's service (the invitee is named without instance).
-    joining: HashMap<(SessionId, [u64; 3]), MembershipReply>,
-    leaving: HashMap<(SessionId, [u64; 3]), MembershipReply>,
-    /// Publishes waiting for room in their session's send queue: `publish` waits instead of
-    /// failing.
-    publishing: WaitingPublishes<PublishReply>,
-}
-
-impl Waiters {
-    /// A publish: straight to the core, unless earlier ones on its session wait for room.
-    fn publish(
-        &mut self,
-        layer: &mut SessionLayer,
-        session: SessionId,
-        publish: session::Publish,
-        reply: PublishReply,
-        now: slim_core::Timestamp,
-    ) {
-        if let Some((reply, result)) = self.publishing.submit(layer, session, publish, reply, now) {
-            let _ = reply.send(result);
-        }
-    }
-
-    /// Retries the waiting publishes, in order per session, until the core refuses one again.
-    fn retry_publishes(&mut self, layer: &mut SessionLayer, now: slim_core::Timestamp) {
-        for (reply, result) in self.publishing.retry(layer, now) {
-            let _ = reply.send(result);
-        }
-    }
-
-    /// Resolves what `event` completes; false when the event only concerned a waiter.
-    fn resolve(&mut self, event: &SessionEvent) -> bool {
-        match event {
-            SessionEvent::Established { session, .. } => {
-                if let Some(reply) = self.opening.remove(session) {
-                    let _ = reply.send(Ok(*session));
-                    return false;
-                }
-            }
-            SessionEvent::Closed { session, reason } => {
-                if let Some(reply) = self.opening.remove(session) {
-                    let _ = reply.send(Err(reason.clone()));
-                    return false;
-                }
-            }
-            SessionEvent::MemberJoined { session, member } => {
-                if let Some(reply) = self.joining.remove(&(*session, member.key().components)) {
-                    let _ = reply.send(Ok(()));
-                }
-            }
-            SessionEvent::InviteFailed {
-                session,
-                invitee,
-                reason,
-            } => {
-                if let Some(reply) = self.joining.remove(&(*session, invitee.key().components)) {
-                    let _ = reply.send(Err((*reason).to_owned()));
-                }
-            }
-            SessionEvent::MemberLeft { session, member } => {
-                if let Some(reply) = self.leaving.remove(&(*session, member.key().components)) {
-                    let _ = reply.send(Ok(()));
-                }
-            }
-            _ => {}
-        }
-        true
-    }
-}
-
 // The backlog policy is the core's, so that both drivers keep the same one; re-exported here,
 // where the docs of `publish` and the tests name it.
 pub use slim_core::session::EVENT_BACKLOG;
@@ -468,12 +359,10 @@ async fn drive(
             }
         }
         let app_behind = !backlog.is_empty();
-        for (reply, result) in waiters.publishing.refuse_when_backlogged(backlog.len()) {
-            let _ = reply.send(result);
-        }
+        waiters.refuse_when_backlogged(backlog.len());
         // A waiting publish needs the acks: the network is read while there is one, even if
         // the application is behind (it may be waiting for that publish before it reads).
-        let read_net = !app_behind || !waiters.publishing.is_empty();
+        let read_net = !app_behind || waiters.publishes_waiting();
         tokio::select! {
             permit = events.reserve(), if app_behind => match permit {
                 Ok(permit) => {
@@ -489,86 +378,10 @@ async fn drive(
             },
             command = commands.recv() => match command {
                 None => return,
-                Some(command) => run_command(&mut layer, &mut waiters, command, clock.now()),
+                Some(command) => waiters.run(&mut layer, command, clock.now()),
             },
             () = timer => layer.handle_timeout(clock.now()),
         }
-        if !waiters.publishing.is_empty() {
-            waiters.retry_publishes(&mut layer, clock.now());
-        }
-    }
-}
-
-fn run_command(
-    layer: &mut SessionLayer,
-    waiters: &mut Waiters,
-    command: Command,
-    now: slim_core::Timestamp,
-) {
-    match command {
-        Command::Open {
-            peer,
-            config,
-            reply,
-        } => {
-            let session = layer.create_session(&peer, config, now);
-            waiters.opening.insert(session, reply);
-        }
-        Command::CreateGroup {
-            channel,
-            config,
-            reply,
-        } => {
-            let _ = reply.send(layer.create_group(&channel, config, now));
-        }
-        Command::Invite {
-            session,
-            invitee,
-            reply,
-        } => match layer.invite(session, &invitee, now) {
-            Ok(()) => {
-                waiters
-                    .joining
-                    .insert((session, invitee.key().components), reply);
-            }
-            Err(error) => {
-                let _ = reply.send(Err(error.to_string()));
-            }
-        },
-        Command::Remove {
-            session,
-            member,
-            reply,
-        } => match layer.remove(session, &member, now) {
-            Ok(()) => {
-                waiters
-                    .leaving
-                    .insert((session, member.key().components), reply);
-            }
-            Err(error) => {
-                let _ = reply.send(Err(error.to_string()));
-            }
-        },
-        Command::Members { session, reply } => {
-            let _ = reply.send(layer.members(session));
-        }
-        Command::Publish {
-            session,
-            publish,
-            reply,
-        } => waiters.publish(layer, session, publish, reply, now),
-        Command::SetOnline {
-            session,
-            online,
-            reply,
-        } => {
-            let _ = reply.send(layer.set_online(session, online, now));
-        }
-        Command::Close { session, reply } => {
-            let _ = reply.send(layer.close(session, now));
-        }
-        Command::Stats { reply } => {
-            let _ = reply.send(layer.stats().clone());
-        }
+        waiters.retry_publishes(&mut layer, clock.now());
     }
 }

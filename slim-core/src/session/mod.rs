@@ -1,6 +1,7 @@
 //! The session layer (spec §4): [`SessionLayer`] runs an application's point-to-point sessions on
 //! top of the reliability halves ([`ReliableSender`], [`ReliableReceiver`]). Group sessions are next.
 
+pub mod commands;
 pub mod layer;
 pub mod mls;
 pub mod receiver;
@@ -13,6 +14,7 @@ pub use layer::{
     SessionError, SessionEvent, SessionId, SessionLayer, SessionStats, ACK_HOLD,
 };
 
+pub use commands::{Command, Membership, Replies, Waiters};
 pub use mls::{MlsState, PayloadError, DEFAULT_VALIDATION_PERCENT};
 pub use receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 pub use sender::{Outgoing, ReliableSender, SenderEvent};
