@@ -245,21 +245,11 @@ impl Client {
         fanout: u32,
         payload: impl Into<Bytes>,
     ) -> Result<(), ClientError> {
-        let message = pb::Message {
-            message_type: Some(MessageType::Publish(pb::Publish {
-                header: Some(header(&self.name, to, fanout, None)),
-                session: Some(pb::SessionHeader::default()),
-                msg: Some(pb::Content {
-                    content_type: Some(pb::content::ContentType::AppPayload(
-                        pb::ApplicationPayload {
-                            payload_type: "msg".into(),
-                            blob: payload.into(),
-                        },
-                    )),
-                }),
-            })),
-            metadata: Default::default(),
-        };
+        let message = pb::Message::app_publish(
+            header(&self.name, to, fanout, None),
+            pb::SessionHeader::default(),
+            payload.into(),
+        );
         self.send_message(message).await
     }
 
@@ -267,22 +257,8 @@ impl Client {
     /// e.g. session control messages, are skipped: use [`Client::recv_message`] for those).
     pub async fn recv(&self) -> Result<Received, ClientError> {
         loop {
-            let message = self.recv_message().await?;
-            let Some(MessageType::Publish(publish)) = message.message_type else {
-                continue;
-            };
-            let source = publish
-                .header
-                .as_ref()
-                .and_then(|h| h.source.as_ref())
-                .and_then(Name::from_pb);
-            if let (Some(source), Some(pb::content::ContentType::AppPayload(app))) =
-                (source, publish.msg.and_then(|c| c.content_type))
-            {
-                return Ok(Received {
-                    source,
-                    payload: app.blob,
-                });
+            if let Some((source, payload)) = self.recv_message().await?.into_app_payload() {
+                return Ok(Received { source, payload });
             }
         }
     }

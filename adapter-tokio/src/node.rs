@@ -153,18 +153,6 @@ impl AsRef<[u8]> for Queued {
     }
 }
 
-fn payload_len(message: &pb::Message) -> usize {
-    use pb::content::ContentType;
-    use pb::message::MessageType;
-    let Some(MessageType::Publish(publish)) = &message.message_type else {
-        return 0;
-    };
-    match publish.msg.as_ref().and_then(|c| c.content_type.as_ref()) {
-        Some(ContentType::AppPayload(app)) => app.blob.len(),
-        Some(ContentType::CommandPayload(_)) | None => 0,
-    }
-}
-
 /// A cheap handle for connection tasks.
 #[derive(Clone)]
 pub(crate) struct NodeHandle {
@@ -504,7 +492,7 @@ impl Driver {
             // Nothing else is for an application.
             _ => return,
         }
-        let len = 512 + payload_len(&message); // what matters for the bound, computed cheaply
+        let len = 512 + message.app_payload().map_or(0, |app| app.blob.len()); // what matters for the bound, computed cheaply
         let queued = writer.queued.load(Ordering::Relaxed);
         if queued > 0 && queued + len > CONNECTION_QUEUE_BYTES {
             self.count_slow_consumer_drops(conn, 1);

@@ -16,6 +16,7 @@ pub mod forward;
 pub mod framing;
 pub mod link;
 pub mod mac;
+mod message;
 pub mod name;
 pub mod validate;
 pub mod view;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use slim_proto::pb::{self, message::MessageType};
+use slim_proto::pb;
 use slim_proto::Name;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -112,20 +112,7 @@ impl Target {
 
 /// The application payload of a publish.
 fn blob(message: &pb::Message) -> Option<&Bytes> {
-    let Some(MessageType::Publish(publish)) = &message.message_type else {
-        return None;
-    };
-    match publish.msg.as_ref()?.content_type.as_ref()? {
-        pb::content::ContentType::AppPayload(app) => Some(&app.blob),
-        _ => None,
-    }
-}
-
-fn source(message: &pb::Message) -> Option<Name> {
-    let Some(MessageType::Publish(publish)) = &message.message_type else {
-        return None;
-    };
-    Name::from_pb(publish.header.as_ref()?.source.as_ref()?)
+    message.app_payload().map(|app| &app.blob)
 }
 
 /// Subscriber `k`: counts and checks throughput messages, answers round trips.
@@ -136,7 +123,7 @@ async fn subscriber(client: Arc<Client>, k: usize, shared: Arc<Shared>) {
             continue; // not one of ours
         };
         if seq & ROUND_TRIP != 0 {
-            let (Some(to), Some(payload)) = (source(&message), blob(&message)) else {
+            let (Some(to), Some(payload)) = (message.publish_source(), blob(&message)) else {
                 continue;
             };
             if client.publish(&to, payload.clone()).await.is_err() {

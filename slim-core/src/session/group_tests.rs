@@ -806,7 +806,7 @@ fn a_newcomer_gets_what_was_meant_for_it_even_when_overtaken() {
         &me,
         &data,
         MAX_FANOUT,
-        app_payload(early.payload, &early.payload_type),
+        pb::Content::app(&early.payload_type, early.payload),
         BTreeMap::new(),
         net.now,
     );

@@ -2180,7 +2180,7 @@ impl SessionLayer {
         let me = self.name.clone();
         let (content, metadata) = match &found {
             Some(stored) => (
-                app_payload(stored.payload.clone(), &stored.payload_type),
+                pb::Content::app(&stored.payload_type, stored.payload.clone()),
                 stored.metadata.clone(),
             ),
             None => (empty_app_payload(), BTreeMap::new()),
@@ -3465,7 +3465,7 @@ impl SessionLayer {
             &me,
             destination,
             fanout,
-            app_payload(outgoing.payload, &outgoing.payload_type),
+            pb::Content::app(&outgoing.payload_type, outgoing.payload),
             outgoing.metadata,
             now,
         );
@@ -3493,7 +3493,7 @@ impl SessionLayer {
                     &me,
                     &to,
                     fanout,
-                    app_payload(stored.payload, &stored.payload_type),
+                    pb::Content::app(&stored.payload_type, stored.payload),
                     stored.metadata,
                     now,
                 );
@@ -4076,20 +4076,9 @@ fn command_of(content: &Option<pb::Content>) -> Option<Cmd> {
     }
 }
 
-fn app_payload(blob: Bytes, payload_type: &str) -> pb::Content {
-    pb::Content {
-        content_type: Some(pb::content::ContentType::AppPayload(
-            pb::ApplicationPayload {
-                payload_type: payload_type.to_owned(),
-                blob,
-            },
-        )),
-    }
-}
-
 /// Acks and RTX requests carry an empty application payload (wire bytes `1a020a00`).
 fn empty_app_payload() -> pb::Content {
-    app_payload(Bytes::new(), "")
+    pb::Content::app("", Bytes::new())
 }
 
 /// Acks of direct (`PUBLISH_TO`) messages echo the flag.

@@ -1276,8 +1276,9 @@ impl Sim {
         {
             return;
         }
-        let Some(epoch) = app_blob(message)
-            .and_then(|blob| crate::group::wire::inspect(blob).ok())
+        let Some(epoch) = message
+            .app_payload()
+            .and_then(|app| crate::group::wire::inspect(&app.blob).ok())
             .and_then(|info| info.epoch)
         else {
             return;
@@ -2041,17 +2042,6 @@ fn mls_digest(message: &pb::Message) -> Vec<u8> {
         }
     }
     digest
-}
-
-/// The application payload of a data message.
-fn app_blob(message: &pb::Message) -> Option<&[u8]> {
-    let Some(MessageType::Publish(p)) = &message.message_type else {
-        return None;
-    };
-    match p.msg.as_ref()?.content_type.as_ref()? {
-        pb::content::ContentType::AppPayload(app) => Some(&app.blob),
-        _ => None,
-    }
 }
 
 fn hex(bytes: &[u8]) -> String {

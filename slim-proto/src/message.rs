@@ -1,0 +1,118 @@
+//! Building and reading the application publishes that clients, the session layer and the
+//! tools exchange, so each does not unpack the nested `oneof`s its own way.
+
+use bytes::Bytes;
+
+use crate::pb::content::ContentType;
+use crate::pb::message::MessageType;
+use crate::{pb, Name};
+
+impl pb::Content {
+    /// Content carrying an application payload of type `payload_type` (`"msg"` for data).
+    pub fn app(payload_type: &str, blob: Bytes) -> Self {
+        pb::Content {
+            content_type: Some(ContentType::AppPayload(pb::ApplicationPayload {
+                payload_type: payload_type.to_owned(),
+                blob,
+            })),
+        }
+    }
+}
+
+impl pb::Message {
+    /// A publish of `blob` as application data (`payload_type` `"msg"`).
+    pub fn app_publish(header: pb::SlimHeader, session: pb::SessionHeader, blob: Bytes) -> Self {
+        pb::Message {
+            message_type: Some(MessageType::Publish(pb::Publish {
+                header: Some(header),
+                session: Some(session),
+                msg: Some(pb::Content::app("msg", blob)),
+            })),
+            metadata: Default::default(),
+        }
+    }
+
+    /// The publish this message is, if it is one.
+    pub fn publish(&self) -> Option<&pb::Publish> {
+        match &self.message_type {
+            Some(MessageType::Publish(publish)) => Some(publish),
+            _ => None,
+        }
+    }
+
+    /// The application payload of a publish (not of a command).
+    pub fn app_payload(&self) -> Option<&pb::ApplicationPayload> {
+        match self.publish()?.msg.as_ref()?.content_type.as_ref()? {
+            ContentType::AppPayload(app) => Some(app),
+            ContentType::CommandPayload(_) => None,
+        }
+    }
+
+    /// Who sent this publish, when its source name is valid.
+    pub fn publish_source(&self) -> Option<Name> {
+        Name::from_pb(self.publish()?.header.as_ref()?.source.as_ref()?)
+    }
+
+    /// The sender and the application payload of a publish, taken out of it.
+    pub fn into_app_payload(self) -> Option<(Name, Bytes)> {
+        let source = self.publish_source()?;
+        let Some(MessageType::Publish(publish)) = self.message_type else {
+            return None;
+        };
+        match publish.msg?.content_type? {
+            ContentType::AppPayload(app) => Some((source, app.blob)),
+            ContentType::CommandPayload(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_app_publish_reads_back() {
+        let source = Name::with_id("org", "ns", "alice", 7);
+        let header = pb::SlimHeader {
+            source: Some(source.to_pb()),
+            destination: Some(Name::new("org", "ns", "bob").to_pb()),
+            ..Default::default()
+        };
+        let message = pb::Message::app_publish(
+            header,
+            pb::SessionHeader::default(),
+            Bytes::from_static(b"hi"),
+        );
+        assert_eq!(
+            message.app_payload().map(|a| a.payload_type.as_str()),
+            Some("msg")
+        );
+        assert_eq!(message.publish_source(), Some(source.clone()));
+        assert_eq!(
+            message.into_app_payload(),
+            Some((source, Bytes::from_static(b"hi")))
+        );
+    }
+
+    #[test]
+    fn commands_and_other_messages_have_no_app_payload() {
+        let mut message = pb::Message::app_publish(
+            pb::SlimHeader::default(),
+            pb::SessionHeader::default(),
+            Bytes::new(),
+        );
+        assert_eq!(message.publish_source(), None, "no source name");
+        if let Some(MessageType::Publish(publish)) = &mut message.message_type {
+            publish.msg = Some(pb::Content {
+                content_type: Some(ContentType::CommandPayload(pb::CommandPayload::default())),
+            });
+        }
+        assert!(message.publish().is_some());
+        assert!(message.app_payload().is_none());
+        let subscribe = pb::Message {
+            message_type: Some(MessageType::Subscribe(pb::Subscribe::default())),
+            metadata: Default::default(),
+        };
+        assert!(subscribe.publish().is_none() && subscribe.app_payload().is_none());
+    }
+}
