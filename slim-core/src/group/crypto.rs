@@ -98,6 +98,24 @@ impl hkdf::KeyType for OkmLen {
     }
 }
 
+/// Implements each listed [`OpenMlsCrypto`] method by calling the method of the same name on
+/// another implementation: a field of `self`, or the backend a [`Crypto`] holds.
+macro_rules! openmls_crypto_methods {
+    (on self.$field:ident; $(fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {$(
+        fn $name(&self, $($arg: $ty),*) -> $ret {
+            self.$field.$name($($arg),*)
+        }
+    )*};
+    (on the backend; $(fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {$(
+        fn $name(&self, $($arg: $ty),*) -> $ret {
+            match self {
+                Crypto::Ring(backend) => backend.$name($($arg),*),
+                Crypto::Rust(backend) => backend.$name($($arg),*),
+            }
+        }
+    )*};
+}
+
 impl OpenMlsCrypto for RingCrypto {
     fn supports(&self, ciphersuite: Ciphersuite) -> Result<(), CryptoError> {
         match ciphersuite {
@@ -199,10 +217,6 @@ impl OpenMlsCrypto for RingCrypto {
         Ok(buf)
     }
 
-    fn signature_key_gen(&self, alg: SignatureScheme) -> Result<(Vec<u8>, Vec<u8>), CryptoError> {
-        self.fallback.signature_key_gen(alg)
-    }
-
     fn verify_signature(
         &self,
         alg: SignatureScheme,
@@ -221,74 +235,26 @@ impl OpenMlsCrypto for RingCrypto {
             .map_err(|_| CryptoError::InvalidSignature)
     }
 
-    fn sign(&self, alg: SignatureScheme, data: &[u8], key: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        self.fallback.sign(alg, data, key)
-    }
-
-    fn hpke_seal(
-        &self,
-        config: HpkeConfig,
-        pk_r: &[u8],
-        info: &[u8],
-        aad: &[u8],
-        ptxt: &[u8],
-    ) -> Result<HpkeCiphertext, CryptoError> {
-        self.fallback.hpke_seal(config, pk_r, info, aad, ptxt)
-    }
-
-    fn hpke_open(
-        &self,
-        config: HpkeConfig,
-        input: &HpkeCiphertext,
-        sk_r: &[u8],
-        info: &[u8],
-        aad: &[u8],
-    ) -> Result<Vec<u8>, CryptoError> {
-        self.fallback.hpke_open(config, input, sk_r, info, aad)
-    }
-
-    fn hpke_setup_sender_and_export(
-        &self,
-        config: HpkeConfig,
-        pk_r: &[u8],
-        info: &[u8],
-        exporter_context: &[u8],
-        exporter_length: usize,
-    ) -> Result<(KemOutput, ExporterSecret), CryptoError> {
-        self.fallback.hpke_setup_sender_and_export(
-            config,
-            pk_r,
-            info,
-            exporter_context,
-            exporter_length,
-        )
-    }
-
-    fn hpke_setup_receiver_and_export(
-        &self,
-        config: HpkeConfig,
-        enc: &[u8],
-        sk_r: &[u8],
-        info: &[u8],
-        exporter_context: &[u8],
-        exporter_length: usize,
-    ) -> Result<ExporterSecret, CryptoError> {
-        self.fallback.hpke_setup_receiver_and_export(
-            config,
-            enc,
-            sk_r,
-            info,
-            exporter_context,
-            exporter_length,
-        )
-    }
-
-    fn derive_hpke_keypair(
-        &self,
-        config: HpkeConfig,
-        ikm: &[u8],
-    ) -> Result<HpkeKeyPair, CryptoError> {
-        self.fallback.derive_hpke_keypair(config, ikm)
+    // HPKE and the rarely used signing and key generation: RustCrypto's (see the module docs).
+    openmls_crypto_methods! {
+        on self.fallback;
+        fn signature_key_gen(alg: SignatureScheme) -> Result<(Vec<u8>, Vec<u8>), CryptoError>;
+        fn sign(alg: SignatureScheme, data: &[u8], key: &[u8]) -> Result<Vec<u8>, CryptoError>;
+        fn hpke_seal(
+            config: HpkeConfig, pk_r: &[u8], info: &[u8], aad: &[u8], ptxt: &[u8]
+        ) -> Result<HpkeCiphertext, CryptoError>;
+        fn hpke_open(
+            config: HpkeConfig, input: &HpkeCiphertext, sk_r: &[u8], info: &[u8], aad: &[u8]
+        ) -> Result<Vec<u8>, CryptoError>;
+        fn hpke_setup_sender_and_export(
+            config: HpkeConfig, pk_r: &[u8], info: &[u8],
+            exporter_context: &[u8], exporter_length: usize
+        ) -> Result<(KemOutput, ExporterSecret), CryptoError>;
+        fn hpke_setup_receiver_and_export(
+            config: HpkeConfig, enc: &[u8], sk_r: &[u8], info: &[u8],
+            exporter_context: &[u8], exporter_length: usize
+        ) -> Result<ExporterSecret, CryptoError>;
+        fn derive_hpke_keypair(config: HpkeConfig, ikm: &[u8]) -> Result<HpkeKeyPair, CryptoError>;
     }
 }
 
@@ -317,160 +283,47 @@ impl Crypto {
     }
 }
 
-macro_rules! dispatch {
-    ($self:ident, $c:ident => $e:expr) => {
-        match $self {
-            Crypto::Ring($c) => $e,
-            Crypto::Rust($c) => $e,
-        }
-    };
-}
-
 impl OpenMlsCrypto for Crypto {
-    fn supports(&self, ciphersuite: Ciphersuite) -> Result<(), CryptoError> {
-        dispatch!(self, c => c.supports(ciphersuite))
-    }
-
-    fn supported_ciphersuites(&self) -> Vec<Ciphersuite> {
-        dispatch!(self, c => c.supported_ciphersuites())
-    }
-
-    fn hkdf_extract(
-        &self,
-        hash_type: HashType,
-        salt: &[u8],
-        ikm: &[u8],
-    ) -> Result<SecretVLBytes, CryptoError> {
-        dispatch!(self, c => c.hkdf_extract(hash_type, salt, ikm))
-    }
-
-    fn hmac(
-        &self,
-        hash_type: HashType,
-        key: &[u8],
-        message: &[u8],
-    ) -> Result<SecretVLBytes, CryptoError> {
-        dispatch!(self, c => c.hmac(hash_type, key, message))
-    }
-
-    fn hkdf_expand(
-        &self,
-        hash_type: HashType,
-        prk: &[u8],
-        info: &[u8],
-        okm_len: usize,
-    ) -> Result<SecretVLBytes, CryptoError> {
-        dispatch!(self, c => c.hkdf_expand(hash_type, prk, info, okm_len))
-    }
-
-    fn hash(&self, hash_type: HashType, data: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        dispatch!(self, c => c.hash(hash_type, data))
-    }
-
-    fn aead_encrypt(
-        &self,
-        alg: AeadType,
-        key: &[u8],
-        data: &[u8],
-        nonce: &[u8],
-        aad: &[u8],
-    ) -> Result<Vec<u8>, CryptoError> {
-        dispatch!(self, c => c.aead_encrypt(alg, key, data, nonce, aad))
-    }
-
-    fn aead_decrypt(
-        &self,
-        alg: AeadType,
-        key: &[u8],
-        ct_tag: &[u8],
-        nonce: &[u8],
-        aad: &[u8],
-    ) -> Result<Vec<u8>, CryptoError> {
-        dispatch!(self, c => c.aead_decrypt(alg, key, ct_tag, nonce, aad))
-    }
-
-    fn signature_key_gen(&self, alg: SignatureScheme) -> Result<(Vec<u8>, Vec<u8>), CryptoError> {
-        dispatch!(self, c => c.signature_key_gen(alg))
-    }
-
-    fn verify_signature(
-        &self,
-        alg: SignatureScheme,
-        data: &[u8],
-        pk: &[u8],
-        signature: &[u8],
-    ) -> Result<(), CryptoError> {
-        dispatch!(self, c => c.verify_signature(alg, data, pk, signature))
-    }
-
-    fn sign(&self, alg: SignatureScheme, data: &[u8], key: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        dispatch!(self, c => c.sign(alg, data, key))
-    }
-
-    fn hpke_seal(
-        &self,
-        config: HpkeConfig,
-        pk_r: &[u8],
-        info: &[u8],
-        aad: &[u8],
-        ptxt: &[u8],
-    ) -> Result<HpkeCiphertext, CryptoError> {
-        dispatch!(self, c => c.hpke_seal(config, pk_r, info, aad, ptxt))
-    }
-
-    fn hpke_open(
-        &self,
-        config: HpkeConfig,
-        input: &HpkeCiphertext,
-        sk_r: &[u8],
-        info: &[u8],
-        aad: &[u8],
-    ) -> Result<Vec<u8>, CryptoError> {
-        dispatch!(self, c => c.hpke_open(config, input, sk_r, info, aad))
-    }
-
-    fn hpke_setup_sender_and_export(
-        &self,
-        config: HpkeConfig,
-        pk_r: &[u8],
-        info: &[u8],
-        exporter_context: &[u8],
-        exporter_length: usize,
-    ) -> Result<(KemOutput, ExporterSecret), CryptoError> {
-        dispatch!(self, c => c.hpke_setup_sender_and_export(
-            config,
-            pk_r,
-            info,
-            exporter_context,
-            exporter_length,
-        ))
-    }
-
-    fn hpke_setup_receiver_and_export(
-        &self,
-        config: HpkeConfig,
-        enc: &[u8],
-        sk_r: &[u8],
-        info: &[u8],
-        exporter_context: &[u8],
-        exporter_length: usize,
-    ) -> Result<ExporterSecret, CryptoError> {
-        dispatch!(self, c => c.hpke_setup_receiver_and_export(
-            config,
-            enc,
-            sk_r,
-            info,
-            exporter_context,
-            exporter_length,
-        ))
-    }
-
-    fn derive_hpke_keypair(
-        &self,
-        config: HpkeConfig,
-        ikm: &[u8],
-    ) -> Result<HpkeKeyPair, CryptoError> {
-        dispatch!(self, c => c.derive_hpke_keypair(config, ikm))
+    openmls_crypto_methods! {
+        on the backend;
+        fn supports(ciphersuite: Ciphersuite) -> Result<(), CryptoError>;
+        fn supported_ciphersuites() -> Vec<Ciphersuite>;
+        fn hkdf_extract(
+            hash_type: HashType, salt: &[u8], ikm: &[u8]
+        ) -> Result<SecretVLBytes, CryptoError>;
+        fn hmac(
+            hash_type: HashType, key: &[u8], message: &[u8]
+        ) -> Result<SecretVLBytes, CryptoError>;
+        fn hkdf_expand(
+            hash_type: HashType, prk: &[u8], info: &[u8], okm_len: usize
+        ) -> Result<SecretVLBytes, CryptoError>;
+        fn hash(hash_type: HashType, data: &[u8]) -> Result<Vec<u8>, CryptoError>;
+        fn aead_encrypt(
+            alg: AeadType, key: &[u8], data: &[u8], nonce: &[u8], aad: &[u8]
+        ) -> Result<Vec<u8>, CryptoError>;
+        fn aead_decrypt(
+            alg: AeadType, key: &[u8], ct_tag: &[u8], nonce: &[u8], aad: &[u8]
+        ) -> Result<Vec<u8>, CryptoError>;
+        fn signature_key_gen(alg: SignatureScheme) -> Result<(Vec<u8>, Vec<u8>), CryptoError>;
+        fn verify_signature(
+            alg: SignatureScheme, data: &[u8], pk: &[u8], signature: &[u8]
+        ) -> Result<(), CryptoError>;
+        fn sign(alg: SignatureScheme, data: &[u8], key: &[u8]) -> Result<Vec<u8>, CryptoError>;
+        fn hpke_seal(
+            config: HpkeConfig, pk_r: &[u8], info: &[u8], aad: &[u8], ptxt: &[u8]
+        ) -> Result<HpkeCiphertext, CryptoError>;
+        fn hpke_open(
+            config: HpkeConfig, input: &HpkeCiphertext, sk_r: &[u8], info: &[u8], aad: &[u8]
+        ) -> Result<Vec<u8>, CryptoError>;
+        fn hpke_setup_sender_and_export(
+            config: HpkeConfig, pk_r: &[u8], info: &[u8],
+            exporter_context: &[u8], exporter_length: usize
+        ) -> Result<(KemOutput, ExporterSecret), CryptoError>;
+        fn hpke_setup_receiver_and_export(
+            config: HpkeConfig, enc: &[u8], sk_r: &[u8], info: &[u8],
+            exporter_context: &[u8], exporter_length: usize
+        ) -> Result<ExporterSecret, CryptoError>;
+        fn derive_hpke_keypair(config: HpkeConfig, ikm: &[u8]) -> Result<HpkeKeyPair, CryptoError>;
     }
 }
 
