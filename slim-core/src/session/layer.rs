@@ -2807,20 +2807,7 @@ impl SessionLayer {
                 let mls = self.remove_from_mls_group(session, &member);
                 self.forget_member(session, &member, now);
                 let others = self.others(session, &[&member]);
-                if others.is_empty() {
-                    self.task_done(session, now);
-                } else {
-                    self.send_update(
-                        session,
-                        pb::GroupUpdateOp::Remove,
-                        &member,
-                        None,
-                        others,
-                        Purpose::DepartureUpdate(member.clone()),
-                        mls,
-                        now,
-                    );
-                }
+                self.announce_departure(session, &member, others, mls, now);
             }
         }
     }
@@ -2970,20 +2957,33 @@ impl SessionLayer {
             }));
         self.evict(session, &invitee, now);
         let others = self.others(session, &[]);
+        self.announce_departure(session, &invitee, others, mls, now);
+    }
+
+    /// Tells `others` that `member` is out of the group (with the MLS commit removing it, if
+    /// any); with nobody left to tell, the task is done.
+    fn announce_departure(
+        &mut self,
+        session: SessionId,
+        member: &Name,
+        others: Vec<Name>,
+        mls: Option<pb::MlsPayload>,
+        now: Timestamp,
+    ) {
         if others.is_empty() {
             self.task_done(session, now);
-        } else {
-            self.send_update(
-                session,
-                pb::GroupUpdateOp::Remove,
-                &invitee,
-                None,
-                others,
-                Purpose::DepartureUpdate(invitee.clone()),
-                mls,
-                now,
-            );
+            return;
         }
+        self.send_update(
+            session,
+            pb::GroupUpdateOp::Remove,
+            member,
+            None,
+            others,
+            Purpose::DepartureUpdate(member.clone()),
+            mls,
+            now,
+        );
     }
 
     /// Tells a non-member that acts as a member of our group to leave it. Not retried: it is
