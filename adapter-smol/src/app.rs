@@ -52,28 +52,8 @@ const WINDOW: u32 = 1024 * 1024;
 const REDIAL_FIRST: Duration = Duration::from_millis(100);
 const REDIAL_MAX: Duration = Duration::from_secs(2);
 
-/// Errors of the client API.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    #[error("cannot connect to {endpoint}: {reason}")]
-    Connect { endpoint: String, reason: String },
-    #[error("the node refused the link: {0}")]
-    Refused(String),
-    #[error("the link to the node is closed")]
-    Closed,
-    #[error("the node refused the subscription: {0}")]
-    Subscription(String),
-    #[error("no answer from the node within {0:?}")]
-    Timeout(Duration),
-}
-
-/// A message delivered to this client.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub source: Name,
-    pub payload: Bytes,
-}
+pub use slim_core::client::ClientError;
+pub use slim_proto::Received;
 
 type Reply = Sender<Result<(), ClientError>>;
 
@@ -246,7 +226,7 @@ impl Client {
         payload: impl Into<Bytes>,
     ) -> Result<(), ClientError> {
         let message = pb::Message::app_publish(
-            header(&self.name, to, fanout, None),
+            pb::SlimHeader::from_app(&self.name, to, fanout, None, crate::SLIM_VERSION),
             pb::SessionHeader::default(),
             payload.into(),
         );
@@ -257,8 +237,8 @@ impl Client {
     /// e.g. session control messages, are skipped: use [`Client::recv_message`] for those).
     pub async fn recv(&self) -> Result<Received, ClientError> {
         loop {
-            if let Some((source, payload)) = self.recv_message().await?.into_app_payload() {
-                return Ok(Received { source, payload });
+            if let Some(received) = self.recv_message().await?.into_app_payload() {
+                return Ok(received);
             }
         }
     }
@@ -280,23 +260,6 @@ impl Client {
             .send(Command::Message(message.into()))
             .await
             .map_err(|_| ClientError::Closed)
-    }
-}
-
-fn header(
-    source: &Name,
-    destination: &Name,
-    fanout: u32,
-    forward_to: Option<ConnId>,
-) -> pb::SlimHeader {
-    pb::SlimHeader {
-        source: Some(source.to_pb()),
-        destination: Some(destination.to_pb()),
-        fanout,
-        version: crate::SLIM_VERSION.into(),
-        ttl: slim_proto::DEFAULT_TTL,
-        forward_to,
-        ..Default::default()
     }
 }
 
@@ -625,7 +588,13 @@ impl Driver {
                 record: record.then(|| name.clone()),
             });
         }
-        let header = Some(header(&self.source, name, 1, self.uplink()));
+        let header = Some(pb::SlimHeader::from_app(
+            &self.source,
+            name,
+            1,
+            self.uplink(),
+            crate::SLIM_VERSION,
+        ));
         let message_type = if subscribe {
             MessageType::Subscribe(pb::Subscribe {
                 header,

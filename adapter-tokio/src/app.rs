@@ -41,28 +41,8 @@ const ACK_WAIT: Duration = Duration::from_secs(10);
 /// when a task of the client's sat between them.
 const INBOX: usize = node::CONNECTION_QUEUE + 4096;
 
-/// Errors of the client API.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    #[error("cannot connect to {endpoint}: {reason}")]
-    Connect { endpoint: String, reason: String },
-    #[error("the node refused the link: {0}")]
-    Refused(String),
-    #[error("the link to the node is closed")]
-    Closed,
-    #[error("the node refused the subscription: {0}")]
-    Subscription(String),
-    #[error("no answer from the node within {0:?}")]
-    Timeout(Duration),
-}
-
-/// A message delivered to this client.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub source: Name,
-    pub payload: Bytes,
-}
+pub use slim_core::client::ClientError;
+pub use slim_proto::Received;
 
 /// No uplink right now (between a lost link and its replacement).
 const NO_UPLINK: u64 = u64::MAX;
@@ -275,8 +255,8 @@ impl Client {
     /// e.g. session control messages, are skipped: use [`Client::recv_message`] for those).
     pub async fn recv(&self) -> Result<Received, ClientError> {
         loop {
-            if let Some((source, payload)) = self.recv_message().await?.into_app_payload() {
-                return Ok(Received { source, payload });
+            if let Some(received) = self.recv_message().await?.into_app_payload() {
+                return Ok(received);
             }
         }
     }
@@ -382,15 +362,13 @@ impl Inner {
         fanout: u32,
         forward_to: Option<ConnId>,
     ) -> pb::SlimHeader {
-        pb::SlimHeader {
-            source: Some(self.name.to_pb()),
-            destination: Some(destination.to_pb()),
+        pb::SlimHeader::from_app(
+            &self.name,
+            destination,
             fanout,
-            version: crate::SLIM_VERSION.into(),
-            ttl: slim_proto::DEFAULT_TTL,
             forward_to,
-            ..Default::default()
-        }
+            crate::SLIM_VERSION,
+        )
     }
 
     /// Negotiates one link on `streams`; its connection id once it is up.

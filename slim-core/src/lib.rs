@@ -9,6 +9,7 @@
 //! Input from a peer never makes a core fail or panic: bad input is dropped, counted in
 //! `stats()` with a reason, and traced.
 
+pub mod client;
 pub mod fuzzing;
 pub mod group;
 pub mod identity;

@@ -8,6 +8,7 @@
 //! * [`link`] — link negotiation payloads and the X25519/HKDF key derivation.
 //! * [`validate`] — the structural rules a node applies to every received message.
 //! * [`view`] — borrowed views of a header's routing fields (decoded or as received).
+//! * [`message`] — building and reading the publishes applications exchange.
 //!
 //! Everything here is pure: no I/O, no clock, no global randomness.
 
@@ -16,7 +17,7 @@ pub mod forward;
 pub mod framing;
 pub mod link;
 pub mod mac;
-mod message;
+pub mod message;
 pub mod name;
 pub mod validate;
 pub mod view;
@@ -34,6 +35,7 @@ pub use forward::{
 pub use framing::{encode_frame, Deframer, FrameError, DEFAULT_MAX_MESSAGE_SIZE};
 pub use link::{LinkKeyPair, NegotiationError};
 pub use mac::{HeaderMacKey, MacError};
+pub use message::Received;
 pub use name::{Name, NameKey, NameParseError};
 pub use validate::{validate, ValidationError};
 pub use view::{EncodedRef, HeaderRef, NameRef};

@@ -7,6 +7,36 @@ use crate::pb::content::ContentType;
 use crate::pb::message::MessageType;
 use crate::{pb, Name};
 
+/// An application payload delivered to a client, and who sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub source: Name,
+    pub payload: Bytes,
+}
+
+impl pb::SlimHeader {
+    /// The header of a message an application sends from `source` to `destination` (any
+    /// instance of it when it names none), with the default TTL; `forward_to`: the connection
+    /// of the sender's router it must leave by.
+    pub fn from_app(
+        source: &Name,
+        destination: &Name,
+        fanout: u32,
+        forward_to: Option<u64>,
+        version: &str,
+    ) -> Self {
+        pb::SlimHeader {
+            source: Some(source.to_pb()),
+            destination: Some(destination.to_pb()),
+            fanout,
+            version: version.to_owned(),
+            ttl: crate::DEFAULT_TTL,
+            forward_to,
+            ..Default::default()
+        }
+    }
+}
+
 impl pb::Content {
     /// Content carrying an application payload of type `payload_type` (`"msg"` for data).
     pub fn app(payload_type: &str, blob: Bytes) -> Self {
@@ -54,13 +84,16 @@ impl pb::Message {
     }
 
     /// The sender and the application payload of a publish, taken out of it.
-    pub fn into_app_payload(self) -> Option<(Name, Bytes)> {
+    pub fn into_app_payload(self) -> Option<Received> {
         let source = self.publish_source()?;
         let Some(MessageType::Publish(publish)) = self.message_type else {
             return None;
         };
         match publish.msg?.content_type? {
-            ContentType::AppPayload(app) => Some((source, app.blob)),
+            ContentType::AppPayload(app) => Some(Received {
+                source,
+                payload: app.blob,
+            }),
             ContentType::CommandPayload(_) => None,
         }
     }
@@ -73,11 +106,9 @@ mod tests {
     #[test]
     fn an_app_publish_reads_back() {
         let source = Name::with_id("org", "ns", "alice", 7);
-        let header = pb::SlimHeader {
-            source: Some(source.to_pb()),
-            destination: Some(Name::new("org", "ns", "bob").to_pb()),
-            ..Default::default()
-        };
+        let header =
+            pb::SlimHeader::from_app(&source, &Name::new("org", "ns", "bob"), 1, None, "1.0");
+        assert_eq!((header.ttl, header.fanout), (crate::DEFAULT_TTL, 1));
         let message = pb::Message::app_publish(
             header,
             pb::SessionHeader::default(),
@@ -90,7 +121,10 @@ mod tests {
         assert_eq!(message.publish_source(), Some(source.clone()));
         assert_eq!(
             message.into_app_payload(),
-            Some((source, Bytes::from_static(b"hi")))
+            Some(Received {
+                source,
+                payload: Bytes::from_static(b"hi")
+            })
         );
     }
 
