@@ -1430,22 +1430,10 @@ impl SessionLayer {
             (Mt::LeaveRequest, _) if is_moderator && from_member => self.on_member_leaving(m, now),
             (Mt::LeaveRequest, _) if is_moderator => {
                 // A member that already left asks again: our reply was lost.
-                let reply = self.reply(
-                    &m,
-                    Mt::LeaveReply,
-                    command(Cmd::LeaveReply(pb::LeaveReplyPayload {})),
-                    now,
-                );
-                self.emit_send(reply);
+                self.send_leave_reply(&m, now);
             }
             (Mt::LeaveRequest, _) if from_peer => {
-                let reply = self.reply(
-                    &m,
-                    Mt::LeaveReply,
-                    command(Cmd::LeaveReply(pb::LeaveReplyPayload {})),
-                    now,
-                );
-                self.emit_send(reply);
+                self.send_leave_reply(&m, now);
                 let reason = match self.sessions.get(&m.session_id) {
                     // We were leaving anyway: the moderator crossed our request with its own.
                     Some(s) if s.state == State::Closing => CloseReason::Local,
@@ -1934,15 +1922,20 @@ impl SessionLayer {
         }
     }
 
-    /// A member asked the moderator to let it go.
-    fn on_member_leaving(&mut self, m: Received, now: Timestamp) {
+    /// Answers a LEAVE_REQUEST.
+    fn send_leave_reply(&mut self, m: &Received, now: Timestamp) {
         let reply = self.reply(
-            &m,
+            m,
             Mt::LeaveReply,
             command(Cmd::LeaveReply(pb::LeaveReplyPayload {})),
             now,
         );
         self.emit_send(reply);
+    }
+
+    /// A member asked the moderator to let it go.
+    fn on_member_leaving(&mut self, m: Received, now: Timestamp) {
+        self.send_leave_reply(&m, now);
         if let Some(group) = self
             .sessions
             .get_mut(&m.session_id)
