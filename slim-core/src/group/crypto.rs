@@ -99,8 +99,33 @@ impl hkdf::KeyType for OkmLen {
 }
 
 /// Implements each listed [`OpenMlsCrypto`] method by calling the method of the same name on
-/// another implementation: a field of `self`, or the backend a [`Crypto`] holds.
+/// another implementation: a field of `self`, or the backend a [`Crypto`] holds. `with hpke
+/// [on …]` adds the HPKE methods to the list.
 macro_rules! openmls_crypto_methods {
+    // The listed methods and the HPKE ones, `$on` saying where they go.
+    (with hpke [$($on:tt)*] $($listed:tt)*) => {
+        openmls_crypto_methods! {
+            $($on)*;
+            $($listed)*
+            fn hpke_seal(
+                config: HpkeConfig, pk_r: &[u8], info: &[u8], aad: &[u8], ptxt: &[u8]
+            ) -> Result<HpkeCiphertext, CryptoError>;
+            fn hpke_open(
+                config: HpkeConfig, input: &HpkeCiphertext, sk_r: &[u8], info: &[u8], aad: &[u8]
+            ) -> Result<Vec<u8>, CryptoError>;
+            fn hpke_setup_sender_and_export(
+                config: HpkeConfig, pk_r: &[u8], info: &[u8],
+                exporter_context: &[u8], exporter_length: usize
+            ) -> Result<(KemOutput, ExporterSecret), CryptoError>;
+            fn hpke_setup_receiver_and_export(
+                config: HpkeConfig, enc: &[u8], sk_r: &[u8], info: &[u8],
+                exporter_context: &[u8], exporter_length: usize
+            ) -> Result<ExporterSecret, CryptoError>;
+            fn derive_hpke_keypair(
+                config: HpkeConfig, ikm: &[u8]
+            ) -> Result<HpkeKeyPair, CryptoError>;
+        }
+    };
     (on self.$field:ident; $(fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {$(
         fn $name(&self, $($arg: $ty),*) -> $ret {
             self.$field.$name($($arg),*)
@@ -237,24 +262,9 @@ impl OpenMlsCrypto for RingCrypto {
 
     // HPKE and the rarely used signing and key generation: RustCrypto's (see the module docs).
     openmls_crypto_methods! {
-        on self.fallback;
+        with hpke [on self.fallback]
         fn signature_key_gen(alg: SignatureScheme) -> Result<(Vec<u8>, Vec<u8>), CryptoError>;
         fn sign(alg: SignatureScheme, data: &[u8], key: &[u8]) -> Result<Vec<u8>, CryptoError>;
-        fn hpke_seal(
-            config: HpkeConfig, pk_r: &[u8], info: &[u8], aad: &[u8], ptxt: &[u8]
-        ) -> Result<HpkeCiphertext, CryptoError>;
-        fn hpke_open(
-            config: HpkeConfig, input: &HpkeCiphertext, sk_r: &[u8], info: &[u8], aad: &[u8]
-        ) -> Result<Vec<u8>, CryptoError>;
-        fn hpke_setup_sender_and_export(
-            config: HpkeConfig, pk_r: &[u8], info: &[u8],
-            exporter_context: &[u8], exporter_length: usize
-        ) -> Result<(KemOutput, ExporterSecret), CryptoError>;
-        fn hpke_setup_receiver_and_export(
-            config: HpkeConfig, enc: &[u8], sk_r: &[u8], info: &[u8],
-            exporter_context: &[u8], exporter_length: usize
-        ) -> Result<ExporterSecret, CryptoError>;
-        fn derive_hpke_keypair(config: HpkeConfig, ikm: &[u8]) -> Result<HpkeKeyPair, CryptoError>;
     }
 }
 
@@ -285,7 +295,7 @@ impl Crypto {
 
 impl OpenMlsCrypto for Crypto {
     openmls_crypto_methods! {
-        on the backend;
+        with hpke [on the backend]
         fn supports(ciphersuite: Ciphersuite) -> Result<(), CryptoError>;
         fn supported_ciphersuites() -> Vec<Ciphersuite>;
         fn hkdf_extract(
@@ -309,21 +319,6 @@ impl OpenMlsCrypto for Crypto {
             alg: SignatureScheme, data: &[u8], pk: &[u8], signature: &[u8]
         ) -> Result<(), CryptoError>;
         fn sign(alg: SignatureScheme, data: &[u8], key: &[u8]) -> Result<Vec<u8>, CryptoError>;
-        fn hpke_seal(
-            config: HpkeConfig, pk_r: &[u8], info: &[u8], aad: &[u8], ptxt: &[u8]
-        ) -> Result<HpkeCiphertext, CryptoError>;
-        fn hpke_open(
-            config: HpkeConfig, input: &HpkeCiphertext, sk_r: &[u8], info: &[u8], aad: &[u8]
-        ) -> Result<Vec<u8>, CryptoError>;
-        fn hpke_setup_sender_and_export(
-            config: HpkeConfig, pk_r: &[u8], info: &[u8],
-            exporter_context: &[u8], exporter_length: usize
-        ) -> Result<(KemOutput, ExporterSecret), CryptoError>;
-        fn hpke_setup_receiver_and_export(
-            config: HpkeConfig, enc: &[u8], sk_r: &[u8], info: &[u8],
-            exporter_context: &[u8], exporter_length: usize
-        ) -> Result<ExporterSecret, CryptoError>;
-        fn derive_hpke_keypair(config: HpkeConfig, ikm: &[u8]) -> Result<HpkeKeyPair, CryptoError>;
     }
 }
 

@@ -115,28 +115,18 @@ impl<R: Replies> Waiters<R> {
                 session,
                 invitee,
                 reply,
-            } => match layer.invite(session, &invitee, now) {
-                Ok(()) => {
-                    self.joining
-                        .insert((session, invitee.key().components), reply);
-                }
-                Err(error) => {
-                    R::answer(reply, Err(error.to_string()));
-                }
-            },
+            } => {
+                let started = layer.invite(session, &invitee, now);
+                Self::wait(&mut self.joining, (session, &invitee), started, reply);
+            }
             Command::Remove {
                 session,
                 member,
                 reply,
-            } => match layer.remove(session, &member, now) {
-                Ok(()) => {
-                    self.leaving
-                        .insert((session, member.key().components), reply);
-                }
-                Err(error) => {
-                    R::answer(reply, Err(error.to_string()));
-                }
-            },
+            } => {
+                let started = layer.remove(session, &member, now);
+                Self::wait(&mut self.leaving, (session, &member), started, reply);
+            }
             Command::Members { session, reply } => {
                 R::answer(reply, layer.members(session));
             }
@@ -162,6 +152,24 @@ impl<R: Replies> Waiters<R> {
             }
             Command::Stats { reply } => {
                 R::answer(reply, layer.stats().clone());
+            }
+        }
+    }
+
+    /// A membership change the core `started` waits, by session and member, for the event
+    /// that ends it; one it refused is answered now.
+    fn wait<E: std::fmt::Display>(
+        waiting: &mut BTreeMap<(SessionId, [u64; 3]), R::Reply<Membership>>,
+        (session, member): (SessionId, &Name),
+        started: Result<(), E>,
+        reply: R::Reply<Membership>,
+    ) {
+        match started {
+            Ok(()) => {
+                waiting.insert((session, member.key().components), reply);
+            }
+            Err(error) => {
+                R::answer(reply, Err(error.to_string()));
             }
         }
     }
