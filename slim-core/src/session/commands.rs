@@ -244,3 +244,111 @@ impl<R: Replies> Waiters<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::session::{LayerConfig, Output};
+
+    /// Replies over std channels: a dropped receiver is a caller that stopped waiting.
+    struct StdReplies;
+
+    impl Replies for StdReplies {
+        type Reply<T> = mpsc::Sender<T>;
+
+        fn answer<T>(reply: mpsc::Sender<T>, value: T) -> bool {
+            reply.send(value).is_ok()
+        }
+    }
+
+    fn layer() -> SessionLayer {
+        SessionLayer::new(
+            LayerConfig {
+                name: Name::new("org", "ns", "alice"),
+                secret: "interop-shared-secret-0123456789abcdef-0123456789".into(),
+                unix_at_zero: 1_795_600_000,
+            },
+            [7; 32],
+        )
+        .expect("a valid layer config")
+    }
+
+    fn open(
+        waiters: &mut Waiters<StdReplies>,
+        layer: &mut SessionLayer,
+    ) -> (SessionId, mpsc::Receiver<Result<SessionId, CloseReason>>) {
+        let (reply, answer) = mpsc::channel();
+        let command = Command::Open {
+            peer: Name::new("org", "ns", "bob"),
+            config: SessionConfig::default(),
+            reply,
+        };
+        waiters.run(layer, command, Timestamp::ZERO);
+        let session = std::iter::from_fn(|| layer.poll_output())
+            .find_map(|output| match output {
+                Output::Send(message) => message
+                    .publish()
+                    .and_then(|p| p.session.as_ref())
+                    .map(|s| s.session_id),
+                _ => None,
+            })
+            .expect("the open sends a discovery or join request");
+        (session, answer)
+    }
+
+    #[test]
+    fn an_open_is_answered_by_its_outcome_and_only_its_caller_sees_it() {
+        let mut layer = layer();
+        let mut waiters = Waiters::<StdReplies>::default();
+        let (session, answer) = open(&mut waiters, &mut layer);
+        let peer = Name::new("org", "ns", "bob");
+        let established = SessionEvent::Established { session, peer };
+        assert!(
+            !waiters.resolve(&established),
+            "for the caller, not the app"
+        );
+        assert_eq!(answer.try_recv(), Ok(Ok(session)));
+        // Answered once: a second event of the session is the application's.
+        assert!(waiters.resolve(&established));
+    }
+
+    #[test]
+    fn an_outcome_whose_caller_gave_up_goes_to_the_application() {
+        let mut layer = layer();
+        let mut waiters = Waiters::<StdReplies>::default();
+        let (session, answer) = open(&mut waiters, &mut layer);
+        drop(answer); // `open_session` timed out
+        let closed = SessionEvent::Closed {
+            session,
+            reason: CloseReason::Local,
+        };
+        assert!(
+            waiters.resolve(&closed),
+            "else nobody learns the session closed"
+        );
+    }
+
+    #[test]
+    fn a_membership_change_the_core_refuses_is_answered_at_once() {
+        let mut layer = layer();
+        let mut waiters = Waiters::<StdReplies>::default();
+        let (reply, answer) = mpsc::channel();
+        let invitee = Name::new("org", "ns", "carol");
+        let command = Command::Invite {
+            session: 12345,
+            invitee: invitee.clone(),
+            reply,
+        };
+        waiters.run(&mut layer, command, Timestamp::ZERO);
+        assert!(matches!(answer.try_recv(), Ok(Err(reason)) if !reason.is_empty()));
+        // Nothing was left waiting for it.
+        let joined = SessionEvent::MemberJoined {
+            session: 12345,
+            member: invitee,
+        };
+        assert!(waiters.resolve(&joined));
+        assert!(answer.try_recv().is_err());
+    }
+}
