@@ -387,3 +387,44 @@ async fn an_app_that_does_not_read_loses_only_what_its_inbox_cannot_hold_and_cou
     assert_eq!(bob.dropped(), dropped);
     node.shutdown().await;
 }
+
+/// The inbox full by its count of messages (small ones): not one more fits, yet a
+/// subscription is still acknowledged, as acks go to their waiters without queueing.
+#[tokio::test]
+async fn acks_reach_their_waiters_past_an_inbox_full_by_count() {
+    use std::time::Duration;
+    let node = node().await;
+    let endpoint = format!("http://{}", node.local_addrs()[0]);
+    let alice = Client::connect(&endpoint, Name::with_id("org", "ns", "alice", 1))
+        .await
+        .unwrap();
+    let bob_name = Name::with_id("org", "ns", "bob", 2);
+    let bob = Client::connect(&endpoint, bob_name.clone()).await.unwrap();
+    bob.subscribe(&bob_name).await.unwrap();
+    // More than the inbox holds (its count bound is a few thousand), small enough that the
+    // 16 MiB bytes bound is far away.
+    for i in 0u32..12_000 {
+        alice
+            .publish(&bob_name, i.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    let mut last = u64::MAX;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = bob.dropped();
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    assert!(bob.dropped() > 0, "the inbox filled by count");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        bob.subscribe(&Name::with_id("org", "ns", "bob-too", 3)),
+    )
+    .await
+    .expect("subscribe answered with the inbox full")
+    .unwrap();
+    node.shutdown().await;
+}
