@@ -317,6 +317,32 @@ async fn publish_waits_for_room_in_a_full_send_queue() {
     node.shutdown().await;
 }
 
+/// Alice, and Bob subscribed to his own name, connected to `node`.
+async fn alice_and_subscribed_bob(node: &Node) -> (Client, Client, Name) {
+    let endpoint = format!("http://{}", node.local_addrs()[0]);
+    let alice = Client::connect(&endpoint, Name::with_id("org", "ns", "alice", 1))
+        .await
+        .unwrap();
+    let bob_name = Name::with_id("org", "ns", "bob", 2);
+    let bob = Client::connect(&endpoint, bob_name.clone()).await.unwrap();
+    bob.subscribe(&bob_name).await.unwrap();
+    (alice, bob, bob_name)
+}
+
+/// `client`'s drop count once it has stopped moving for `still` (at most 60 such waits).
+async fn drops_once_still(client: &Client, still: std::time::Duration) -> u64 {
+    let mut last = u64::MAX;
+    for _ in 0..60 {
+        tokio::time::sleep(still).await;
+        let now = client.dropped();
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    client.dropped()
+}
+
 /// An application that stops reading: its client keeps the earliest messages up to its inbox's
 /// bound (here the bytes bound: 16 MiB at 512 + 3 937 bytes a message) and drops and counts the
 /// rest; nothing is lost uncounted, and the link still works once the app reads again.
@@ -328,29 +354,14 @@ async fn an_app_that_does_not_read_loses_only_what_its_inbox_cannot_hold_and_cou
     const SIZE: usize = 3937;
     const HELD: u64 = (16 << 20) / (512 + SIZE as u64);
     let node = node().await;
-    let endpoint = format!("http://{}", node.local_addrs()[0]);
-    let alice = Client::connect(&endpoint, Name::with_id("org", "ns", "alice", 1))
-        .await
-        .unwrap();
-    let bob_name = Name::with_id("org", "ns", "bob", 2);
-    let bob = Client::connect(&endpoint, bob_name.clone()).await.unwrap();
-    bob.subscribe(&bob_name).await.unwrap();
+    let (alice, bob, bob_name) = alice_and_subscribed_bob(&node).await;
     for i in 0..SENT {
         let mut payload = vec![0u8; SIZE];
         payload[..4].copy_from_slice(&i.to_le_bytes());
         alice.publish(&bob_name, payload).await.unwrap();
     }
     // Everything is in bob's client once its drop count has been still for a second.
-    let mut last = u64::MAX;
-    for _ in 0..60 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = bob.dropped();
-        if now == last && now > 0 {
-            break;
-        }
-        last = now;
-    }
-    let dropped = bob.dropped();
+    let dropped = drops_once_still(&bob, Duration::from_secs(1)).await;
     assert!(dropped > 0, "a full inbox drops and counts");
     // A subscription's ack does not queue behind the full inbox.
     tokio::time::timeout(
@@ -394,13 +405,7 @@ async fn an_app_that_does_not_read_loses_only_what_its_inbox_cannot_hold_and_cou
 async fn acks_reach_their_waiters_past_an_inbox_full_by_count() {
     use std::time::Duration;
     let node = node().await;
-    let endpoint = format!("http://{}", node.local_addrs()[0]);
-    let alice = Client::connect(&endpoint, Name::with_id("org", "ns", "alice", 1))
-        .await
-        .unwrap();
-    let bob_name = Name::with_id("org", "ns", "bob", 2);
-    let bob = Client::connect(&endpoint, bob_name.clone()).await.unwrap();
-    bob.subscribe(&bob_name).await.unwrap();
+    let (alice, bob, bob_name) = alice_and_subscribed_bob(&node).await;
     // More than the inbox holds (its count bound is a few thousand), small enough that the
     // 16 MiB bytes bound is far away.
     for i in 0u32..12_000 {
@@ -409,16 +414,8 @@ async fn acks_reach_their_waiters_past_an_inbox_full_by_count() {
             .await
             .unwrap();
     }
-    let mut last = u64::MAX;
-    for _ in 0..60 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = bob.dropped();
-        if now == last && now > 0 {
-            break;
-        }
-        last = now;
-    }
-    assert!(bob.dropped() > 0, "the inbox filled by count");
+    let dropped = drops_once_still(&bob, Duration::from_millis(500)).await;
+    assert!(dropped > 0, "the inbox filled by count");
     tokio::time::timeout(
         Duration::from_secs(5),
         bob.subscribe(&Name::with_id("org", "ns", "bob-too", 3)),
