@@ -329,6 +329,17 @@ async fn alice_and_subscribed_bob(node: &Node) -> (Client, Client, Name) {
     (alice, bob, bob_name)
 }
 
+/// `client`, whose inbox is full, subscribes within 5 s: acks do not queue behind the inbox.
+async fn subscribes_with_a_full_inbox(client: &Client) {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.subscribe(&Name::with_id("org", "ns", "bob-too", 3)),
+    )
+    .await
+    .expect("subscribe answered with the inbox full")
+    .unwrap();
+}
+
 /// `client`'s drop count once it has stopped moving for `still` (at most 60 such waits).
 async fn drops_once_still(client: &Client, still: std::time::Duration) -> u64 {
     let mut last = u64::MAX;
@@ -364,13 +375,7 @@ async fn an_app_that_does_not_read_loses_only_what_its_inbox_cannot_hold_and_cou
     let dropped = drops_once_still(&bob, Duration::from_secs(1)).await;
     assert!(dropped > 0, "a full inbox drops and counts");
     // A subscription's ack does not queue behind the full inbox.
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        bob.subscribe(&Name::with_id("org", "ns", "bob-too", 3)),
-    )
-    .await
-    .expect("subscribe answered with the inbox full")
-    .unwrap();
+    subscribes_with_a_full_inbox(&bob).await;
     let mut kept = Vec::new();
     while let Ok(got) = tokio::time::timeout(Duration::from_millis(300), bob.recv()).await {
         let got = got.unwrap();
@@ -416,12 +421,6 @@ async fn acks_reach_their_waiters_past_an_inbox_full_by_count() {
     }
     let dropped = drops_once_still(&bob, Duration::from_millis(500)).await;
     assert!(dropped > 0, "the inbox filled by count");
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        bob.subscribe(&Name::with_id("org", "ns", "bob-too", 3)),
-    )
-    .await
-    .expect("subscribe answered with the inbox full")
-    .unwrap();
+    subscribes_with_a_full_inbox(&bob).await;
     node.shutdown().await;
 }
