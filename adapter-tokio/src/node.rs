@@ -492,7 +492,8 @@ impl Driver {
             // Nothing else is for an application.
             _ => return,
         }
-        let len = 512 + message.app_payload().map_or(0, |app| app.blob.len()); // what matters for the bound, computed cheaply
+        // What matters for the bound, computed cheaply.
+        let len = 512 + message.app_payload().map_or(0, |app| app.blob.len());
         let queued = writer.queued.load(Ordering::Relaxed);
         if queued > 0 && queued + len > CONNECTION_QUEUE_BYTES {
             self.count_slow_consumer_drops(conn, 1);

@@ -83,19 +83,19 @@ impl pb::Message {
         Name::from_pb(self.publish()?.header.as_ref()?.source.as_ref()?)
     }
 
-    /// The sender and the application payload of a publish, taken out of it.
+    /// The sender and the application payload of a publish, taken out of it (the sender's
+    /// name is only built for a publish that has one).
     pub fn into_app_payload(self) -> Option<Received> {
-        let source = self.publish_source()?;
         let Some(MessageType::Publish(publish)) = self.message_type else {
             return None;
         };
-        match publish.msg?.content_type? {
-            ContentType::AppPayload(app) => Some(Received {
-                source,
-                payload: app.blob,
-            }),
-            ContentType::CommandPayload(_) => None,
-        }
+        let Some(ContentType::AppPayload(app)) = publish.msg?.content_type else {
+            return None;
+        };
+        Some(Received {
+            source: Name::from_pb(publish.header?.source.as_ref()?)?,
+            payload: app.blob,
+        })
     }
 }
 
