@@ -139,6 +139,8 @@ pub fn frames(data: &[u8]) {
     let mut rng = u32::from(mode & 0x7f).wrapping_mul(0x9e37_79b9) | 1;
     let mut pos = 0;
     let mut consumed = 0usize;
+    // One link's memos across the stream: its messages may repeat a header.
+    let mut link = LinkMemos::default();
     'stream: while pos < stream.len() {
         let chunk = if mode & 0x7f == 0 {
             stream.len()
@@ -166,7 +168,7 @@ pub fn frames(data: &[u8]) {
                 Ok(Some(body)) => {
                     assert!(body.len() <= max, "body over the limit");
                     consumed += 5 + body.len();
-                    check_body(body);
+                    check_body(body, &mut link);
                 }
                 Ok(None) => break,
                 Err(error) => {
@@ -184,21 +186,63 @@ pub fn frames(data: &[u8]) {
     let _ = deframer.finish();
 }
 
-fn check_body(body: Bytes) {
+/// A link's header memos ([`slim_proto::memo`]), and its MAC key.
+struct LinkMemos {
+    received: slim_proto::ReceivedHeader,
+    sent: slim_proto::SentHeader,
+    mac: HeaderMacKey,
+}
+
+impl Default for LinkMemos {
+    fn default() -> Self {
+        Self {
+            received: Default::default(),
+            sent: Default::default(),
+            mac: HeaderMacKey::new(&[3; 32], "fuzz-link").expect("a 32-byte key"),
+        }
+    }
+}
+
+fn check_body(body: Bytes, link: &mut LinkMemos) {
     let routing = slim_proto::PublishView::parse(&body).and_then(|view| view.routing);
     let fast = slim_proto::decode_plain_publish(&body);
+    let on_link = slim_proto::decode_message_on_link(body.clone(), &mut link.received);
     let Ok(message) = pb::Message::decode(body.clone()) else {
         assert!(
             routing.is_none(),
             "routing fields of bytes that do not decode"
         );
         assert!(fast.is_none(), "a publish decoded from bytes prost refuses");
+        assert!(
+            on_link.is_err(),
+            "a message decoded from bytes prost refuses"
+        );
         return;
     };
     if let Some(fast) = fast {
         assert_eq!(
             *fast, message,
             "a publish decoded otherwise than prost decodes it"
+        );
+    }
+    let (on_link, _) = on_link.expect("prost decodes it");
+    assert_eq!(*on_link, message, "a header memo changed a decoded message");
+    // Sent on a link: signed and encoded as without the memo.
+    let mut signed = message.clone();
+    if let Some(MessageType::Publish(pb::Publish {
+        header: Some(header),
+        ..
+    })) = &mut signed.message_type
+    {
+        link.mac.sign(header);
+    }
+    let mut sent = message.clone();
+    if let Some(frame) = link.sent.frame(&mut sent, Some(&link.mac)) {
+        assert_eq!(sent, signed, "a header memo signed otherwise");
+        assert_eq!(
+            frame,
+            encode_frame(&signed),
+            "a header memo encoded otherwise"
         );
     }
     if let Some(routing) = routing {

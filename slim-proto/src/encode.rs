@@ -12,6 +12,8 @@
 //! the `.proto` breaks this module's build instead of being left out of the encoding. Tests
 //! compare the output with prost's on every shape the generator makes.
 
+use std::ops::Range;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::encoded_len_varint;
 
@@ -24,6 +26,16 @@ const LENGTH_DELIMITED: u32 = 2;
 /// The message with its gRPC prefix, as [`crate::framing::encode_frame`]; `None` for the
 /// messages left to prost.
 pub(crate) fn publish_frame(message: &pb::Message) -> Option<Bytes> {
+    publish_frame_with(message, None).map(|(frame, _)| frame)
+}
+
+/// [`publish_frame`], with the header's encoding taken from `encoded_header` when given (it
+/// must be the encoding of the message's header: see [`crate::memo::SentHeader`]); with
+/// where the header's encoding lies in the frame.
+pub(crate) fn publish_frame_with(
+    message: &pb::Message,
+    encoded_header: Option<&[u8]>,
+) -> Option<(Bytes, Range<usize>)> {
     let pb::Message {
         metadata,
         message_type,
@@ -36,17 +48,23 @@ pub(crate) fn publish_frame(message: &pb::Message) -> Option<Bytes> {
         session,
         msg,
     } = publish;
+    if !encodes_content(msg.as_ref()) {
+        return None;
+    }
     let app = match msg.as_ref().map(|c| &c.content_type) {
-        None => None,
-        Some(None) => Some(None),
         Some(Some(pb::content::ContentType::AppPayload(app))) => Some(Some(app)),
-        Some(Some(pb::content::ContentType::CommandPayload(_))) => return None,
+        Some(_) => Some(None),
+        None => None,
     };
 
-    let header_len = header.as_ref().map(HeaderLens::of);
+    let header_len = match (header, encoded_header) {
+        (Some(_), Some(encoded)) => Some(HeaderLen::Encoded(encoded)),
+        (Some(header), None) => Some(HeaderLen::Measured(HeaderLens::of(header))),
+        (None, _) => None,
+    };
     let session_len = session.as_ref().map(session_len);
     let content_len = app.map(|app| app.map_or(0, |a| field_len(1, app_payload_len(a))));
-    let publish_len = header_len.as_ref().map_or(0, |h| field_len(1, h.total))
+    let publish_len = header_len.as_ref().map_or(0, |h| field_len(1, h.total()))
         + session_len.map_or(0, |len| field_len(2, len))
         + content_len.map_or(0, |len| field_len(3, len));
     let metadata_len: usize = metadata
@@ -61,9 +79,15 @@ pub(crate) fn publish_frame(message: &pb::Message) -> Option<Bytes> {
     out.0.put_u8(0);
     out.0.put_u32(u32::try_from(total).ok()?);
     out.len_key(3, publish_len);
-    if let (Some(header), Some(lens)) = (header, &header_len) {
-        out.len_key(1, lens.total);
-        out.header(header, lens);
+    let mut header_at = 0..0;
+    if let (Some(header), Some(len)) = (header, &header_len) {
+        out.len_key(1, len.total());
+        let start = out.0.len();
+        match len {
+            HeaderLen::Encoded(encoded) => out.0.put_slice(encoded),
+            HeaderLen::Measured(lens) => out.header(header, lens),
+        }
+        header_at = start..out.0.len();
     }
     if let (Some(session), Some(len)) = (session, session_len) {
         out.len_key(2, len);
@@ -83,7 +107,30 @@ pub(crate) fn publish_frame(message: &pb::Message) -> Option<Bytes> {
         out.string(2, value);
     }
     debug_assert_eq!(out.0.len(), PREFIX_LEN + total);
-    Some(out.0.freeze())
+    Some((out.0.freeze(), header_at))
+}
+
+/// Whether [`publish_frame`] encodes a publish with this content (else prost does).
+pub(crate) fn encodes_content(content: Option<&pb::Content>) -> bool {
+    !matches!(
+        content.and_then(|c| c.content_type.as_ref()),
+        Some(pb::content::ContentType::CommandPayload(_))
+    )
+}
+
+/// A header's length: measured for encoding, or of its encoding at hand.
+enum HeaderLen<'a> {
+    Measured(HeaderLens),
+    Encoded(&'a [u8]),
+}
+
+impl HeaderLen<'_> {
+    fn total(&self) -> usize {
+        match self {
+            HeaderLen::Measured(lens) => lens.total,
+            HeaderLen::Encoded(encoded) => encoded.len(),
+        }
+    }
 }
 
 /// Lengths of a header and of its two names, each computed once.
@@ -391,7 +438,7 @@ impl Writer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use prost::Message as _;
@@ -568,7 +615,7 @@ mod tests {
     }
 
     /// Runs `check` on generated publishes, on a thread with room for the deep strategy.
-    fn for_publishes(
+    pub(crate) fn for_publishes(
         cases: u32,
         check: impl Fn(pb::Message, Vec<usize>) -> Result<(), TestCaseError> + Send + 'static,
     ) {

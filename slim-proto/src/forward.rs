@@ -10,6 +10,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{self, WireType};
 
+use crate::memo::{HeaderSeen, ReceivedHeader};
 use crate::pb;
 use crate::view::{EncodedRef, HeaderRef, NameRef};
 
@@ -262,10 +263,40 @@ pub fn decode_message(body: Bytes) -> Result<Box<pb::Message>, prost::DecodeErro
     }
 }
 
+/// [`decode_message`] for a message received on the link whose last header `memo` keeps: a
+/// plain publish with the same header bytes gets a copy of the kept header instead of a
+/// decode. The message is the same either way; [`HeaderSeen`] says how it relates to `memo`.
+pub fn decode_message_on_link(
+    body: Bytes,
+    memo: &mut ReceivedHeader,
+) -> Result<(Box<pb::Message>, HeaderSeen), prost::DecodeError> {
+    let mut seen = HeaderSeen::NotKept;
+    let plain = decode_plain_publish_with(&body, |raw, body| {
+        let (header, how) = memo.decode(raw, |raw| decode_header(raw, body))?;
+        seen = how;
+        Some(header)
+    });
+    match plain {
+        Some(message) => Ok((message, seen)),
+        None => {
+            prost::Message::decode(body).map(|message| (Box::new(message), HeaderSeen::NotKept))
+        }
+    }
+}
+
 /// A plain publish decoded in one strict walk; `None` for anything else, including input
 /// prost would reject or read differently (repeated or unknown fields, wrong wire types, bad
 /// UTF-8, a command payload).
 pub fn decode_plain_publish(body: &Bytes) -> Option<Box<pb::Message>> {
+    decode_plain_publish_with(body, decode_header)
+}
+
+/// [`decode_plain_publish`] with the header read by `header` (given its bytes within `body`).
+#[inline(always)]
+fn decode_plain_publish_with(
+    body: &Bytes,
+    header: impl FnOnce(&[u8], &Bytes) -> Option<pb::SlimHeader>,
+) -> Option<Box<pb::Message>> {
     let bytes = |value: &[u8]| body.slice_ref(value);
     let mut metadata = std::collections::BTreeMap::new();
     let mut publish = None;
@@ -300,10 +331,10 @@ pub fn decode_plain_publish(body: &Bytes) -> Option<Box<pb::Message>> {
     // The header (names and token: most of the allocations) is decoded last, once the rest is
     // known to be plain: a session control message then costs the walk, not a wasted decode,
     // before prost.
-    let mut header = None;
+    let mut header_raw = None;
     read_once(publish?, |field| {
         match field.number {
-            PUBLISH_HEADER => header = Some(field.value()?),
+            PUBLISH_HEADER => header_raw = Some(field.value()?),
             PUBLISH_SESSION => {
                 let mut session = pb::SessionHeader::default();
                 read_once(field.value()?, |part| {
@@ -341,17 +372,18 @@ pub fn decode_plain_publish(body: &Bytes) -> Option<Box<pb::Message>> {
         }
         Some(())
     })?;
-    if let Some(header) = header {
-        out.header = Some(decode_header(header, &bytes)?);
+    if let Some(raw) = header_raw {
+        out.header = Some(header(raw, body)?);
     }
     Some(message)
 }
 
 #[inline(always)]
-fn decode_header(raw: &[u8], bytes: &impl Fn(&[u8]) -> Bytes) -> Option<pb::SlimHeader> {
-    match ordered_header(raw, bytes) {
+fn decode_header(raw: &[u8], body: &Bytes) -> Option<pb::SlimHeader> {
+    let bytes = |value: &[u8]| body.slice_ref(value);
+    match ordered_header(raw, &bytes) {
         Some(header) => Some(header),
-        None => decode_header_walk(raw, bytes),
+        None => decode_header_walk(raw, &bytes),
     }
 }
 

@@ -5,6 +5,7 @@
 //! * [`framing`] — the gRPC 5-byte length-prefixed message codec.
 //! * [`forward`] — a routed publish's frame copied from the bytes it arrived in.
 //! * [`mac`] — the per-link header MAC (HMAC-SHA256 over the canonical header pre-image).
+//! * [`memo`] — a link's last received header, so that its repeats are not decoded again.
 //! * [`link`] — link negotiation payloads and the X25519/HKDF key derivation.
 //! * [`validate`] — the structural rules a node applies to every received message.
 //! * [`view`] — borrowed views of a header's routing fields (decoded or as received).
@@ -17,6 +18,7 @@ pub mod forward;
 pub mod framing;
 pub mod link;
 pub mod mac;
+pub mod memo;
 pub mod message;
 pub mod name;
 pub mod validate;
@@ -29,12 +31,13 @@ pub mod pb {
 }
 
 pub use forward::{
-    decode_message, decode_plain_publish, forwarded_publish_frame, ForwardTemplate, PublishView,
-    Rewrite, RoutingFields,
+    decode_message, decode_message_on_link, decode_plain_publish, forwarded_publish_frame,
+    ForwardTemplate, PublishView, Rewrite, RoutingFields,
 };
 pub use framing::{encode_frame, Deframer, FrameError, DEFAULT_MAX_MESSAGE_SIZE};
 pub use link::{LinkKeyPair, NegotiationError};
 pub use mac::{HeaderMacKey, MacError};
+pub use memo::{HeaderSeen, ReceivedHeader, SentHeader};
 pub use message::Received;
 pub use name::{Name, NameKey, NameParseError};
 pub use validate::{validate, ValidationError};

@@ -40,8 +40,8 @@ use slim_proto::link::{self, LocalLinkInfo, NegotiationError};
 use slim_proto::pb::message::MessageType;
 use slim_proto::pb::{self, LinkConnectionType};
 use slim_proto::{
-    encode_frame, ForwardTemplate, HeaderMacKey, HeaderRef, LinkKeyPair, MacError, NameKey,
-    PublishView, Rewrite, RoutingFields,
+    encode_frame, ForwardTemplate, HeaderMacKey, HeaderRef, HeaderSeen, LinkKeyPair, MacError,
+    NameKey, PublishView, ReceivedHeader, Rewrite, RoutingFields, SentHeader,
 };
 
 use crate::Timestamp;
@@ -218,14 +218,31 @@ enum LinkState {
 struct Connection {
     kind: ConnectionKind,
     link: LinkState,
+    /// The last headers decoded from and sent on this link (see [`slim_proto::memo`]).
+    received_header: ReceivedHeader,
+    sent_header: SentHeader,
 }
 
 impl Connection {
-    fn mac(&self) -> Option<&HeaderMacKey> {
-        match &self.link {
-            LinkState::Established { mac } if self.kind.uses_header_mac() => mac.as_deref(),
-            _ => None,
+    fn new(kind: ConnectionKind, link: LinkState) -> Self {
+        Self {
+            kind,
+            link,
+            received_header: ReceivedHeader::default(),
+            sent_header: SentHeader::default(),
         }
+    }
+
+    fn mac(&self) -> Option<&HeaderMacKey> {
+        link_mac(self.kind, &self.link)
+    }
+}
+
+/// The key that signs and verifies a link's headers, if it has one.
+fn link_mac(kind: ConnectionKind, link: &LinkState) -> Option<&HeaderMacKey> {
+    match link {
+        LinkState::Established { mac } if kind.uses_header_mac() => mac.as_deref(),
+        _ => None,
     }
 }
 
@@ -345,10 +362,10 @@ impl Router {
     /// Remote, as in the reference.
     pub fn accept_connection(&mut self, now: Timestamp) -> ConnId {
         let deadline = now + self.config.negotiation_timeout;
-        let conn = self.allocate(Connection {
-            kind: ConnectionKind::Remote,
-            link: LinkState::AwaitingRequest { deadline },
-        });
+        let conn = self.allocate(Connection::new(
+            ConnectionKind::Remote,
+            LinkState::AwaitingRequest { deadline },
+        ));
         self.timers
             .push(Reverse((deadline, TimerKey::Negotiation(conn))));
         conn
@@ -375,14 +392,14 @@ impl Router {
             keys.public_bytes(),
         );
         let deadline = now + self.config.negotiation_timeout;
-        let conn = self.allocate(Connection {
+        let conn = self.allocate(Connection::new(
             kind,
-            link: LinkState::AwaitingReply {
+            LinkState::AwaitingReply {
                 deadline,
                 link_id,
                 keys,
             },
-        });
+        ));
         self.timers
             .push(Reverse((deadline, TimerKey::Negotiation(conn))));
         self.out.push_back(Output::Transmit {
@@ -395,10 +412,10 @@ impl Router {
     /// An application in this process: no negotiation, no MAC, no TTL decrement. It sends with
     /// [`Router::handle_message`] and receives [`Output::Deliver`].
     pub fn attach_local(&mut self) -> ConnId {
-        self.allocate(Connection {
-            kind: ConnectionKind::Local,
-            link: LinkState::Established { mac: None },
-        })
+        self.allocate(Connection::new(
+            ConnectionKind::Local,
+            LinkState::Established { mac: None },
+        ))
     }
 
     /// The driver lost the connection (peer closed, I/O error). Unknown ids are ignored.
@@ -429,8 +446,12 @@ impl Router {
                     return self.prune_timers();
                 }
             }
-            match slim_proto::decode_message(body.clone()) {
-                Ok(message) => self.dispatch(conn, message, received.as_mut(), now),
+            let Some(connection) = self.conns.get_mut(&conn) else {
+                return; // received() found it open
+            };
+            match slim_proto::decode_message_on_link(body.clone(), &mut connection.received_header)
+            {
+                Ok((message, seen)) => self.dispatch(conn, message, received.as_mut(), seen, now),
                 Err(error) if negotiated => {
                     self.drop_message(conn, DropReason::Malformed, &error.to_string());
                 }
@@ -447,7 +468,7 @@ impl Router {
     /// moving it by value at every step was a tenth of a client's time in `memcpy`.
     pub fn handle_message(&mut self, conn: ConnId, message: Box<pb::Message>, now: Timestamp) {
         if self.received(conn).is_some() {
-            self.dispatch(conn, message, None, now);
+            self.dispatch(conn, message, None, HeaderSeen::NotKept, now);
         }
         self.prune_timers();
     }
@@ -473,12 +494,13 @@ impl Router {
         conn: ConnId,
         message: Box<pb::Message>,
         received: Option<&mut Received<'_>>,
+        seen: HeaderSeen,
         now: Timestamp,
     ) {
         match &self.conns[&conn].link {
             LinkState::AwaitingRequest { .. } => self.on_negotiation_request(conn, &message),
             LinkState::AwaitingReply { .. } => self.on_negotiation_reply(conn, &message),
-            LinkState::Established { .. } => self.on_message(conn, message, received, now),
+            LinkState::Established { .. } => self.on_message(conn, message, received, seen, now),
         }
     }
 
@@ -684,6 +706,7 @@ impl Router {
         conn: ConnId,
         mut message: Box<pb::Message>,
         received: Option<&mut Received<'_>>,
+        seen: HeaderSeen,
         now: Timestamp,
     ) {
         if let Err(error) = slim_proto::validate(&message) {
@@ -711,9 +734,19 @@ impl Router {
         let Some(header) = header_mut(&mut message) else {
             return; // validate() guarantees a header for the remaining types
         };
-        if let Some(mac) = self.conns[&conn].mac() {
+        let connection = &self.conns[&conn];
+        // A header identical to the last one that verified on this link verifies again.
+        let mac = connection
+            .mac()
+            .filter(|_| !connection.received_header.verified(seen));
+        if let Some(mac) = mac {
             let verdict = match (mac.verify(header), is_publish) {
-                (Ok(()), _) => None,
+                (Ok(()), _) => {
+                    if let Some(connection) = self.conns.get_mut(&conn) {
+                        connection.received_header.set_verified(seen);
+                    }
+                    None
+                }
                 // Subscriptions without a tag pass on lenient links (spec §1.9).
                 (Err(MacError::Missing), false) if !self.config.require_header_mac => None,
                 (Err(MacError::Missing), _) => Some((DropReason::MacMissing, MacError::Missing)),
@@ -940,13 +973,25 @@ impl Router {
         mut message: Outgoing<'_>,
         template: Option<&ForwardTemplate<'_>>,
     ) {
-        let Some(connection) = self.conns.get(&target) else {
+        let Some(connection) = self.conns.get_mut(&target) else {
             return;
         };
-        let mac = connection.mac();
+        let mac = link_mac(connection.kind, &connection.link);
         if let Some(header) = header_mut(message.message()) {
             header.recv_from = None;
             header.forward_to = None;
+        }
+        if template.is_none() && connection.kind != ConnectionKind::Local {
+            // A flow's publishes share their header: signed and encoded once per link.
+            if let Some(frame) = connection.sent_header.frame(message.message(), mac) {
+                self.out.push_back(Output::Transmit {
+                    conn: target,
+                    frame,
+                });
+                return;
+            }
+        }
+        if let Some(header) = header_mut(message.message()) {
             match mac {
                 Some(mac) => mac.sign(header),
                 None => header.header_mac = None,

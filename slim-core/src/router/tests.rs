@@ -1084,3 +1084,68 @@ fn routing_from_bytes_gives_what_decoding_gives() {
         assert_eq!(fast_stats.dropped(reason), 1, "{reason:?}");
     }
 }
+
+/// A header that repeats the last one verified on a link skips its check only there, and only
+/// byte for byte: another tag, or the same bytes on another link, is checked (and dropped).
+#[test]
+fn a_repeated_header_is_trusted_only_on_its_link_and_only_byte_for_byte() {
+    for route_from_bytes in [false, true] {
+        let mut h = Harness::with_config(RouterConfig {
+            route_from_bytes,
+            ..RouterConfig::default()
+        });
+        let alice = h.connect(&app("alice", 1));
+        let bob = h.connect(&app("bob", 2));
+        let carol = h.connect(&app("carol", 3));
+        h.subscribe(&bob, 1);
+        let good = publish_msg(&alice, &bob.name, 1, b"good");
+        let mut tampered = good.clone();
+        let tag = &mut header_mut(&mut tampered).unwrap().header_mac;
+        let mut bytes = tag.clone().unwrap().to_vec();
+        bytes[31] ^= 0x80;
+        *tag = Some(bytes.into());
+        for (conn, message) in [
+            (alice.conn, &good),
+            (alice.conn, &good),
+            (alice.conn, &tampered),
+            (alice.conn, &tampered),
+            (alice.conn, &good),
+            // Alice's header, byte for byte, from another link.
+            (carol.conn, &good),
+            (carol.conn, &good),
+        ] {
+            h.send(conn, message);
+        }
+        assert_eq!(publishes(h.take(bob.conn)).len(), 3, "{route_from_bytes}");
+        assert_eq!(h.router.stats().dropped(DropReason::MacInvalid), 4);
+    }
+}
+
+/// An app's flow to several links: each link's frames carry that link's tag, first and again.
+#[test]
+fn a_repeated_header_sent_to_several_links_is_signed_for_each() {
+    let mut h = Harness::new();
+    let bob = h.connect(&app("bob", 2));
+    let carol = h.connect(&app("carol", 3));
+    let channel = app("chan", 77);
+    for (client, sub_id) in [(&bob, 1), (&carol, 2)] {
+        h.send(client.conn, &subscribe_msg(client, &channel, sub_id, true));
+    }
+    h.inbox.clear();
+    let local = h.router.attach_local();
+    for payload in [&b"one"[..], b"two", b"three"] {
+        let mut message = publish_msg(&bob, &channel, 256, payload);
+        header_mut(&mut message).unwrap().header_mac = None;
+        h.router.handle_message(local, Box::new(message), T0);
+        h.drain();
+    }
+    for client in [&bob, &carol] {
+        let received = publishes(h.take(client.conn));
+        assert_eq!(received.len(), 3);
+        for (publish, payload) in received.iter().zip([&b"one"[..], b"two", b"three"]) {
+            assert_eq!(blob(publish), payload);
+            let header = publish.header.as_ref().unwrap();
+            assert_eq!(client.mac.verify(header), Ok(()));
+        }
+    }
+}

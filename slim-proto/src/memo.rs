@@ -1,0 +1,319 @@
+//! The last header received on a link, and the last one sent on it, kept so that their
+//! repeats are not read, signed or encoded again.
+//!
+//! A flow's publishes (one source to one destination, with one token) carry the same header
+//! byte for byte: the names, the token and the hop's MAC tag; what changes from one message to
+//! the next (session message ids, the payload) lives outside the header. Decoding a header
+//! (nine strings checked and allocated, two names) was a third of a client's decode, and
+//! checking its MAC gathered a 400-byte pre-image again; both outcomes are functions of the
+//! header's bytes (and of the link's key, fixed for the link's life), so a header identical to
+//! the last one gets the last one's outcome. Sending is the mirror image: signing and encoding
+//! a header were half of a client's cost per publish, and both are functions of its fields.
+
+use bytes::Bytes;
+
+use crate::encode::{encodes_content, publish_frame_with};
+use crate::mac::HeaderMacKey;
+use crate::pb;
+
+/// Headers longer than this are not kept (it bounds what an idle link holds).
+const MEMO_MAX: usize = 2048;
+
+/// The last header decoded from one link: its bytes, the header they decode to, and whether
+/// its MAC verified. Boxed, and empty until the link's first publish: an idle link holds a
+/// pointer.
+#[derive(Debug, Default)]
+pub struct ReceivedHeader(Option<Box<Kept>>);
+
+/// A header and its encoding.
+#[derive(Debug)]
+struct Kept {
+    encoded: Vec<u8>,
+    /// Byte fields owned, not slices of the message they came in: a slice would keep the
+    /// whole received buffer alive for as long as the link.
+    header: pb::SlimHeader,
+    /// Received: whether its MAC verified.
+    verified: bool,
+}
+
+/// Keeps `header` and its encoding in `slot` (its allocations reused), not verified.
+fn keep(slot: &mut Option<Box<Kept>>, encoded: &[u8], header: &pb::SlimHeader) {
+    let mut owned = header.clone();
+    for field in [&mut owned.header_mac, &mut owned.e2e_header_sig] {
+        *field = field.as_deref().map(Bytes::copy_from_slice);
+    }
+    match slot {
+        Some(kept) => {
+            kept.encoded.clear();
+            kept.encoded.extend_from_slice(encoded);
+            kept.header = owned;
+            kept.verified = false;
+        }
+        empty => {
+            *empty = Some(Box::new(Kept {
+                encoded: encoded.to_vec(),
+                header: owned,
+                verified: false,
+            }))
+        }
+    }
+}
+
+/// How a decoded header relates to its link's [`ReceivedHeader`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderSeen {
+    /// The same bytes as the kept header: a copy of it.
+    Repeated,
+    /// A header now kept in place of the last one.
+    Kept,
+    /// Not kept (not a plain publish, or too long); the kept header is unchanged.
+    NotKept,
+}
+
+impl ReceivedHeader {
+    /// The header of `raw`: the kept one if `raw` is its bytes, else `decode(raw)`, kept.
+    pub(crate) fn decode(
+        &mut self,
+        raw: &[u8],
+        decode: impl FnOnce(&[u8]) -> Option<pb::SlimHeader>,
+    ) -> Option<(pb::SlimHeader, HeaderSeen)> {
+        if let Some(kept) = self.0.as_deref().filter(|kept| kept.encoded == raw) {
+            return Some((kept.header.clone(), HeaderSeen::Repeated));
+        }
+        let header = decode(raw)?;
+        if raw.len() > MEMO_MAX {
+            return Some((header, HeaderSeen::NotKept));
+        }
+        keep(&mut self.0, raw, &header);
+        Some((header, HeaderSeen::Kept))
+    }
+
+    /// Whether a header seen as `seen` is known to carry a valid MAC for this link.
+    pub fn verified(&self, seen: HeaderSeen) -> bool {
+        seen == HeaderSeen::Repeated && self.0.as_ref().is_some_and(|kept| kept.verified)
+    }
+
+    /// Records that a header seen as `seen` verified.
+    pub fn set_verified(&mut self, seen: HeaderSeen) {
+        if let (Some(kept), HeaderSeen::Repeated | HeaderSeen::Kept) = (&mut self.0, seen) {
+            kept.verified = true;
+        }
+    }
+}
+
+/// The last header sent on one link, signed for it, and its encoding. Boxed, and empty until
+/// the link's first publish, as [`ReceivedHeader`].
+#[derive(Debug, Default)]
+pub struct SentHeader(Option<Box<Kept>>);
+
+impl SentHeader {
+    /// Signs the header of the publish `message` for this link with `mac` (or clears its tag
+    /// when the link has no MAC) and encodes the frame, as `HeaderMacKey::sign` then
+    /// `encode_frame` would. A header equal to the last one sent, but for its tag, gets the
+    /// last one's tag and encoding. `None`, with `message` untouched, when it is not a publish
+    /// with a header that this crate encodes itself (prost encodes the rest).
+    pub fn frame(
+        &mut self,
+        message: &mut pb::Message,
+        mac: Option<&HeaderMacKey>,
+    ) -> Option<Bytes> {
+        let Some(pb::message::MessageType::Publish(publish)) = &mut message.message_type else {
+            return None;
+        };
+        if !encodes_content(publish.msg.as_ref()) {
+            return None;
+        }
+        let header = publish.header.as_mut()?;
+        if let Some(kept) = self
+            .0
+            .as_deref()
+            .filter(|kept| same_but_tag(&kept.header, header))
+        {
+            header.header_mac.clone_from(&kept.header.header_mac);
+            return publish_frame_with(message, Some(&kept.encoded)).map(|(frame, _)| frame);
+        }
+        match mac {
+            Some(mac) => mac.sign(header),
+            None => header.header_mac = None,
+        }
+        let (frame, header_at) = publish_frame_with(message, None)?;
+        let encoded = frame.get(header_at)?;
+        if let (Some(header), true) = (
+            message.publish().and_then(|p| p.header.as_ref()),
+            encoded.len() <= MEMO_MAX,
+        ) {
+            keep(&mut self.0, encoded, header);
+        }
+        Some(frame)
+    }
+}
+
+/// Whether two headers are equal in every field but the tag (every field named, so that one
+/// added to the `.proto` breaks the build here instead of being left out of the comparison).
+fn same_but_tag(a: &pb::SlimHeader, b: &pb::SlimHeader) -> bool {
+    let pb::SlimHeader {
+        source,
+        destination,
+        identity,
+        fanout,
+        version,
+        ttl,
+        recv_from,
+        forward_to,
+        incoming_conn,
+        error,
+        header_mac: _,
+        e2e_header_sig,
+    } = a;
+    *source == b.source
+        && *destination == b.destination
+        && *identity == b.identity
+        && *fanout == b.fanout
+        && *version == b.version
+        && *ttl == b.ttl
+        && *recv_from == b.recv_from
+        && *forward_to == b.forward_to
+        && *incoming_conn == b.incoming_conn
+        && *error == b.error
+        && *e2e_header_sig == b.e2e_header_sig
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::tests::for_publishes;
+    use crate::{decode_message, decode_message_on_link, encode_frame};
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    fn header_mut(message: &mut pb::Message) -> Option<&mut pb::SlimHeader> {
+        match message.message_type.as_mut()? {
+            pb::message::MessageType::Publish(p) => p.header.as_mut(),
+            _ => None,
+        }
+    }
+
+    /// `message` followed by variants chosen by `script`: itself again, its header with
+    /// another payload, its header with one field changed.
+    fn flow(message: pb::Message, script: &[usize]) -> Vec<pb::Message> {
+        let mut flow = vec![message.clone()];
+        for (i, step) in script.iter().enumerate() {
+            let mut next = flow.last().cloned().unwrap_or_else(|| message.clone());
+            match step % 3 {
+                0 => {}
+                1 => {
+                    if let Some(pb::message::MessageType::Publish(p)) = &mut next.message_type {
+                        p.msg = Some(pb::Content::app("msg", Bytes::from(vec![i as u8; i])));
+                    }
+                }
+                _ => {
+                    if let Some(header) = header_mut(&mut next) {
+                        header.ttl = header.ttl.wrapping_add(1);
+                    }
+                }
+            }
+            flow.push(next);
+        }
+        flow
+    }
+
+    #[test]
+    fn a_flow_decodes_on_its_link_as_it_decodes_alone() {
+        for_publishes(1000, |message, script| {
+            let mut memo = ReceivedHeader::default();
+            let mut last_kept: Option<Vec<u8>> = None;
+            for message in flow(message, &script) {
+                let body = Bytes::from(message.encode_to_vec());
+                let (decoded, seen) = decode_message_on_link(body.clone(), &mut memo).unwrap();
+                prop_assert_eq!(&decoded, &decode_message(body).unwrap());
+                prop_assert_eq!(&*decoded, &message);
+                let header = message
+                    .publish()
+                    .and_then(|p| p.header.as_ref())
+                    .map(|h| h.encode_to_vec());
+                match seen {
+                    HeaderSeen::Repeated => prop_assert_eq!(&header, &last_kept),
+                    HeaderSeen::Kept => {
+                        prop_assert_ne!(&header, &last_kept);
+                        last_kept = header;
+                    }
+                    HeaderSeen::NotKept => {}
+                }
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_flow_signed_and_encoded_on_its_link_is_what_signing_and_encoding_give() {
+        let key = HeaderMacKey::new(&[7; 32], "link-a").unwrap();
+        for_publishes(1000, move |message, script| {
+            for mac in [Some(&key), None] {
+                let mut memo = SentHeader::default();
+                for message in flow(message.clone(), &script) {
+                    let mut expected = message.clone();
+                    if let Some(header) = header_mut(&mut expected) {
+                        match mac {
+                            Some(mac) => mac.sign(header),
+                            None => header.header_mac = None,
+                        }
+                    }
+                    let mut sent = message.clone();
+                    match memo.frame(&mut sent, mac) {
+                        Some(frame) => {
+                            prop_assert_eq!(&frame, &encode_frame(&expected));
+                            prop_assert_eq!(&sent, &expected);
+                        }
+                        None => {
+                            prop_assert!(message.publish().is_none_or(|p| p.header.is_none()));
+                            prop_assert_eq!(&sent, &message);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_kept_header_owns_its_bytes_and_its_verdict_is_its_own() {
+        let name = |service: &str| crate::Name::with_id("org", "ns", service, 7).to_pb();
+        let header = pb::SlimHeader {
+            source: Some(name("alice")),
+            destination: Some(name("bob")),
+            identity: "token".into(),
+            ttl: 8,
+            header_mac: Some(Bytes::from(vec![5; 32])),
+            ..Default::default()
+        };
+        let message = pb::Message::app_publish(
+            header,
+            pb::SessionHeader::default(),
+            Bytes::from_static(b"hello"),
+        );
+        let body = Bytes::from(message.encode_to_vec());
+        let mut memo = ReceivedHeader::default();
+        let (_, seen) = decode_message_on_link(body.clone(), &mut memo).unwrap();
+        assert_eq!(seen, HeaderSeen::Kept);
+        let kept = memo.0.as_deref().unwrap();
+        let mac = kept.header.header_mac.as_ref().unwrap().as_ptr() as usize;
+        let within = body.as_ptr() as usize..body.as_ptr() as usize + body.len();
+        assert!(
+            !within.contains(&mac),
+            "the kept tag is a slice of the message"
+        );
+        assert!(!memo.verified(HeaderSeen::Repeated));
+        memo.set_verified(seen);
+        let (_, seen) = decode_message_on_link(body.clone(), &mut memo).unwrap();
+        assert_eq!(seen, HeaderSeen::Repeated);
+        assert!(memo.verified(seen));
+        // Another header is kept unverified, and not-kept ones never count as verified.
+        let mut other = message.clone();
+        header_mut(&mut other).unwrap().ttl ^= 1;
+        let (_, seen) = decode_message_on_link(other.encode_to_vec().into(), &mut memo).unwrap();
+        assert_eq!(seen, HeaderSeen::Kept);
+        assert!(!memo.verified(HeaderSeen::Repeated));
+        memo.set_verified(HeaderSeen::NotKept);
+        assert!(!memo.verified(HeaderSeen::Repeated));
+    }
+}
