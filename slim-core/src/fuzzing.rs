@@ -496,6 +496,7 @@ pub fn router(data: &[u8]) {
         negotiation_timeout: Duration::from_millis(100 + 500 * u64::from((flags >> 2) & 7)),
         forwarded_ack_timeout: Duration::from_millis(50 + 500 * u64::from((flags >> 5) & 7)),
         route_from_bytes: true,
+        keep_headers: true,
     };
     let mut sim = Sim {
         router: Twin::new(config, seed),
@@ -540,8 +541,9 @@ pub fn router(data: &[u8]) {
     assert_eq!(sim.router.table().route_count(), 0);
 }
 
-/// Two routers fed the same inputs, one routing publishes from their bytes and one decoding
-/// every message: whatever the input, they must give the same outputs and counters.
+/// Two routers fed the same inputs, one routing publishes from their bytes and keeping each
+/// link's last headers, and one decoding every message, keeping nothing: whatever the input,
+/// they must give the same outputs and counters.
 struct Twin {
     fast: Router,
     full: Router,
@@ -551,6 +553,7 @@ impl Twin {
     fn new(config: RouterConfig, seed: [u8; 32]) -> Self {
         let full = RouterConfig {
             route_from_bytes: false,
+            keep_headers: false,
             ..config.clone()
         };
         Self {

@@ -100,6 +100,12 @@ pub struct PublishView<'a> {
     /// anything malformed) has `None`, and must be decoded, with the same outcome (and the
     /// same errors) as if this view did not exist.
     pub routing: Option<RoutingFields<'a>>,
+    /// The header's bytes were the `repeat` given to [`PublishView::parse_on_link`], and the
+    /// rest of the publish reads as [`PublishView::routing`] requires: the header read last
+    /// time stands for this one (its fields were not read again, and `routing` is `None`).
+    pub repeated_header: bool,
+    /// The header's bytes (of a plain publish: `routing` read, or `repeated_header`).
+    pub header_bytes: Option<&'a [u8]>,
 }
 
 /// The header of a publish as [`PublishView`] reads it in place.
@@ -112,7 +118,14 @@ pub struct RoutingFields<'a> {
 impl<'a> PublishView<'a> {
     /// `None` when `raw` is not a plain publish (see [`ForwardTemplate::parse`]).
     pub fn parse(raw: &'a [u8]) -> Option<Self> {
-        ForwardTemplate::walk(raw, true)
+        ForwardTemplate::walk(raw, true, None)
+    }
+
+    /// [`PublishView::parse`], except that a header whose bytes are `repeat` (a header this
+    /// link sent before, which the caller read then) is not read again: see
+    /// [`PublishView::repeated_header`].
+    pub fn parse_on_link(raw: &'a [u8], repeat: Option<&[u8]>) -> Option<Self> {
+        ForwardTemplate::walk(raw, true, repeat)
     }
 }
 
@@ -120,12 +133,12 @@ impl<'a> ForwardTemplate<'a> {
     /// `None` when `raw` is not a plain publish (another message type, the publish or its
     /// header repeated, bytes that do not parse): the caller then encodes the decoded message.
     pub fn parse(raw: &'a [u8]) -> Option<Self> {
-        Self::walk(raw, false).map(|view| view.template)
+        Self::walk(raw, false, None).map(|view| view.template)
     }
 
     /// The template, and if `strict`, the read of [`PublishView::routing`] where the publish
     /// allows one.
-    fn walk(raw: &'a [u8], mut strict: bool) -> Option<PublishView<'a>> {
+    fn walk(raw: &'a [u8], mut strict: bool, repeat: Option<&[u8]>) -> Option<PublishView<'a>> {
         let (mut before, mut after) = (Vec::new(), Vec::new());
         let mut publish = None;
         for field in Fields(raw) {
@@ -171,14 +184,16 @@ impl<'a> ForwardTemplate<'a> {
                 _ => strict = false,
             }
         }
+        let header_in = header_in?;
+        let repeated_header = strict && session_seen && repeat == Some(header_in);
         let mut copied = Vec::new();
         let mut header = HeaderRead::default();
-        for field in Fields(header_in?) {
+        for field in Fields(header_in) {
             let field = field?;
             if HEADER_COPIED.contains(&field.number) {
                 copied.push((field.number, field.whole));
             }
-            strict = strict && header.read(&field).is_some();
+            strict = strict && !repeated_header && header.read(&field).is_some();
         }
         let routable = |name: Option<NameRef<'_>>| name.is_some_and(|n| n.encoded.is_some());
         let routing = (strict
@@ -189,6 +204,7 @@ impl<'a> ForwardTemplate<'a> {
             header: header.fields,
             header_mac: header.mac,
         });
+        let header_bytes = (routing.is_some() || repeated_header).then_some(header_in);
         let template = Self {
             before,
             after,
@@ -196,7 +212,12 @@ impl<'a> ForwardTemplate<'a> {
             publish_after,
             copied,
         };
-        Some(PublishView { template, routing })
+        Some(PublishView {
+            template,
+            routing,
+            repeated_header,
+            header_bytes,
+        })
     }
 
     /// The frame with the rewritten header fields (`None` only past 4 GiB).

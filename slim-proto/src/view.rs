@@ -46,6 +46,24 @@ impl<'a> From<&'a pb::SlimHeader> for HeaderRef<'a> {
     }
 }
 
+impl HeaderRef<'_> {
+    /// An owned header with the fields this view reads (the others left at their defaults):
+    /// viewed again, it gives this view.
+    pub fn to_pb(&self) -> pb::SlimHeader {
+        pb::SlimHeader {
+            source: self.source.as_ref().map(NameRef::to_pb),
+            destination: self.destination.as_ref().map(NameRef::to_pb),
+            identity: self.identity.to_owned(),
+            fanout: self.fanout,
+            recv_from: self.recv_from,
+            forward_to: self.forward_to,
+            error: self.error,
+            ttl: self.ttl,
+            ..Default::default()
+        }
+    }
+}
+
 impl<'a> From<&'a pb::Name> for NameRef<'a> {
     fn from(name: &'a pb::Name) -> Self {
         Self {

@@ -37,11 +37,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rustc_hash::FxHashMap;
 use slim_proto::link::{self, LocalLinkInfo, NegotiationError};
+use slim_proto::mac::MAC_LEN;
 use slim_proto::pb::message::MessageType;
 use slim_proto::pb::{self, LinkConnectionType};
 use slim_proto::{
     encode_frame, ForwardTemplate, HeaderMacKey, HeaderRef, HeaderSeen, LinkKeyPair, MacError,
-    NameKey, PublishView, ReceivedHeader, Rewrite, RoutingFields, SentHeader,
+    NameKey, PublishView, ReceivedHeader, Rewrite, SentHeader,
 };
 
 use crate::Timestamp;
@@ -128,6 +129,11 @@ pub struct RouterConfig {
     /// router, where nearly every publish goes to an in-process app, which takes the decoded
     /// message: reading it from its bytes first would only add work.
     pub route_from_bytes: bool,
+    /// Keep each link's last received, routed and sent header, so that a flow's repeats are
+    /// not read, verified, signed or encoded again ([`slim_proto::memo`], [`RoutedHeader`]).
+    /// The outcome is the same either way (the fuzzer runs a router without them beside one
+    /// with them); off only to check that.
+    pub keep_headers: bool,
 }
 
 impl Default for RouterConfig {
@@ -140,6 +146,7 @@ impl Default for RouterConfig {
             negotiation_timeout: Duration::from_secs(5),
             forwarded_ack_timeout: Duration::from_secs(5),
             route_from_bytes: true,
+            keep_headers: true,
         }
     }
 }
@@ -221,6 +228,44 @@ struct Connection {
     /// The last headers decoded from and sent on this link (see [`slim_proto::memo`]).
     received_header: ReceivedHeader,
     sent_header: SentHeader,
+    /// The last header routed from this link's bytes (see [`RoutedHeader`]).
+    routed: Option<Box<RoutedHeader>>,
+}
+
+/// The header of the last publish routed from a link's bytes, verified: a flow's publishes
+/// repeat it byte for byte, and a repeat is routed on what was read from it then, without
+/// reading or verifying its fields again (a third of a node's instructions per message).
+struct RoutedHeader {
+    /// As received.
+    bytes: Vec<u8>,
+    /// Its routing fields, owned (viewed, they give what was read).
+    fields: pb::SlimHeader,
+    destination: Option<NameKey>,
+    /// The routed header's tag for each link it went to (the routed header is a function of
+    /// the received one, and a link's key is fixed for its life; connection ids are not reused).
+    tags: Vec<(ConnId, [u8; MAC_LEN])>,
+}
+
+/// Links whose tags a [`RoutedHeader`] keeps (a fan-out wider than this computes the rest).
+const ROUTED_TAGS: usize = 16;
+/// Headers longer than this are not kept.
+const ROUTED_HEADER_MAX: usize = 2048;
+
+/// The tag of `routed` (a kept header, as forwarded) for `target`, from `tags` or computed.
+fn routed_tag(
+    tags: &mut Vec<(ConnId, [u8; MAC_LEN])>,
+    target: ConnId,
+    mac: &HeaderMacKey,
+    routed: &HeaderRef<'_>,
+) -> [u8; MAC_LEN] {
+    if let Some((_, tag)) = tags.iter().find(|(conn, _)| *conn == target) {
+        return *tag;
+    }
+    let tag = mac.tag_fields(routed);
+    if tags.len() < ROUTED_TAGS {
+        tags.push((target, tag));
+    }
+    tag
 }
 
 impl Connection {
@@ -230,7 +275,12 @@ impl Connection {
             link,
             received_header: ReceivedHeader::default(),
             sent_header: SentHeader::default(),
+            routed: None,
         }
+    }
+
+    fn routed_header(&self) -> Option<&[u8]> {
+        self.routed.as_deref().map(|routed| routed.bytes.as_slice())
     }
 
     fn mac(&self) -> Option<&HeaderMacKey> {
@@ -433,24 +483,29 @@ impl Router {
             let mut received = match negotiated {
                 false => None,
                 true if self.config.route_from_bytes => {
-                    PublishView::parse(&body).map(Received::Viewed)
+                    let repeat = self
+                        .conns
+                        .get(&conn)
+                        .and_then(Connection::routed_header)
+                        .filter(|_| self.config.keep_headers);
+                    PublishView::parse_on_link(&body, repeat).map(Received::Viewed)
                 }
                 true => Some(Received::Raw(&body)),
             };
-            if let Some(Received::Viewed(PublishView {
-                template,
-                routing: Some(routing),
-            })) = &received
-            {
-                if self.route_received_publish(conn, &body, template, routing) {
+            if let Some(Received::Viewed(view)) = &received {
+                if self.route_received_publish(conn, &body, view) {
                     return self.prune_timers();
                 }
             }
             let Some(connection) = self.conns.get_mut(&conn) else {
                 return; // received() found it open
             };
-            match slim_proto::decode_message_on_link(body.clone(), &mut connection.received_header)
-            {
+            let decoded = if self.config.keep_headers {
+                slim_proto::decode_message_on_link(body.clone(), &mut connection.received_header)
+            } else {
+                slim_proto::decode_message(body.clone()).map(|m| (m, HeaderSeen::NotKept))
+            };
+            match decoded {
                 Ok((message, seen)) => self.dispatch(conn, message, received.as_mut(), seen, now),
                 Err(error) if negotiated => {
                     self.drop_message(conn, DropReason::Malformed, &error.to_string());
@@ -815,32 +870,79 @@ impl Router {
         &mut self,
         conn: ConnId,
         raw: &Bytes,
-        template: &ForwardTemplate<'_>,
-        routing: &RoutingFields<'_>,
+        view: &PublishView<'_>,
     ) -> bool {
-        let Some(connection) = self.conns.get(&conn) else {
+        let Some(connection) = self.conns.get_mut(&conn) else {
             return false;
         };
         let kind = connection.kind;
         if kind == ConnectionKind::Local {
             return false;
         }
-        let header = routing.header;
-        if header.forward_to.is_some() || header.ttl <= 1 {
-            return false;
-        }
-        if let Some(mac) = connection.mac() {
-            if mac.verify_fields(&header, routing.header_mac).is_err() {
-                return false;
+        let mut kept = match (&view.routing, view.header_bytes) {
+            (Some(routing), Some(bytes)) => {
+                let header = routing.header;
+                if header.forward_to.is_some() || header.ttl <= 1 {
+                    return false;
+                }
+                if let Some(mac) = connection.mac() {
+                    if mac.verify_fields(&header, routing.header_mac).is_err() {
+                        return false;
+                    }
+                }
+                let destination = header
+                    .destination
+                    .and_then(|name| name.encoded)
+                    .map(|encoded| NameKey::from_encoded_ref(&encoded));
+                let mut kept = connection.routed.take().unwrap_or_else(|| {
+                    Box::new(RoutedHeader {
+                        bytes: Vec::new(),
+                        fields: pb::SlimHeader::default(),
+                        destination: None,
+                        tags: Vec::new(),
+                    })
+                });
+                kept.bytes.clear();
+                kept.bytes.extend_from_slice(bytes);
+                kept.fields = header.to_pb();
+                kept.destination = destination;
+                kept.tags.clear();
+                kept
+            }
+            (None, Some(_)) if view.repeated_header => match connection.routed.take() {
+                Some(kept) => kept,
+                None => return false,
+            },
+            _ => return false,
+        };
+        self.route_kept_header(conn, kind, raw, &view.template, &mut kept);
+        if let Some(connection) = self.conns.get_mut(&conn) {
+            if kept.bytes.len() <= ROUTED_HEADER_MAX && self.config.keep_headers {
+                connection.routed = Some(kept);
             }
         }
-        let destination = header
-            .destination
-            .and_then(|name| name.encoded)
-            .map(|encoded| NameKey::from_encoded_ref(&encoded));
-        let Some(targets) = self.publish_targets(conn, kind, (None, destination, header.fanout))
+        true
+    }
+
+    /// [`Router::route_received_publish`] of a publish whose header is `kept`.
+    fn route_kept_header(
+        &mut self,
+        conn: ConnId,
+        kind: ConnectionKind,
+        raw: &Bytes,
+        template: &ForwardTemplate<'_>,
+        kept: &mut RoutedHeader,
+    ) {
+        let RoutedHeader {
+            fields,
+            destination,
+            tags,
+            ..
+        } = kept;
+        let header = HeaderRef::from(&*fields);
+        let Some(targets) = self.publish_targets(conn, kind, (None, *destination, header.fanout))
         else {
-            return true;
+            return;
         };
         let routed = HeaderRef {
             ttl: header.ttl - 1,
@@ -854,7 +956,9 @@ impl Router {
             let Some(connection) = self.conns.get(&target) else {
                 continue;
             };
-            let tag = connection.mac().map(|mac| mac.tag_fields(&routed));
+            let tag = connection
+                .mac()
+                .map(|mac| routed_tag(tags, target, mac, &routed));
             let rewrite = Rewrite {
                 ttl: routed.ttl,
                 recv_from: None,
@@ -891,7 +995,6 @@ impl Router {
             self.emit(target, outgoing, None);
         }
         self.scratch = targets;
-        true
     }
 
     /// Where a publish goes, `(forward_to, destination, fanout)`: the `forward_to` connection
@@ -981,7 +1084,10 @@ impl Router {
             header.recv_from = None;
             header.forward_to = None;
         }
-        if template.is_none() && connection.kind != ConnectionKind::Local {
+        if template.is_none()
+            && connection.kind != ConnectionKind::Local
+            && self.config.keep_headers
+        {
             // A flow's publishes share their header: signed and encoded once per link.
             if let Some(frame) = connection.sent_header.frame(message.message(), mac) {
                 self.out.push_back(Output::Transmit {

@@ -993,12 +993,15 @@ fn routing_from_bytes_gives_what_decoding_gives() {
     let run = |route_from_bytes: bool| {
         let mut h = Harness::with_config(RouterConfig {
             route_from_bytes,
+            keep_headers: route_from_bytes,
             ..RouterConfig::default()
         });
         let alice = h.connect(&app("alice", 1));
         let bob = h.connect(&app("bob", 2));
         let carol = h.connect(&app("carol", 3));
         h.subscribe(&bob, 1);
+        let bob_again = h.connect(&app("bob", 4));
+        h.subscribe(&bob_again, 1);
         let channel = app("chan", 77);
         h.send(carol.conn, &subscribe_msg(&carol, &channel, 2, true));
         let local = h.router.attach_local();
@@ -1042,6 +1045,17 @@ fn routing_from_bytes_gives_what_decoding_gives() {
             p.session = None;
         }
         add(no_session);
+        // Flows: headers repeated byte for byte, to one link, to each instance in turn, to a
+        // link and an app, with other headers between them.
+        for round in 0..3u8 {
+            add(publish_msg(&alice, &bob.name, 1, &[round]));
+            add(publish_msg(&alice, &bob.name, 1, &[round, 1]));
+            for _ in 0..3 {
+                add(publish_msg(&alice, &app("bob", ANY_INSTANCE), 1, b"any"));
+            }
+            add(publish_msg(&alice, &channel, 256, &[round, 2]));
+            add(publish_msg(&alice, &channel, 256, &[round, 3]));
+        }
         let mut unknown = publish_msg(&alice, &bob.name, 1, b"unknown field").encode_to_vec();
         unknown.extend_from_slice(&[15 << 3, 1]);
         bodies.push(unknown);
@@ -1066,13 +1080,14 @@ fn routing_from_bytes_gives_what_decoding_gives() {
             .count()
     };
     // unicast, anycast, the channel's link, the command (decoded and routed), the unknown
-    // field; the app gets the channel's message itself.
-    assert_eq!(transmitted(&fast), 5);
+    // field, then 3 rounds of 2 unicasts, 3 anycasts and 2 to the channel's link; the app gets
+    // the channel's messages themselves.
+    assert_eq!(transmitted(&fast), 5 + 3 * 7);
     assert_eq!(
         fast.iter()
             .filter(|o| matches!(o, Output::Deliver { .. }))
             .count(),
-        1
+        1 + 3 * 2
     );
     for reason in [
         DropReason::NoRoute,
