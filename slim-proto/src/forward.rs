@@ -84,8 +84,9 @@ pub struct ForwardTemplate<'a> {
     /// In the publish: session header and content before and after its header.
     publish_before: Vec<&'a [u8]>,
     publish_after: Vec<&'a [u8]>,
-    /// Header fields copied as received, with their field numbers.
-    copied: Vec<(u32, &'a [u8])>,
+    /// Header fields copied as received, with their field numbers (`None`: the header was
+    /// not read, being a repeat: see [`PublishView::repeated_header`]).
+    copied: Option<Vec<(u32, &'a [u8])>>,
 }
 
 /// A received publish read without decoding it: its template, and its routing fields where
@@ -186,14 +187,19 @@ impl<'a> ForwardTemplate<'a> {
         }
         let header_in = header_in?;
         let repeated_header = strict && session_seen && repeat == Some(header_in);
-        let mut copied = Vec::new();
+        let mut copied = None;
         let mut header = HeaderRead::default();
-        for field in Fields(header_in) {
-            let field = field?;
-            if HEADER_COPIED.contains(&field.number) {
-                copied.push((field.number, field.whole));
+        if repeated_header {
+            strict = false;
+        } else {
+            let copied = copied.insert(Vec::with_capacity(HEADER_COPIED.len()));
+            for field in Fields(header_in) {
+                let field = field?;
+                if HEADER_COPIED.contains(&field.number) {
+                    copied.push((field.number, field.whole));
+                }
+                strict = strict && header.read(&field).is_some();
             }
-            strict = strict && !repeated_header && header.read(&field).is_some();
         }
         let routable = |name: Option<NameRef<'_>>| name.is_some_and(|n| n.encoded.is_some());
         let routing = (strict
@@ -220,22 +226,26 @@ impl<'a> ForwardTemplate<'a> {
         })
     }
 
-    /// The frame with the rewritten header fields (`None` only past 4 GiB).
+    /// The frame with the rewritten header fields (`None` past 4 GiB, or when the header was
+    /// not read: see [`PublishView::parse_on_link`]).
     pub fn frame(&self, rewrite: &Rewrite<'_>) -> Option<Bytes> {
-        let rewritten = rewritten(rewrite);
-        let rewritten = || {
-            rewritten
-                .iter()
-                .filter_map(|(n, v)| Some((*n, v.as_ref()?)))
-        };
-        let header_len = self
-            .copied
-            .iter()
-            .map(|(_, whole)| whole.len())
-            .sum::<usize>()
-            + rewritten()
-                .map(|(number, value)| value.encoded_len(number))
-                .sum::<usize>();
+        let copied = self.copied.as_deref()?;
+        let header = ForwardedHeader { copied, rewrite };
+        self.frame_around(header.len(), |out| header.put(out))
+    }
+
+    /// The frame with `header` (a header's whole encoding, as [`forwarded_header`] gives it)
+    /// in place of the received one (`None` only past 4 GiB).
+    pub fn frame_with_header(&self, header: &[u8]) -> Option<Bytes> {
+        self.frame_around(header.len(), |out| out.put_slice(header))
+    }
+
+    /// The frame, with a header of `header_len` bytes written by `put_header`.
+    fn frame_around(
+        &self,
+        header_len: usize,
+        put_header: impl FnOnce(&mut BytesMut),
+    ) -> Option<Bytes> {
         let publish_len = total(&self.publish_before)
             + field_len(PUBLISH_HEADER, header_len)
             + total(&self.publish_after);
@@ -251,20 +261,70 @@ impl<'a> ForwardTemplate<'a> {
         put_all(&self.publish_before, &mut out);
         encoding::encode_key(PUBLISH_HEADER, WireType::LengthDelimited, &mut out);
         encoding::encode_varint(header_len as u64, &mut out);
-        let mut pending = rewritten().peekable();
-        for (number, whole) in &self.copied {
-            while let Some((pending_number, value)) = pending.next_if(|(n, _)| n < number) {
-                value.encode(pending_number, &mut out);
-            }
-            out.put_slice(whole);
-        }
-        for (number, value) in pending {
-            value.encode(number, &mut out);
-        }
+        put_header(&mut out);
         put_all(&self.publish_after, &mut out);
         put_all(&self.after, &mut out);
         debug_assert_eq!(out.len(), 5 + message_len);
         Some(out.freeze())
+    }
+}
+
+/// The encoding of the header received as `raw` (its value, without key and length) with the
+/// rewritten fields taken from `rewrite`, as a forwarded frame carries it; `None` when `raw`
+/// does not parse. For [`ForwardTemplate::frame_with_header`].
+pub fn forwarded_header(raw: &[u8], rewrite: &Rewrite<'_>) -> Option<Vec<u8>> {
+    let mut copied = Vec::with_capacity(HEADER_COPIED.len());
+    for field in Fields(raw) {
+        let field = field?;
+        if HEADER_COPIED.contains(&field.number) {
+            copied.push((field.number, field.whole));
+        }
+    }
+    let header = ForwardedHeader {
+        copied: &copied,
+        rewrite,
+    };
+    let mut out = BytesMut::with_capacity(header.len());
+    header.put(&mut out);
+    Some(out.to_vec())
+}
+
+/// A forwarded header: the fields copied as received, with the rewritten ones in their places
+/// by field number.
+struct ForwardedHeader<'a, 'b> {
+    copied: &'b [(u32, &'a [u8])],
+    rewrite: &'b Rewrite<'a>,
+}
+
+impl ForwardedHeader<'_, '_> {
+    fn rewritten(&self) -> impl Iterator<Item = (u32, Value<'_>)> {
+        rewritten(self.rewrite)
+            .into_iter()
+            .filter_map(|(n, v)| Some((n, v?)))
+    }
+
+    fn len(&self) -> usize {
+        self.copied
+            .iter()
+            .map(|(_, whole)| whole.len())
+            .sum::<usize>()
+            + self
+                .rewritten()
+                .map(|(number, value)| value.encoded_len(number))
+                .sum::<usize>()
+    }
+
+    fn put(&self, out: &mut BytesMut) {
+        let mut pending = self.rewritten().peekable();
+        for (number, whole) in self.copied {
+            while let Some((pending_number, value)) = pending.next_if(|(n, _)| n < number) {
+                value.encode(pending_number, out);
+            }
+            out.put_slice(whole);
+        }
+        for (number, value) in pending {
+            value.encode(number, out);
+        }
     }
 }
 
@@ -1073,6 +1133,51 @@ mod tests {
                 .then(|| Bytes::from(vec![variant as u8; 32]));
             let copied = forwarded_publish_frame(&raw, header).expect("a plain publish");
             assert_eq!(copied, encode_frame(&routed), "variant {variant}");
+        }
+    }
+
+    /// A header rendered once per link ([`forwarded_header`]) framed around any publish of
+    /// its flow is the copy; a view that skipped a repeated header renders no copy itself.
+    #[test]
+    fn a_forwarded_header_frames_as_the_copy_and_a_repeated_view_does_not_frame() {
+        for variant in 0..200 {
+            let received = publish(variant);
+            let raw = received.encode_to_vec();
+            let tag = [variant as u8; 32];
+            let rewrite = Rewrite {
+                ttl: variant % 9,
+                recv_from: None,
+                forward_to: None,
+                incoming_conn: Some(u64::from(variant)),
+                header_mac: variant.is_multiple_of(2).then_some(&tag[..]),
+            };
+            let template = ForwardTemplate::parse(&raw).expect("a plain publish");
+            let header_raw = match &received.message_type {
+                Some(pb::message::MessageType::Publish(p)) => p.header.as_ref().unwrap(),
+                _ => unreachable!(),
+            }
+            .encode_to_vec();
+            let header = forwarded_header(&header_raw, &rewrite).unwrap();
+            assert_eq!(
+                template.frame_with_header(&header),
+                template.frame(&rewrite),
+                "variant {variant}"
+            );
+            let view = PublishView::parse(&raw).unwrap();
+            let Some(bytes) = view.header_bytes else {
+                continue; // not routable from its bytes
+            };
+            assert_eq!(bytes, &header_raw[..]);
+            let again = PublishView::parse_on_link(&raw, Some(bytes)).unwrap();
+            assert!(again.repeated_header && again.routing.is_none());
+            assert_eq!(again.header_bytes, Some(bytes));
+            assert_eq!(again.template.frame(&rewrite), None);
+            assert_eq!(
+                again.template.frame_with_header(&header),
+                template.frame(&rewrite)
+            );
+            let other = PublishView::parse_on_link(&raw, Some(b"another header")).unwrap();
+            assert!(!other.repeated_header && other.routing.is_some());
         }
     }
 

@@ -41,8 +41,8 @@ use slim_proto::mac::MAC_LEN;
 use slim_proto::pb::message::MessageType;
 use slim_proto::pb::{self, LinkConnectionType};
 use slim_proto::{
-    encode_frame, ForwardTemplate, HeaderMacKey, HeaderRef, HeaderSeen, LinkKeyPair, MacError,
-    NameKey, PublishView, ReceivedHeader, Rewrite, SentHeader,
+    encode_frame, forwarded_header, ForwardTemplate, HeaderMacKey, HeaderRef, HeaderSeen,
+    LinkKeyPair, MacError, NameKey, PublishView, ReceivedHeader, Rewrite, SentHeader,
 };
 
 use crate::Timestamp;
@@ -241,32 +241,16 @@ struct RoutedHeader {
     /// Its routing fields, owned (viewed, they give what was read).
     fields: pb::SlimHeader,
     destination: Option<NameKey>,
-    /// The routed header's tag for each link it went to (the routed header is a function of
-    /// the received one, and a link's key is fixed for its life; connection ids are not reused).
-    tags: Vec<(ConnId, [u8; MAC_LEN])>,
+    /// The header as forwarded to each link it went to, tag included: a function of the
+    /// received header and of the link (its key is fixed for its life, and connection ids are
+    /// not reused).
+    forwarded: Vec<(ConnId, Vec<u8>)>,
 }
 
-/// Links whose tags a [`RoutedHeader`] keeps (a fan-out wider than this computes the rest).
-const ROUTED_TAGS: usize = 16;
+/// Links whose forwarded header a [`RoutedHeader`] keeps (a wider fan-out renders the rest).
+const ROUTED_LINKS: usize = 16;
 /// Headers longer than this are not kept.
 const ROUTED_HEADER_MAX: usize = 2048;
-
-/// The tag of `routed` (a kept header, as forwarded) for `target`, from `tags` or computed.
-fn routed_tag(
-    tags: &mut Vec<(ConnId, [u8; MAC_LEN])>,
-    target: ConnId,
-    mac: &HeaderMacKey,
-    routed: &HeaderRef<'_>,
-) -> [u8; MAC_LEN] {
-    if let Some((_, tag)) = tags.iter().find(|(conn, _)| *conn == target) {
-        return *tag;
-    }
-    let tag = mac.tag_fields(routed);
-    if tags.len() < ROUTED_TAGS {
-        tags.push((target, tag));
-    }
-    tag
-}
 
 impl Connection {
     fn new(kind: ConnectionKind, link: LinkState) -> Self {
@@ -293,6 +277,18 @@ fn link_mac(kind: ConnectionKind, link: &LinkState) -> Option<&HeaderMacKey> {
     match link {
         LinkState::Established { mac } if kind.uses_header_mac() => mac.as_deref(),
         _ => None,
+    }
+}
+
+/// How a publish routed from a link's bytes is rewritten for a target: `tag` is the routed
+/// header's for that target's link.
+fn forward_rewrite(ttl: u32, incoming: ConnId, tag: Option<&[u8; MAC_LEN]>) -> Rewrite<'_> {
+    Rewrite {
+        ttl,
+        recv_from: None,
+        forward_to: None,
+        incoming_conn: Some(incoming),
+        header_mac: tag.map(|tag| tag.as_slice()),
     }
 }
 
@@ -899,14 +895,14 @@ impl Router {
                         bytes: Vec::new(),
                         fields: pb::SlimHeader::default(),
                         destination: None,
-                        tags: Vec::new(),
+                        forwarded: Vec::new(),
                     })
                 });
                 kept.bytes.clear();
                 kept.bytes.extend_from_slice(bytes);
                 kept.fields = header.to_pb();
                 kept.destination = destination;
-                kept.tags.clear();
+                kept.forwarded.clear();
                 kept
             }
             (None, Some(_)) if view.repeated_header => match connection.routed.take() {
@@ -934,10 +930,10 @@ impl Router {
         kept: &mut RoutedHeader,
     ) {
         let RoutedHeader {
+            bytes,
             fields,
             destination,
-            tags,
-            ..
+            forwarded,
         } = kept;
         let header = HeaderRef::from(&*fields);
         let Some(targets) = self.publish_targets(conn, kind, (None, *destination, header.fanout))
@@ -956,26 +952,32 @@ impl Router {
             let Some(connection) = self.conns.get(&target) else {
                 continue;
             };
-            let tag = connection
-                .mac()
-                .map(|mac| routed_tag(tags, target, mac, &routed));
-            let rewrite = Rewrite {
-                ttl: routed.ttl,
-                recv_from: None,
-                forward_to: None,
-                incoming_conn: Some(conn),
-                header_mac: tag.as_ref().map(|tag| tag.as_slice()),
-            };
-            let frame = (connection.kind != ConnectionKind::Local)
-                .then(|| template.frame(&rewrite))
-                .flatten();
-            if let Some(frame) = frame {
-                self.out.push_back(Output::Transmit {
-                    conn: target,
-                    frame,
-                });
-                continue;
+            let tag = || connection.mac().map(|mac| mac.tag_fields(&routed));
+            if connection.kind != ConnectionKind::Local {
+                let frame = match forwarded.iter().find(|(link, _)| *link == target) {
+                    Some((_, header)) => template.frame_with_header(header),
+                    None => {
+                        let tag = tag();
+                        let rewrite = forward_rewrite(routed.ttl, conn, tag.as_ref());
+                        forwarded_header(bytes, &rewrite).and_then(|header| {
+                            let frame = template.frame_with_header(&header);
+                            if forwarded.len() < ROUTED_LINKS {
+                                forwarded.push((target, header));
+                            }
+                            frame
+                        })
+                    }
+                };
+                if let Some(frame) = frame {
+                    self.out.push_back(Output::Transmit {
+                        conn: target,
+                        frame,
+                    });
+                    continue;
+                }
             }
+            let tag = tag();
+            let rewrite = forward_rewrite(routed.ttl, conn, tag.as_ref());
             // An in-process app gets the message itself: decoded here, once.
             if decoded.is_none() {
                 match slim_proto::decode_message(raw.clone()) {
