@@ -23,7 +23,36 @@ const MEMO_MAX: usize = 2048;
 /// its MAC verified. Boxed, and empty until the link's first publish: an idle link holds a
 /// pointer.
 #[derive(Debug, Default)]
-pub struct ReceivedHeader(Option<Box<Kept>>);
+pub struct ReceivedHeader(Option<Box<Slot>>);
+
+/// The bytes of the last header seen and not kept. Keeping a header costs a copy of it, and
+/// some links never repeat one (a session layer puts a fresh identity token in every
+/// message): a header is kept only once seen twice in a row, so that such a link pays a copy
+/// of its bytes per message and no more.
+#[derive(Debug, Default)]
+pub struct Candidate(Vec<u8>);
+
+impl Candidate {
+    /// Whether `encoded` is the candidate; if it is not, it becomes the candidate (unless it
+    /// is too long to keep).
+    pub fn seen_twice(&mut self, encoded: &[u8]) -> bool {
+        if self.0 == encoded {
+            return true;
+        }
+        self.0.clear();
+        if encoded.len() <= MEMO_MAX {
+            self.0.extend_from_slice(encoded);
+        }
+        false
+    }
+}
+
+/// A link's kept header, and the candidate to replace it.
+#[derive(Debug, Default)]
+struct Slot {
+    kept: Option<Kept>,
+    candidate: Candidate,
+}
 
 /// A header and its encoding.
 #[derive(Debug)]
@@ -36,26 +65,33 @@ struct Kept {
     verified: bool,
 }
 
-/// Keeps `header` and its encoding in `slot` (its allocations reused), not verified.
-fn keep(slot: &mut Option<Box<Kept>>, encoded: &[u8], header: &pb::SlimHeader) {
-    let mut owned = header.clone();
-    for field in [&mut owned.header_mac, &mut owned.e2e_header_sig] {
-        *field = field.as_deref().map(Bytes::copy_from_slice);
-    }
-    match slot {
-        Some(kept) => {
-            kept.encoded.clear();
-            kept.encoded.extend_from_slice(encoded);
-            kept.header = owned;
-            kept.verified = false;
+impl Slot {
+    /// Keeps `header`, encoded as `encoded`, if it is the candidate (not verified); whether
+    /// it did.
+    fn keep_if_seen_twice(&mut self, encoded: &[u8], header: &pb::SlimHeader) -> bool {
+        if !self.candidate.seen_twice(encoded) {
+            return false;
         }
-        empty => {
-            *empty = Some(Box::new(Kept {
-                encoded: encoded.to_vec(),
-                header: owned,
-                verified: false,
-            }))
+        let mut owned = header.clone();
+        for field in [&mut owned.header_mac, &mut owned.e2e_header_sig] {
+            *field = field.as_deref().map(Bytes::copy_from_slice);
         }
+        match &mut self.kept {
+            Some(kept) => {
+                kept.encoded.clear();
+                kept.encoded.extend_from_slice(encoded);
+                kept.header = owned;
+                kept.verified = false;
+            }
+            empty => {
+                *empty = Some(Kept {
+                    encoded: encoded.to_vec(),
+                    header: owned,
+                    verified: false,
+                })
+            }
+        }
+        true
     }
 }
 
@@ -64,47 +100,56 @@ fn keep(slot: &mut Option<Box<Kept>>, encoded: &[u8], header: &pb::SlimHeader) {
 pub enum HeaderSeen {
     /// The same bytes as the kept header: a copy of it.
     Repeated,
-    /// A header now kept in place of the last one.
+    /// A header now kept in place of the last one (it repeats the one before).
     Kept,
-    /// Not kept (not a plain publish, or too long); the kept header is unchanged.
+    /// Not kept (not a plain publish, too long, or not seen twice in a row); the kept
+    /// header is unchanged.
     NotKept,
 }
 
 impl ReceivedHeader {
-    /// The header of `raw`: the kept one if `raw` is its bytes, else `decode(raw)`, kept.
+    /// The header of `raw`: the kept one if `raw` is its bytes, else `decode(raw)`, kept if it
+    /// was also the last one decoded (see [`Candidate`]).
     pub(crate) fn decode(
         &mut self,
         raw: &[u8],
         decode: impl FnOnce(&[u8]) -> Option<pb::SlimHeader>,
     ) -> Option<(pb::SlimHeader, HeaderSeen)> {
-        if let Some(kept) = self.0.as_deref().filter(|kept| kept.encoded == raw) {
+        let slot = self.0.get_or_insert_with(Box::default);
+        if let Some(kept) = slot.kept.as_ref().filter(|kept| kept.encoded == raw) {
             return Some((kept.header.clone(), HeaderSeen::Repeated));
         }
         let header = decode(raw)?;
-        if raw.len() > MEMO_MAX {
-            return Some((header, HeaderSeen::NotKept));
-        }
-        keep(&mut self.0, raw, &header);
-        Some((header, HeaderSeen::Kept))
+        let seen = match slot.keep_if_seen_twice(raw, &header) {
+            true => HeaderSeen::Kept,
+            false => HeaderSeen::NotKept,
+        };
+        Some((header, seen))
+    }
+
+    fn kept(&mut self) -> Option<&mut Kept> {
+        self.0.as_mut()?.kept.as_mut()
     }
 
     /// Whether a header seen as `seen` is known to carry a valid MAC for this link.
     pub fn verified(&self, seen: HeaderSeen) -> bool {
-        seen == HeaderSeen::Repeated && self.0.as_ref().is_some_and(|kept| kept.verified)
+        let kept = self.0.as_ref().and_then(|slot| slot.kept.as_ref());
+        seen == HeaderSeen::Repeated && kept.is_some_and(|kept| kept.verified)
     }
 
     /// Records that a header seen as `seen` verified.
     pub fn set_verified(&mut self, seen: HeaderSeen) {
-        if let (Some(kept), HeaderSeen::Repeated | HeaderSeen::Kept) = (&mut self.0, seen) {
+        if let (Some(kept), HeaderSeen::Repeated | HeaderSeen::Kept) = (self.kept(), seen) {
             kept.verified = true;
         }
     }
 }
 
-/// The last header sent on one link, signed for it, and its encoding. Boxed, and empty until
-/// the link's first publish, as [`ReceivedHeader`].
+/// The last header sent on one link, signed for it, and its encoding (kept once sent twice in
+/// a row, see [`Candidate`]). Boxed, and empty until the link's first publish, as
+/// [`ReceivedHeader`].
 #[derive(Debug, Default)]
-pub struct SentHeader(Option<Box<Kept>>);
+pub struct SentHeader(Option<Box<Slot>>);
 
 impl SentHeader {
     /// Signs the header of the publish `message` for this link with `mac` (or clears its tag
@@ -124,9 +169,10 @@ impl SentHeader {
             return None;
         }
         let header = publish.header.as_mut()?;
-        if let Some(kept) = self
-            .0
-            .as_deref()
+        let slot = self.0.get_or_insert_with(Box::default);
+        if let Some(kept) = slot
+            .kept
+            .as_ref()
             .filter(|kept| same_but_tag(&kept.header, header))
         {
             header.header_mac.clone_from(&kept.header.header_mac);
@@ -138,11 +184,8 @@ impl SentHeader {
         }
         let (frame, header_at) = publish_frame_with(message, None)?;
         let encoded = frame.get(header_at)?;
-        if let (Some(header), true) = (
-            message.publish().and_then(|p| p.header.as_ref()),
-            encoded.len() <= MEMO_MAX,
-        ) {
-            keep(&mut self.0, encoded, header);
+        if let Some(header) = message.publish().and_then(|p| p.header.as_ref()) {
+            slot.keep_if_seen_twice(encoded, header);
         }
         Some(frame)
     }
@@ -221,7 +264,7 @@ mod tests {
     fn a_flow_decodes_on_its_link_as_it_decodes_alone() {
         for_publishes(1000, |message, script| {
             let mut memo = ReceivedHeader::default();
-            let mut last_kept: Option<Vec<u8>> = None;
+            let (mut last_kept, mut previous): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
             for message in flow(message, &script) {
                 let body = Bytes::from(message.encode_to_vec());
                 let (decoded, seen) = decode_message_on_link(body.clone(), &mut memo).unwrap();
@@ -235,9 +278,13 @@ mod tests {
                     HeaderSeen::Repeated => prop_assert_eq!(&header, &last_kept),
                     HeaderSeen::Kept => {
                         prop_assert_ne!(&header, &last_kept);
-                        last_kept = header;
+                        prop_assert_eq!(&header, &previous, "kept when seen twice in a row");
+                        last_kept = header.clone();
                     }
                     HeaderSeen::NotKept => {}
+                }
+                if seen != HeaderSeen::Repeated {
+                    previous = header;
                 }
             }
             Ok(())
@@ -294,8 +341,10 @@ mod tests {
         let body = Bytes::from(message.encode_to_vec());
         let mut memo = ReceivedHeader::default();
         let (_, seen) = decode_message_on_link(body.clone(), &mut memo).unwrap();
+        assert_eq!(seen, HeaderSeen::NotKept, "kept only once seen twice");
+        let (_, seen) = decode_message_on_link(body.clone(), &mut memo).unwrap();
         assert_eq!(seen, HeaderSeen::Kept);
-        let kept = memo.0.as_deref().unwrap();
+        let kept = memo.0.as_deref().unwrap().kept.as_ref().unwrap();
         let mac = kept.header.header_mac.as_ref().unwrap().as_ptr() as usize;
         let within = body.as_ptr() as usize..body.as_ptr() as usize + body.len();
         assert!(
@@ -310,7 +359,11 @@ mod tests {
         // Another header is kept unverified, and not-kept ones never count as verified.
         let mut other = message.clone();
         header_mut(&mut other).unwrap().ttl ^= 1;
-        let (_, seen) = decode_message_on_link(other.encode_to_vec().into(), &mut memo).unwrap();
+        let other = Bytes::from(other.encode_to_vec());
+        let (_, seen) = decode_message_on_link(other.clone(), &mut memo).unwrap();
+        assert_eq!(seen, HeaderSeen::NotKept);
+        assert!(memo.verified(HeaderSeen::Repeated), "the kept header stays");
+        let (_, seen) = decode_message_on_link(other, &mut memo).unwrap();
         assert_eq!(seen, HeaderSeen::Kept);
         assert!(!memo.verified(HeaderSeen::Repeated));
         memo.set_verified(HeaderSeen::NotKept);
