@@ -411,10 +411,7 @@ impl Driver {
         let Some(writer) = self.writers.get(&conn) else {
             return;
         };
-        let (batched, room) = self
-            .batches
-            .get(&conn)
-            .map_or((0, 0), |batch| (batch.buf.len(), batch.buf.capacity()));
+        let batched = self.batches.get(&conn).map_or(0, |batch| batch.buf.len());
         let queued = writer.queued.load(Ordering::Relaxed) + batched;
         if queued > 0 && queued + frame.len() > CONNECTION_QUEUE_BYTES {
             self.count_slow_consumer_drops(conn, 1);
@@ -426,15 +423,9 @@ impl Driver {
             self.send_frames(conn, frame, 1);
             return;
         }
-        // A batch is handed over when full rather than grown: growing copied it whole each
-        // time (a tenth of the node's instructions). Starting at twice the last one's size, a
-        // busy connection's batches reach the largest in a few drains.
-        if batched > 0 && batched + frame.len() > room {
-            self.flush(conn);
-        }
-        let Some(writer) = self.writers.get(&conn) else {
-            return;
-        };
+        // A new batch starts with room for twice the last one: a steady flow's batches are
+        // then not grown (each doubling copied the batch whole: a tenth of the node's
+        // instructions), and a batch that outgrows it still grows, in one piece.
         let room = (2 * writer.last_batch).clamp(frame.len(), BATCH_COPY_MAX);
         let batch = self.batches.entry(conn).or_insert_with(|| Batch {
             buf: BytesMut::with_capacity(room),

@@ -212,6 +212,14 @@ fn blob(p: &pb::Publish) -> &[u8] {
     }
 }
 
+/// Flips bit `bit` of a signed message's header MAC.
+fn flip_tag_bit(message: &mut pb::Message, bit: usize) {
+    let header = header_mut(message).unwrap();
+    let mut tag = header.header_mac.clone().unwrap().to_vec();
+    tag[bit / 8] ^= 1 << (bit % 8);
+    header.header_mac = Some(tag.into());
+}
+
 fn app(svc: &str, id: u128) -> Name {
     Name::with_id("org", "ns", svc, id)
 }
@@ -449,10 +457,7 @@ fn wrong_or_missing_mac_is_dropped_and_link_survives() {
     let bob = h.connect(&app("bob", 2));
     h.subscribe(&bob, 1);
     let mut bad = publish_msg(&alice, &bob.name, 1, b"x");
-    let hdr = header_mut(&mut bad).unwrap();
-    let mut tag = hdr.header_mac.clone().unwrap().to_vec();
-    tag[0] ^= 1;
-    hdr.header_mac = Some(tag.into());
+    flip_tag_bit(&mut bad, 0);
     h.send(alice.conn, &bad);
     header_mut(&mut bad).unwrap().header_mac = None;
     h.send(alice.conn, &bad);
@@ -1116,10 +1121,7 @@ fn a_repeated_header_is_trusted_only_on_its_link_and_only_byte_for_byte() {
         h.subscribe(&bob, 1);
         let good = publish_msg(&alice, &bob.name, 1, b"good");
         let mut tampered = good.clone();
-        let tag = &mut header_mut(&mut tampered).unwrap().header_mac;
-        let mut bytes = tag.clone().unwrap().to_vec();
-        bytes[31] ^= 0x80;
-        *tag = Some(bytes.into());
+        flip_tag_bit(&mut tampered, 255);
         for (conn, message) in [
             (alice.conn, &good),
             (alice.conn, &good),
