@@ -16,6 +16,7 @@ pub mod probe;
 mod progress;
 mod raw;
 pub mod relay;
+mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -94,6 +95,27 @@ impl Mode {
     }
 }
 
+/// What the raw modes' publishers and subscribers are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientKind {
+    /// The app API's [`crate::app::Client`]: a router of its own per client, as in the
+    /// reference SDK. What an application embedding this crate gets.
+    #[default]
+    App,
+    /// A wire-level client ([`wire`]): the negotiated, MAC-signed link and nothing else, so
+    /// that the clients cost little beside the node they measure.
+    Wire,
+}
+
+impl ClientKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientKind::App => "app",
+            ClientKind::Wire => "wire",
+        }
+    }
+}
+
 /// Everything `slim-tokio bench` can vary.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
@@ -121,6 +143,8 @@ pub struct LoadConfig {
     pub mls: bool,
     /// p2p: no acknowledgements or retransmissions (the session's `reliability` is off).
     pub unreliable: bool,
+    /// Raw modes: what the clients are.
+    pub client: ClientKind,
 }
 
 impl From<&BenchConfig> for LoadConfig {
@@ -138,6 +162,7 @@ impl From<&BenchConfig> for LoadConfig {
             node_pid: None,
             mls: false,
             unreliable: false,
+            client: ClientKind::App,
         }
     }
 }
@@ -156,12 +181,16 @@ pub enum BenchError {
     Probe { pid: u32, reason: String },
     #[error("a bench task failed: {0}")]
     Task(String),
+    #[error("wire client: {0}")]
+    Link(String),
 }
 
 /// Results, medians and percentiles in microseconds.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
     pub mode: &'static str,
+    /// Raw modes: what the clients were ([`ClientKind::as_str`]).
+    pub client: &'static str,
     /// p2p: MLS-encrypted session.
     pub mls: bool,
     /// p2p: acknowledged, retransmitting session (raw modes: always false).
@@ -215,6 +244,7 @@ impl BenchReport {
         };
         let mut json = serde_json::json!({
             "mode": self.mode,
+            "client": self.client,
             "mls": self.mls,
             "reliable": self.reliable,
             "size": self.size,
@@ -319,6 +349,7 @@ fn report(
     let q = |p: f64| histogram.value_at_quantile(p) as f64;
     BenchReport {
         mode: config.mode.as_str(),
+        client: config.client.as_str(),
         mls: config.mls,
         reliable: config.mode == Mode::P2p && !config.unreliable,
         size: config.size,
@@ -392,6 +423,14 @@ fn validate(config: &LoadConfig) -> Result<(), BenchError> {
     if config.unreliable && config.mode != Mode::P2p {
         return Err(BenchError::Invalid(
             "--unreliable applies to --mode p2p (raw publishes are never acknowledged)".into(),
+        ));
+    }
+    let raw = matches!(config.mode, Mode::Unicast | Mode::Anycast | Mode::Multicast);
+    if config.client == ClientKind::Wire && !raw {
+        return Err(BenchError::Invalid(
+            "--client wire applies to the raw modes (publish, anycast, multicast): p2p runs \
+             the session layer, which needs the app client"
+                .into(),
         ));
     }
     Ok(())
@@ -706,6 +745,7 @@ mod tests {
             node_pid: None,
             mls: false,
             unreliable: false,
+            client: ClientKind::App,
         }
     }
 
@@ -726,6 +766,12 @@ mod tests {
             ..base()
         })
         .is_ok());
+        let wire_p2p = LoadConfig {
+            mode: Mode::P2p,
+            client: ClientKind::Wire,
+            ..base()
+        };
+        assert!(matches!(validate(&wire_p2p), Err(BenchError::Invalid(_))));
     }
 
     #[test]

@@ -532,9 +532,20 @@ struct BenchArgs {
     /// p2p: a session without acknowledgements or retransmissions (reliable by default).
     #[arg(long)]
     unreliable: bool,
+    /// Raw modes: app clients (the app API, a router per client, as applications embed it)
+    /// or wire clients (the negotiated, MAC-signed link alone: they cost little beside the
+    /// node, so the node is what is measured).
+    #[arg(long, value_enum, default_value = "app")]
+    client: BenchClient,
     /// Print one JSON line instead of a table (no progress bar).
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum BenchClient {
+    App,
+    Wire,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -555,7 +566,7 @@ enum BenchMode {
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
-    use slim_tokio::bench::{LoadConfig, Mode, Stop};
+    use slim_tokio::bench::{ClientKind, LoadConfig, Mode, Stop};
     use std::io::IsTerminal as _;
 
     init_logging(Some("warn"));
@@ -585,6 +596,10 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         node_pid: args.node_pid,
         mls: args.mls,
         unreliable: args.unreliable,
+        client: match args.client {
+            BenchClient::App => ClientKind::App,
+            BenchClient::Wire => ClientKind::Wire,
+        },
     };
     let report = runtime
         .block_on(slim_tokio::bench::run(&config))

@@ -175,6 +175,7 @@ async fn p2p_bench_loses_nothing(
         node_pid: None,
         mls,
         unreliable,
+        client: slim_tokio::bench::ClientKind::App,
     };
     let report = slim_tokio::bench::run(&config).await.unwrap();
     assert_eq!(report.sent, count);

@@ -23,9 +23,10 @@ use tokio::task::JoinHandle;
 
 use super::probe::NodeProbe;
 use super::progress::{Counters, Progress};
+use super::wire::{self, WireReceiver, WireSender};
 use super::{
-    node_usage, payload, random_tag, report, seq_of, warm_up, BenchError, BenchReport, LoadConfig,
-    Mode, NodeWatch, RoundTrips, Stop, Throughput, WINDOW_BYTES,
+    node_usage, payload, random_tag, report, seq_of, warm_up, BenchError, BenchReport, ClientKind,
+    LoadConfig, Mode, NodeWatch, RoundTrips, Stop, Throughput, WINDOW_BYTES,
 };
 use crate::app::Client;
 
@@ -115,10 +116,48 @@ fn blob(message: &pb::Message) -> Option<&Bytes> {
     message.app_payload().map(|app| &app.blob)
 }
 
+/// The sending side of a bench client: the app API's, or a wire link's.
+enum Sender {
+    App(Arc<Client>),
+    Wire(Box<WireSender>),
+}
+
+impl Sender {
+    /// Publishes, or queues the publish until [`Sender::flush`] (wire links batch them).
+    async fn publish(&mut self, to: &Name, fanout: u32, payload: Bytes) -> Result<(), BenchError> {
+        match self {
+            Sender::App(client) => Ok(client.publish_fanout(to, fanout, payload).await?),
+            Sender::Wire(link) => link.publish(to, fanout, payload).await,
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), BenchError> {
+        match self {
+            Sender::App(_) => Ok(()),
+            Sender::Wire(link) => link.flush().await,
+        }
+    }
+}
+
+/// The receiving side of a bench client.
+enum Receiver {
+    App(Arc<Client>),
+    Wire(Box<WireReceiver>),
+}
+
+impl Receiver {
+    async fn next(&mut self) -> Result<Box<pb::Message>, BenchError> {
+        match self {
+            Receiver::App(client) => Ok(client.recv_message().await?),
+            Receiver::Wire(link) => link.next().await,
+        }
+    }
+}
+
 /// Subscriber `k`: counts and checks throughput messages, answers round trips.
-async fn subscriber(client: Arc<Client>, k: usize, shared: Arc<Shared>) {
+async fn subscriber(mut rx: Receiver, mut tx: Sender, k: usize, shared: Arc<Shared>) {
     let mut last: Vec<Option<u64>> = vec![None; shared.flows.len()];
-    while let Ok(message) = client.recv_message().await {
+    while let Ok(message) = rx.next().await {
         let Some(seq) = blob(&message).and_then(|b| seq_of(b)) else {
             continue; // not one of ours
         };
@@ -126,7 +165,7 @@ async fn subscriber(client: Arc<Client>, k: usize, shared: Arc<Shared>) {
             let (Some(to), Some(payload)) = (message.publish_source(), blob(&message)) else {
                 continue;
             };
-            if client.publish(&to, payload.clone()).await.is_err() {
+            if tx.publish(&to, 1, payload.clone()).await.is_err() || tx.flush().await.is_err() {
                 return;
             }
             continue;
@@ -167,13 +206,13 @@ struct Plan {
 }
 
 /// Publisher `j`: publishes until its quota or the deadline, within its window. Returns how
-/// many it published.
+/// many it published, and `tx` for the round trips.
 async fn publisher(
-    client: Arc<Client>,
+    mut tx: Sender,
     j: usize,
     plan: Plan,
     shared: Arc<Shared>,
-) -> Result<u64, BenchError> {
+) -> Result<(u64, Sender), BenchError> {
     let flow = &shared.flows[j];
     let mut sent = 0u64;
     let mut credit = 0u64;
@@ -182,9 +221,13 @@ async fn publisher(
         if plan.quota.is_some_and(|q| sent >= q)
             || (sent.is_multiple_of(256) && plan.deadline.is_some_and(|d| Instant::now() >= d))
         {
-            return Ok(sent);
+            tx.flush().await?;
+            return Ok((sent, tx));
         }
         // The delivered counters are only read when the credit runs out, not per message.
+        if credit == 0 {
+            tx.flush().await?;
+        }
         while credit == 0 {
             let in_flight = sent.saturating_sub(shared.completed(j));
             if in_flight < plan.window {
@@ -200,31 +243,39 @@ async fn publisher(
                     in_flight,
                     "no delivery for {STALL:?} with the window full: stopping this publisher"
                 );
-                return Ok(sent);
+                return Ok((sent, tx));
             }
         }
         let (to, fanout) = plan.target.for_message(sent);
         let seq = ((j as u64) << PUBLISHER_SHIFT) | sent;
-        client
-            .publish_fanout(to, fanout, payload(seq, plan.size))
-            .await?;
+        tx.publish(to, fanout, payload(seq, plan.size)).await?;
         sent += 1;
         credit -= 1;
         shared.counters.sent.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// Connects `name` and subscribes it to `subscriptions`.
+/// Connects `name` as a client of `kind` and subscribes it to `subscriptions`.
 async fn connect(
+    kind: ClientKind,
     endpoint: &str,
     name: Name,
     subscriptions: &[Name],
-) -> Result<Arc<Client>, BenchError> {
-    let client = Client::connect(endpoint, name).await?;
-    for subscription in subscriptions {
-        client.subscribe(subscription).await?;
+) -> Result<(Sender, Receiver), BenchError> {
+    match kind {
+        ClientKind::App => {
+            let client = Client::connect(endpoint, name).await?;
+            for subscription in subscriptions {
+                client.subscribe(subscription).await?;
+            }
+            let client = Arc::new(client);
+            Ok((Sender::App(client.clone()), Receiver::App(client)))
+        }
+        ClientKind::Wire => {
+            let (tx, rx) = wire::connect(endpoint, name, subscriptions).await?;
+            Ok((Sender::Wire(Box::new(tx)), Receiver::Wire(Box::new(rx))))
+        }
     }
-    Ok(Arc::new(client))
 }
 
 fn join_error(error: tokio::task::JoinError) -> BenchError {
@@ -278,6 +329,7 @@ pub(super) async fn run(
         let subscription = if multicast { &channel } else { name };
         subscribers.push(
             connect(
+                config.client,
                 &config.endpoint,
                 name.clone(),
                 std::slice::from_ref(subscription),
@@ -288,7 +340,15 @@ pub(super) async fn run(
     let mut publishers = Vec::with_capacity(p);
     for name in &publisher_names {
         // Every publisher is reachable: round-trip answers go to the publisher's own name.
-        publishers.push(connect(&config.endpoint, name.clone(), std::slice::from_ref(name)).await?);
+        publishers.push(
+            connect(
+                config.client,
+                &config.endpoint,
+                name.clone(),
+                std::slice::from_ref(name),
+            )
+            .await?,
+        );
     }
 
     let counters = Arc::new(Counters::default());
@@ -307,9 +367,9 @@ pub(super) async fn run(
     });
     let _subscriber_tasks = AbortOnDrop(
         subscribers
-            .iter()
+            .into_iter()
             .enumerate()
-            .map(|(k, client)| tokio::spawn(subscriber(client.clone(), k, shared.clone())))
+            .map(|(k, (tx, rx))| tokio::spawn(subscriber(rx, tx, k, shared.clone())))
             .collect(),
     );
 
@@ -321,7 +381,9 @@ pub(super) async fn run(
     let start = Instant::now();
     let start_ns = shared.epoch.elapsed().as_nanos() as u64;
     let mut running = Vec::with_capacity(p);
-    for (j, client) in publishers.iter().enumerate() {
+    let mut publisher_receivers = Vec::with_capacity(p);
+    for (j, (tx, rx)) in publishers.into_iter().enumerate() {
+        publisher_receivers.push(rx);
         let plan = Plan {
             target: target.for_publisher(j),
             quota: match config.stop {
@@ -335,16 +397,14 @@ pub(super) async fn run(
             window: window as u64,
             size: config.size,
         };
-        running.push(tokio::spawn(publisher(
-            client.clone(),
-            j,
-            plan,
-            shared.clone(),
-        )));
+        running.push(tokio::spawn(publisher(tx, j, plan, shared.clone())));
     }
     let mut sent = 0;
+    let mut publisher_senders = Vec::with_capacity(p);
     for task in running {
-        sent += task.await.map_err(join_error)??;
+        let (published, tx) = task.await.map_err(join_error)??;
+        sent += published;
+        publisher_senders.push(tx);
     }
     let expected = sent * copies;
     let mut progress = (0, Instant::now());
@@ -374,24 +434,23 @@ pub(super) async fn run(
     let mut round_trips = RoundTrips::new();
     let warm_up = warm_up(config.round_trips);
     let bar = Progress::round_trips(config.progress, warm_up + config.round_trips);
-    let pinger = &publishers[0];
+    let (ping, pong) = (&mut publisher_senders[0], &mut publisher_receivers[0]);
     for i in 0..warm_up + config.round_trips {
         let seq = ROUND_TRIP | i;
         let (to, fanout) = target.for_message(i);
         let t0 = Instant::now();
-        pinger
-            .publish_fanout(to, fanout, payload(seq, config.size))
-            .await?;
+        ping.publish(to, fanout, payload(seq, config.size)).await?;
+        ping.flush().await?;
         let deadline = tokio::time::Instant::from_std(t0 + ROUND_TRIP_WAIT);
         let mut answers = 0;
         while answers < copies {
-            match tokio::time::timeout_at(deadline, pinger.recv_message()).await {
+            match tokio::time::timeout_at(deadline, pong.next()).await {
                 Ok(Ok(message)) => {
                     if blob(&message).and_then(|b| seq_of(b)) == Some(seq) {
                         answers += 1;
                     }
                 }
-                Ok(Err(error)) => return Err(error.into()),
+                Ok(Err(error)) => return Err(error),
                 Err(_) => break,
             }
         }
@@ -450,15 +509,26 @@ mod tests {
             node_pid: Some(std::process::id()),
             mls: false,
             unreliable: false,
+            client: ClientKind::App,
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_pattern_delivers_what_it_promises() {
         let node = node().await;
-        for (mode, copies) in [(Mode::Unicast, 1), (Mode::Anycast, 1), (Mode::Multicast, 3)] {
-            let report = crate::bench::run(&config(&node, mode)).await.unwrap();
-            assert_eq!(report.sent, 300, "{mode:?}: --count is the total");
+        let patterns = [(Mode::Unicast, 1), (Mode::Anycast, 1), (Mode::Multicast, 3)];
+        let kinds = [ClientKind::App, ClientKind::Wire];
+        for ((mode, copies), client) in kinds.iter().flat_map(|k| patterns.map(|p| (p, *k))) {
+            let config = LoadConfig {
+                client,
+                ..config(&node, mode)
+            };
+            let report = crate::bench::run(&config).await.unwrap();
+            assert_eq!(report.client, client.as_str());
+            assert_eq!(
+                report.sent, 300,
+                "{mode:?} {client:?}: --count is the total"
+            );
             assert_eq!(report.expected, 300 * copies, "{mode:?}");
             assert_eq!(report.received, report.expected, "{mode:?}: {report:?}");
             assert_eq!(report.out_of_order, 0, "{mode:?}");
@@ -479,20 +549,23 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_mebibyte_messages_pass_within_the_byte_window() {
         let node = node().await;
-        let report = crate::bench::run(&LoadConfig {
-            size: 1024 * 1024,
-            stop: Stop::Count(24),
-            round_trips: 2,
-            window: 1000,
-            publishers: 1,
-            subscribers: 2,
-            node_pid: None,
-            ..config(&node, Mode::Multicast)
-        })
-        .await
-        .unwrap();
-        assert_eq!(report.received, 48, "{report:?}");
-        assert_eq!(report.window, WINDOW_BYTES / (1024 * 1024 + 512));
+        for client in [ClientKind::App, ClientKind::Wire] {
+            let report = crate::bench::run(&LoadConfig {
+                size: 1024 * 1024,
+                stop: Stop::Count(24),
+                round_trips: 2,
+                window: 1000,
+                publishers: 1,
+                subscribers: 2,
+                node_pid: None,
+                client,
+                ..config(&node, Mode::Multicast)
+            })
+            .await
+            .unwrap();
+            assert_eq!(report.received, 48, "{client:?}: {report:?}");
+            assert_eq!(report.window, WINDOW_BYTES / (1024 * 1024 + 512));
+        }
         let stats = node.stats().await.expect("the node runs");
         assert_eq!(
             stats.slow_consumer_drops, 0,

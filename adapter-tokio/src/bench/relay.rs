@@ -169,7 +169,7 @@ pub(super) async fn run(config: &LoadConfig) -> Result<BenchReport, BenchError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{Mode, Stop};
+    use crate::bench::{ClientKind, Mode, Stop};
 
     #[tokio::test]
     async fn the_relay_baseline_streams_and_echoes() {
@@ -192,6 +192,7 @@ mod tests {
             node_pid: None,
             mls: false,
             unreliable: false,
+            client: ClientKind::App,
         })
         .await
         .unwrap();

@@ -1,0 +1,239 @@
+//! A bench client that speaks the wire protocol itself (`bench --client wire`): one HTTP/2
+//! stream, the link negotiated as an Edge client does it (X25519, HKDF, every header signed
+//! with the link's MAC key, every received header verified), and nothing else. No router, no
+//! tasks or channels between the bench and the socket: publishes are encoded straight into
+//! one write buffer, deliveries decoded straight off the stream.
+//!
+//! The app API's [`crate::app::Client`] runs a whole router per client (the reference SDK's
+//! design); measured through a node, two of them cost 2–3 times the node's own CPU per
+//! message, so on two shared cores they, not the node, set the throughput. This client does
+//! per message what any SLIM client must (sign, frame, deframe, decode, verify), from the
+//! same `slim_proto` code the router uses, so what it measures is the node.
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use slim_proto::link::{self, LocalLinkInfo};
+use slim_proto::pb::message::MessageType;
+use slim_proto::pb::LinkConnectionType;
+use slim_proto::{
+    decode_message, decode_message_on_link, encode_frame, pb, Deframer, HeaderMacKey, LinkKeyPair,
+    Name, ReceivedHeader, SentHeader,
+};
+
+use super::BenchError;
+use crate::stream::send_all;
+
+/// Publishes gathered before they are handed to h2 in one DATA frame.
+const WRITE_BATCH: usize = 64 * 1024;
+
+fn link_error(reason: impl std::fmt::Display) -> BenchError {
+    BenchError::Link(reason.to_string())
+}
+
+/// The sending half of a wire link.
+pub(super) struct WireSender {
+    name: Name,
+    send: SendStream<Bytes>,
+    mac: HeaderMacKey,
+    sent: SentHeader,
+    batch: BytesMut,
+    /// The last publish built, reused while its destination does not change: only its
+    /// payload is replaced.
+    message: Option<(Name, u32, pb::Message)>,
+}
+
+/// The receiving half of a wire link.
+pub(super) struct WireReceiver {
+    frames: FrameStream,
+    mac: HeaderMacKey,
+    received: ReceivedHeader,
+}
+
+/// gRPC messages off an HTTP/2 stream.
+struct FrameStream {
+    recv: RecvStream,
+    deframer: Deframer,
+}
+
+/// Connects to `endpoint` as `name`, negotiates the link and makes `subscriptions`.
+pub(super) async fn connect(
+    endpoint: &str,
+    name: Name,
+    subscriptions: &[Name],
+) -> Result<(WireSender, WireReceiver), BenchError> {
+    let authority = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let (recv, mut send) = crate::client::open_channel(authority)
+        .await
+        .map_err(link_error)?;
+    let mut seed = [0u8; 48];
+    getrandom::fill(&mut seed).map_err(link_error)?;
+    let keys = LinkKeyPair::from_seed(seed[..32].try_into().unwrap_or_default());
+    let link_id = format!(
+        "{:032x}",
+        u128::from_le_bytes(seed[32..].try_into().unwrap_or_default())
+    );
+    let info = LocalLinkInfo {
+        slim_version: crate::SLIM_VERSION.to_owned(),
+        node_id: format!("bench-{name}"),
+        deployment_name: String::new(),
+    };
+    let request = link::request(
+        &info,
+        &link_id,
+        LinkConnectionType::Edge,
+        keys.public_bytes(),
+    );
+    send_all(&mut send, encode_frame(&link::negotiation_message(request)))
+        .await
+        .map_err(link_error)?;
+    let mut frames = FrameStream {
+        recv,
+        deframer: Deframer::new(slim_proto::DEFAULT_MAX_MESSAGE_SIZE),
+    };
+    let reply = decode_message(frames.next().await?).map_err(link_error)?;
+    let reply = link::as_negotiation(&reply)
+        .ok_or_else(|| link_error("the node's first message is not a negotiation reply"))?;
+    link::check_reply(reply, &link_id, true).map_err(link_error)?;
+    let key = keys
+        .derive_mac_key(&reply.link_ecdh_public_key, &link_id)
+        .map_err(link_error)?;
+    let mac = HeaderMacKey::new(&key, &link_id).ok_or_else(|| link_error("empty link id"))?;
+    let mut receiver = WireReceiver {
+        frames,
+        mac: mac.clone(),
+        received: ReceivedHeader::default(),
+    };
+    let mut sender = WireSender {
+        name,
+        send,
+        mac,
+        sent: SentHeader::default(),
+        batch: BytesMut::new(),
+        message: None,
+    };
+    for (i, subscription) in subscriptions.iter().enumerate() {
+        let sub_id = i as u64 + 1;
+        sender.subscribe(subscription, sub_id).await?;
+        receiver.subscription_ack(sub_id).await?;
+    }
+    Ok((sender, receiver))
+}
+
+impl WireSender {
+    async fn subscribe(&mut self, name: &Name, sub_id: u64) -> Result<(), BenchError> {
+        let mut header = pb::SlimHeader::from_app(&self.name, name, 1, None, crate::SLIM_VERSION);
+        self.mac.sign(&mut header);
+        let subscribe = pb::Message {
+            message_type: Some(MessageType::Subscribe(pb::Subscribe {
+                header: Some(header),
+                subscription_id: sub_id,
+            })),
+            metadata: Default::default(),
+        };
+        send_all(&mut self.send, encode_frame(&subscribe))
+            .await
+            .map_err(link_error)
+    }
+
+    /// Queues a publish of `payload` to `to`; it leaves with the next [`WireSender::flush`],
+    /// or now if the queue is full.
+    pub(super) async fn publish(
+        &mut self,
+        to: &Name,
+        fanout: u32,
+        payload: Bytes,
+    ) -> Result<(), BenchError> {
+        let reusable = matches!(&self.message, Some((last, f, _)) if last == to && *f == fanout);
+        if !reusable {
+            let header =
+                pb::SlimHeader::from_app(&self.name, to, fanout, None, crate::SLIM_VERSION);
+            let message =
+                pb::Message::app_publish(header, pb::SessionHeader::default(), Bytes::new());
+            self.message = Some((to.clone(), fanout, message));
+        }
+        let Some((_, _, message)) = &mut self.message else {
+            return Ok(());
+        };
+        if let Some(MessageType::Publish(publish)) = &mut message.message_type {
+            if let Some(pb::Content {
+                content_type: Some(pb::content::ContentType::AppPayload(app)),
+            }) = &mut publish.msg
+            {
+                app.blob = payload;
+            }
+        }
+        let frame = self
+            .sent
+            .frame(message, Some(&self.mac))
+            .ok_or_else(|| link_error("a publish the encoder does not take"))?;
+        self.batch.extend_from_slice(&frame);
+        if self.batch.len() >= WRITE_BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Hands every queued publish to h2, within the node's flow-control window.
+    pub(super) async fn flush(&mut self) -> Result<(), BenchError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = self.batch.split().freeze();
+        send_all(&mut self.send, batch).await.map_err(link_error)
+    }
+}
+
+impl FrameStream {
+    /// The next message's body.
+    async fn next(&mut self) -> Result<Bytes, BenchError> {
+        loop {
+            if let Some(body) = self.deframer.next_frame().map_err(link_error)? {
+                return Ok(body);
+            }
+            match self.recv.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    self.deframer.push_bytes(chunk);
+                }
+                Some(Err(error)) => return Err(link_error(error)),
+                None => return Err(link_error("the node ended the stream")),
+            }
+        }
+    }
+}
+
+impl WireReceiver {
+    /// Waits for the node's ack of subscription `sub_id`.
+    async fn subscription_ack(&mut self, sub_id: u64) -> Result<(), BenchError> {
+        loop {
+            let message = decode_message(self.frames.next().await?).map_err(link_error)?;
+            if let Some(MessageType::SubscriptionAck(ack)) = &message.message_type {
+                if ack.subscription_id != sub_id {
+                    continue;
+                }
+                return match ack.success {
+                    true => Ok(()),
+                    false => Err(link_error(format!("subscription refused: {}", ack.error))),
+                };
+            }
+        }
+    }
+
+    /// The next publish delivered, its header's MAC verified (a header identical to the last
+    /// one that verified on this link is not verified again, as a router does it).
+    pub(super) async fn next(&mut self) -> Result<Box<pb::Message>, BenchError> {
+        loop {
+            let body = self.frames.next().await?;
+            let (message, seen) =
+                decode_message_on_link(body, &mut self.received).map_err(link_error)?;
+            let Some(header) = message.publish().and_then(|p| p.header.as_ref()) else {
+                continue; // not a publish: nothing the bench waits for
+            };
+            if !self.received.verified(seen) {
+                self.mac.verify(header).map_err(link_error)?;
+                self.received.set_verified(seen);
+            }
+            return Ok(message);
+        }
+    }
+}
