@@ -351,9 +351,25 @@ pub fn decode_message_on_link(
     body: Bytes,
     memo: &mut ReceivedHeader,
 ) -> Result<(Box<pb::Message>, HeaderSeen), prost::DecodeError> {
+    let (mut message, seen) = decode_message_on_link_unless_kept(body, memo)?;
+    if seen == HeaderSeen::Repeated {
+        if let Some(pb::message::MessageType::Publish(publish)) = &mut message.message_type {
+            publish.header = memo.kept_header().cloned();
+        }
+    }
+    Ok((message, seen))
+}
+
+/// [`decode_message_on_link`] without the copy of a repeated header: a publish seen as
+/// [`HeaderSeen::Repeated`] comes without its header, which is `memo`'s
+/// [`ReceivedHeader::kept_header`]. For a receiver that reads the header only now and then.
+pub fn decode_message_on_link_unless_kept(
+    body: Bytes,
+    memo: &mut ReceivedHeader,
+) -> Result<(Box<pb::Message>, HeaderSeen), prost::DecodeError> {
     let mut seen = HeaderSeen::NotKept;
     let plain = decode_plain_publish_with(&body, |raw, body| {
-        let (header, how) = memo.decode(raw, |raw| decode_header(raw, body))?;
+        let (header, how) = memo.decode_unless_kept(raw, |raw| decode_header(raw, body))?;
         seen = how;
         Some(header)
     });
@@ -369,14 +385,15 @@ pub fn decode_message_on_link(
 /// prost would reject or read differently (repeated or unknown fields, wrong wire types, bad
 /// UTF-8, a command payload).
 pub fn decode_plain_publish(body: &Bytes) -> Option<Box<pb::Message>> {
-    decode_plain_publish_with(body, decode_header)
+    decode_plain_publish_with(body, |raw, body| decode_header(raw, body).map(Some))
 }
 
-/// [`decode_plain_publish`] with the header read by `header` (given its bytes within `body`).
+/// [`decode_plain_publish`] with the header read by `header` (given its bytes within `body`;
+/// `Some(None)`: the message is left without it).
 #[inline(always)]
 fn decode_plain_publish_with(
     body: &Bytes,
-    header: impl FnOnce(&[u8], &Bytes) -> Option<pb::SlimHeader>,
+    header: impl FnOnce(&[u8], &Bytes) -> Option<Option<pb::SlimHeader>>,
 ) -> Option<Box<pb::Message>> {
     let bytes = |value: &[u8]| body.slice_ref(value);
     let mut metadata = std::collections::BTreeMap::new();
@@ -454,7 +471,7 @@ fn decode_plain_publish_with(
         Some(())
     })?;
     if let Some(raw) = header_raw {
-        out.header = Some(header(raw, body)?);
+        out.header = header(raw, body)?;
     }
     Some(message)
 }

@@ -31,8 +31,9 @@ pub mod pb {
 }
 
 pub use forward::{
-    decode_message, decode_message_on_link, decode_plain_publish, forwarded_header,
-    forwarded_publish_frame, ForwardTemplate, PublishView, Rewrite, RoutingFields,
+    decode_message, decode_message_on_link, decode_message_on_link_unless_kept,
+    decode_plain_publish, forwarded_header, forwarded_publish_frame, ForwardTemplate, PublishView,
+    Rewrite, RoutingFields,
 };
 pub use framing::{encode_frame, Deframer, FrameError, DEFAULT_MAX_MESSAGE_SIZE};
 pub use link::{LinkKeyPair, NegotiationError};

@@ -98,7 +98,7 @@ impl Slot {
 /// How a decoded header relates to its link's [`ReceivedHeader`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeaderSeen {
-    /// The same bytes as the kept header: a copy of it.
+    /// The same bytes as the kept header: it stands for this one.
     Repeated,
     /// A header now kept in place of the last one (it repeats the one before).
     Kept,
@@ -108,23 +108,29 @@ pub enum HeaderSeen {
 }
 
 impl ReceivedHeader {
-    /// The header of `raw`: the kept one if `raw` is its bytes, else `decode(raw)`, kept if it
-    /// was also the last one decoded (see [`Candidate`]).
-    pub(crate) fn decode(
+    /// The header of `raw`: `decode(raw)`, kept if it was also the last one decoded (see
+    /// [`Candidate`]), or `None` if `raw` is the kept header's bytes (the header is then
+    /// [`ReceivedHeader::kept_header`], not copied).
+    pub(crate) fn decode_unless_kept(
         &mut self,
         raw: &[u8],
         decode: impl FnOnce(&[u8]) -> Option<pb::SlimHeader>,
-    ) -> Option<(pb::SlimHeader, HeaderSeen)> {
+    ) -> Option<(Option<pb::SlimHeader>, HeaderSeen)> {
         let slot = self.0.get_or_insert_with(Box::default);
-        if let Some(kept) = slot.kept.as_ref().filter(|kept| kept.encoded == raw) {
-            return Some((kept.header.clone(), HeaderSeen::Repeated));
+        if slot.kept.as_ref().is_some_and(|kept| kept.encoded == raw) {
+            return Some((None, HeaderSeen::Repeated));
         }
         let header = decode(raw)?;
         let seen = match slot.keep_if_seen_twice(raw, &header) {
             true => HeaderSeen::Kept,
             false => HeaderSeen::NotKept,
         };
-        Some((header, seen))
+        Some((Some(header), seen))
+    }
+
+    /// The kept header: the one every header seen as [`HeaderSeen::Repeated`] repeats.
+    pub fn kept_header(&self) -> Option<&pb::SlimHeader> {
+        Some(&self.0.as_ref()?.kept.as_ref()?.header)
     }
 
     fn kept(&mut self) -> Option<&mut Kept> {
@@ -195,7 +201,9 @@ impl SentHeader {
 mod tests {
     use super::*;
     use crate::encode::tests::for_publishes;
-    use crate::{decode_message, decode_message_on_link, encode_frame};
+    use crate::{
+        decode_message, decode_message_on_link, decode_message_on_link_unless_kept, encode_frame,
+    };
     use proptest::prelude::*;
     use prost::Message as _;
 
@@ -234,12 +242,24 @@ mod tests {
     fn a_flow_decodes_on_its_link_as_it_decodes_alone() {
         for_publishes(1000, |message, script| {
             let mut memo = ReceivedHeader::default();
+            // The same flow on a link whose repeats are not copied.
+            let mut uncopied = ReceivedHeader::default();
             let (mut last_kept, mut previous): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
             for message in flow(message, &script) {
                 let body = Bytes::from(message.encode_to_vec());
                 let (decoded, seen) = decode_message_on_link(body.clone(), &mut memo).unwrap();
-                prop_assert_eq!(&decoded, &decode_message(body).unwrap());
+                prop_assert_eq!(&decoded, &decode_message(body.clone()).unwrap());
                 prop_assert_eq!(&*decoded, &message);
+                let (mut bare, bare_seen) =
+                    decode_message_on_link_unless_kept(body, &mut uncopied).unwrap();
+                prop_assert_eq!(bare_seen, seen);
+                if let Some(pb::message::MessageType::Publish(publish)) = &mut bare.message_type {
+                    if seen == HeaderSeen::Repeated {
+                        prop_assert!(publish.header.is_none(), "a repeat is not copied");
+                        publish.header = uncopied.kept_header().cloned();
+                    }
+                }
+                prop_assert_eq!(&*bare, &message);
                 let header = message
                     .publish()
                     .and_then(|p| p.header.as_ref())

@@ -152,6 +152,14 @@ impl Receiver {
             Receiver::Wire(link) => link.next().await,
         }
     }
+
+    /// Who sent `message`, the last one [`Receiver::next`] gave.
+    fn source(&self, message: &pb::Message) -> Option<Name> {
+        match self {
+            Receiver::App(_) => message.publish_source(),
+            Receiver::Wire(link) => link.source(message),
+        }
+    }
 }
 
 /// Subscriber `k`: counts and checks throughput messages, answers round trips.
@@ -162,7 +170,7 @@ async fn subscriber(mut rx: Receiver, mut tx: Sender, k: usize, shared: Arc<Shar
             continue; // not one of ours
         };
         if seq & ROUND_TRIP != 0 {
-            let (Some(to), Some(payload)) = (message.publish_source(), blob(&message)) else {
+            let (Some(to), Some(payload)) = (rx.source(&message), blob(&message)) else {
                 continue;
             };
             if tx.publish(&to, 1, payload.clone()).await.is_err() || tx.flush().await.is_err() {

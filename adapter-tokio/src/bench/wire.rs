@@ -16,8 +16,8 @@ use slim_proto::link::{self, LocalLinkInfo};
 use slim_proto::pb::message::MessageType;
 use slim_proto::pb::LinkConnectionType;
 use slim_proto::{
-    decode_message, decode_message_on_link, encode_frame, pb, Deframer, HeaderMacKey, LinkKeyPair,
-    Name, ReceivedHeader, SentHeader,
+    decode_message, decode_message_on_link_unless_kept, encode_frame, pb, Deframer, HeaderMacKey,
+    HeaderSeen, LinkKeyPair, Name, ReceivedHeader, SentHeader,
 };
 
 use super::BenchError;
@@ -108,7 +108,7 @@ pub(super) async fn connect(
         send,
         mac,
         sent: SentHeader::default(),
-        batch: BytesMut::new(),
+        batch: BytesMut::with_capacity(2 * WRITE_BATCH),
         message: None,
     };
     for (i, subscription) in subscriptions.iter().enumerate() {
@@ -179,6 +179,8 @@ impl WireSender {
             return Ok(());
         }
         let batch = self.batch.split().freeze();
+        // The next batch in a buffer of its own, allocated once (not grown frame by frame).
+        self.batch.reserve(2 * WRITE_BATCH);
         send_all(&mut self.send, batch).await.map_err(link_error)
     }
 }
@@ -220,20 +222,45 @@ impl WireReceiver {
     }
 
     /// The next publish delivered, its header's MAC verified (a header identical to the last
-    /// one that verified on this link is not verified again, as a router does it).
+    /// one that verified on this link is not verified again, as a router does it). A
+    /// repeated header is not copied into the message: [`WireReceiver::source`] reads it.
     pub(super) async fn next(&mut self) -> Result<Box<pb::Message>, BenchError> {
         loop {
             let body = self.frames.next().await?;
             let (message, seen) =
-                decode_message_on_link(body, &mut self.received).map_err(link_error)?;
-            let Some(header) = message.publish().and_then(|p| p.header.as_ref()) else {
+                decode_message_on_link_unless_kept(body, &mut self.received).map_err(link_error)?;
+            if message.publish().is_none() {
                 continue; // not a publish: nothing the bench waits for
-            };
+            }
             if !self.received.verified(seen) {
+                let header = self
+                    .header(&message, seen)
+                    .ok_or_else(|| link_error("a publish without a header"))?;
                 self.mac.verify(header).map_err(link_error)?;
                 self.received.set_verified(seen);
             }
             return Ok(message);
         }
+    }
+
+    fn header<'a>(
+        &'a self,
+        message: &'a pb::Message,
+        seen: HeaderSeen,
+    ) -> Option<&'a pb::SlimHeader> {
+        match seen {
+            HeaderSeen::Repeated => self.received.kept_header(),
+            _ => message.publish()?.header.as_ref(),
+        }
+    }
+
+    /// Who sent `message`, the last one [`WireReceiver::next`] gave.
+    pub(super) fn source(&self, message: &pb::Message) -> Option<Name> {
+        let header = message
+            .publish()?
+            .header
+            .as_ref()
+            .or(self.received.kept_header())?;
+        Name::from_pb(header.source.as_ref()?)
     }
 }
