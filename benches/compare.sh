@@ -2,7 +2,12 @@
 # Side by side: the same `slim-tokio bench` runs against our node and against the reference node
 # (the server built into the published slim-bindings wheel), in one run, on this machine.
 #
-#   benches/compare.sh [--duration SECS] [--sizes "64 1024"] [--round-trips N] [--no-append]
+#   benches/compare.sh [--duration SECS] [--sizes "64 1024"] [--round-trips N] [--client app|wire]
+#                      [--no-append]
+#
+# --client: what the publish rows' clients are (`bench --client`): app (default), the app API
+# with a router per client, or wire, clients that speak the link alone and cost little beside
+# the node, so that the row compares the nodes. The p2p rows always run the session layer.
 #
 # The reference node leaves TCP_NODELAY off; it is measured as it is and again with TCP_NODELAY
 # forced on through an LD_PRELOAD shim (benches/nodelay.c, built here with gcc). Our node sets
@@ -19,17 +24,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-DURATION=5; SIZES="64 1024"; RTT=2000; APPEND=1
+DURATION=5; SIZES="64 1024"; RTT=2000; APPEND=1; CLIENT=app
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2;;
     --sizes) SIZES="$2"; shift 2;;
     --round-trips) RTT="$2"; shift 2;;
+    --client) CLIENT="$2"; shift 2;;
     --no-append) APPEND=0; shift;;
     -h|--help) sed -n '2,/^set -e/{/^#/{s/^# \{0,1\}//;p}}' "$0"; exit 0;;
     *) echo "compare: unknown argument $1" >&2; exit 2;;
   esac
 done
+
+case "$CLIENT" in app|wire) ;; *) echo "compare: --client is app or wire, not $CLIENT" >&2; exit 2;; esac
 
 cargo build --release -q --bin slim-tokio
 CARGO_OUT="${CARGO_TARGET_DIR:-target}"
@@ -58,7 +66,8 @@ start_ref() { local port; port=$(free_port)
   wait_port "$port"; echo "$port $!"; }
 
 run() { # endpoint-port mode size -> json line
-  pin "${BENCH_CPUS:-}" "$BIN" bench --endpoint "http://127.0.0.1:$1" --mode "$2" --size "$3" --duration "$DURATION" --round-trips "$RTT" --json 2>/dev/null | tail -1
+  local client=(); [ "$2" = publish ] && client=(--client "$CLIENT")
+  pin "${BENCH_CPUS:-}" "$BIN" bench --endpoint "http://127.0.0.1:$1" --mode "$2" --size "$3" --duration "$DURATION" --round-trips "$RTT" "${client[@]}" --json 2>/dev/null | tail -1
 }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])['$2'])" "$1"; }
 
@@ -72,7 +81,7 @@ read -r REFND pid < <(start_ref nodelay); PIDS+=("$pid")
 MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
 TABLE="### compare.sh, $(date -u +%Y-%m-%d\ %H:%M\ UTC)
 
-Machine: $MACHINE (shared, noisy). Clients and node on the same 2 cores, loopback; nodes pinned to CPUs \`${NODE_CPUS:-any}\`, bench clients to \`${BENCH_CPUS:-any}\`. ${DURATION}s per throughput run, $RTT round trips.
+Machine: $MACHINE (shared, noisy). Clients and node on the same 2 cores, loopback; nodes pinned to CPUs \`${NODE_CPUS:-any}\`, bench clients to \`${BENCH_CPUS:-any}\`; publish rows with \`--client $CLIENT\`. ${DURATION}s per throughput run, $RTT round trips.
 
 | mode | size | ours msgs/s | ref msgs/s | ratio | ref+nodelay msgs/s | ratio | ours p50 µs | ref p50 µs | ratio | ref+nodelay p50 µs | ratio | relay p50 µs | ours − relay µs |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
