@@ -106,9 +106,11 @@ pub struct AdapterCounters {
 struct Writer {
     conn: ConnWriter,
     queued: Arc<AtomicUsize>,
-    /// The size of the last batch handed over: a new batch starts with room for twice as
-    /// much (see [`Driver::queue_frame`]).
-    last_batch: usize,
+    /// The largest recent batch handed over, decaying by a quarter with each batch: a new
+    /// batch starts with room for twice as much (see [`Driver::queue_frame`]). The last batch
+    /// alone was not enough: a steady flow's drains vary by 2–3× in size, and each batch that
+    /// outgrew its room was copied whole as it grew (8 % of the node's instructions).
+    recent_batch: usize,
 }
 
 impl Writer {
@@ -322,7 +324,7 @@ impl Driver {
                     Writer {
                         conn: writer,
                         queued: Arc::default(),
-                        last_batch: 0,
+                        recent_batch: 0,
                     },
                 );
                 if reply.send(conn).is_err() {
@@ -414,7 +416,10 @@ impl Driver {
         let Some(writer) = self.writers.get(&conn) else {
             return;
         };
-        let batched = self.batches.get(&conn).map_or(0, |batch| batch.buf.len());
+        let (batched, capacity) = self
+            .batches
+            .get(&conn)
+            .map_or((0, 0), |batch| (batch.buf.len(), batch.buf.capacity()));
         let queued = writer.queued.load(Ordering::Relaxed) + batched;
         if queued > 0 && queued + frame.len() > CONNECTION_QUEUE_BYTES {
             self.count_slow_consumer_drops(conn, 1);
@@ -426,10 +431,16 @@ impl Driver {
             self.send_frames(conn, frame, 1);
             return;
         }
-        // A new batch starts with room for twice the last one: a steady flow's batches are
-        // then not grown (each doubling copied the batch whole: a tenth of the node's
-        // instructions), and a batch that outgrows it still grows, in one piece.
-        let room = (2 * writer.last_batch).clamp(frame.len(), BATCH_COPY_MAX);
+        // A batch that would pass the largest size only by growing is handed over first: the
+        // growth would copy all of it, for one more frame.
+        if batched > 0 && batched + frame.len() > capacity.max(BATCH_COPY_MAX) {
+            self.flush(conn);
+        }
+        // A new batch starts with room for twice the recent ones: a steady flow's batches are
+        // then not grown (each doubling copied the batch whole), and a batch that outgrows it
+        // still grows, in one piece.
+        let recent = self.writers.get(&conn).map_or(0, |w| w.recent_batch);
+        let room = (2 * recent).clamp(frame.len(), BATCH_COPY_MAX);
         let batch = self.batches.entry(conn).or_insert_with(|| Batch {
             buf: BytesMut::with_capacity(room),
             frames: 0,
@@ -451,7 +462,8 @@ impl Driver {
     /// Hands `batch`, already taken out of [`Driver::batches`], to `conn`'s writer.
     fn send_batch(&mut self, conn: ConnId, batch: Batch) {
         if let Some(writer) = self.writers.get_mut(&conn) {
-            writer.last_batch = batch.buf.len();
+            let decayed = writer.recent_batch - writer.recent_batch / 4;
+            writer.recent_batch = batch.buf.len().max(decayed);
         }
         if batch.frames > 0 {
             self.send_frames(conn, batch.buf.freeze(), batch.frames);

@@ -143,14 +143,22 @@ async fn write_loop(
     status: StatusSlot,
     trailers: bool,
 ) {
+    // A frame taken off the queue that did not fit the last write: it leads the next one.
+    let mut held: Option<Bytes> = None;
     let final_status = loop {
+        let next = async {
+            match held.take() {
+                Some(frame) => Some(frame),
+                None => frames.recv().await,
+            }
+        };
         let outcome = tokio::select! {
             biased;
             closing = &mut close => WriteOutcome::Close(closing.ok()),
-            frame = frames.recv() => match frame {
+            frame = next => match frame {
                 None => WriteOutcome::Close(None),
                 Some(first) => {
-                    let batch = batch_frames(first, &mut frames);
+                    let batch = batch_frames(first, &mut frames, &mut held);
                     tokio::select! {
                         sent = send_all(&mut send, batch) => WriteOutcome::Sent(sent),
                         closing = &mut close => WriteOutcome::Close(closing.ok()),
@@ -169,7 +177,7 @@ async fn write_loop(
                 // Frames the router queued before closing go first (a refused peer gets its
                 // negotiation reply, then the status; at shutdown nothing queued is lost). A
                 // peer that does not read gets a bounded wait.
-                let mut queued = Vec::new();
+                let mut queued: Vec<Bytes> = held.take().into_iter().collect();
                 while let Ok(frame) = frames.try_recv() {
                     queued.push(frame);
                 }
@@ -199,24 +207,34 @@ async fn write_loop(
     }
 }
 
-/// Joins queued small frames into one buffer (fewer DATA frames and syscalls under load).
-fn batch_frames(first: Bytes, frames: &mut mpsc::Receiver<Bytes>) -> Bytes {
-    if first.len() >= WRITE_BATCH {
-        return first;
-    }
-    let Ok(second) = frames.try_recv() else {
-        return first;
-    };
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH.max(first.len() + second.len()));
-    buf.extend_from_slice(&first);
-    buf.extend_from_slice(&second);
-    while buf.len() < WRITE_BATCH {
-        match frames.try_recv() {
-            Ok(next) => buf.extend_from_slice(&next),
-            Err(_) => break,
+/// Joins queued small frames into one buffer of at most [`WRITE_BATCH`] bytes (fewer DATA
+/// frames and syscalls under load). A frame that does not fit is put in `held` for the next
+/// write: growing the buffer for it would copy all of it.
+fn batch_frames(
+    first: Bytes,
+    frames: &mut mpsc::Receiver<Bytes>,
+    held: &mut Option<Bytes>,
+) -> Bytes {
+    // Made only once a second frame joins the first.
+    let mut joined: Option<BytesMut> = None;
+    let mut len = first.len();
+    while len < WRITE_BATCH {
+        let Ok(next) = frames.try_recv() else {
+            break;
+        };
+        if len + next.len() > WRITE_BATCH {
+            *held = Some(next);
+            break;
         }
+        let buf = joined.get_or_insert_with(|| {
+            let mut buf = BytesMut::with_capacity(WRITE_BATCH);
+            buf.extend_from_slice(&first);
+            buf
+        });
+        buf.extend_from_slice(&next);
+        len = buf.len();
     }
-    buf.freeze()
+    joined.map_or(first, BytesMut::freeze)
 }
 
 /// Sends within the peer's flow-control window, waiting for capacity instead of letting h2
@@ -268,6 +286,41 @@ fn percent_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queued_frames_join_up_to_a_batch_and_the_one_that_does_not_fit_waits() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let frame = |byte: u8, len: usize| Bytes::from(vec![byte; len]);
+        for (byte, len) in [(2, 20_000), (3, 20_000), (4, 30_000), (5, 10)] {
+            tx.try_send(frame(byte, len)).unwrap();
+        }
+        let mut held = None;
+        let batch = batch_frames(frame(1, 10_000), &mut rx, &mut held);
+        let mut expected = vec![1u8; 10_000];
+        expected.extend([2u8; 20_000]);
+        expected.extend([3u8; 20_000]);
+        assert_eq!(batch, expected, "joined in order, within WRITE_BATCH");
+        assert!(batch.len() <= WRITE_BATCH);
+        assert_eq!(
+            held,
+            Some(frame(4, 30_000)),
+            "the frame that did not fit waits"
+        );
+        // The held frame leads the next batch, before what was queued after it.
+        let next = batch_frames(held.take().unwrap(), &mut rx, &mut held);
+        let mut expected = vec![4u8; 30_000];
+        expected.extend([5u8; 10]);
+        assert_eq!(next, expected);
+        assert!(held.is_none());
+        // A lone frame goes as it is, and one already as large as a batch is not joined.
+        tx.try_send(frame(7, 1)).unwrap();
+        let big = frame(6, WRITE_BATCH);
+        assert_eq!(batch_frames(big.clone(), &mut rx, &mut held), big);
+        assert_eq!(
+            batch_frames(frame(8, 3), &mut rx, &mut held),
+            [8, 8, 8, 7][..]
+        );
+    }
 
     #[test]
     fn trailers_encode_status_and_message() {
