@@ -6,10 +6,10 @@ use bytes::Bytes;
 use prost::Message as _;
 use slim_core::router::{ConnId, ConnectionKind, Output, Router, RouterConfig, SubscriptionTable};
 use slim_core::Timestamp;
-use slim_proto::link::{self, LocalLinkInfo};
+use slim_proto::link;
 use slim_proto::name::ANY_INSTANCE;
+use slim_proto::pb;
 use slim_proto::pb::message::MessageType;
-use slim_proto::pb::{self, LinkConnectionType};
 use slim_proto::{HeaderMacKey, LinkKeyPair, Name, NameKey};
 
 /// An identity token of the shape and size the SLIM SDK puts in `SLIMHeader.identity`
@@ -150,17 +150,8 @@ impl EdgeClient {
         key_seed[..4].copy_from_slice(&seed.to_le_bytes());
         let keys = LinkKeyPair::from_seed(key_seed);
         let link_id = format!("bench-link-{seed}");
-        let info = LocalLinkInfo {
-            slim_version: "3.4.6".into(),
-            node_id: format!("bench-client-{seed}"),
-            deployment_name: String::new(),
-        };
-        let request = link::request(
-            &info,
-            &link_id,
-            LinkConnectionType::Edge,
-            keys.public_bytes(),
-        );
+        let request =
+            link::edge_client_request(format!("bench-client-{seed}"), "3.4.6", &link_id, &keys);
         let body = link::negotiation_message(request).encode_to_vec();
         router.handle_frame(conn, Bytes::from(body), now);
         let mut reply = None;

@@ -131,6 +131,26 @@ pub fn request(
     }
 }
 
+/// The request an SDK client opens its link with (an Edge link, no deployment name).
+pub fn edge_client_request(
+    node_id: String,
+    slim_version: &str,
+    link_id: &str,
+    keys: &LinkKeyPair,
+) -> pb::LinkNegotiationPayload {
+    let info = LocalLinkInfo {
+        slim_version: slim_version.to_owned(),
+        node_id,
+        deployment_name: String::new(),
+    };
+    request(
+        &info,
+        link_id,
+        LinkConnectionType::Edge,
+        keys.public_bytes(),
+    )
+}
+
 /// The responder's reply: echoes the link id and connection type, as every client requires.
 pub fn reply(
     info: &LocalLinkInfo,
@@ -268,6 +288,22 @@ mod tests {
             node_id: "node-x".into(),
             deployment_name: String::new(),
         }
+    }
+
+    #[test]
+    fn an_edge_client_request_is_the_request_with_no_deployment() {
+        let keys = LinkKeyPair::from_seed([4; 32]);
+        let edge = edge_client_request("node-x".into(), "3.4.6", "abc", &keys);
+        assert_eq!(
+            edge,
+            request(
+                &info(),
+                "abc",
+                LinkConnectionType::Edge,
+                keys.public_bytes()
+            )
+        );
+        check_request(&edge, true).unwrap();
     }
 
     #[test]

@@ -12,9 +12,8 @@
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use slim_proto::link::{self, LocalLinkInfo};
+use slim_proto::link;
 use slim_proto::pb::message::MessageType;
-use slim_proto::pb::LinkConnectionType;
 use slim_proto::{
     decode_message, decode_message_on_link_unless_kept, encode_frame, pb, Deframer, HeaderMacKey,
     HeaderSeen, LinkKeyPair, Name, ReceivedHeader, SentHeader,
@@ -72,16 +71,11 @@ pub(super) async fn connect(
         "{:032x}",
         u128::from_le_bytes(seed[32..].try_into().unwrap_or_default())
     );
-    let info = LocalLinkInfo {
-        slim_version: crate::SLIM_VERSION.to_owned(),
-        node_id: format!("bench-{name}"),
-        deployment_name: String::new(),
-    };
-    let request = link::request(
-        &info,
+    let request = link::edge_client_request(
+        format!("bench-{name}"),
+        crate::SLIM_VERSION,
         &link_id,
-        LinkConnectionType::Edge,
-        keys.public_bytes(),
+        &keys,
     );
     send_all(&mut send, encode_frame(&link::negotiation_message(request)))
         .await

@@ -17,7 +17,7 @@ use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use prost::Message as _;
 use slim_core::router::Stats;
-use slim_proto::link::{self, LocalLinkInfo};
+use slim_proto::link;
 use slim_proto::pb::{self, message::MessageType, LinkConnectionType};
 use slim_proto::{encode_frame, Deframer, HeaderMacKey, LinkKeyPair, Name};
 use slim_tokio::config::{NodeConfig, ServerConfig};
@@ -548,17 +548,8 @@ impl Client {
     pub fn negotiation_request(&self) -> (pb::LinkNegotiationPayload, LinkKeyPair) {
         let link_id = format!("test-{}-{}", self.label, random_id());
         let keys = LinkKeyPair::from_seed(random_bytes());
-        let info = LocalLinkInfo {
-            slim_version: CLIENT_VERSION.into(),
-            node_id: format!("node-test-{}", random_id()),
-            deployment_name: String::new(),
-        };
-        let request = link::request(
-            &info,
-            &link_id,
-            LinkConnectionType::Edge,
-            keys.public_bytes(),
-        );
+        let node_id = format!("node-test-{}", random_id());
+        let request = link::edge_client_request(node_id, CLIENT_VERSION, &link_id, &keys);
         (request, keys)
     }
 

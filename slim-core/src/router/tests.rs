@@ -83,17 +83,8 @@ impl Harness {
         self.next_seed += 1;
         let keys = LinkKeyPair::from_seed([self.next_seed; 32]);
         let link_id = format!("link-{}", self.next_seed);
-        let info = LocalLinkInfo {
-            slim_version: "3.4.6".into(),
-            node_id: format!("node-client-{}", self.next_seed),
-            deployment_name: String::new(),
-        };
-        let request = link::request(
-            &info,
-            &link_id,
-            LinkConnectionType::Edge,
-            keys.public_bytes(),
-        );
+        let node_id = format!("node-client-{}", self.next_seed);
+        let request = link::edge_client_request(node_id, "3.4.6", &link_id, &keys);
         self.send(conn, &link::negotiation_message(request));
         let replies = self.take(conn);
         assert_eq!(replies.len(), 1, "one negotiation reply");
