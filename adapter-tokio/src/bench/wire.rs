@@ -22,6 +22,8 @@ use slim_proto::{
 use super::BenchError;
 use crate::stream::send_all;
 
+/// How long connecting, negotiating and subscribing may take (as the app client's link wait).
+const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Publishes gathered before they are handed to h2 in one DATA frame.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -54,8 +56,23 @@ struct FrameStream {
     deframer: Deframer,
 }
 
-/// Connects to `endpoint` as `name`, negotiates the link and makes `subscriptions`.
+/// Connects to `endpoint` as `name`, negotiates the link and makes `subscriptions`, within
+/// [`CONNECT_WAIT`] (a node that accepts the stream but never answers is an error, not a hang).
 pub(super) async fn connect(
+    endpoint: &str,
+    name: Name,
+    subscriptions: &[Name],
+) -> Result<(WireSender, WireReceiver), BenchError> {
+    tokio::time::timeout(CONNECT_WAIT, link_up(endpoint, name, subscriptions))
+        .await
+        .map_err(|_| {
+            link_error(format!(
+                "{endpoint}: no negotiation reply or subscription ack within {CONNECT_WAIT:?}"
+            ))
+        })?
+}
+
+async fn link_up(
     endpoint: &str,
     name: Name,
     subscriptions: &[Name],
@@ -256,5 +273,31 @@ impl WireReceiver {
             .as_ref()
             .or(self.received.kept_header())?;
         Name::from_pb(header.source.as_ref()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_never_answers_is_an_error_not_a_hang() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = listener.local_addr().unwrap().to_string();
+        // Accepts and holds every connection, and never speaks HTTP/2.
+        let _silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let name = Name::with_id("bench", "wire", "silent", 1);
+        let Err(error) = connect(&endpoint, name, &[]).await else {
+            panic!("a silent peer gave a link");
+        };
+        assert!(
+            matches!(&error, BenchError::Link(reason) if reason.contains("within")),
+            "{error}"
+        );
     }
 }
