@@ -588,28 +588,9 @@ impl Driver {
                 record: record.then(|| name.clone()),
             });
         }
-        let header = Some(pb::SlimHeader::from_app(
-            &self.source,
-            name,
-            1,
-            self.uplink(),
-            crate::SLIM_VERSION,
-        ));
-        let message_type = if subscribe {
-            MessageType::Subscribe(pb::Subscribe {
-                header,
-                subscription_id: sub_id,
-            })
-        } else {
-            MessageType::Unsubscribe(pb::Unsubscribe {
-                header,
-                subscription_id: sub_id,
-            })
-        };
-        let message = pb::Message {
-            message_type: Some(message_type),
-            metadata: Default::default(),
-        };
+        let header =
+            pb::SlimHeader::from_app(&self.source, name, 1, self.uplink(), crate::SLIM_VERSION);
+        let message = pb::Message::subscription(subscribe, header, sub_id);
         self.router
             .handle_message(self.app, Box::new(message), self.clock.now());
     }

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use slim_core::router::{ConnId, ConnectionKind, Router, RouterConfig};
-use slim_proto::pb::message::MessageType;
 use slim_proto::{pb, Name};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -322,22 +321,8 @@ impl Inner {
                 Some(answer)
             }
         };
-        let header = Some(self.header(name, 1, Some(uplink)));
-        let message_type = if subscribe {
-            MessageType::Subscribe(pb::Subscribe {
-                header,
-                subscription_id: sub_id,
-            })
-        } else {
-            MessageType::Unsubscribe(pb::Unsubscribe {
-                header,
-                subscription_id: sub_id,
-            })
-        };
-        let message = pb::Message {
-            message_type: Some(message_type),
-            metadata: Default::default(),
-        };
+        let header = self.header(name, 1, Some(uplink));
+        let message = pb::Message::subscription(subscribe, header, sub_id);
         self.send(Box::new(message)).await?;
         let Some(answer) = answer else {
             return Ok(());

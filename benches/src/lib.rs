@@ -164,12 +164,12 @@ impl EdgeClient {
         }
         let reply = reply.expect("the router answers the negotiation");
         link::check_reply(&reply, &link_id, true).expect("strict client accepts the reply");
-        let key = keys
-            .derive_mac_key(&reply.link_ecdh_public_key, &link_id)
-            .expect("32-byte key");
+        let mac = keys.header_mac(&reply.link_ecdh_public_key, &link_id);
         EdgeClient {
             conn,
-            mac: HeaderMacKey::new(&key, &link_id).expect("32-byte key"),
+            mac: mac
+                .expect("a 32-byte key")
+                .expect("the router sent its key"),
         }
     }
 
@@ -177,13 +177,7 @@ impl EdgeClient {
     pub fn subscribe_body(&self, source: &Name, name: &Name, sub_id: u64) -> Bytes {
         let mut header = header(source, name, 1);
         self.mac.sign(&mut header);
-        let message = pb::Message {
-            message_type: Some(MessageType::Subscribe(pb::Subscribe {
-                header: Some(header),
-                subscription_id: sub_id,
-            })),
-            metadata: Default::default(),
-        };
+        let message = pb::Message::subscription(true, header, sub_id);
         Bytes::from(message.encode_to_vec())
     }
 

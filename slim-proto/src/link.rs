@@ -7,6 +7,7 @@ use hkdf::Hkdf;
 use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use crate::mac::HeaderMacKey;
 use crate::pb;
 use crate::pb::LinkConnectionType;
 
@@ -82,6 +83,21 @@ impl LinkKeyPair {
             .map_err(|_| NegotiationError::BadEcdhKey(peer_public.len()))?;
         let shared = self.secret.diffie_hellman(&PublicKey::from(peer));
         Ok(derive_mac_key(shared.as_bytes(), link_id))
+    }
+
+    /// The link's header-MAC key, agreed with the peer whose public key is `peer_public`;
+    /// `None` when the peer sent no key (a link without header MACs, which only a lenient
+    /// side accepts: `check_request` / `check_reply` refuse it otherwise).
+    pub fn header_mac(
+        &self,
+        peer_public: &[u8],
+        link_id: &str,
+    ) -> Result<Option<HeaderMacKey>, NegotiationError> {
+        if peer_public.is_empty() {
+            return Ok(None);
+        }
+        let key = self.derive_mac_key(peer_public, link_id)?;
+        Ok(HeaderMacKey::new(&key, link_id))
     }
 }
 

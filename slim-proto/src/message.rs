@@ -62,6 +62,27 @@ impl pb::Message {
         }
     }
 
+    /// A subscription (`subscribe`) or its removal for the destination of `header`, acked by
+    /// the node under `subscription_id` (0: no ack wanted).
+    pub fn subscription(subscribe: bool, header: pb::SlimHeader, subscription_id: u64) -> Self {
+        let header = Some(header);
+        let message_type = if subscribe {
+            MessageType::Subscribe(pb::Subscribe {
+                header,
+                subscription_id,
+            })
+        } else {
+            MessageType::Unsubscribe(pb::Unsubscribe {
+                header,
+                subscription_id,
+            })
+        };
+        pb::Message {
+            message_type: Some(message_type),
+            metadata: Default::default(),
+        }
+    }
+
     /// The publish this message is, if it is one.
     pub fn publish(&self) -> Option<&pb::Publish> {
         match &self.message_type {
@@ -102,6 +123,29 @@ impl pb::Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subscription_and_its_removal_carry_header_and_id() {
+        let me = Name::with_id("org", "ns", "alice", 7);
+        let header = pb::SlimHeader::from_app(&me, &me, 1, None, "1.0");
+        let subscribe = pb::Message::subscription(true, header.clone(), 5);
+        assert_eq!(
+            subscribe.message_type,
+            Some(MessageType::Subscribe(pb::Subscribe {
+                header: Some(header.clone()),
+                subscription_id: 5
+            }))
+        );
+        let unsubscribe = pb::Message::subscription(false, header.clone(), 5);
+        assert_eq!(
+            unsubscribe.message_type,
+            Some(MessageType::Unsubscribe(pb::Unsubscribe {
+                header: Some(header),
+                subscription_id: 5
+            }))
+        );
+        assert!(subscribe.metadata.is_empty());
+    }
 
     #[test]
     fn an_app_publish_reads_back() {

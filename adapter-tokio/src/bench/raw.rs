@@ -165,7 +165,15 @@ impl Receiver {
 /// Subscriber `k`: counts and checks throughput messages, answers round trips.
 async fn subscriber(mut rx: Receiver, mut tx: Sender, k: usize, shared: Arc<Shared>) {
     let mut last: Vec<Option<u64>> = vec![None; shared.flows.len()];
-    while let Ok(message) = rx.next().await {
+    loop {
+        let message = match rx.next().await {
+            Ok(message) => message,
+            Err(error) => {
+                // Its missing deliveries are counted as lost; this says why.
+                tracing::warn!(subscriber = k, %error, "subscriber stopped");
+                return;
+            }
+        };
         let Some(seq) = blob(&message).and_then(|b| seq_of(b)) else {
             continue; // not one of ours
         };
@@ -173,7 +181,12 @@ async fn subscriber(mut rx: Receiver, mut tx: Sender, k: usize, shared: Arc<Shar
             let (Some(to), Some(payload)) = (rx.source(&message), blob(&message)) else {
                 continue;
             };
-            if tx.publish(&to, 1, payload.clone()).await.is_err() || tx.flush().await.is_err() {
+            let answered = match tx.publish(&to, 1, payload.clone()).await {
+                Ok(()) => tx.flush().await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = answered {
+                tracing::warn!(subscriber = k, %error, "cannot answer a round trip");
                 return;
             }
             continue;

@@ -46,6 +46,11 @@ pub(super) struct WireSender {
 /// The receiving half of a wire link.
 pub(super) struct WireReceiver {
     frames: FrameStream,
+    checked: Checked,
+}
+
+/// What a link delivers, decoded and its header MAC checked.
+struct Checked {
     mac: HeaderMacKey,
     received: ReceivedHeader,
 }
@@ -105,14 +110,16 @@ async fn link_up(
     let reply = link::as_negotiation(&reply)
         .ok_or_else(|| link_error("the node's first message is not a negotiation reply"))?;
     link::check_reply(reply, &link_id, true).map_err(link_error)?;
-    let key = keys
-        .derive_mac_key(&reply.link_ecdh_public_key, &link_id)
-        .map_err(link_error)?;
-    let mac = HeaderMacKey::new(&key, &link_id).ok_or_else(|| link_error("empty link id"))?;
+    let mac = keys
+        .header_mac(&reply.link_ecdh_public_key, &link_id)
+        .map_err(link_error)?
+        .ok_or_else(|| link_error("the node sent no key for header MACs"))?;
     let mut receiver = WireReceiver {
         frames,
-        mac: mac.clone(),
-        received: ReceivedHeader::default(),
+        checked: Checked {
+            mac: mac.clone(),
+            received: ReceivedHeader::default(),
+        },
     };
     let mut sender = WireSender {
         name,
@@ -134,13 +141,7 @@ impl WireSender {
     async fn subscribe(&mut self, name: &Name, sub_id: u64) -> Result<(), BenchError> {
         let mut header = pb::SlimHeader::from_app(&self.name, name, 1, None, crate::SLIM_VERSION);
         self.mac.sign(&mut header);
-        let subscribe = pb::Message {
-            message_type: Some(MessageType::Subscribe(pb::Subscribe {
-                header: Some(header),
-                subscription_id: sub_id,
-            })),
-            metadata: Default::default(),
-        };
+        let subscribe = pb::Message::subscription(true, header, sub_id);
         send_all(&mut self.send, encode_frame(&subscribe))
             .await
             .map_err(link_error)
@@ -232,41 +233,46 @@ impl WireReceiver {
         }
     }
 
-    /// The next publish delivered, its header's MAC verified (a header identical to the last
-    /// one that verified on this link is not verified again, as a router does it). A
-    /// repeated header is not copied into the message: [`WireReceiver::source`] reads it.
+    /// The next publish delivered, its header's MAC verified (see [`Checked::publish`]).
     pub(super) async fn next(&mut self) -> Result<Box<pb::Message>, BenchError> {
         loop {
             let body = self.frames.next().await?;
-            let (message, seen) =
-                decode_message_on_link_unless_kept(body, &mut self.received).map_err(link_error)?;
-            if message.publish().is_none() {
-                continue; // not a publish: nothing the bench waits for
+            if let Some(message) = self.checked.publish(body)? {
+                return Ok(message);
             }
-            if !self.received.verified(seen) {
-                let header = self
-                    .header(&message, seen)
-                    .ok_or_else(|| link_error("a publish without a header"))?;
-                self.mac.verify(header).map_err(link_error)?;
-                self.received.set_verified(seen);
-            }
-            return Ok(message);
-        }
-    }
-
-    fn header<'a>(
-        &'a self,
-        message: &'a pb::Message,
-        seen: HeaderSeen,
-    ) -> Option<&'a pb::SlimHeader> {
-        match seen {
-            HeaderSeen::Repeated => self.received.kept_header(),
-            _ => message.publish()?.header.as_ref(),
         }
     }
 
     /// Who sent `message`, the last one [`WireReceiver::next`] gave.
     pub(super) fn source(&self, message: &pb::Message) -> Option<Name> {
+        self.checked.source(message)
+    }
+}
+
+impl Checked {
+    /// `body` decoded, if it is a publish (`None`: another message, nothing the bench waits
+    /// for), with its header MAC verified: a header identical to the last one that verified on
+    /// this link is not verified again, as a router does it. A repeated header is not copied
+    /// into the message: [`Checked::source`] reads it.
+    fn publish(&mut self, body: Bytes) -> Result<Option<Box<pb::Message>>, BenchError> {
+        let (message, seen) =
+            decode_message_on_link_unless_kept(body, &mut self.received).map_err(link_error)?;
+        if message.publish().is_none() {
+            return Ok(None);
+        }
+        if !self.received.verified(seen) {
+            let header = match seen {
+                HeaderSeen::Repeated => self.received.kept_header(),
+                _ => message.publish().and_then(|p| p.header.as_ref()),
+            };
+            let header = header.ok_or_else(|| link_error("a publish without a header"))?;
+            self.mac.verify(header).map_err(link_error)?;
+            self.received.set_verified(seen);
+        }
+        Ok(Some(message))
+    }
+
+    fn source(&self, message: &pb::Message) -> Option<Name> {
         let header = message
             .publish()?
             .header
@@ -279,6 +285,65 @@ impl WireReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_delivery_is_verified_unless_it_repeats_a_verified_header_byte_for_byte() {
+        let key = [5u8; 32];
+        let mac = HeaderMacKey::new(&key, "link-w").unwrap();
+        let mut checked = Checked {
+            mac: mac.clone(),
+            received: ReceivedHeader::default(),
+        };
+        let (from, to) = (
+            Name::with_id("org", "ns", "pub", 1),
+            Name::with_id("org", "ns", "sub", 2),
+        );
+        let publish = |seq: u8, signer: &HeaderMacKey| {
+            let mut header = pb::SlimHeader::from_app(&from, &to, 1, None, "3.4.6");
+            signer.sign(&mut header);
+            let message = pb::Message::app_publish(
+                header,
+                pb::SessionHeader::default(),
+                Bytes::from(vec![seq; 8]),
+            );
+            encode_frame(&message).slice(5..)
+        };
+        // The same header three times: decoded, then kept, then a repeat of the kept one.
+        for seq in 0..3 {
+            let message = checked
+                .publish(publish(seq, &mac))
+                .unwrap()
+                .expect("a publish");
+            assert_eq!(message.app_payload().unwrap().blob, vec![seq; 8]);
+            assert_eq!(checked.source(&message), Some(from.clone()));
+        }
+        // Signed with another key: a different tag, so different bytes, verified and refused.
+        let other = HeaderMacKey::new(&[6u8; 32], "link-w").unwrap();
+        for _ in 0..2 {
+            let Err(error) = checked.publish(publish(9, &other)) else {
+                panic!("a publish signed with another key was accepted");
+            };
+            assert!(
+                matches!(&error, BenchError::Link(reason) if reason.contains("header_mac")),
+                "{error}"
+            );
+        }
+        // The link's own tag still passes.
+        assert!(checked.publish(publish(3, &mac)).unwrap().is_some());
+        // Not a publish: nothing to deliver, no error.
+        let ack = pb::Message {
+            message_type: Some(MessageType::SubscriptionAck(pb::SubscriptionAck {
+                subscription_id: 1,
+                success: true,
+                error: String::new(),
+            })),
+            metadata: Default::default(),
+        };
+        assert!(checked
+            .publish(encode_frame(&ack).slice(5..))
+            .unwrap()
+            .is_none());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_node_that_never_answers_is_an_error_not_a_hang() {

@@ -657,7 +657,7 @@ impl Router {
             return;
         };
         let keys = LinkKeyPair::from_seed(self.rng.random());
-        let mac = match self.derive_mac(&keys, &request.link_ecdh_public_key, &request.link_id) {
+        let mac = match keys.header_mac(&request.link_ecdh_public_key, &request.link_id) {
             Ok(mac) => mac,
             Err(error) => {
                 self.close(conn, error.grpc_status(), error.to_string());
@@ -705,31 +705,12 @@ impl Router {
                     NegotiationError::UnknownConnectionType(reply.connection_type),
                 )
             })
-            .and_then(|kind| {
-                Ok((
-                    kind,
-                    self.derive_mac(keys, &reply.link_ecdh_public_key, link_id)?,
-                ))
-            });
+            .and_then(|kind| Ok((kind, keys.header_mac(&reply.link_ecdh_public_key, link_id)?)));
         match checked {
             // The link takes the type the responder settled on (it echoes ours).
             Ok((kind, mac)) => self.establish(conn, kind, mac, reply),
             Err(error) => self.close(conn, error.grpc_status(), error.to_string()),
         }
-    }
-
-    fn derive_mac(
-        &self,
-        keys: &LinkKeyPair,
-        peer_public: &[u8],
-        link_id: &str,
-    ) -> Result<Option<HeaderMacKey>, NegotiationError> {
-        if peer_public.is_empty() {
-            // Only reachable when header MACs are optional (check_* refused it otherwise).
-            return Ok(None);
-        }
-        let key = keys.derive_mac_key(peer_public, link_id)?;
-        Ok(HeaderMacKey::new(&key, link_id))
     }
 
     fn establish(

@@ -93,12 +93,10 @@ impl Harness {
             .clone();
         link::check_reply(&reply, &link_id, true).expect("reply acceptable to a strict client");
         assert_eq!(reply.connection_type, LinkConnectionType::Edge as i32);
-        let key = keys
-            .derive_mac_key(&reply.link_ecdh_public_key, &link_id)
-            .unwrap();
+        let mac = keys.header_mac(&reply.link_ecdh_public_key, &link_id);
         Client {
             conn,
-            mac: HeaderMacKey::new(&key, &link_id).unwrap(),
+            mac: mac.unwrap().expect("the router sent its key"),
             name: name.clone(),
         }
     }
