@@ -32,6 +32,7 @@ use bytes::Bytes;
 use futures_lite::future;
 use h2::{RecvStream, SendStream};
 use slim_core::router::{ConnId, ConnectionKind, Output, Router, RouterConfig, RouterEvent};
+use slim_core::TimerSlot;
 use slim_proto::pb::message::MessageType;
 use slim_proto::{pb, Deframer, Name, NameKey};
 use smol::channel::{self, Receiver, Sender, TrySendError};
@@ -359,10 +360,12 @@ enum Wake {
 }
 
 impl Driver {
-    /// drain → arm the timer → wait for exactly one input, until the client is dropped (or its
+    /// drain → arm the timer (moved only earlier: [`TimerSlot`]) → wait for exactly one input, until the client is dropped (or its
     /// first link fails).
     async fn run(mut self, commands: Receiver<Command>) {
         let mut flip = false;
+        let mut slot = TimerSlot::default();
+        let mut timer = smol::Timer::never();
         loop {
             if let Err(loss) = self.drain().await {
                 if !self.lose_link(loss) {
@@ -378,12 +381,15 @@ impl Driver {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            if let Some(at) = slot.rearm(deadline) {
+                timer.set_at(at);
+            }
+            let armed = slot.is_armed();
             let timer = async {
-                match deadline {
-                    Some(at) => {
-                        smol::Timer::at(at).await;
-                    }
-                    None => future::pending::<()>().await,
+                if armed {
+                    (&mut timer).await;
+                } else {
+                    future::pending::<()>().await;
                 }
                 Wake::Timer
             };
@@ -410,6 +416,7 @@ impl Driver {
             let now = self.clock.now();
             match wake {
                 Wake::Timer => {
+                    slot.fired();
                     if self.redial_at.is_some_and(|at| at <= Instant::now()) {
                         self.redial_at = None;
                         let authority = self.authority.clone();

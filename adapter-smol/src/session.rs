@@ -32,6 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_lite::future;
 use slim_core::session::{self, Output, SessionLayer};
+use slim_core::TimerSlot;
 use slim_proto::{pb, Name};
 use smol::channel::{self, Receiver, Sender, TrySendError};
 
@@ -353,24 +354,25 @@ struct Driver {
 type Go = bool;
 
 impl Driver {
-    /// drain → arm the timer → wait for one input (a message, a command, the timer, or room
+    /// drain → arm the timer (moved only earlier: [`TimerSlot`]) → wait for one input (a message, a command, the timer, or room
     /// for a backlogged event).
     async fn run(mut self) {
         let mut flip = false;
+        let mut slot = TimerSlot::default();
+        let mut timer = smol::Timer::never();
         loop {
             if !self.drain().await {
                 return;
             }
-            let deadline = self
-                .layer
-                .poll_timeout()
-                .map(|at| self.clock.to_instant(at));
+            if let Some(at) = slot.rearm(self.layer.poll_timeout()) {
+                timer.set_at(self.clock.to_instant(at));
+            }
+            let armed = slot.is_armed();
             let timer = async {
-                match deadline {
-                    Some(at) => {
-                        smol::Timer::at(at).await;
-                    }
-                    None => future::pending::<()>().await,
+                if armed {
+                    (&mut timer).await;
+                } else {
+                    future::pending::<()>().await;
                 }
                 Wake::Timer
             };
@@ -395,7 +397,10 @@ impl Driver {
             flip = !flip;
             let wake = future::or(future::or(timer, hand), either_first(flip, net, app)).await;
             match wake {
-                Wake::Timer => self.layer.handle_timeout(self.clock.now()),
+                Wake::Timer => {
+                    slot.fired();
+                    self.layer.handle_timeout(self.clock.now());
+                }
                 Wake::Net(Ok(message)) => self.layer.handle_message(message, self.clock.now()),
                 // Only when the client is gone: it redials a lost link by itself.
                 Wake::Net(Err(error)) => {

@@ -5,10 +5,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 use slim_core::router::{ConnId, ConnectionKind, Output, Router, RouterEvent, Stats};
+use slim_core::TimerSlot;
 use slim_proto::pb;
 use tokio::sync::{mpsc, oneshot};
 
@@ -266,18 +268,16 @@ async fn run(
         clock,
         counters,
     };
+    let mut slot = TimerSlot::default();
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
     loop {
         driver.drain();
-        let deadline = driver
-            .router
-            .poll_timeout()
-            .map(|(at, _)| tokio::time::Instant::from_std(driver.clock.to_instant(at)));
-        let timer = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        if let Some(at) = slot.rearm(driver.router.poll_timeout().map(|(at, _)| at)) {
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(driver.clock.to_instant(at)));
+        }
         tokio::select! {
             input = rx.recv() => {
                 let Some(input) = input else { break };
@@ -295,7 +295,10 @@ async fn run(
                     }
                 }
             }
-            () = timer => driver.router.handle_timeout(driver.clock.now()),
+            () = &mut timer, if slot.is_armed() => {
+                slot.fired();
+                driver.router.handle_timeout(driver.clock.now());
+            }
         }
     }
 }

@@ -18,4 +18,4 @@ pub mod session;
 pub mod sim;
 pub mod time;
 
-pub use time::Timestamp;
+pub use time::{TimerSlot, Timestamp};

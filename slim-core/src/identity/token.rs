@@ -1,5 +1,7 @@
 //! SharedSecret identity tokens (spec §5, §1.12): `"<id>:<ts>:<nonce>:<claims>:<mac>"`.
 
+use std::fmt::Write as _;
+
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -137,7 +139,8 @@ impl SharedSecret {
     ///
     /// Real clients send a fresh token on every message, so this is cheap and takes the time and
     /// the nonce randomness from the caller. `id` should come from [`new_identity_id`]: an id
-    /// containing `:` yields a token no verifier accepts.
+    /// containing `:` yields a token no verifier accepts. An issuer whose key does not change
+    /// encodes its claims once ([`claims_field`]) and calls [`SharedSecret::issue_with_claims`].
     pub fn issue<R: CryptoRng + ?Sized>(
         &self,
         id: &str,
@@ -145,13 +148,28 @@ impl SharedSecret {
         now_unix: u64,
         rng: &mut R,
     ) -> String {
+        self.issue_with_claims(id, &claims_field(claims_pubkey), now_unix, rng)
+    }
+
+    /// [`SharedSecret::issue`] with the claims field already encoded by [`claims_field`].
+    pub fn issue_with_claims<R: CryptoRng + ?Sized>(
+        &self,
+        id: &str,
+        claims: &str,
+        now_unix: u64,
+        rng: &mut R,
+    ) -> String {
         let mut nonce = [0u8; NONCE_LEN];
         rng.fill_bytes(&mut nonce);
-        let mut token = format!(
-            "{id}:{now_unix}:{}:{}",
-            URL_SAFE_NO_PAD.encode(nonce),
-            claims_for_pubkey(claims_pubkey)
-        );
+        // id, 20 timestamp digits, 16 nonce characters, the claims, the tag and 4 colons.
+        let mut token = String::with_capacity(id.len() + 20 + 16 + claims.len() + MAC_B64_LEN + 4);
+        token.push_str(id);
+        token.push(':');
+        // Writing into a String cannot fail.
+        let _ = write!(token, "{now_unix}:");
+        URL_SAFE_NO_PAD.encode_string(nonce, &mut token);
+        token.push(':');
+        token.push_str(claims);
         let tag = self
             .mac
             .clone()
@@ -178,6 +196,27 @@ impl SharedSecret {
     /// use of a verified identity in SLIM (e2e header signature, payload signature, MLS credential)
     /// needs that key.
     pub fn verify(&self, token: &str, now_unix: u64) -> Result<VerifiedToken, TokenError> {
+        let authentic = self.authenticate(token, now_unix)?;
+        let (claims, pubkey) = decode_claims(authentic.claims)?;
+        Ok(authentic.verified(claims, pubkey))
+    }
+
+    /// [`SharedSecret::verify`], with claims fields decoded before taken from `memo`: a peer
+    /// sends the same claims in every token, and decoding them (base64, JSON, base64) cost as
+    /// much as checking the token's MAC.
+    pub fn verify_with_memo(
+        &self,
+        token: &str,
+        now_unix: u64,
+        memo: &mut ClaimsMemo,
+    ) -> Result<VerifiedToken, TokenError> {
+        let authentic = self.authenticate(token, now_unix)?;
+        let (claims, pubkey) = memo.decode(authentic.claims)?;
+        Ok(authentic.verified(claims, pubkey))
+    }
+
+    /// The token's fields once its MAC and time check out (see [`SharedSecret::verify`]).
+    fn authenticate<'t>(&self, token: &'t str, now_unix: u64) -> Result<Authentic<'t>, TokenError> {
         let (message, mac_b64) = token
             .rsplit_once(':')
             .ok_or(TokenError::Malformed("no ':' separator"))?;
@@ -222,16 +261,62 @@ impl SharedSecret {
                 now: now_unix,
             });
         }
-
-        let (claims, pubkey) = decode_claims(claims)?;
-        Ok(VerifiedToken {
-            id: id.to_owned(),
+        Ok(Authentic {
+            id,
             issued_at,
-            expires_at: issued_at.saturating_add(TOKEN_VALIDITY_SECS),
-            nonce: nonce.to_owned(),
-            pubkey,
+            nonce,
             claims,
         })
+    }
+}
+
+/// An authentic, current token's fields, its claims not yet decoded.
+struct Authentic<'t> {
+    id: &'t str,
+    issued_at: u64,
+    nonce: &'t str,
+    claims: &'t str,
+}
+
+impl Authentic<'_> {
+    fn verified(self, claims: serde_json::Value, pubkey: Vec<u8>) -> VerifiedToken {
+        VerifiedToken {
+            id: self.id.to_owned(),
+            issued_at: self.issued_at,
+            expires_at: self.issued_at.saturating_add(TOKEN_VALIDITY_SECS),
+            nonce: self.nonce.to_owned(),
+            pubkey,
+            claims,
+        }
+    }
+}
+
+/// Claims fields decoded before, the last [`ClaimsMemo::ENTRIES`] distinct ones (a p2p
+/// session has one peer; a group's recent senders take turns).
+#[derive(Debug, Default)]
+pub struct ClaimsMemo {
+    entries: Vec<(String, serde_json::Value, Vec<u8>)>,
+    /// The entry the next new field replaces once the memo is full.
+    next: usize,
+}
+
+impl ClaimsMemo {
+    pub const ENTRIES: usize = 8;
+
+    /// What [`decode_claims`] gives for `field`; only fields that decode are kept.
+    fn decode(&mut self, field: &str) -> Result<(serde_json::Value, Vec<u8>), ClaimsError> {
+        if let Some((_, claims, pubkey)) = self.entries.iter().find(|(f, ..)| f == field) {
+            return Ok((claims.clone(), pubkey.clone()));
+        }
+        let (claims, pubkey) = decode_claims(field)?;
+        let entry = (field.to_owned(), claims.clone(), pubkey.clone());
+        if self.entries.len() < Self::ENTRIES {
+            self.entries.push(entry);
+        } else {
+            self.entries[self.next] = entry;
+            self.next = (self.next + 1) % Self::ENTRIES;
+        }
+        Ok((claims, pubkey))
     }
 }
 
@@ -258,7 +343,7 @@ pub fn new_identity_id<R: RngCore + ?Sized>(base_id: &str, rng: &mut R) -> Resul
 
 /// The claims field for a public key: base64url-nopad of `{"pubkey":"<base64std(key)>"}`, byte for
 /// byte what the reference writes (serde_json's compact form, no escaping needed for base64).
-fn claims_for_pubkey(pubkey: &[u8]) -> String {
+pub fn claims_field(pubkey: &[u8]) -> String {
     let json = serde_json::json!({ "pubkey": STANDARD.encode(pubkey) }).to_string();
     URL_SAFE_NO_PAD.encode(json)
 }
@@ -347,7 +432,7 @@ mod tests {
             .decode("BO3k9Yd9iZenDJvixc8UwDGS3SGqqqTnO6FCTQet2eELyHtcuEzOMOl479n+NPniue1ovODRwWBwf+ZTdrXrAL8=")
             .unwrap();
         assert_eq!(
-            claims_for_pubkey(&pubkey),
+            claims_field(&pubkey),
             "eyJwdWJrZXkiOiJCTzNrOVlkOWlaZW5ESnZpeGM4VXdER1MzU0dxcXFUbk82RkNUUWV0MmVFTHlIdGN1RXpPTU9sNDc5bitOUG5pdWUxb3ZPRFJ3V0J3ZitaVGRyWHJBTDg9In0"
         );
     }
@@ -453,8 +538,62 @@ mod tests {
         // The timestamp can be u64::MAX without overflowing the expiry.
         let far = forge(
             &secret,
-            &format!("id:{}:n:{}", u64::MAX, claims_for_pubkey(&[1])),
+            &format!("id:{}:n:{}", u64::MAX, claims_field(&[1])),
         );
         assert_eq!(secret.verify(&far, u64::MAX).unwrap().expires_at, u64::MAX);
+    }
+
+    #[test]
+    fn issued_with_encoded_claims_and_verified_with_a_memo() {
+        let secret = SharedSecret::new(SECRET).unwrap();
+        let claims = claims_field(&[4, 1, 2, 3]);
+        // The same token as `issue` gives, from the same randomness.
+        let token =
+            secret.issue_with_claims("a/b/c_x", &claims, 100, &mut ChaCha20Rng::seed_from_u64(9));
+        assert_eq!(
+            token,
+            secret.issue(
+                "a/b/c_x",
+                &[4, 1, 2, 3],
+                100,
+                &mut ChaCha20Rng::seed_from_u64(9)
+            )
+        );
+        let mut memo = ClaimsMemo::default();
+        for _ in 0..2 {
+            assert_eq!(
+                secret.verify_with_memo(&token, 100, &mut memo),
+                secret.verify(&token, 100)
+            );
+        }
+        assert_eq!(memo.entries.len(), 1);
+        // A remembered claims field does not spare the MAC or the clock.
+        let other = SharedSecret::new("another-secret-another-secret-0123").unwrap();
+        let mut rng = ChaCha20Rng::seed_from_u64(10);
+        let forged = other.issue_with_claims("a/b/c_x", &claims, 100, &mut rng);
+        assert_eq!(
+            secret.verify_with_memo(&forged, 100, &mut memo),
+            Err(TokenError::BadMac)
+        );
+        assert!(matches!(
+            secret.verify_with_memo(&token, 100 + TOKEN_VALIDITY_SECS + 1, &mut memo),
+            Err(TokenError::Expired { .. })
+        ));
+        // Claims that do not decode are refused every time and never remembered.
+        let keyless = forge(&secret, "a/b/c_x:100:n:");
+        for _ in 0..2 {
+            assert_eq!(
+                secret.verify_with_memo(&keyless, 100, &mut memo),
+                Err(TokenError::BadClaims(ClaimsError::MissingPubkey))
+            );
+        }
+        assert_eq!(memo.entries.len(), 1);
+        // More distinct senders than entries: the oldest make room, every answer stays right.
+        for key in 0..=ClaimsMemo::ENTRIES as u8 * 2 {
+            let token = secret.issue("a/b/c_x", &[key], 100, &mut rng);
+            let verified = secret.verify_with_memo(&token, 100, &mut memo).unwrap();
+            assert_eq!(verified.pubkey, vec![key]);
+            assert!(memo.entries.len() <= ClaimsMemo::ENTRIES);
+        }
     }
 }

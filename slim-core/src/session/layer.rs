@@ -43,8 +43,8 @@ use super::receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 use super::sender::{Outgoing, Queued, ReliableSender, SenderEvent, SEND_QUEUE};
 use crate::group::{CommitError, CommitOut, DecryptError, GroupConfig, MlsIdentity};
 use crate::identity::{
-    self, new_identity_id, sign_control_message, verify_e2e_header, verify_payload, IdError,
-    SecretError, SharedSecret, SigningKey, PAYLOAD_SIG_KEY,
+    self, claims_field, new_identity_id, sign_control_message, verify_e2e_header, verify_payload,
+    ClaimsMemo, IdError, SecretError, SharedSecret, SigningKey, PAYLOAD_SIG_KEY,
 };
 use crate::Timestamp;
 
@@ -687,7 +687,10 @@ pub struct SessionLayer {
     identity_id: String,
     secret: SharedSecret,
     key: SigningKey,
-    public_key: [u8; identity::PUBLIC_KEY_LEN],
+    /// Our tokens' claims field (our public key), encoded once.
+    claims: String,
+    /// Peers' claims fields decoded before.
+    claims_memo: ClaimsMemo,
     unix_at_zero: u64,
     rng: ChaCha8Rng,
     sessions: FxHashMap<SessionId, Session>,
@@ -721,7 +724,8 @@ impl SessionLayer {
             name,
             identity_id,
             secret,
-            public_key: key.public_key(),
+            claims: claims_field(&key.public_key()),
+            claims_memo: ClaimsMemo::default(),
             key,
             unix_at_zero: config.unix_at_zero,
             rng,
@@ -1223,13 +1227,18 @@ impl SessionLayer {
             self.drop_message(SessionDrop::Malformed, "unknown session or message type");
             return;
         };
-        let token = match self.secret.verify(&header.identity, self.unix_now(now)) {
-            Ok(token) => token,
-            Err(error) => {
-                self.drop_message(SessionDrop::BadToken, &error.to_string());
-                return;
-            }
-        };
+        let now_unix = self.unix_now(now);
+        let token =
+            match self
+                .secret
+                .verify_with_memo(&header.identity, now_unix, &mut self.claims_memo)
+            {
+                Ok(token) => token,
+                Err(error) => {
+                    self.drop_message(SessionDrop::BadToken, &error.to_string());
+                    return;
+                }
+            };
         if token.app_instance_id() != source.id() {
             self.stats.identity_binding_mismatches += 1;
         }
@@ -2853,12 +2862,7 @@ impl SessionLayer {
 
     /// A fresh identity for MLS credentials: the token (with our `pubkey` claim) and our key.
     fn mls_identity(&mut self, now: Timestamp) -> MlsIdentity {
-        let token = self.secret.issue(
-            &self.identity_id,
-            &self.public_key,
-            self.unix_now(now),
-            &mut self.rng,
-        );
+        let token = self.fresh_token(now);
         MlsIdentity::p256(token, self.key.clone())
     }
 
@@ -3656,12 +3660,9 @@ impl SessionLayer {
     }
 
     fn fresh_token(&mut self, now: Timestamp) -> String {
-        self.secret.issue(
-            &self.identity_id,
-            &self.public_key,
-            self.unix_now(now),
-            &mut self.rng,
-        )
+        let now_unix = self.unix_now(now);
+        self.secret
+            .issue_with_claims(&self.identity_id, &self.claims, now_unix, &mut self.rng)
     }
 
     /// A session message with a fresh identity token; control messages are signed.
