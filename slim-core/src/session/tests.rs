@@ -237,6 +237,41 @@ fn reliable_data_is_acked_and_delivered_in_order() {
     );
 }
 
+/// The drivers let their runtime timer fire early rather than move it later (`TimerSlot`):
+/// a timeout before anything is due must change nothing.
+#[test]
+fn a_timeout_before_anything_is_due_does_nothing() {
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    p.a.publish(sid, Bytes::from_static(b"held"), p.now)
+        .unwrap();
+    p.run();
+    // B now holds its ack; A waits for it (retransmission timer).
+    let sent = p.wire_log.len();
+    for layer in [&mut p.a, &mut p.b] {
+        let due = layer.poll_timeout().expect("a deadline");
+        for early in [p.now, Timestamp::from_micros(due.as_micros() - 1)] {
+            layer.handle_timeout(early);
+            assert!(
+                layer.poll_output().is_none(),
+                "output at {early:?} < {due:?}"
+            );
+            assert_eq!(layer.poll_timeout(), Some(due));
+        }
+    }
+    assert_eq!(p.wire_log.len(), sent);
+    assert!(p
+        .events_a
+        .iter()
+        .all(|e| !matches!(e, SessionEvent::Delivered { .. })));
+    // At the real deadline the held ack goes out and A hears of the delivery.
+    assert!(p.step_time());
+    assert!(p
+        .events_a
+        .iter()
+        .any(|e| matches!(e, SessionEvent::Delivered { .. })));
+}
+
 #[test]
 fn a_lost_message_is_requested_and_recovered_in_order() {
     let mut p = Pair::new();
