@@ -385,7 +385,7 @@ impl Driver {
                 timer.set_at(at);
             }
             let armed = slot.is_armed();
-            let timer = async {
+            let fired = async {
                 if armed {
                     (&mut timer).await;
                 } else {
@@ -409,7 +409,7 @@ impl Driver {
             let app = async { Wake::App(commands.recv().await.ok()) };
             flip = !flip;
             let wake = future::or(
-                timer,
+                fired,
                 crate::either_first(flip, future::or(net, dialed), app),
             )
             .await;

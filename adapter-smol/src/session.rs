@@ -368,7 +368,7 @@ impl Driver {
                 timer.set_at(self.clock.to_instant(at));
             }
             let armed = slot.is_armed();
-            let timer = async {
+            let fired = async {
                 if armed {
                     (&mut timer).await;
                 } else {
@@ -395,7 +395,7 @@ impl Driver {
                 }
             };
             flip = !flip;
-            let wake = future::or(future::or(timer, hand), either_first(flip, net, app)).await;
+            let wake = future::or(future::or(fired, hand), either_first(flip, net, app)).await;
             match wake {
                 Wake::Timer => {
                     slot.fired();
