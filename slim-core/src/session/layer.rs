@@ -601,9 +601,12 @@ impl Sessions {
         self.map.get(id)
     }
 
+    /// Only sessions that exist are marked: peers name session ids, and the set of ids to
+    /// refresh must stay bounded by the sessions held, however many unknown ids arrive.
     fn get_mut(&mut self, id: &SessionId) -> Option<&mut Session> {
+        let session = self.map.get_mut(id)?;
         self.deadlines.get_mut().stale.insert(*id);
-        self.map.get_mut(id)
+        Some(session)
     }
 
     fn insert(&mut self, id: SessionId, session: Session) -> Option<Session> {
@@ -612,8 +615,9 @@ impl Sessions {
     }
 
     fn remove(&mut self, id: &SessionId) -> Option<Session> {
+        let session = self.map.remove(id)?;
         self.deadlines.get_mut().stale.insert(*id);
-        self.map.remove(id)
+        Some(session)
     }
 
     fn contains_key(&self, id: &SessionId) -> bool {

@@ -272,6 +272,26 @@ fn a_timeout_before_anything_is_due_does_nothing() {
         .any(|e| matches!(e, SessionEvent::Delivered { .. })));
 }
 
+/// Messages naming sessions we do not have leave nothing behind in the deadline index: the ids
+/// marked for a refresh stay bounded by the sessions held, even if `poll_timeout` is not called.
+#[test]
+fn unknown_session_ids_are_not_remembered() {
+    let mut p = Pair::new();
+    let sid = p.open(reliable());
+    p.a.publish(sid, Bytes::from_static(b"x"), p.now).unwrap();
+    let Some(Output::Send(message)) = p.a.poll_output() else {
+        panic!("A sends its message");
+    };
+    for unknown in 1..=1000u32 {
+        let mut copy = (*message).clone();
+        if let Some(pb::message::MessageType::Publish(publish)) = &mut copy.message_type {
+            publish.session.as_mut().unwrap().session_id = sid.wrapping_add(unknown);
+        }
+        p.b.handle_message(copy, p.now);
+    }
+    assert!(p.b.sessions.deadlines.borrow().stale.len() <= p.b.sessions.len());
+}
+
 #[test]
 fn a_lost_message_is_requested_and_recovered_in_order() {
     let mut p = Pair::new();
