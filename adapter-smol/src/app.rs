@@ -32,14 +32,13 @@ use bytes::Bytes;
 use futures_lite::future;
 use h2::{RecvStream, SendStream};
 use slim_core::router::{ConnId, ConnectionKind, Output, Router, RouterConfig, RouterEvent};
-use slim_core::TimerSlot;
 use slim_proto::pb::message::MessageType;
 use slim_proto::{pb, Deframer, Name, NameKey};
 use smol::channel::{self, Receiver, Sender, TrySendError};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::clock::Clock;
-use crate::with_timeout;
+use crate::{with_timeout, CoreTimer};
 
 const LINK_WAIT: Duration = Duration::from_secs(10);
 const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -360,12 +359,11 @@ enum Wake {
 }
 
 impl Driver {
-    /// drain → arm the timer (moved only earlier: [`TimerSlot`]) → wait for exactly one input, until the client is dropped (or its
+    /// drain → arm the timer (moved only earlier: [`slim_core::TimerSlot`]) → wait for exactly one input, until the client is dropped (or its
     /// first link fails).
     async fn run(mut self, commands: Receiver<Command>) {
         let mut flip = false;
-        let mut slot = TimerSlot::default();
-        let mut timer = smol::Timer::never();
+        let mut timer = CoreTimer::new();
         loop {
             if let Err(loss) = self.drain().await {
                 if !self.lose_link(loss) {
@@ -381,16 +379,9 @@ impl Driver {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            if let Some(at) = slot.rearm(deadline) {
-                timer.set_at(at);
-            }
-            let armed = slot.is_armed();
+            timer.arm(deadline);
             let fired = async {
-                if armed {
-                    (&mut timer).await;
-                } else {
-                    future::pending::<()>().await;
-                }
+                timer.fired().await;
                 Wake::Timer
             };
             let (link, dialing) = (&mut self.link, &mut self.dialing);
@@ -416,7 +407,6 @@ impl Driver {
             let now = self.clock.now();
             match wake {
                 Wake::Timer => {
-                    slot.fired();
                     if self.redial_at.is_some_and(|at| at <= Instant::now()) {
                         self.redial_at = None;
                         let authority = self.authority.clone();

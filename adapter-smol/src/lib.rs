@@ -74,3 +74,35 @@ async fn either_first<T>(flip: bool, a: impl Future<Output = T>, b: impl Future<
         future::or(b, a).await
     }
 }
+
+/// A driver's one runtime timer for its core's deadline, moved only earlier
+/// ([`slim_core::TimerSlot`] says why).
+struct CoreTimer {
+    slot: slim_core::TimerSlot<std::time::Instant>,
+    timer: smol::Timer,
+}
+
+impl CoreTimer {
+    fn new() -> Self {
+        Self {
+            slot: slim_core::TimerSlot::default(),
+            timer: smol::Timer::never(),
+        }
+    }
+
+    /// Takes the next deadline.
+    fn arm(&mut self, deadline: Option<std::time::Instant>) {
+        if let Some(at) = self.slot.rearm(deadline) {
+            self.timer.set_at(at);
+        }
+    }
+
+    /// Resolves when the timer fires; never while it is not set.
+    async fn fired(&mut self) {
+        if !self.slot.is_armed() {
+            future::pending::<()>().await;
+        }
+        (&mut self.timer).await;
+        self.slot.fired();
+    }
+}

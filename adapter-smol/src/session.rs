@@ -32,13 +32,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_lite::future;
 use slim_core::session::{self, Output, SessionLayer};
-use slim_core::TimerSlot;
 use slim_proto::{pb, Name};
 use smol::channel::{self, Receiver, Sender, TrySendError};
 
 use crate::app::{Client, ClientError};
 use crate::clock::Clock;
-use crate::{either_first, with_timeout};
+use crate::{either_first, with_timeout, CoreTimer};
 
 pub use slim_core::session::{
     CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId, SessionStats,
@@ -354,26 +353,22 @@ struct Driver {
 type Go = bool;
 
 impl Driver {
-    /// drain → arm the timer (moved only earlier: [`TimerSlot`]) → wait for one input (a message, a command, the timer, or room
+    /// drain → arm the timer (moved only earlier: [`slim_core::TimerSlot`]) → wait for one input (a message, a command, the timer, or room
     /// for a backlogged event).
     async fn run(mut self) {
         let mut flip = false;
-        let mut slot = TimerSlot::default();
-        let mut timer = smol::Timer::never();
+        let mut timer = CoreTimer::new();
         loop {
             if !self.drain().await {
                 return;
             }
-            if let Some(at) = slot.rearm(self.layer.poll_timeout()) {
-                timer.set_at(self.clock.to_instant(at));
-            }
-            let armed = slot.is_armed();
+            timer.arm(
+                self.layer
+                    .poll_timeout()
+                    .map(|at| self.clock.to_instant(at)),
+            );
             let fired = async {
-                if armed {
-                    (&mut timer).await;
-                } else {
-                    future::pending::<()>().await;
-                }
+                timer.fired().await;
                 Wake::Timer
             };
             self.waiters.refuse_when_backlogged(self.backlog.len());
@@ -397,10 +392,7 @@ impl Driver {
             flip = !flip;
             let wake = future::or(future::or(fired, hand), either_first(flip, net, app)).await;
             match wake {
-                Wake::Timer => {
-                    slot.fired();
-                    self.layer.handle_timeout(self.clock.now());
-                }
+                Wake::Timer => self.layer.handle_timeout(self.clock.now()),
                 Wake::Net(Ok(message)) => self.layer.handle_message(message, self.clock.now()),
                 // Only when the client is gone: it redials a lost link by itself.
                 Wake::Net(Err(error)) => {

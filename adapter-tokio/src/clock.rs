@@ -31,3 +31,36 @@ impl Clock {
         self.origin + std::time::Duration::from_micros(at.as_micros())
     }
 }
+
+/// A driver's one runtime timer for its core's deadline, moved only earlier
+/// ([`slim_core::TimerSlot`] says why).
+pub(crate) struct CoreTimer {
+    slot: slim_core::TimerSlot,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl CoreTimer {
+    pub(crate) fn new() -> Self {
+        Self {
+            slot: slim_core::TimerSlot::default(),
+            sleep: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+        }
+    }
+
+    /// Takes the core's next deadline.
+    pub(crate) fn arm(&mut self, deadline: Option<Timestamp>, clock: &Clock) {
+        if let Some(at) = self.slot.rearm(deadline) {
+            let at = tokio::time::Instant::from_std(clock.to_instant(at));
+            self.sleep.as_mut().reset(at);
+        }
+    }
+
+    /// Resolves when the timer fires; never while it is not set.
+    pub(crate) async fn fired(&mut self) {
+        if !self.slot.is_armed() {
+            std::future::pending::<()>().await;
+        }
+        self.sleep.as_mut().await;
+        self.slot.fired();
+    }
+}

@@ -5,16 +5,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 use slim_core::router::{ConnId, ConnectionKind, Output, Router, RouterEvent, Stats};
-use slim_core::TimerSlot;
 use slim_proto::pb;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::clock::Clock;
+use crate::clock::{Clock, CoreTimer};
 
 /// Frames queued per connection before the router drops instead of waiting (a connection that
 /// does not read must not stall the node). Same order as the reference's per-stream buffers.
@@ -268,16 +266,13 @@ async fn run(
         clock,
         counters,
     };
-    let mut slot = TimerSlot::default();
-    let timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(timer);
+    let mut timer = CoreTimer::new();
     loop {
         driver.drain();
-        if let Some(at) = slot.rearm(driver.router.poll_timeout().map(|(at, _)| at)) {
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::from_std(driver.clock.to_instant(at)));
-        }
+        timer.arm(
+            driver.router.poll_timeout().map(|(at, _)| at),
+            &driver.clock,
+        );
         tokio::select! {
             input = rx.recv() => {
                 let Some(input) = input else { break };
@@ -295,10 +290,7 @@ async fn run(
                     }
                 }
             }
-            () = &mut timer, if slot.is_armed() => {
-                slot.fired();
-                driver.router.handle_timeout(driver.clock.now());
-            }
+            () = timer.fired() => driver.router.handle_timeout(driver.clock.now()),
         }
     }
 }

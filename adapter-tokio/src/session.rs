@@ -18,13 +18,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use slim_core::session::{self, Output, SessionLayer};
-use slim_core::TimerSlot;
 use slim_proto::Name;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::app::{Client, ClientError};
-use crate::clock::Clock;
+use crate::clock::{Clock, CoreTimer};
 
 pub use slim_core::session::{
     CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId, SessionStats,
@@ -299,7 +298,7 @@ async fn membership_answer(answer: oneshot::Receiver<Result<(), String>>) -> Res
 // where the docs of `publish` and the tests name it.
 pub use slim_core::session::EVENT_BACKLOG;
 
-/// drain → arm the timer (moved only earlier: [`TimerSlot`]) → wait for one input (a message, a command or the timer).
+/// drain → arm the timer (moved only earlier: [`slim_core::TimerSlot`]) → wait for one input (a message, a command or the timer).
 async fn drive(
     mut layer: SessionLayer,
     client: Client,
@@ -312,9 +311,7 @@ async fn drive(
     // (backpressure towards the peers) but commands still are, so an app that publishes
     // without reading its events is never deadlocked.
     let mut backlog: VecDeque<SessionEvent> = VecDeque::new();
-    let mut slot = TimerSlot::default();
-    let timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(timer);
+    let mut timer = CoreTimer::new();
     loop {
         while let Some(output) = layer.poll_output() {
             match output {
@@ -343,11 +340,7 @@ async fn drive(
                 }
             }
         }
-        if let Some(at) = slot.rearm(layer.poll_timeout()) {
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::from_std(clock.to_instant(at)));
-        }
+        timer.arm(layer.poll_timeout(), &clock);
         while let Some(event) = backlog.pop_front() {
             match events.try_send(event) {
                 Ok(()) => {}
@@ -380,10 +373,7 @@ async fn drive(
                 None => return,
                 Some(command) => waiters.run(&mut layer, command, clock.now()),
             },
-            () = &mut timer, if slot.is_armed() => {
-                slot.fired();
-                layer.handle_timeout(clock.now());
-            }
+            () = timer.fired() => layer.handle_timeout(clock.now()),
         }
         waiters.retry_publishes(&mut layer, clock.now());
     }
