@@ -27,12 +27,12 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures_lite::future;
-use slim_core::session::{self, Output, SessionLayer};
-use slim_proto::{pb, Name};
+use slim_core::session::{self, AppRuntime, Output, SessionLayer, Started};
+use slim_proto::pb;
 use smol::channel::{self, Receiver, Sender, TrySendError};
 
 use crate::app::{Client, ClientError};
@@ -40,40 +40,22 @@ use crate::clock::Clock;
 use crate::{either_first, with_timeout, CoreTimer};
 
 pub use slim_core::session::{
-    CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId, SessionStats,
+    AppError, CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId,
+    SessionStats,
 };
 
-/// How long `open_session`, `invite` and `remove` wait at most (the core gives up on its own
-/// after its control retries; this only bounds the wait).
-const OPEN_WAIT: Duration = Duration::from_secs(60);
+/// An application with sessions, on smol (see [`slim_core::session::App`] for its calls).
+/// Dropping it stops it (and closes its link).
+pub type App = session::App<Smol>;
+
 const COMMANDS: usize = 1024;
 const EVENTS: usize = 4096;
 
-/// Errors of the session API.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AppError {
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error(transparent)]
-    Layer(#[from] session::LayerError),
-    #[error(transparent)]
-    Session(#[from] session::SessionError),
-    #[error("the session could not be opened: {0:?}")]
-    NotOpened(CloseReason),
-    #[error("the application stopped")]
-    Stopped,
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error("the membership change failed: {0}")]
-    Membership(String),
-}
+/// The smol half of an [`App`]. The driver answers its application's commands on channels of
+/// one, sent to with `try_send` (never waits).
+pub struct Smol;
 
-/// The driver answers its application's commands on channels of one, sent to with `try_send`
-/// (never waits).
-struct SmolReplies;
-
-impl session::Replies for SmolReplies {
+impl session::Replies for Smol {
     type Reply<T> = Sender<T>;
 
     fn answer<T>(reply: Sender<T>, value: T) -> bool {
@@ -81,46 +63,45 @@ impl session::Replies for SmolReplies {
     }
 }
 
-type Command = session::Command<SmolReplies>;
-type Waiters = session::Waiters<SmolReplies>;
+impl AppRuntime for Smol {
+    type Commands = Sender<Command>;
+    type Events = Receiver<SessionEvent>;
+    /// Cancelled when dropped.
+    type Driver = smol::Task<()>;
+    type Answer<T: Send + 'static> = future::Boxed<Option<T>>;
 
-/// An application with sessions. Dropping it stops it (and closes its link).
-pub struct App {
-    name: Name,
-    commands: Sender<Command>,
-    events: Receiver<SessionEvent>,
-    _driver: smol::Task<()>,
-}
-
-impl std::fmt::Debug for App {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App")
-            .field("name", &self.name.to_string())
-            .finish_non_exhaustive()
+    fn reply_pair<T: Send + 'static>() -> (Sender<T>, Self::Answer<T>) {
+        let (reply, answer) = channel::bounded(1);
+        (reply, Box::pin(async move { answer.recv().await.ok() }))
     }
-}
 
-impl App {
-    /// Connects to a node as `name` (`org/ns/service`; the instance id comes from the identity
-    /// derived from `secret`), and makes the app reachable there.
-    pub async fn connect(endpoint: &str, name: Name, secret: &str) -> Result<App, AppError> {
+    async fn send_command(commands: &Self::Commands, command: Command) -> bool {
+        commands.send(command).await.is_ok()
+    }
+
+    /// Cancel-safe: an event is only taken when the future completes.
+    async fn next_event(events: &Self::Events) -> Option<SessionEvent> {
+        events.recv().await.ok()
+    }
+
+    async fn within<F: Future + Send>(limit: Duration, future: F) -> Option<F::Output> {
+        with_timeout(limit, future).await
+    }
+
+    fn seed() -> Result<[u8; 32], String> {
         let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| ClientError::Connect {
-            endpoint: endpoint.to_owned(),
-            reason: format!("no OS randomness: {e}"),
-        })?;
-        let unix_at_zero = SystemTime::now()
+        getrandom::fill(&mut seed).map_err(|e| e.to_string())?;
+        Ok(seed)
+    }
+
+    fn unix_now() -> u64 {
+        SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+            .map_or(0, |d| d.as_secs())
+    }
+
+    async fn start(endpoint: &str, layer: SessionLayer) -> Result<Started<Self>, AppError> {
         let clock = Clock::new();
-        let layer = SessionLayer::new(
-            session::LayerConfig {
-                name,
-                secret: secret.to_owned(),
-                unix_at_zero,
-            },
-            seed,
-        )?;
         let name = layer.name().clone();
         let client = Client::connect(endpoint, name.clone()).await?;
         client.subscribe(&name).await?;
@@ -138,188 +119,16 @@ impl App {
             }
             .run(),
         );
-        Ok(App {
-            name,
+        Ok(Started {
             commands,
             events,
-            _driver: driver,
+            driver,
         })
-    }
-
-    /// This app's full name (with its instance id).
-    pub fn name(&self) -> &Name {
-        &self.name
-    }
-
-    /// Opens a point-to-point session with any instance of `peer`; returns once the peer
-    /// joined.
-    pub async fn open_session(
-        &self,
-        peer: &Name,
-        config: SessionConfig,
-    ) -> Result<SessionId, AppError> {
-        let (reply, answer) = channel::bounded(1);
-        self.command(Command::Open {
-            peer: peer.clone(),
-            config,
-            reply,
-        })
-        .await?;
-        match with_timeout(OPEN_WAIT, answer.recv()).await {
-            Some(Ok(Ok(session))) => Ok(session),
-            Some(Ok(Err(reason))) => Err(AppError::NotOpened(reason)),
-            Some(Err(_)) => Err(AppError::Stopped),
-            None => Err(AppError::Timeout(OPEN_WAIT)),
-        }
-    }
-
-    /// Creates a group session on `channel` (`org/ns/chan`) moderated by this app.
-    pub async fn create_group(
-        &self,
-        channel: &Name,
-        config: SessionConfig,
-    ) -> Result<SessionId, AppError> {
-        let (reply, answer) = channel::bounded(1);
-        self.command(Command::CreateGroup {
-            channel: channel.clone(),
-            config,
-            reply,
-        })
-        .await?;
-        answer.recv().await.map_err(|_| AppError::Stopped)
-    }
-
-    /// Invites any instance of `invitee` into a group this app moderates; returns once it joined.
-    pub async fn invite(&self, session: SessionId, invitee: &Name) -> Result<(), AppError> {
-        let (reply, answer) = channel::bounded(1);
-        self.command(Command::Invite {
-            session,
-            invitee: invitee.clone(),
-            reply,
-        })
-        .await?;
-        membership_answer(answer).await
-    }
-
-    /// Removes a member (full name, or service name) from a group this app moderates; returns
-    /// once it left.
-    pub async fn remove(&self, session: SessionId, member: &Name) -> Result<(), AppError> {
-        let (reply, answer) = channel::bounded(1);
-        self.command(Command::Remove {
-            session,
-            member: member.clone(),
-            reply,
-        })
-        .await?;
-        membership_answer(answer).await
-    }
-
-    /// The members of a group session (everyone, this app included).
-    pub async fn members(&self, session: SessionId) -> Result<Vec<Name>, AppError> {
-        let (reply, answer) = channel::bounded(1);
-        self.command(Command::Members { session, reply }).await?;
-        answer
-            .recv()
-            .await
-            .map_err(|_| AppError::Stopped)?
-            .ok_or(AppError::Session(SessionError::UnknownSession(session)))
-    }
-
-    /// Sends `payload` on a session (to the peer, or to every group member); returns its
-    /// sequence id. On a reliable session whose send queue is full (the receivers are behind
-    /// on their acknowledgements) it waits until there is room, unless this application is
-    /// more than [`EVENT_BACKLOG`] events behind its event queue (every acknowledged message is
-    /// a `Delivered` event): then it fails with `SendQueueFull`, and the events must be read.
-    pub async fn publish(
-        &self,
-        session: SessionId,
-        payload: impl Into<Bytes>,
-    ) -> Result<u32, AppError> {
-        self.send(session, None, payload.into()).await
-    }
-
-    /// Sends `payload` to one member of a group session only (a direct message, outside the
-    /// group's sequence; `member` without an instance means any instance of that service).
-    /// Returns its id; waits for room like [`App::publish`].
-    pub async fn publish_to(
-        &self,
-        session: SessionId,
-        member: &Name,
-        payload: impl Into<Bytes>,
-    ) -> Result<u32, AppError> {
-        self.send(session, Some(member.clone()), payload.into())
-            .await
-    }
-
-    async fn send(
-        &self,
-        session: SessionId,
-        to: Option<Name>,
-        payload: Bytes,
-    ) -> Result<u32, AppError> {
-        let (reply, answer) = channel::bounded(1);
-        self.command(Command::Publish {
-            session,
-            publish: session::Publish { to, payload },
-            reply,
-        })
-        .await?;
-        Ok(answer.recv().await.map_err(|_| AppError::Stopped)??)
-    }
-
-    /// Soft close (`false`) or back online (`true`): the other members are told and stop (or
-    /// resume) waiting for this app; back online in an MLS group with a stale epoch, it
-    /// rejoins the group through the moderator on its own.
-    pub async fn set_online(&self, session: SessionId, online: bool) -> Result<(), AppError> {
-        let (reply, answer) = channel::bounded(1);
-        self.command(Command::SetOnline {
-            session,
-            online,
-            reply,
-        })
-        .await?;
-        Ok(answer.recv().await.map_err(|_| AppError::Stopped)??)
-    }
-
-    /// Closes a session: p2p peers are told, a moderator closes the group, a member leaves it.
-    /// A `Closed` event follows.
-    pub async fn close(&self, session: SessionId) -> Result<(), AppError> {
-        let (reply, answer) = channel::bounded(1);
-        self.command(Command::Close { session, reply }).await?;
-        Ok(answer.recv().await.map_err(|_| AppError::Stopped)??)
-    }
-
-    /// The session layer's counters: messages, drops by reason, retransmissions.
-    pub async fn stats(&self) -> Result<SessionStats, AppError> {
-        let (reply, answer) = channel::bounded(1);
-        self.command(Command::Stats { reply }).await?;
-        answer.recv().await.map_err(|_| AppError::Stopped)
-    }
-
-    /// The next session event: incoming sessions, messages, deliveries, membership, losses,
-    /// closes.
-    ///
-    /// Cancel-safe: an event is only taken when the future completes.
-    pub async fn next_event(&self) -> Result<SessionEvent, AppError> {
-        self.events.recv().await.map_err(|_| AppError::Stopped)
-    }
-
-    async fn command(&self, command: Command) -> Result<(), AppError> {
-        self.commands
-            .send(command)
-            .await
-            .map_err(|_| AppError::Stopped)
     }
 }
 
-async fn membership_answer(answer: Receiver<Result<(), String>>) -> Result<(), AppError> {
-    match with_timeout(OPEN_WAIT, answer.recv()).await {
-        Some(Ok(Ok(()))) => Ok(()),
-        Some(Ok(Err(reason))) => Err(AppError::Membership(reason)),
-        Some(Err(_)) => Err(AppError::Stopped),
-        None => Err(AppError::Timeout(OPEN_WAIT)),
-    }
-}
+type Command = session::Command<Smol>;
+type Waiters = session::Waiters<Smol>;
 
 #[allow(clippy::large_enum_variant)] // lives for one loop turn; boxing would allocate per message
 enum Wake {

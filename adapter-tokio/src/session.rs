@@ -14,49 +14,34 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use slim_core::session::{self, Output, SessionLayer};
-use slim_proto::Name;
+use slim_core::session::{self, AppRuntime, Output, SessionLayer, Started};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::app::{Client, ClientError};
+use crate::app::Client;
 use crate::clock::{Clock, CoreTimer};
 
 pub use slim_core::session::{
-    CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId, SessionStats,
+    AppError, CloseReason, Reliability, SessionConfig, SessionError, SessionEvent, SessionId,
+    SessionStats,
 };
 
-/// How long `open_session` waits for the handshake at most (the core gives up on its own
-/// after its control retries; this only bounds the wait).
-const OPEN_WAIT: Duration = Duration::from_secs(60);
+/// An application with sessions, on tokio (see [`slim_core::session::App`] for its calls).
+/// Dropping it stops it.
+pub type App = session::App<Tokio>;
 
-/// Errors of the session API.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AppError {
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error(transparent)]
-    Layer(#[from] session::LayerError),
-    #[error(transparent)]
-    Session(#[from] session::SessionError),
-    #[error("the session could not be opened: {0:?}")]
-    NotOpened(CloseReason),
-    #[error("the application stopped")]
-    Stopped,
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error("the membership change failed: {0}")]
-    Membership(String),
-}
+/// Commands waiting for the driver; a full queue makes callers wait.
+const COMMANDS: usize = 1024;
+/// Events waiting for the application; beyond them the driver stops reading the network.
+const EVENTS: usize = 4096;
 
-/// The driver answers its application's commands on tokio's one-shot channels.
-struct TokioReplies;
+/// The tokio half of an [`App`]: one-shot channels for answers, a task for the driver.
+pub struct Tokio;
 
-impl session::Replies for TokioReplies {
+impl session::Replies for Tokio {
     type Reply<T> = oneshot::Sender<T>;
 
     fn answer<T>(reply: oneshot::Sender<T>, value: T) -> bool {
@@ -64,235 +49,83 @@ impl session::Replies for TokioReplies {
     }
 }
 
-type Command = session::Command<TokioReplies>;
-type Waiters = session::Waiters<TokioReplies>;
+/// Aborts the driver task when the app is dropped.
+pub struct DriverTask(JoinHandle<()>);
 
-/// An application with sessions. Dropping it stops it.
-pub struct App {
-    name: Name,
-    commands: mpsc::Sender<Command>,
-    events: tokio::sync::Mutex<mpsc::Receiver<SessionEvent>>,
-    driver: JoinHandle<()>,
-}
-
-impl Drop for App {
+impl Drop for DriverTask {
     fn drop(&mut self) {
-        self.driver.abort();
+        self.0.abort();
     }
 }
 
-impl App {
-    /// Connects to a node as `name` (`org/ns/service`; the instance id comes from the identity
-    /// derived from `secret`), and makes the app reachable there.
-    pub async fn connect(endpoint: &str, name: Name, secret: &str) -> Result<App, AppError> {
+impl AppRuntime for Tokio {
+    type Commands = mpsc::Sender<Command>;
+    // `recv` needs the receiver mutably; the app's calls take it shared.
+    type Events = tokio::sync::Mutex<mpsc::Receiver<SessionEvent>>;
+    type Driver = DriverTask;
+    type Answer<T: Send + 'static> = OneShot<T>;
+
+    fn reply_pair<T: Send + 'static>() -> (oneshot::Sender<T>, OneShot<T>) {
+        let (reply, answer) = oneshot::channel();
+        (reply, OneShot(answer))
+    }
+
+    async fn send_command(commands: &Self::Commands, command: Command) -> bool {
+        commands.send(command).await.is_ok()
+    }
+
+    async fn next_event(events: &Self::Events) -> Option<SessionEvent> {
+        events.lock().await.recv().await
+    }
+
+    async fn within<F: Future + Send>(limit: Duration, future: F) -> Option<F::Output> {
+        tokio::time::timeout(limit, future).await.ok()
+    }
+
+    fn seed() -> Result<[u8; 32], String> {
         let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| ClientError::Connect {
-            endpoint: endpoint.to_owned(),
-            reason: format!("no OS randomness: {e}"),
-        })?;
-        let unix_at_zero = SystemTime::now()
+        getrandom::fill(&mut seed).map_err(|e| e.to_string())?;
+        Ok(seed)
+    }
+
+    fn unix_now() -> u64 {
+        SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+            .map_or(0, |d| d.as_secs())
+    }
+
+    async fn start(endpoint: &str, layer: SessionLayer) -> Result<Started<Self>, AppError> {
         let clock = Clock::new();
-        let layer = SessionLayer::new(
-            session::LayerConfig {
-                name,
-                secret: secret.to_owned(),
-                unix_at_zero,
-            },
-            seed,
-        )?;
         let name = layer.name().clone();
         let client = Client::connect(endpoint, name.clone()).await?;
         client.subscribe(&name).await?;
-        let (commands, command_rx) = mpsc::channel(1024);
-        let (event_tx, events) = mpsc::channel(4096);
+        let (commands, command_rx) = mpsc::channel(COMMANDS);
+        let (event_tx, events) = mpsc::channel(EVENTS);
         let driver = tokio::spawn(drive(layer, client, clock, command_rx, event_tx));
-        Ok(App {
-            name,
+        Ok(Started {
             commands,
             events: tokio::sync::Mutex::new(events),
-            driver,
+            driver: DriverTask(driver),
         })
-    }
-
-    /// This app's full name (with its instance id).
-    pub fn name(&self) -> &Name {
-        &self.name
-    }
-
-    /// Opens a point-to-point session with any instance of `peer`; returns once the peer
-    /// joined.
-    pub async fn open_session(
-        &self,
-        peer: &Name,
-        config: SessionConfig,
-    ) -> Result<SessionId, AppError> {
-        let (reply, answer) = oneshot::channel();
-        self.command(Command::Open {
-            peer: peer.clone(),
-            config,
-            reply,
-        })
-        .await?;
-        match tokio::time::timeout(OPEN_WAIT, answer).await {
-            Ok(Ok(Ok(session))) => Ok(session),
-            Ok(Ok(Err(reason))) => Err(AppError::NotOpened(reason)),
-            Ok(Err(_)) => Err(AppError::Stopped),
-            Err(_) => Err(AppError::Timeout(OPEN_WAIT)),
-        }
-    }
-
-    /// Creates a group session on `channel` (`org/ns/chan`) moderated by this app.
-    pub async fn create_group(
-        &self,
-        channel: &Name,
-        config: SessionConfig,
-    ) -> Result<SessionId, AppError> {
-        let (reply, answer) = oneshot::channel();
-        self.command(Command::CreateGroup {
-            channel: channel.clone(),
-            config,
-            reply,
-        })
-        .await?;
-        answer.await.map_err(|_| AppError::Stopped)
-    }
-
-    /// Invites any instance of `invitee` into a group this app moderates; returns once it joined.
-    pub async fn invite(&self, session: SessionId, invitee: &Name) -> Result<(), AppError> {
-        let (reply, answer) = oneshot::channel();
-        self.command(Command::Invite {
-            session,
-            invitee: invitee.clone(),
-            reply,
-        })
-        .await?;
-        membership_answer(answer).await
-    }
-
-    /// Removes a member (full name, or service name) from a group this app moderates; returns
-    /// once it left.
-    pub async fn remove(&self, session: SessionId, member: &Name) -> Result<(), AppError> {
-        let (reply, answer) = oneshot::channel();
-        self.command(Command::Remove {
-            session,
-            member: member.clone(),
-            reply,
-        })
-        .await?;
-        membership_answer(answer).await
-    }
-
-    /// The members of a group session (everyone, this app included).
-    pub async fn members(&self, session: SessionId) -> Result<Vec<Name>, AppError> {
-        let (reply, answer) = oneshot::channel();
-        self.command(Command::Members { session, reply }).await?;
-        answer
-            .await
-            .map_err(|_| AppError::Stopped)?
-            .ok_or(AppError::Session(session::SessionError::UnknownSession(
-                session,
-            )))
-    }
-
-    /// Sends `payload` on a session (to the peer, or to every group member); returns its
-    /// sequence id. On a reliable session whose send queue is full (the receivers are behind
-    /// on their acknowledgements) it waits until there is room, unless this application is
-    /// more than [`EVENT_BACKLOG`] events behind its event queue (every acknowledged message is
-    /// a `Delivered` event): then it fails with `SendQueueFull`, and the events must be read.
-    pub async fn publish(
-        &self,
-        session: SessionId,
-        payload: impl Into<Bytes>,
-    ) -> Result<u32, AppError> {
-        self.send(session, None, payload.into()).await
-    }
-
-    /// Sends `payload` to one member of a group session only (a direct message, outside the
-    /// group's sequence; `member` without an instance means any instance of that service).
-    /// Returns its id; waits for room like [`App::publish`].
-    pub async fn publish_to(
-        &self,
-        session: SessionId,
-        member: &Name,
-        payload: impl Into<Bytes>,
-    ) -> Result<u32, AppError> {
-        self.send(session, Some(member.clone()), payload.into())
-            .await
-    }
-
-    async fn send(
-        &self,
-        session: SessionId,
-        to: Option<Name>,
-        payload: Bytes,
-    ) -> Result<u32, AppError> {
-        let (reply, answer) = oneshot::channel();
-        self.command(Command::Publish {
-            session,
-            publish: session::Publish { to, payload },
-            reply,
-        })
-        .await?;
-        Ok(answer.await.map_err(|_| AppError::Stopped)??)
-    }
-
-    /// Soft close (`false`) or back online (`true`): the other members are told and stop (or
-    /// resume) waiting for this app; back online in an MLS group with a stale epoch, it
-    /// rejoins the group through the moderator on its own.
-    pub async fn set_online(&self, session: SessionId, online: bool) -> Result<(), AppError> {
-        let (reply, answer) = oneshot::channel();
-        self.command(Command::SetOnline {
-            session,
-            online,
-            reply,
-        })
-        .await?;
-        Ok(answer.await.map_err(|_| AppError::Stopped)??)
-    }
-
-    /// Closes a session: p2p peers are told, a moderator closes the group, a member leaves it.
-    /// A `Closed` event follows.
-    pub async fn close(&self, session: SessionId) -> Result<(), AppError> {
-        let (reply, answer) = oneshot::channel();
-        self.command(Command::Close { session, reply }).await?;
-        Ok(answer.await.map_err(|_| AppError::Stopped)??)
-    }
-
-    /// The session layer's counters: messages, drops by reason, retransmissions.
-    pub async fn stats(&self) -> Result<SessionStats, AppError> {
-        let (reply, answer) = oneshot::channel();
-        self.command(Command::Stats { reply }).await?;
-        answer.await.map_err(|_| AppError::Stopped)
-    }
-
-    /// The next session event: incoming sessions, messages, membership, losses, closes.
-    pub async fn next_event(&self) -> Result<SessionEvent, AppError> {
-        self.events
-            .lock()
-            .await
-            .recv()
-            .await
-            .ok_or(AppError::Stopped)
-    }
-
-    async fn command(&self, command: Command) -> Result<(), AppError> {
-        self.commands
-            .send(command)
-            .await
-            .map_err(|_| AppError::Stopped)
     }
 }
 
-async fn membership_answer(answer: oneshot::Receiver<Result<(), String>>) -> Result<(), AppError> {
-    match tokio::time::timeout(OPEN_WAIT, answer).await {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(reason))) => Err(AppError::Membership(reason)),
-        Ok(Err(_)) => Err(AppError::Stopped),
-        Err(_) => Err(AppError::Timeout(OPEN_WAIT)),
+/// A reply's receiving half: `None` once the driver dropped it unanswered.
+pub struct OneShot<T>(oneshot::Receiver<T>);
+
+impl<T> Future for OneShot<T> {
+    type Output = Option<T>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(Result::ok)
     }
 }
+
+type Command = session::Command<Tokio>;
+type Waiters = session::Waiters<Tokio>;
 
 // The backlog policy is the core's, so that both drivers keep the same one; re-exported here,
 // where the docs of `publish` and the tests name it.

@@ -1,7 +1,9 @@
 //! The session layer (spec §4): [`SessionLayer`] runs an application's point-to-point sessions on
-//! top of the reliability halves ([`ReliableSender`], [`ReliableReceiver`]). Group sessions are next.
+//! top of the reliability halves ([`ReliableSender`], [`ReliableReceiver`]), and moderated group
+//! sessions. [`App`] is the application's handle on a driver of it, for any runtime.
 
 pub mod commands;
+pub mod front;
 pub mod layer;
 pub mod mls;
 pub mod receiver;
@@ -15,6 +17,7 @@ pub use layer::{
 };
 
 pub use commands::{Command, Membership, Replies, Waiters};
+pub use front::{App, AppError, AppRuntime, Started, OPEN_WAIT};
 pub use mls::{MlsState, PayloadError, DEFAULT_VALIDATION_PERCENT};
 pub use receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 pub use sender::{Outgoing, ReliableSender, SenderEvent};
