@@ -10,111 +10,13 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use common::*;
 use prost::Message as _;
-use slim_core::router::{DropReason, Stats};
+use slim_core::router::DropReason;
 use slim_proto::framing::frame_bytes;
 use slim_proto::link;
 use slim_proto::pb::{self, LinkConnectionType};
 use slim_proto::Name;
-use slim_tokio::Node;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// A node with two good, negotiated clients: A subscribed to its name, B to its own.
-struct Fixture {
-    node: Node,
-    a: Client,
-    b: Client,
-    a_name: Name,
-    b_name: Name,
-    round: u32,
-}
-
-impl Fixture {
-    async fn new() -> Fixture {
-        Fixture::with(|_| {}).await
-    }
-
-    async fn with(tweak: impl FnOnce(&mut slim_tokio::config::NodeConfig)) -> Fixture {
-        let node = start_node_with(tweak).await;
-        let addr = node_addr(&node);
-        let mut a = Client::connect_negotiated(addr, "A").await;
-        let mut b = Client::connect_negotiated(addr, "B").await;
-        let a_name = Name::with_id("org", "ns", "alice", 0xa11ce);
-        let b_name = Name::with_id("org", "ns", "bob", 0xb0b);
-        a.subscribe(&a_name, 11).await;
-        b.subscribe(&b_name, 22).await;
-        let stats = stats(&node).await;
-        assert_eq!((stats.connections, stats.subscriptions), (2, 2));
-        assert_eq!(stats.dropped_total(), 0, "{stats:#?}");
-        let mut fixture = Fixture {
-            node,
-            a,
-            b,
-            a_name,
-            b_name,
-            round: 0,
-        };
-        fixture.assert_still_routes().await;
-        fixture
-    }
-
-    fn addr(&self) -> std::net::SocketAddr {
-        node_addr(&self.node)
-    }
-
-    async fn stats(&self) -> Stats {
-        stats(&self.node).await
-    }
-
-    async fn wait_for_drops(&self, reason: DropReason, count: u64) -> Stats {
-        wait_for_stats(&self.node, &format!("{count} drop(s) of {reason}"), |s| {
-            s.dropped(reason) >= count
-        })
-        .await
-    }
-
-    async fn wait_for_connections(&self, count: u64) {
-        wait_for_stats(&self.node, &format!("{count} open connection(s)"), |s| {
-            s.connections == count
-        })
-        .await;
-    }
-
-    /// The node is up, A and B are still linked and subscribed: a publish each way arrives
-    /// byte-exact as the *next* message of the receiver (so nothing hostile was delivered before
-    /// it), and a new client can connect and negotiate.
-    async fn assert_still_routes(&mut self) {
-        self.round += 1;
-        let blob = format!("A to B, round {}", self.round);
-        assert_delivers(
-            &mut self.a,
-            &self.a_name,
-            &mut self.b,
-            &self.b_name,
-            blob.as_bytes(),
-        )
-        .await;
-        let blob = format!("B to A, round {}", self.round);
-        assert_delivers(
-            &mut self.b,
-            &self.b_name,
-            &mut self.a,
-            &self.a_name,
-            blob.as_bytes(),
-        )
-        .await;
-        let mut probe = Client::connect_negotiated(self.addr(), "probe").await;
-        probe.finish();
-        assert_eq!(probe.status().await.code, 0, "a clean close ends with OK");
-    }
-
-    /// Stops the node and checks A and B get the shutdown trailers (grpc-status 0).
-    async fn shutdown(mut self) {
-        within("node shutdown", self.node.shutdown()).await;
-        assert_eq!(self.a.status().await.code, 0);
-        assert_eq!(self.b.status().await.code, 0);
-    }
-}
 
 /// Frames a body the way `encode_frame` would, but with any flag byte and declared length.
 fn raw_prefix(flag: u8, len: u32) -> BytesMut {

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use prost::Message as _;
-use slim_core::router::Stats;
+use slim_core::router::{DropReason, Stats};
 use slim_proto::link;
 use slim_proto::pb::{self, message::MessageType, LinkConnectionType};
 use slim_proto::{encode_frame, Deframer, HeaderMacKey, LinkKeyPair, Name};
@@ -822,6 +822,134 @@ impl Client {
 }
 
 // ---------------------------------------------------------------------------------- memory
+
+/// A node with two good, negotiated clients: A subscribed to its name, B to its own. The
+/// hostile-input tests break something, then check the node's reaction and that it still
+/// serves A and B ([`Fixture::assert_still_routes`]).
+pub struct Fixture {
+    pub node: Node,
+    pub a: Client,
+    pub b: Client,
+    pub a_name: Name,
+    pub b_name: Name,
+    round: u32,
+}
+
+impl Fixture {
+    pub async fn new() -> Fixture {
+        Fixture::with(|_| {}).await
+    }
+
+    pub async fn with(tweak: impl FnOnce(&mut NodeConfig)) -> Fixture {
+        let node = start_node_with(tweak).await;
+        let addr = node_addr(&node);
+        let mut a = Client::connect_negotiated(addr, "A").await;
+        let mut b = Client::connect_negotiated(addr, "B").await;
+        let a_name = Name::with_id("org", "ns", "alice", 0xa11ce);
+        let b_name = Name::with_id("org", "ns", "bob", 0xb0b);
+        a.subscribe(&a_name, 11).await;
+        b.subscribe(&b_name, 22).await;
+        let mut fixture = Fixture {
+            node,
+            a,
+            b,
+            a_name,
+            b_name,
+            round: 0,
+        };
+        fixture.settle("the fixture").await;
+        let stats = fixture.stats().await;
+        assert_eq!(stats.dropped_total(), 0, "{stats:#?}");
+        fixture.assert_still_routes().await;
+        fixture
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        node_addr(&self.node)
+    }
+
+    pub async fn stats(&self) -> Stats {
+        stats(&self.node).await
+    }
+
+    pub async fn wait_for_drops(&self, reason: DropReason, count: u64) -> Stats {
+        wait_for_stats(&self.node, &format!("{count} drop(s) of {reason}"), |s| {
+            s.dropped(reason) >= count
+        })
+        .await
+    }
+
+    pub async fn wait_for_connections(&self, count: u64) -> Stats {
+        wait_for_stats(&self.node, &format!("{count} open connection(s)"), |s| {
+            s.connections == count
+        })
+        .await
+    }
+
+    /// Waits until exactly `drops` more messages were dropped than in `before`, per reason, and
+    /// checks no other drop happened.
+    pub async fn expect_drops(&self, before: &Stats, drops: &[(DropReason, u64)]) -> Stats {
+        let what = format!("drops {drops:?}");
+        let stats = wait_for_stats(&self.node, &what, |s| {
+            drops
+                .iter()
+                .all(|(reason, n)| s.dropped(*reason) >= before.dropped(*reason) + n)
+        })
+        .await;
+        let expected: u64 = drops.iter().map(|(_, n)| n).sum();
+        assert_eq!(
+            stats.dropped_total(),
+            before.dropped_total() + expected,
+            "exactly {drops:?} and nothing else was dropped: {stats:#?}"
+        );
+        stats
+    }
+
+    /// Back to the baseline: only A and B connected, only their two subscriptions.
+    pub async fn settle(&self, after: &str) {
+        wait_for_stats(
+            &self.node,
+            &format!("the baseline (2 connections, 2 subscriptions) after {after}"),
+            |s| s.connections == 2 && s.subscriptions == 2,
+        )
+        .await;
+    }
+
+    /// The node is up, A and B are still linked and subscribed: a publish each way arrives
+    /// byte-exact as the *next* message of the receiver (so nothing hostile was delivered before
+    /// it), and a new client can connect and negotiate.
+    pub async fn assert_still_routes(&mut self) {
+        self.round += 1;
+        let blob = format!("A to B, round {}", self.round);
+        assert_delivers(
+            &mut self.a,
+            &self.a_name,
+            &mut self.b,
+            &self.b_name,
+            blob.as_bytes(),
+        )
+        .await;
+        let blob = format!("B to A, round {}", self.round);
+        assert_delivers(
+            &mut self.b,
+            &self.b_name,
+            &mut self.a,
+            &self.a_name,
+            blob.as_bytes(),
+        )
+        .await;
+        let mut probe = Client::connect_negotiated(self.addr(), "probe").await;
+        probe.finish();
+        assert_eq!(probe.status().await.code, 0, "a clean close ends with OK");
+    }
+
+    /// Stops the node and checks A and B get the shutdown trailers (grpc-status 0).
+    pub async fn shutdown(mut self) {
+        within("node shutdown", self.node.shutdown()).await;
+        assert_eq!(self.a.status().await.code, 0);
+        assert_eq!(self.b.status().await.code, 0);
+    }
+}
 
 /// The resident set size of this process (`VmRSS` of /proc/self/status), in bytes. The node runs
 /// in-process, so this is the node plus the test's clients. 0 where /proc is not available.
