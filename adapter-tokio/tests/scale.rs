@@ -52,19 +52,6 @@ const SUBSCRIBE_BATCH: usize = 512;
 /// Concurrent connection handshakes.
 const CONNECTING: usize = 64;
 
-fn env_or(name: &str, default: u64, range: std::ops::RangeInclusive<u64>) -> u64 {
-    match std::env::var(name) {
-        Err(_) => default,
-        Ok(text) => {
-            let value: u64 = text
-                .parse()
-                .unwrap_or_else(|_| panic!("{name}={text:?} is not a number"));
-            assert!(range.contains(&value), "{name}={value} is not in {range:?}");
-            value
-        }
-    }
-}
-
 fn full() -> bool {
     std::env::var("SLIM_SCALE_FULL").is_ok_and(|v| v == "1")
 }

@@ -75,19 +75,6 @@ const PROBE_WAIT: Duration = Duration::from_secs(15);
 /// The soaks run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn env_or(name: &str, default: u64, range: std::ops::RangeInclusive<u64>) -> u64 {
-    match std::env::var(name) {
-        Err(_) => default,
-        Ok(text) => {
-            let value: u64 = text
-                .parse()
-                .unwrap_or_else(|_| panic!("{name}={text:?} is not a number"));
-            assert!(range.contains(&value), "{name}={value} is not in {range:?}");
-            value
-        }
-    }
-}
-
 /// Raises the soft RLIMIT_NOFILE towards `wanted` (up to the hard limit); returns the soft limit
 /// in force afterwards.
 #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not everywhere

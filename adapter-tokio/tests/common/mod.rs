@@ -49,6 +49,21 @@ pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
     }
 }
 
+/// The test setting `name` from the environment, or `default`; a value that is not a number
+/// in `range` fails the test.
+pub fn env_or(name: &str, default: u64, range: std::ops::RangeInclusive<u64>) -> u64 {
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(text) => {
+            let value: u64 = text
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}={text:?} is not a number"));
+            assert!(range.contains(&value), "{name}={value} is not in {range:?}");
+            value
+        }
+    }
+}
+
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).expect("OS randomness");
