@@ -1,11 +1,12 @@
 //! Shared by the integration tests: a slim-tokio node on a background thread (its own tokio
-//! runtime; the smol side never enters it), a watchdog, and the request/reply scenario written
-//! once over both runtimes' session `App`s.
+//! runtime; the smol side never enters it), a watchdog, and the scenarios, written once over
+//! both runtimes' session `App`s (`slim_core::session::App<R>`).
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use slim_core::session::{App, AppError, AppRuntime, SessionError};
 use slim_proto::Name;
 use slim_smol::session::{CloseReason, Reliability, SessionConfig, SessionEvent, SessionId};
 use slim_tokio::config::{NodeConfig, ServerConfig};
@@ -141,109 +142,6 @@ pub fn request_payload(i: usize) -> Bytes {
     buf.freeze()
 }
 
-/// The session `App` of either runtime, so the scenario is written once.
-#[allow(async_fn_in_trait)]
-pub trait SessionApp {
-    type Error: std::fmt::Debug;
-    fn name(&self) -> &Name;
-    async fn open_session(
-        &self,
-        peer: &Name,
-        config: SessionConfig,
-    ) -> Result<SessionId, Self::Error>;
-    async fn publish(&self, session: SessionId, payload: Bytes) -> Result<u32, Self::Error>;
-    async fn close(&self, session: SessionId) -> Result<(), Self::Error>;
-    async fn next_event(&self) -> Result<SessionEvent, Self::Error>;
-    async fn create_group(
-        &self,
-        channel: &Name,
-        config: SessionConfig,
-    ) -> Result<SessionId, Self::Error>;
-    async fn invite(&self, session: SessionId, invitee: &Name) -> Result<(), Self::Error>;
-    async fn publish_to(
-        &self,
-        session: SessionId,
-        member: &Name,
-        payload: Bytes,
-    ) -> Result<u32, Self::Error>;
-    async fn set_online(&self, session: SessionId, online: bool) -> Result<(), Self::Error>;
-    /// Whether `error` is the core's `SendQueueFull`.
-    fn is_send_queue_full(error: &Self::Error) -> bool;
-}
-
-macro_rules! session_app {
-    ($app:ty, $error:ty, $session_error:path) => {
-        impl SessionApp for $app {
-            type Error = $error;
-            fn name(&self) -> &Name {
-                <$app>::name(self)
-            }
-            async fn open_session(
-                &self,
-                peer: &Name,
-                config: SessionConfig,
-            ) -> Result<SessionId, Self::Error> {
-                <$app>::open_session(self, peer, config).await
-            }
-            async fn publish(
-                &self,
-                session: SessionId,
-                payload: Bytes,
-            ) -> Result<u32, Self::Error> {
-                <$app>::publish(self, session, payload).await
-            }
-            async fn close(&self, session: SessionId) -> Result<(), Self::Error> {
-                <$app>::close(self, session).await
-            }
-            async fn next_event(&self) -> Result<SessionEvent, Self::Error> {
-                <$app>::next_event(self).await
-            }
-            async fn create_group(
-                &self,
-                channel: &Name,
-                config: SessionConfig,
-            ) -> Result<SessionId, Self::Error> {
-                <$app>::create_group(self, channel, config).await
-            }
-            async fn invite(&self, session: SessionId, invitee: &Name) -> Result<(), Self::Error> {
-                <$app>::invite(self, session, invitee).await
-            }
-            async fn publish_to(
-                &self,
-                session: SessionId,
-                member: &Name,
-                payload: Bytes,
-            ) -> Result<u32, Self::Error> {
-                <$app>::publish_to(self, session, member, payload).await
-            }
-            async fn set_online(
-                &self,
-                session: SessionId,
-                online: bool,
-            ) -> Result<(), Self::Error> {
-                <$app>::set_online(self, session, online).await
-            }
-            fn is_send_queue_full(error: &Self::Error) -> bool {
-                matches!(
-                    error,
-                    $session_error(slim_core::session::SessionError::SendQueueFull(..))
-                )
-            }
-        }
-    };
-}
-
-session_app!(
-    slim_smol::session::App,
-    slim_smol::session::AppError,
-    slim_smol::session::AppError::Session
-);
-session_app!(
-    slim_tokio::session::App,
-    slim_tokio::session::AppError,
-    slim_tokio::session::AppError::Session
-);
-
 /// What the initiator saw.
 #[derive(Debug)]
 pub struct Requested {
@@ -254,13 +152,13 @@ pub struct Requested {
 
 /// Opens a session to `service`, sends `count` requests one after the other, checks that each
 /// reply is `reply|` + the request byte for byte, then closes and waits for `Closed`.
-pub async fn request<A: SessionApp>(app: &A, service: &Name, count: usize) -> Requested {
+pub async fn request<R: AppRuntime>(app: &App<R>, service: &Name, count: usize) -> Requested {
     request_with(app, service, count, reliable()).await
 }
 
 /// [`request`] on a session opened with `config`.
-pub async fn request_with<A: SessionApp>(
-    app: &A,
+pub async fn request_with<R: AppRuntime>(
+    app: &App<R>,
     service: &Name,
     count: usize,
     config: SessionConfig,
@@ -322,7 +220,7 @@ pub struct Responded {
 
 /// Accepts one session and answers each message with `reply|` + the message until the
 /// session is closed.
-pub async fn respond<A: SessionApp>(app: &A) -> Responded {
+pub async fn respond<R: AppRuntime>(app: &App<R>) -> Responded {
     let (session, peer, mls) = match app.next_event().await.unwrap() {
         SessionEvent::Incoming {
             session, peer, mls, ..
@@ -390,8 +288,8 @@ pub fn patient() -> SessionConfig {
 /// nothing until `full` says the peer saw more acks than its event queue holds — so its driver
 /// holds an event it cannot queue — and only then publishes. That publish must still be
 /// answered. Then it reads everything, closes, and returns how many messages it got.
-pub async fn stop_reading<A: SessionApp>(
-    app: &A,
+pub async fn stop_reading<R: AppRuntime>(
+    app: &App<R>,
     service: &Name,
     full: smol::channel::Receiver<()>,
     count: usize,
@@ -438,8 +336,8 @@ pub async fn stop_reading<A: SessionApp>(
 /// unacknowledged, well within what the sender keeps for retransmission), tells `full` once
 /// more than `queue` of them are acknowledged, and reads until the session closes. Returns
 /// whether the slow reader's own message arrived.
-pub async fn fill_up<A: SessionApp>(
-    app: &A,
+pub async fn fill_up<R: AppRuntime>(
+    app: &App<R>,
     full: smol::channel::Sender<()>,
     count: usize,
     queue: usize,
@@ -478,13 +376,13 @@ pub async fn fill_up<A: SessionApp>(
 
 /// A group member: takes the moderator's invitation, collects the broadcasts until its
 /// session ends; returns them and why it ended.
-pub async fn group_member<A: SessionApp>(app: &A) -> (Vec<Bytes>, CloseReason) {
+pub async fn group_member<R: AppRuntime>(app: &App<R>) -> (Vec<Bytes>, CloseReason) {
     group_member_expecting(app, false).await
 }
 
 /// [`group_member`] of a group whose encryption must be `mls`.
-pub async fn group_member_expecting<A: SessionApp>(
-    app: &A,
+pub async fn group_member_expecting<R: AppRuntime>(
+    app: &App<R>,
     mls: bool,
 ) -> (Vec<Bytes>, CloseReason) {
     let session = match app.next_event().await.unwrap() {
@@ -517,7 +415,11 @@ pub async fn group_member_expecting<A: SessionApp>(
 }
 
 /// Publishes requests `range` on a session and waits until every one is delivered.
-pub async fn broadcast<A: SessionApp>(app: &A, session: SessionId, range: std::ops::Range<usize>) {
+pub async fn broadcast<R: AppRuntime>(
+    app: &App<R>,
+    session: SessionId,
+    range: std::ops::Range<usize>,
+) {
     let mut outstanding = std::collections::BTreeSet::new();
     for i in range {
         outstanding.insert(app.publish(session, request_payload(i)).await.unwrap());
@@ -694,8 +596,8 @@ pub fn smol_moderates_a_group_with_smol_and_tokio_members(prefix: &str, config: 
 
 /// Waits for the next event `wanted` accepts (skipping deliveries and membership news); panics
 /// on anything else or after 10 s.
-pub async fn next_matching<A: SessionApp>(
-    app: &A,
+pub async fn next_matching<R: AppRuntime>(
+    app: &App<R>,
     what: &str,
     wanted: impl Fn(&SessionEvent) -> bool,
 ) -> SessionEvent {
@@ -724,10 +626,10 @@ pub async fn next_matching<A: SessionApp>(
 /// reaches its member only (the other's first message is the broadcast after it), a member's
 /// direct message reaches the moderator, and a member's soft close and return are seen by the
 /// moderator as its state.
-pub async fn direct_messages_and_soft_close<A: SessionApp>(
-    moderator: &A,
-    a: &A,
-    b: &A,
+pub async fn direct_messages_and_soft_close<R: AppRuntime>(
+    moderator: &App<R>,
+    a: &App<R>,
+    b: &App<R>,
     channel: &Name,
 ) {
     let session = moderator.create_group(channel, reliable()).await.unwrap();
@@ -813,9 +715,9 @@ pub async fn within<T>(limit: Duration, work: impl std::future::Future<Output = 
 /// beyond the app's event queue (`event_queue`); past that, a publish that would wait for room
 /// fails with `SendQueueFull` instead of the driver's memory growing without bound. Once the
 /// producer reads its events, it can publish again. `sink` takes the session and reads all.
-pub async fn producer_that_never_reads<A: SessionApp>(
-    producer: &A,
-    sink: &A,
+pub async fn producer_that_never_reads<R: AppRuntime>(
+    producer: &App<R>,
+    sink: &App<R>,
     event_queue: usize,
     backlog: usize,
 ) {
@@ -841,7 +743,10 @@ pub async fn producer_that_never_reads<A: SessionApp>(
                 Some(Err(error)) => break error,
             }
         };
-        assert!(A::is_send_queue_full(&refused), "refused with {refused:?}");
+        assert!(
+            matches!(refused, AppError::Session(SessionError::SendQueueFull(..))),
+            "refused with {refused:?}"
+        );
         assert!(
             answered >= event_queue + backlog,
             "refused after {answered} publishes: the driver held fewer than its backlog allows"
