@@ -8,12 +8,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{check, request, respond, tokio_runtime, watchdog, TestNode, SECRET};
+use common::{check, request, respond, tokio_runtime, watchdog, TestNode, TestRuntime, SECRET};
 use slim_proto::Name;
 use slim_smol::session::{
     App, AppError, CloseReason, Reliability, SessionConfig, SessionError, SessionEvent,
 };
+use slim_smol::session::{Smol, EVENT_BACKLOG};
 use slim_smol::ClientError;
+use slim_tokio::session::Tokio;
 
 const COUNT: usize = 100;
 
@@ -366,54 +368,21 @@ fn publish_waits_for_room_in_a_full_send_queue() {
 /// Direct messages (`publish_to`) and soft close (`set_online`) through either adapter's App.
 #[test]
 fn direct_messages_and_soft_close_smol() {
-    use slim_smol::session::App;
-    let _guard = watchdog(
-        "direct_messages_and_soft_close_smol",
-        Duration::from_secs(60),
-    );
-    let node = TestNode::start();
-    let endpoint = node.endpoint();
-    smol::block_on(async {
-        let connect = |role: &str| {
-            App::connect(
-                &endpoint,
-                common::scenario_name("direct-smol", role),
-                SECRET,
-            )
-        };
-        let (moderator, a, b) = (
-            connect("mod").await.unwrap(),
-            connect("a").await.unwrap(),
-            connect("b").await.unwrap(),
-        );
-        let channel = common::scenario_name("direct-smol", "chan");
-        common::direct_messages_and_soft_close(&moderator, &a, &b, &channel).await;
-    });
+    direct_messages_and_soft_close::<Smol>("direct_messages_and_soft_close_smol");
 }
 
 #[test]
 fn direct_messages_and_soft_close_tokio() {
-    use slim_tokio::session::App;
-    let _guard = watchdog(
-        "direct_messages_and_soft_close_tokio",
-        Duration::from_secs(60),
-    );
+    direct_messages_and_soft_close::<Tokio>("direct_messages_and_soft_close_tokio");
+}
+
+fn direct_messages_and_soft_close<R: TestRuntime>(test: &'static str) {
+    let _guard = watchdog(test, Duration::from_secs(60));
     let node = TestNode::start();
-    let endpoint = node.endpoint();
-    common::tokio_runtime().block_on(async {
-        let connect = |role: &str| {
-            App::connect(
-                &endpoint,
-                common::scenario_name("direct-tokio", role),
-                SECRET,
-            )
-        };
-        let (moderator, a, b) = (
-            connect("mod").await.unwrap(),
-            connect("a").await.unwrap(),
-            connect("b").await.unwrap(),
-        );
-        let channel = common::scenario_name("direct-tokio", "chan");
+    R::block_on(async {
+        let connect = |role| common::connect_as::<R>(&node, "direct", R::LABEL, role);
+        let (moderator, a, b) = (connect("mod").await, connect("a").await, connect("b").await);
+        let channel = common::scenario_name(&format!("direct-{}", R::LABEL), "chan");
         common::direct_messages_and_soft_close(&moderator, &a, &b, &channel).await;
     });
 }
@@ -422,61 +391,20 @@ fn direct_messages_and_soft_close_tokio() {
 /// holds `EVENT_BACKLOG` of them beyond its queue, instead of holding more without bound.
 #[test]
 fn a_producer_that_never_reads_is_refused_not_grown_smol() {
-    let _guard = watchdog(
-        "a_producer_that_never_reads_is_refused_not_grown_smol",
-        Duration::from_secs(120),
-    );
-    let node = TestNode::start();
-    let endpoint = node.endpoint();
-    smol::block_on(async {
-        let connect = |role: &str| {
-            App::connect(
-                &endpoint,
-                common::scenario_name("producer-smol", role),
-                SECRET,
-            )
-        };
-        let (producer, sink) = (
-            connect("producer").await.unwrap(),
-            connect("sink").await.unwrap(),
-        );
-        common::producer_that_never_reads(
-            &producer,
-            &sink,
-            4096,
-            slim_smol::session::EVENT_BACKLOG,
-        )
-        .await;
-    });
+    producer_that_never_reads::<Smol>("a_producer_that_never_reads_is_refused_not_grown_smol");
 }
 
 #[test]
 fn a_producer_that_never_reads_is_refused_not_grown_tokio() {
-    use slim_tokio::session::App;
-    let _guard = watchdog(
-        "a_producer_that_never_reads_is_refused_not_grown_tokio",
-        Duration::from_secs(120),
-    );
+    producer_that_never_reads::<Tokio>("a_producer_that_never_reads_is_refused_not_grown_tokio");
+}
+
+fn producer_that_never_reads<R: TestRuntime>(test: &'static str) {
+    let _guard = watchdog(test, Duration::from_secs(120));
     let node = TestNode::start();
-    let endpoint = node.endpoint();
-    common::tokio_runtime().block_on(async {
-        let connect = |role: &str| {
-            App::connect(
-                &endpoint,
-                common::scenario_name("producer-tokio", role),
-                SECRET,
-            )
-        };
-        let (producer, sink) = (
-            connect("producer").await.unwrap(),
-            connect("sink").await.unwrap(),
-        );
-        common::producer_that_never_reads(
-            &producer,
-            &sink,
-            4096,
-            slim_tokio::session::EVENT_BACKLOG,
-        )
-        .await;
+    R::block_on(async {
+        let connect = |role| common::connect_as::<R>(&node, "producer", R::LABEL, role);
+        let (producer, sink) = (connect("producer").await, connect("sink").await);
+        common::producer_that_never_reads(&producer, &sink, 4096, EVENT_BACKLOG).await;
     });
 }

@@ -435,6 +435,45 @@ pub async fn broadcast<R: AppRuntime>(
     }
 }
 
+/// A runtime the session scenarios run on: its `App`, and how a test thread waits for a future.
+pub trait TestRuntime: AppRuntime {
+    /// Names what the test made (apps of both runtimes share a node).
+    const LABEL: &'static str;
+    /// The smol side runs on the test thread, where no tokio runtime is entered: any use of a
+    /// tokio timer or socket there would panic.
+    fn block_on<F: std::future::Future>(future: F) -> F::Output;
+}
+
+impl TestRuntime for slim_smol::session::Smol {
+    const LABEL: &'static str = "smol";
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        smol::block_on(future)
+    }
+}
+
+impl TestRuntime for slim_tokio::session::Tokio {
+    const LABEL: &'static str = "tokio";
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio_runtime().block_on(future)
+    }
+}
+
+/// Connects apps on `R` to `node`, named `prefix-R/role`, as [`scenario_name`] does.
+pub async fn connect_as<R: AppRuntime>(
+    node: &TestNode,
+    prefix: &str,
+    label: &str,
+    role: &str,
+) -> App<R> {
+    App::<R>::connect(
+        &node.endpoint(),
+        scenario_name(&format!("{prefix}-{label}"), role),
+        SECRET,
+    )
+    .await
+    .unwrap()
+}
+
 /// A tokio runtime for the tokio side of a cross-runtime test.
 pub fn tokio_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
