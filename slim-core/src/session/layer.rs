@@ -730,6 +730,15 @@ impl Session {
         matches!(self.state, State::Established | State::Closing) && self.may_seal()
     }
 
+    /// Keeps `deferred` until the session is ready to send; refused beyond [`MAX_QUEUED`].
+    fn defer(&mut self, id: SessionId, deferred: Deferred) -> Result<(), SessionError> {
+        if self.queued.len() >= MAX_QUEUED {
+            return Err(SessionError::QueueFull(id, self.queued.len()));
+        }
+        self.queued.push(deferred);
+        Ok(())
+    }
+
     /// Whether our MLS epoch may be used: not stale, nor in doubt while the moderator judges
     /// it (see [`Session::epoch_in_doubt`]).
     fn may_seal(&self) -> bool {
@@ -1050,14 +1059,14 @@ impl SessionLayer {
             return Err(SessionError::Closing(session));
         }
         if !s.ready_to_send() {
-            if s.queued.len() >= MAX_QUEUED {
-                return Err(SessionError::QueueFull(session, s.queued.len()));
-            }
-            s.queued.push(Deferred::Publish {
-                payload,
-                payload_type,
-                metadata,
-            });
+            s.defer(
+                session,
+                Deferred::Publish {
+                    payload,
+                    payload_type,
+                    metadata,
+                },
+            )?;
             return Ok(0);
         }
         send_queue_room(session, s)?;
@@ -1089,14 +1098,14 @@ impl SessionLayer {
             })
             .ok_or_else(|| SessionError::NotAMember(session, member.to_string()))?;
         if !s.ready_to_send() {
-            if s.queued.len() >= MAX_QUEUED {
-                return Err(SessionError::QueueFull(session, s.queued.len()));
-            }
-            s.queued.push(Deferred::Direct {
-                id,
-                target,
-                payload,
-            });
+            s.defer(
+                session,
+                Deferred::Direct {
+                    id,
+                    target,
+                    payload,
+                },
+            )?;
             return Ok(id);
         }
         send_queue_room(session, s)?;

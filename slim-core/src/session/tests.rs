@@ -606,6 +606,32 @@ fn publishes_before_the_handshake_are_queued() {
     assert_eq!(p.messages_b(), vec![(1, b"early".to_vec())]);
 }
 
+/// The queue before the handshake is bounded: the publish past it is refused with
+/// `QueueFull`, and everything queued is delivered, in order, once the session is up.
+#[test]
+fn publishes_before_the_handshake_are_bounded() {
+    let mut p = Pair::new();
+    let sid =
+        p.a.create_session(&Name::new("org", "ns", "bob"), reliable(), p.now);
+    for i in 0..MAX_QUEUED as u32 {
+        let payload = Bytes::from(i.to_be_bytes().to_vec());
+        assert_eq!(p.a.publish(sid, payload, p.now), Ok(0));
+    }
+    assert_eq!(
+        p.a.publish(sid, Bytes::from_static(b"one too many"), p.now),
+        Err(SessionError::QueueFull(sid, MAX_QUEUED))
+    );
+    p.run();
+    // Acks free the send window for the rest of the queue.
+    while p.messages_b().len() < MAX_QUEUED && p.step_time() {}
+    let received = p.messages_b();
+    assert_eq!(received.len(), MAX_QUEUED);
+    for (i, (id, payload)) in received.iter().enumerate() {
+        assert_eq!(*id, i as u32 + 1);
+        assert_eq!(payload[..], (i as u32).to_be_bytes());
+    }
+}
+
 #[test]
 fn close_is_acknowledged_and_ends_both_sides() {
     let mut p = Pair::new();
