@@ -632,6 +632,44 @@ fn publishes_before_the_handshake_are_bounded() {
     }
 }
 
+/// Commands that need an established session are refused while the handshake runs, and
+/// every command is refused once the session is closing, each with its own error.
+#[test]
+fn commands_before_the_handshake_and_while_closing_are_refused() {
+    let mut p = Pair::new();
+    let bob = Name::new("org", "ns", "bob");
+    let opening = p.a.create_session(&bob, reliable(), p.now);
+    assert_eq!(
+        p.a.set_online(opening, false, p.now),
+        Err(SessionError::NotEstablished(opening))
+    );
+    assert_eq!(
+        p.a.publish_to(opening, &bob, Bytes::from_static(b"direct"), p.now),
+        Err(SessionError::NotEstablished(opening))
+    );
+    p.run();
+
+    // Closing: the peer has not acknowledged the close yet.
+    p.a.close(opening, p.now).unwrap();
+    assert_eq!(
+        p.a.publish(opening, Bytes::from_static(b"late"), p.now),
+        Err(SessionError::Closing(opening))
+    );
+    assert_eq!(
+        p.a.close(opening, p.now),
+        Err(SessionError::Closing(opening))
+    );
+    assert_eq!(
+        p.a.set_online(opening, true, p.now),
+        Err(SessionError::Closing(opening))
+    );
+    p.run();
+    assert!(p.events_a.contains(&SessionEvent::Closed {
+        session: opening,
+        reason: CloseReason::Local
+    }));
+}
+
 #[test]
 fn close_is_acknowledged_and_ends_both_sides() {
     let mut p = Pair::new();
