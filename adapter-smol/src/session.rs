@@ -30,8 +30,9 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_channel::oneshot;
 use futures_lite::future;
-use slim_core::session::{self, AppRuntime, Output, SessionLayer, Started};
+use slim_core::session::{self, AppRuntime, Output, ReplyFuture, SessionLayer, Started};
 use slim_proto::pb;
 use smol::channel::{self, Receiver, Sender, TrySendError};
 
@@ -51,15 +52,15 @@ pub type App = session::App<Smol>;
 const COMMANDS: usize = 1024;
 const EVENTS: usize = 4096;
 
-/// The smol half of an [`App`]. The driver answers its application's commands on channels of
-/// one, sent to with `try_send` (never waits).
+/// The smol half of an [`App`]. The driver answers its application's commands on one-shot
+/// channels (runtime-free, never wait).
 pub struct Smol;
 
 impl session::Replies for Smol {
-    type Reply<T> = Sender<T>;
+    type Reply<T> = oneshot::Sender<T>;
 
-    fn answer<T>(reply: Sender<T>, value: T) -> bool {
-        reply.try_send(value).is_ok()
+    fn answer<T>(reply: oneshot::Sender<T>, value: T) -> bool {
+        reply.send(value).is_ok()
     }
 }
 
@@ -68,11 +69,11 @@ impl AppRuntime for Smol {
     type Events = Receiver<SessionEvent>;
     /// Cancelled when dropped.
     type Driver = smol::Task<()>;
-    type Answer<T: Send + 'static> = future::Boxed<Option<T>>;
+    type Answer<T: Send + 'static> = ReplyFuture<oneshot::Receiver<T>>;
 
-    fn reply_pair<T: Send + 'static>() -> (Sender<T>, Self::Answer<T>) {
-        let (reply, answer) = channel::bounded(1);
-        (reply, Box::pin(async move { answer.recv().await.ok() }))
+    fn reply_pair<T: Send + 'static>() -> (oneshot::Sender<T>, Self::Answer<T>) {
+        let (reply, answer) = oneshot::channel();
+        (reply, ReplyFuture(answer))
     }
 
     async fn send_command(commands: &Self::Commands, command: Command) -> bool {

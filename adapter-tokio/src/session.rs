@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use slim_core::session::{self, AppRuntime, Output, SessionLayer, Started};
+use slim_core::session::{self, AppRuntime, Output, ReplyFuture, SessionLayer, Started};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -63,11 +63,11 @@ impl AppRuntime for Tokio {
     // `recv` needs the receiver mutably; the app's calls take it shared.
     type Events = tokio::sync::Mutex<mpsc::Receiver<SessionEvent>>;
     type Driver = DriverTask;
-    type Answer<T: Send + 'static> = OneShot<T>;
+    type Answer<T: Send + 'static> = ReplyFuture<oneshot::Receiver<T>>;
 
-    fn reply_pair<T: Send + 'static>() -> (oneshot::Sender<T>, OneShot<T>) {
+    fn reply_pair<T: Send + 'static>() -> (oneshot::Sender<T>, Self::Answer<T>) {
         let (reply, answer) = oneshot::channel();
-        (reply, OneShot(answer))
+        (reply, ReplyFuture(answer))
     }
 
     async fn send_command(commands: &Self::Commands, command: Command) -> bool {
@@ -107,20 +107,6 @@ impl AppRuntime for Tokio {
             events: tokio::sync::Mutex::new(events),
             driver: DriverTask(driver),
         })
-    }
-}
-
-/// A reply's receiving half: `None` once the driver dropped it unanswered.
-pub struct OneShot<T>(oneshot::Receiver<T>);
-
-impl<T> Future for OneShot<T> {
-    type Output = Option<T>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<T>> {
-        std::pin::Pin::new(&mut self.0).poll(cx).map(Result::ok)
     }
 }
 

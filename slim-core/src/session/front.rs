@@ -41,6 +41,23 @@ pub enum AppError {
     Membership(String),
 }
 
+/// A reply's receiving half whose only error is "the driver dropped the reply": `None` then.
+pub struct ReplyFuture<F>(pub F);
+
+impl<F, T, E> Future for ReplyFuture<F>
+where
+    F: Future<Output = Result<T, E>> + Unpin,
+{
+    type Output = Option<T>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(Result::ok)
+    }
+}
+
 /// What an [`App`] needs of its runtime.
 pub trait AppRuntime: Replies + Sized + Send + Sync + 'static {
     /// Where commands go to the driver.

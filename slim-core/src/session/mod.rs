@@ -17,7 +17,7 @@ pub use layer::{
 };
 
 pub use commands::{Command, Membership, Replies, Waiters};
-pub use front::{App, AppError, AppRuntime, Started, OPEN_WAIT};
+pub use front::{App, AppError, AppRuntime, ReplyFuture, Started, OPEN_WAIT};
 pub use mls::{MlsState, PayloadError, DEFAULT_VALIDATION_PERCENT};
 pub use receiver::{Incoming, ReceiverEvent, ReliableReceiver, Verdict};
 pub use sender::{Outgoing, ReliableSender, SenderEvent};
