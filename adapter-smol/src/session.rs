@@ -80,7 +80,6 @@ impl AppRuntime for Smol {
         commands.send(command).await.is_ok()
     }
 
-    /// Cancel-safe: an event is only taken when the future completes.
     async fn next_event(events: &Self::Events) -> Option<SessionEvent> {
         events.recv().await.ok()
     }

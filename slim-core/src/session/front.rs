@@ -76,7 +76,8 @@ pub trait AppRuntime: Replies + Sized + Send + Sync + 'static {
         commands: &Self::Commands,
         command: Command<Self>,
     ) -> impl Future<Output = bool> + Send;
-    /// The next event; `None` once the driver is gone.
+    /// The next event; `None` once the driver is gone. Cancel-safe: an event is taken only
+    /// when the future completes (applications `select!` on it).
     fn next_event(events: &Self::Events) -> impl Future<Output = Option<SessionEvent>> + Send;
     /// `future`'s output, or `None` if it takes longer than `limit`.
     fn within<F: Future + Send>(
@@ -299,6 +300,8 @@ impl<R: AppRuntime> App<R> {
 
     /// The next session event: incoming sessions, messages, deliveries, membership, losses,
     /// closes.
+    ///
+    /// Cancel-safe: an event is only taken when the future completes.
     pub async fn next_event(&self) -> Result<SessionEvent, AppError> {
         R::next_event(&self.events).await.ok_or(AppError::Stopped)
     }
