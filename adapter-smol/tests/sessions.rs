@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{check, request, respond, tokio_runtime, watchdog, TestNode, TestRuntime, SECRET};
+use slim_core::session::AppRuntime;
 use slim_proto::Name;
 use slim_smol::session::{
     App, AppError, CloseReason, Reliability, SessionConfig, SessionError, SessionEvent,
@@ -200,8 +201,17 @@ fn smol_moderates_a_group_with_smol_and_tokio_members() {
 /// The node restarts under an open session: both clients redial, make their subscriptions
 /// again, and the session carries on (what was sent while the node was away is retransmitted).
 #[test]
-fn a_session_survives_a_node_restart() {
-    let _guard = watchdog("a_session_survives_a_node_restart", Duration::from_secs(60));
+fn a_session_survives_a_node_restart_smol() {
+    session_survives_a_node_restart::<Smol>("a_session_survives_a_node_restart_smol");
+}
+
+#[test]
+fn a_session_survives_a_node_restart_tokio() {
+    session_survives_a_node_restart::<Tokio>("a_session_survives_a_node_restart_tokio");
+}
+
+fn session_survives_a_node_restart<R: TestRuntime>(test: &'static str) {
+    let _guard = watchdog(test, Duration::from_secs(60));
     let node = TestNode::start();
     let addr = node.addr;
     let patient = SessionConfig {
@@ -211,24 +221,22 @@ fn a_session_survives_a_node_restart() {
         }),
         ..SessionConfig::default()
     };
-    smol::block_on(async {
-        let service = Name::new("org", "ns", "survivor");
-        let responder = App::connect(&node.endpoint(), service.clone(), SECRET)
-            .await
-            .unwrap();
-        let initiator = App::connect(&node.endpoint(), Name::new("org", "ns", "asker"), SECRET)
-            .await
-            .unwrap();
+    R::block_on(async {
+        let connect = |role| common::connect_as::<R>(&node, "restart", R::LABEL, role);
+        let (responder, initiator) = (connect("survivor").await, connect("asker").await);
+        let service = common::scenario_name(&format!("restart-{}", R::LABEL), "survivor");
         let session = initiator.open_session(&service, patient).await.unwrap();
         let ask = async {
             ask_once(&initiator, session, 10).await;
-            // The node goes away and comes back on the same port.
-            let new_node = smol::unblock(move || {
+            // The node goes away and comes back on the same port (off this runtime's threads:
+            // stopping and starting a node blocks).
+            let (restarted_tx, restarted) = futures_channel::oneshot::channel();
+            std::thread::spawn(move || {
                 let mut node = node;
                 node.stop();
-                TestNode::start_on(addr)
-            })
-            .await;
+                let _ = restarted_tx.send(TestNode::start_on(addr));
+            });
+            let new_node = restarted.await.unwrap();
             for i in 11..14 {
                 ask_once(&initiator, session, i).await;
             }
@@ -251,7 +259,7 @@ fn a_session_survives_a_node_restart() {
 }
 
 /// Sends request `i` and waits for its echo.
-async fn ask_once(app: &App, session: u32, i: usize) {
+async fn ask_once<R: AppRuntime>(app: &slim_core::session::App<R>, session: u32, i: usize) {
     let request = common::request_payload(i);
     app.publish(session, request.clone()).await.unwrap();
     loop {
@@ -268,7 +276,9 @@ async fn ask_once(app: &App, session: u32, i: usize) {
 
 /// Echoes every message of the one session it is offered; returns how many, and why the
 /// session ended.
-async fn echo_until_closed(app: &App) -> (usize, CloseReason) {
+async fn echo_until_closed<R: AppRuntime>(
+    app: &slim_core::session::App<R>,
+) -> (usize, CloseReason) {
     let mut echoed = 0;
     loop {
         match app.next_event().await.unwrap() {
