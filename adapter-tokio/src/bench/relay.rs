@@ -87,7 +87,7 @@ pub(super) async fn run(config: &LoadConfig) -> Result<BenchReport, BenchError> 
     let started = Instant::now();
     // How many A sent, once it is done: B stops when all of it arrived (or, on a loss, after
     // a silence of `DRAIN_IDLE`, not at the first pause of a starved relay).
-    let sent_total = std::cell::Cell::new(None::<u64>);
+    let sent_total = std::sync::OnceLock::<u64>::new();
     let send = async {
         let message = vec![0u8; size];
         let mut sent = 0u64;
@@ -99,7 +99,7 @@ pub(super) async fn run(config: &LoadConfig) -> Result<BenchReport, BenchError> 
                 Stop::Duration(d) => started.elapsed() >= d,
             };
             if done {
-                sent_total.set(Some(sent));
+                let _ = sent_total.set(sent);
                 return Ok::<u64, std::io::Error>(sent);
             }
             for _ in 0..batch {
@@ -116,7 +116,7 @@ pub(super) async fn run(config: &LoadConfig) -> Result<BenchReport, BenchError> 
         loop {
             if sent_total
                 .get()
-                .is_some_and(|total| bytes >= total * size as u64)
+                .is_some_and(|&total| bytes >= total * size as u64)
             {
                 return Ok::<(u64, Instant), std::io::Error>((bytes, last));
             }
