@@ -26,6 +26,12 @@ mod quickack;
 mod server;
 mod stream;
 
+/// For a runtime that runs a [`Node`]: install as its `on_thread_park` hook
+/// (`tokio::runtime::Builder::on_thread_park(slim_tokio::flush_owed_acks)`, as the `slim-tokio`
+/// binary does). The TCP acks that the node owes its clients after each read are then sent once
+/// the message was routed on, rather than before. Without it they are sent at once, as before.
+pub use quickack::flush_owed as flush_owed_acks;
+
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -54,7 +54,7 @@ pub async fn serve(listener: TcpListener, config: LossyConfig) {
 async fn relay_connection(tcp: TcpStream, config: &Arc<LossyConfig>) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
     // As a node does, so published clients (Nagle on) are not held back by delayed acks.
-    let mut connection = h2::server::handshake(QuickAck(tcp))
+    let mut connection = h2::server::handshake(QuickAck::new(tcp))
         .await
         .map_err(|e| format!("not an HTTP/2 client: {e}"))?;
     while let Some(accepted) = connection.accept().await {

@@ -358,6 +358,7 @@ fn runtime(threads: usize, name: &str) -> anyhow::Result<tokio::runtime::Runtime
     builder
         .enable_all()
         .thread_name(name)
+        .on_thread_park(slim_tokio::flush_owed_acks)
         .build()
         .context("starting the tokio runtime")
 }

@@ -60,7 +60,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, acceptor: Acceptor) {
 
 async fn serve_connection(tcp: TcpStream, acceptor: &Acceptor) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
-    let tcp = QuickAck(tcp);
+    let tcp = QuickAck::new(tcp);
     match &acceptor.tls {
         None => serve_h2(tcp, acceptor).await,
         Some(tls) => {
