@@ -54,39 +54,40 @@ def trace(name, seconds):
     return text, node.pid, bench.pid
 
 
+# (process, syscall entered (else returned), syscall, state before, state after, step it ends)
+TRANSITIONS = {
+    (p, enter, nr, before): (after, step)
+    for p, enter, nr, before, after, step in [
+        ("app", True, NR_WRITEV, "app read", "app writing", "app read->write"),
+        ("app", False, NR_WRITEV, "app writing", "app wrote", "app writev"),
+        ("node", False, NR_EPOLL_WAIT, "app wrote", "node awake", "node wakes"),
+        ("node", False, NR_READ, "node awake", "node read", None),
+        ("node", True, NR_WRITEV, "node read", "node writing", "node read->write"),
+        ("node", False, NR_WRITEV, "node writing", "node wrote", "node writev"),
+        ("app", False, NR_EPOLL_WAIT, "node wrote", "app awake", "app wakes"),
+        ("app", False, NR_READ, "app awake", "app read", None),
+    ]
+}
+
+
 def legs(text, node_pid, bench_pid):
-    """Follows each leg through its steps; a step out of order restarts the leg at the next write."""
+    """Follows each leg through its steps; an app write out of turn starts the next leg."""
     steps = {step: [] for step in STEPS}
     state, mark = None, 0.0
     for line in text.splitlines():
         m = re.match(r"\s*(\d+)\s+([\d.]+):\s+raw_syscalls:sys_(enter|exit):\s+NR (\d+)", line)
         if not m:
             continue
-        pid, t, kind, nr = int(m.group(1)), float(m.group(2)) * 1e6, m.group(3), int(m.group(4))
-        app, enter = pid == bench_pid, kind == "enter"
-        if app and enter and nr == NR_WRITEV:
-            if state == "app read":
-                steps["app read->write"].append(t - mark)
-            state, mark = "app writing", t
-        elif app and not enter and nr == NR_WRITEV and state == "app writing":
-            steps["app writev"].append(t - mark)
-            state, mark = "app wrote", t
-        elif not app and not enter and nr == NR_EPOLL_WAIT and state == "app wrote":
-            steps["node wakes"].append(t - mark)
-            state = "node awake"
-        elif not app and not enter and nr == NR_READ and state == "node awake":
-            state, mark = "node read", t
-        elif not app and enter and nr == NR_WRITEV and state == "node read":
-            steps["node read->write"].append(t - mark)
-            state, mark = "node writing", t
-        elif not app and not enter and nr == NR_WRITEV and state == "node writing":
-            steps["node writev"].append(t - mark)
-            state, mark = "node wrote", t
-        elif app and not enter and nr == NR_EPOLL_WAIT and state == "node wrote":
-            steps["app wakes"].append(t - mark)
-            state = "app awake"
-        elif app and not enter and nr == NR_READ and state == "app awake":
-            state, mark = "app read", t
+        pid, t, nr = int(m.group(1)), float(m.group(2)) * 1e6, int(m.group(4))
+        process, enter = ("app" if pid == bench_pid else "node"), m.group(3) == "enter"
+        move = TRANSITIONS.get((process, enter, nr, state))
+        if move is None and (process, enter, nr) == ("app", True, NR_WRITEV):
+            move = ("app writing", None)
+        if move is not None:
+            state, step = move
+            if step is not None:
+                steps[step].append(t - mark)
+            mark = t
     return steps
 
 
