@@ -244,8 +244,10 @@ mod tests {
     #[tokio::test]
     async fn where_the_runtime_flushes_a_read_owes_the_ack_until_a_write_or_the_flush() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        flush_owed(); // from now on this thread defers, as under the node's runtime
-                      // A socket left delaying its acks by the exchange, with its ack owed.
+        // From now on this thread defers, as under the node's runtime.
+        flush_owed();
+
+        /// A socket left delaying its acks by the exchange, with its ack owed.
         async fn owing(listener: &tokio::net::TcpListener) -> (TcpStream, QuickAck) {
             for _ in 0..5 {
                 let (client, server) = exchange(listener, true).await;
