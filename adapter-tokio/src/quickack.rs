@@ -12,7 +12,10 @@
 //! Where the runtime flushes them ([`flush_owed`] as its `on_thread_park` hook, as the node's
 //! does), the ack is owed instead: asked for after this thread's next write, or before it
 //! sleeps, whichever comes first. The bare ACK segment then leaves after the message was
-//! routed on, not on its way (it cost the node's step of each round trip leg ≈ 3 µs).
+//! routed on, not on its way (it cost the node's step of each round trip leg ≈ 3 µs). A thread
+//! that neither writes nor parks for a while (it only reads, under constant load: tokio then
+//! polls the sockets without parking) leaves its acks to the kernel's delayed-ack timer, so
+//! they are no later than without quick acks at all.
 
 use std::cell::RefCell;
 use std::io;
@@ -81,7 +84,8 @@ fn quick_ack(fd: i32) {
     let _ = fd;
 }
 
-/// A TCP stream that asks the kernel to acknowledge every read at once.
+/// A TCP stream that asks the kernel to acknowledge every read at once, or owes the ack until
+/// its thread's next write or park (see the module docs).
 pub(crate) struct QuickAck {
     /// Whether this socket is in a thread's owed list. Declared before `tcp`, so dropped first:
     /// a flush on the thread that drops the socket never reaches its closed fd. (On a

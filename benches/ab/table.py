@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A/B (NAME may be BIN:CLIENT for bench --client CLIENT): before and after builds interleaved, each its own node and bench. Medians of rounds.
-usage: table.py BEFORE AFTER ROUNDS   (binaries /tmp/ab/slim-tokio-NAME)
+usage: table.py BEFORE AFTER ROUNDS   (binaries $BUILDS/slim-tokio-NAME, default /tmp/ab)
 env: NODE_CPUS, BENCH_CPUS (taskset lists), CASES (comma list of publish64,publish1024,multicast64,p2p64,p2pmls1024), DUR"""
 import json, os, socket, statistics, subprocess, sys, time
 BUILDS = os.environ.get("BUILDS", "/tmp/ab")  # holds slim-tokio-NAME release binaries
