@@ -38,6 +38,7 @@ pub use signing::{
     verify_signature, KeyError, SignatureError, SigningKey, PUBLIC_KEY_LEN, SECRET_KEY_LEN,
 };
 pub use token::{
-    claims_field, new_identity_id, ClaimsError, ClaimsMemo, IdError, SecretError, SharedSecret,
-    TokenError, VerifiedToken, MIN_SECRET_LEN, TOKEN_CLOCK_SKEW_SECS, TOKEN_VALIDITY_SECS,
+    claims_field, new_identity_id, ClaimsError, IdError, KnownSender, SecretError, SenderMemo,
+    SharedSecret, TokenError, VerifiedToken, MIN_SECRET_LEN, TOKEN_CLOCK_SKEW_SECS,
+    TOKEN_VALIDITY_SECS,
 };

@@ -8,6 +8,7 @@ use hmac::{Hmac, Mac};
 use rand::distr::{Alphanumeric, Distribution};
 use rand::{CryptoRng, RngCore};
 use sha2::Sha256;
+use subtle::ConstantTimeEq as _;
 
 /// Shortest secret the reference accepts (256 bits), so a shorter one could never interoperate.
 pub const MIN_SECRET_LEN: usize = 32;
@@ -201,18 +202,27 @@ impl SharedSecret {
         Ok(authentic.verified(claims, pubkey))
     }
 
-    /// [`SharedSecret::verify`], with claims fields decoded before taken from `memo`: a peer
-    /// sends the same claims in every token, and decoding them (base64, JSON, base64) cost as
-    /// much as checking the token's MAC.
-    pub fn verify_with_memo(
+    /// [`SharedSecret::verify`] for a session layer's hot path, answering only what every
+    /// message needs: the sender's instance id and public key, borrowed from `memo`.
+    ///
+    /// A sender keeps its id and claims, so they are decoded once per sender. A token equal
+    /// (compared in constant time) to one this memo already found authentic is not MACed
+    /// again; its timestamp is still checked against `now_unix`. Senders that issue a fresh
+    /// token per message (the reference) only save the decoding.
+    pub fn verify_with_memo<'m>(
         &self,
         token: &str,
         now_unix: u64,
-        memo: &mut ClaimsMemo,
-    ) -> Result<VerifiedToken, TokenError> {
+        memo: &'m mut SenderMemo,
+    ) -> Result<KnownSender<'m>, TokenError> {
+        if let Some(index) = memo.find_token(token) {
+            let sender = &memo.senders[index];
+            check_age(sender.issued_at, now_unix)?;
+            return Ok(sender.known());
+        }
         let authentic = self.authenticate(token, now_unix)?;
-        let (claims, pubkey) = memo.decode(authentic.claims)?;
-        Ok(authentic.verified(claims, pubkey))
+        let index = memo.learn(token, &authentic)?;
+        Ok(memo.senders[index].known())
     }
 
     /// The token's fields once its MAC and time check out (see [`SharedSecret::verify`]).
@@ -248,19 +258,7 @@ impl SharedSecret {
             .verify_slice(&tag)
             .map_err(|_| TokenError::BadMac)?;
 
-        if issued_at > now_unix {
-            if issued_at - now_unix > TOKEN_CLOCK_SKEW_SECS {
-                return Err(TokenError::FromTheFuture {
-                    issued_at,
-                    now: now_unix,
-                });
-            }
-        } else if now_unix - issued_at > TOKEN_VALIDITY_SECS {
-            return Err(TokenError::Expired {
-                issued_at,
-                now: now_unix,
-            });
-        }
+        check_age(issued_at, now_unix)?;
         Ok(Authentic {
             id,
             issued_at,
@@ -291,32 +289,112 @@ impl Authentic<'_> {
     }
 }
 
-/// Claims fields decoded before, the last [`ClaimsMemo::ENTRIES`] distinct ones (a p2p
-/// session has one peer; a group's recent senders take turns).
+/// Refuses a timestamp older than [`TOKEN_VALIDITY_SECS`] or more than
+/// [`TOKEN_CLOCK_SKEW_SECS`] ahead of `now_unix`; both bounds are inclusive.
+fn check_age(issued_at: u64, now_unix: u64) -> Result<(), TokenError> {
+    if issued_at > now_unix {
+        if issued_at - now_unix > TOKEN_CLOCK_SKEW_SECS {
+            return Err(TokenError::FromTheFuture {
+                issued_at,
+                now: now_unix,
+            });
+        }
+    } else if now_unix - issued_at > TOKEN_VALIDITY_SECS {
+        return Err(TokenError::Expired {
+            issued_at,
+            now: now_unix,
+        });
+    }
+    Ok(())
+}
+
+/// What [`SharedSecret::verify_with_memo`] tells about an authentic token's sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownSender<'m> {
+    /// [`VerifiedToken::app_instance_id`] of the token's id.
+    pub app_instance_id: u128,
+    /// The decoded `pubkey` claim.
+    pub pubkey: &'m [u8],
+}
+
+/// The last [`SenderMemo::ENTRIES`] distinct senders (id and claims) whose tokens were
+/// authentic, each with its latest such token: a p2p session has one peer; a group's recent
+/// senders take turns.
 #[derive(Debug, Default)]
-pub struct ClaimsMemo {
-    entries: Vec<(String, serde_json::Value, Vec<u8>)>,
-    /// The entry the next new field replaces once the memo is full.
+pub struct SenderMemo {
+    senders: Vec<Sender>,
+    /// The entry the next new sender replaces once the memo is full.
     next: usize,
 }
 
-impl ClaimsMemo {
+#[derive(Debug)]
+struct Sender {
+    id: String,
+    claims_field: String,
+    app_instance_id: u128,
+    pubkey: Vec<u8>,
+    /// The latest authentic token of this sender, and its timestamp.
+    token: String,
+    issued_at: u64,
+}
+
+impl Sender {
+    fn known(&self) -> KnownSender<'_> {
+        KnownSender {
+            app_instance_id: self.app_instance_id,
+            pubkey: &self.pubkey,
+        }
+    }
+}
+
+impl SenderMemo {
     pub const ENTRIES: usize = 8;
 
-    /// What [`decode_claims`] gives for `field`; only fields that decode are kept.
-    fn decode(&mut self, field: &str) -> Result<(serde_json::Value, Vec<u8>), ClaimsError> {
-        if let Some((_, claims, pubkey)) = self.entries.iter().find(|(f, ..)| f == field) {
-            return Ok((claims.clone(), pubkey.clone()));
-        }
-        let (claims, pubkey) = decode_claims(field)?;
-        let entry = (field.to_owned(), claims.clone(), pubkey.clone());
-        if self.entries.len() < Self::ENTRIES {
-            self.entries.push(entry);
-        } else {
-            self.entries[self.next] = entry;
-            self.next = (self.next + 1) % Self::ENTRIES;
-        }
-        Ok((claims, pubkey))
+    /// The sender whose latest authentic token is `token`. Constant time in the tokens'
+    /// contents, so a probe cannot learn a remembered token byte by byte.
+    fn find_token(&self, token: &str) -> Option<usize> {
+        self.senders.iter().position(|sender| {
+            sender.token.len() == token.len()
+                && bool::from(sender.token.as_bytes().ct_eq(token.as_bytes()))
+        })
+    }
+
+    /// Remembers `authentic` (whose whole text is `token`) as its sender's latest token and
+    /// returns that sender's entry; a new sender's claims must decode to be kept.
+    fn learn(&mut self, token: &str, authentic: &Authentic<'_>) -> Result<usize, ClaimsError> {
+        let known = self
+            .senders
+            .iter()
+            .position(|s| s.id == authentic.id && s.claims_field == authentic.claims);
+        let index = match known {
+            Some(index) => index,
+            None => {
+                let (_, pubkey) = decode_claims(authentic.claims)?;
+                let sender = Sender {
+                    id: authentic.id.to_owned(),
+                    claims_field: authentic.claims.to_owned(),
+                    app_instance_id: slim_proto::name::app_instance_id(authentic.id),
+                    pubkey,
+                    token: String::new(),
+                    issued_at: 0,
+                };
+                if self.senders.len() < Self::ENTRIES {
+                    self.senders.push(sender);
+                    self.senders.len() - 1
+                } else {
+                    let index = self.next;
+                    self.senders[index] = sender;
+                    self.next = (index + 1) % Self::ENTRIES;
+                    index
+                }
+            }
+        };
+        let sender = &mut self.senders[index];
+        // Reuses the entry's buffer: tokens of one sender have one length.
+        sender.token.clear();
+        sender.token.push_str(token);
+        sender.issued_at = authentic.issued_at;
+        Ok(index)
     }
 }
 
@@ -559,26 +637,51 @@ mod tests {
                 &mut ChaCha20Rng::seed_from_u64(9)
             )
         );
-        let mut memo = ClaimsMemo::default();
+        let full = secret.verify(&token, 100).unwrap();
+        let mut memo = SenderMemo::default();
         for _ in 0..2 {
             assert_eq!(
                 secret.verify_with_memo(&token, 100, &mut memo),
-                secret.verify(&token, 100)
+                Ok(KnownSender {
+                    app_instance_id: full.app_instance_id(),
+                    pubkey: &full.pubkey,
+                })
             );
         }
-        assert_eq!(memo.entries.len(), 1);
-        // A remembered claims field does not spare the MAC or the clock.
-        let other = SharedSecret::new("another-secret-another-secret-0123").unwrap();
+        assert_eq!(memo.senders.len(), 1);
+        // A sender's next token replaces its last one in the same entry.
         let mut rng = ChaCha20Rng::seed_from_u64(10);
-        let forged = other.issue_with_claims("a/b/c_x", &claims, 100, &mut rng);
+        let next = secret.issue_with_claims("a/b/c_x", &claims, 101, &mut rng);
+        assert!(secret.verify_with_memo(&next, 101, &mut memo).is_ok());
+        assert_eq!(memo.senders.len(), 1);
+        assert_eq!(memo.senders[0].token, next);
+        // A remembered token is still checked against the clock, both ways.
         assert_eq!(
-            secret.verify_with_memo(&forged, 100, &mut memo),
+            secret.verify_with_memo(&next, 101 + TOKEN_VALIDITY_SECS + 1, &mut memo),
+            Err(TokenError::Expired {
+                issued_at: 101,
+                now: 101 + TOKEN_VALIDITY_SECS + 1
+            })
+        );
+        assert_eq!(
+            secret.verify_with_memo(&next, 101 - TOKEN_CLOCK_SKEW_SECS - 1, &mut memo),
+            Err(TokenError::FromTheFuture {
+                issued_at: 101,
+                now: 101 - TOKEN_CLOCK_SKEW_SECS - 1
+            })
+        );
+        // A remembered sender does not spare the MAC of a token not seen before.
+        let other = SharedSecret::new("another-secret-another-secret-0123").unwrap();
+        let forged = other.issue_with_claims("a/b/c_x", &claims, 101, &mut rng);
+        assert_eq!(
+            secret.verify_with_memo(&forged, 101, &mut memo),
             Err(TokenError::BadMac)
         );
-        assert!(matches!(
-            secret.verify_with_memo(&token, 100 + TOKEN_VALIDITY_SECS + 1, &mut memo),
-            Err(TokenError::Expired { .. })
-        ));
+        // Nor does a remembered token vouch for a copy with another tag.
+        let mut altered = next.clone();
+        let last = altered.pop().unwrap();
+        altered.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(secret.verify_with_memo(&altered, 101, &mut memo).is_err());
         // Claims that do not decode are refused every time and never remembered.
         let keyless = forge(&secret, "a/b/c_x:100:n:");
         for _ in 0..2 {
@@ -587,13 +690,18 @@ mod tests {
                 Err(TokenError::BadClaims(ClaimsError::MissingPubkey))
             );
         }
-        assert_eq!(memo.entries.len(), 1);
+        assert_eq!(memo.senders.len(), 1);
         // More distinct senders than entries: the oldest make room, every answer stays right.
-        for key in 0..=ClaimsMemo::ENTRIES as u8 * 2 {
-            let token = secret.issue("a/b/c_x", &[key], 100, &mut rng);
-            let verified = secret.verify_with_memo(&token, 100, &mut memo).unwrap();
-            assert_eq!(verified.pubkey, vec![key]);
-            assert!(memo.entries.len() <= ClaimsMemo::ENTRIES);
+        for key in 0..=SenderMemo::ENTRIES as u8 * 2 {
+            let id = format!("a/b/c_{key}");
+            let token = secret.issue(&id, &[key], 100, &mut rng);
+            let sender = secret.verify_with_memo(&token, 100, &mut memo).unwrap();
+            assert_eq!(sender.pubkey, [key]);
+            assert_eq!(
+                sender.app_instance_id,
+                slim_proto::name::app_instance_id(&id)
+            );
+            assert!(memo.senders.len() <= SenderMemo::ENTRIES);
         }
     }
 }

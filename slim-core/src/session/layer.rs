@@ -45,7 +45,7 @@ use super::sender::{Outgoing, Queued, ReliableSender, SenderEvent, SEND_QUEUE};
 use crate::group::{CommitError, CommitOut, DecryptError, GroupConfig, MlsIdentity};
 use crate::identity::{
     self, claims_field, new_identity_id, sign_control_message, verify_e2e_header, verify_payload,
-    ClaimsMemo, IdError, SecretError, SharedSecret, SigningKey, PAYLOAD_SIG_KEY,
+    IdError, SecretError, SenderMemo, SharedSecret, SigningKey, PAYLOAD_SIG_KEY,
 };
 use crate::Timestamp;
 
@@ -803,8 +803,10 @@ pub struct SessionLayer {
     key: SigningKey,
     /// Our tokens' claims field (our public key), encoded once.
     claims: String,
-    /// Peers' claims fields decoded before.
-    claims_memo: ClaimsMemo,
+    /// Peers whose tokens were authentic, with their latest token.
+    sender_memo: SenderMemo,
+    /// Our token for data messages, and the unix second it was issued in (see `token_for`).
+    data_token: Option<(u64, String)>,
     unix_at_zero: u64,
     rng: ChaCha8Rng,
     sessions: Sessions,
@@ -839,7 +841,8 @@ impl SessionLayer {
             identity_id,
             secret,
             claims: claims_field(&key.public_key()),
-            claims_memo: ClaimsMemo::default(),
+            sender_memo: SenderMemo::default(),
+            data_token: None,
             key,
             unix_at_zero: config.unix_at_zero,
             rng,
@@ -1335,32 +1338,38 @@ impl SessionLayer {
             return;
         };
         let now_unix = self.unix_now(now);
-        let token =
+        let sender =
             match self
                 .secret
-                .verify_with_memo(&header.identity, now_unix, &mut self.claims_memo)
+                .verify_with_memo(&header.identity, now_unix, &mut self.sender_memo)
             {
-                Ok(token) => token,
+                Ok(sender) => sender,
                 Err(error) => {
                     self.drop_message(SessionDrop::BadToken, &error.to_string());
                     return;
                 }
             };
-        if token.app_instance_id() != source.id() {
+        if sender.app_instance_id != source.id() {
             self.stats.identity_binding_mismatches += 1;
         }
         if identity::is_command_message(session_header.session_message_type) {
-            if let Err(error) = verify_e2e_header(publish, &token.pubkey) {
-                self.drop_message(SessionDrop::BadSignature, &error.to_string());
-                return;
-            }
-            if message.metadata.contains_key(PAYLOAD_SIG_KEY) {
-                if let Err(error) = verify_payload(&message, &token.pubkey) {
-                    self.drop_message(SessionDrop::BadSignature, &error.to_string());
+            let signed = verify_e2e_header(publish, sender.pubkey)
+                .map_err(|error| error.to_string())
+                .and_then(|()| {
+                    if !message.metadata.contains_key(PAYLOAD_SIG_KEY) {
+                        return Ok(false);
+                    }
+                    verify_payload(&message, sender.pubkey)
+                        .map(|()| true)
+                        .map_err(|error| error.to_string())
+                });
+            match signed {
+                Ok(true) => {}
+                Ok(false) => self.stats.unsigned_payloads += 1,
+                Err(error) => {
+                    self.drop_message(SessionDrop::BadSignature, &error);
                     return;
                 }
-            } else {
-                self.stats.unsigned_payloads += 1;
             }
         }
         let mut received = Received {
@@ -3772,7 +3781,27 @@ impl SessionLayer {
             .issue_with_claims(&self.identity_id, &self.claims, now_unix, &mut self.rng)
     }
 
-    /// A session message with a fresh identity token; control messages are signed.
+    /// Our token for a message of `message_type`. Data messages (MSG, MSG_ACK, RTX_*) share
+    /// one token per unix second, sparing an HMAC per message: no receiver checks their tokens
+    /// against a replay cache (the reference verifies command messages' tokens only, and its
+    /// replay cache is off by default). Command messages get a fresh token each, as the
+    /// reference sends them, so a receiver that does keep a replay cache accepts them.
+    fn token_for(&mut self, message_type: Mt, now: Timestamp) -> String {
+        if identity::is_command_message(message_type as i32) {
+            return self.fresh_token(now);
+        }
+        let now_unix = self.unix_now(now);
+        match &self.data_token {
+            Some((issued, token)) if *issued == now_unix => token.clone(),
+            _ => {
+                let token = self.fresh_token(now);
+                self.data_token = Some((now_unix, token.clone()));
+                token
+            }
+        }
+    }
+
+    /// A session message with our identity token (see `token_for`); control messages are signed.
     #[allow(clippy::too_many_arguments)]
     fn build(
         &mut self,
@@ -3787,7 +3816,7 @@ impl SessionLayer {
         metadata: BTreeMap<String, String>,
         now: Timestamp,
     ) -> pb::Message {
-        let token = self.fresh_token(now);
+        let token = self.token_for(message_type, now);
         let mut message = pb::Message {
             message_type: Some(pb::message::MessageType::Publish(pb::Publish {
                 header: Some(pb::SlimHeader {
@@ -3857,14 +3886,14 @@ impl SessionLayer {
         self.out.push_back(Output::Send(Box::new(message)));
     }
 
-    /// Sends the held acks due by `now`; one released long after it was due gets a fresh token.
+    /// Sends the held acks due by `now`; one released long after it was due gets a new token.
     fn release_due_acks(&mut self, now: Timestamp) {
         while self.held_acks.front().is_some_and(|held| held.due <= now) {
             let Some(mut held) = self.held_acks.pop_front() else {
                 break;
             };
             if now.saturating_since(held.due) > ACK_RESTAMP_AFTER {
-                let token = self.fresh_token(now);
+                let token = self.token_for(Mt::MsgAck, now);
                 if let Some(pb::message::MessageType::Publish(publish)) = &mut held.ack.message_type
                 {
                     if let Some(header) = publish.header.as_mut() {

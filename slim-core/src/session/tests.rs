@@ -931,3 +931,62 @@ fn an_ack_released_long_after_its_hold_carries_a_fresh_token() {
         p.events_a
     );
 }
+
+fn identity_of(m: &pb::Message) -> String {
+    match &m.message_type {
+        Some(pb::message::MessageType::Publish(p)) => p.header.as_ref().unwrap().identity.clone(),
+        _ => panic!("not a publish"),
+    }
+}
+
+/// Data messages reuse one token per unix second (an HMAC per message spared); command
+/// messages, whose tokens a reference receiver may check against a replay cache, get a fresh
+/// one each.
+#[test]
+fn data_messages_share_a_token_per_second_and_commands_get_fresh_ones() {
+    let mut p = Pair::new();
+    let wire = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let log = wire.clone();
+    p.filter = Box::new(move |from_a, m| {
+        log.borrow_mut().push((from_a, kind(m), identity_of(m)));
+        true
+    });
+    let sid = p.open(reliable());
+    for n in 0..3u8 {
+        p.a.publish(sid, Bytes::from(vec![n]), p.now).unwrap();
+        p.run();
+    }
+    p.release_held_acks();
+    p.now = p.now + Duration::from_secs(1);
+    p.a.publish(sid, Bytes::from_static(b"next second"), p.now)
+        .unwrap();
+    p.run();
+    p.release_held_acks();
+    assert_eq!(p.messages_b().len(), 4, "every data message verified");
+
+    let wire = wire.borrow();
+    let tokens = |from_a: bool, data: bool| -> Vec<&String> {
+        wire.iter()
+            .filter(|(a, mt, _)| *a == from_a && identity::is_command_message(*mt as i32) != data)
+            .map(|(.., token)| token)
+            .collect()
+    };
+    let commands: Vec<&String> = [tokens(true, false), tokens(false, false)].concat();
+    assert!(commands.len() >= 2, "the handshake is commands: {wire:?}");
+    let distinct: std::collections::BTreeSet<&String> = commands.iter().copied().collect();
+    assert_eq!(distinct.len(), commands.len(), "a command token repeated");
+
+    let msgs = tokens(true, true);
+    assert_eq!(msgs.len(), 4);
+    assert!(
+        msgs[..3].iter().all(|t| *t == msgs[0]),
+        "one token in the first second"
+    );
+    assert_ne!(msgs[3], msgs[0], "a new second, a new token");
+    let acks = tokens(false, true);
+    assert_eq!(acks.len(), 4);
+    assert!(acks[..3].iter().all(|t| *t == acks[0]));
+    assert_ne!(acks[3], acks[0]);
+    assert_ne!(acks[0], msgs[0], "each side its own token");
+    assert!(!distinct.contains(msgs[0]) && !distinct.contains(acks[0]));
+}
