@@ -3,12 +3,13 @@
 //! network and with 5 % loss on every link direction.
 //!
 //! Everything a message costs in the cores is measured: the sender's session layer (sequence
-//! ids, retransmission buffer, a fresh identity token per message), the client router (local
-//! connection → Edge uplink, header MAC), the node router (MAC check, TTL, table lookup,
-//! re-sign, re-encode), the receiving client router and session layer (token check, ordering,
-//! ack), and the ack's way back; with loss, also retransmissions and gap requests. Setup (link
-//! negotiation, subscriptions) and the session handshake run before the measured part, on a
-//! clean network; time in the simulation is free, so the numbers are pure CPU.
+//! ids, retransmission buffer, its identity token: one per second for data messages), the
+//! client router (local connection → Edge uplink, header MAC), the node router (MAC check, TTL,
+//! table lookup, re-sign, re-encode), the receiving client router and session layer (token
+//! check, ordering, ack), and the ack's way back; with loss, also retransmissions and gap
+//! requests. Setup (link negotiation, subscriptions) and the session handshake run before the
+//! measured part, on a clean network; time in the simulation is free, so the numbers are pure
+//! CPU.
 
 use std::time::Duration;
 
