@@ -26,22 +26,28 @@ const MEMO_MAX: usize = 2048;
 pub struct ReceivedHeader(Option<Box<Slot>>);
 
 /// The bytes of the last header seen and not kept. Keeping a header costs a copy of it, and
-/// some links never repeat one (a session layer puts a fresh identity token in every
+/// some links never repeat one (a session layer that puts a fresh identity token in every
 /// message): a header is kept only once seen twice in a row, so that such a link pays a copy
 /// of its bytes per message and no more.
 #[derive(Debug, Default)]
-pub struct Candidate(Vec<u8>);
+pub struct Candidate {
+    bytes: Vec<u8>,
+    /// Whether `bytes` holds a header seen: an empty header encodes to no bytes, and must not
+    /// match a candidate that was never set.
+    set: bool,
+}
 
 impl Candidate {
     /// Whether `encoded` is the candidate; if it is not, it becomes the candidate (unless it
     /// is too long to keep).
     pub fn seen_twice(&mut self, encoded: &[u8]) -> bool {
-        if self.0 == encoded {
+        if self.set && self.bytes == encoded {
             return true;
         }
-        self.0.clear();
-        if encoded.len() <= MEMO_MAX {
-            self.0.extend_from_slice(encoded);
+        self.bytes.clear();
+        self.set = encoded.len() <= MEMO_MAX;
+        if self.set {
+            self.bytes.extend_from_slice(encoded);
         }
         false
     }
@@ -206,6 +212,20 @@ mod tests {
     };
     use proptest::prelude::*;
     use prost::Message as _;
+
+    /// Found by the flow property below: an empty header encodes to no bytes, which matched a
+    /// candidate never set (or cleared by a header too long to keep).
+    #[test]
+    fn a_header_counts_as_seen_twice_only_after_two_sightings() {
+        let mut candidate = Candidate::default();
+        assert!(!candidate.seen_twice(&[]), "first sighting of the empty header");
+        assert!(candidate.seen_twice(&[]));
+        assert!(!candidate.seen_twice(&[0; MEMO_MAX + 1]));
+        assert!(!candidate.seen_twice(&[]), "after a header too long to keep");
+        assert!(!candidate.seen_twice(&[1, 2]));
+        assert!(candidate.seen_twice(&[1, 2]));
+        assert!(!candidate.seen_twice(&[1]));
+    }
 
     fn header_mut(message: &mut pb::Message) -> Option<&mut pb::SlimHeader> {
         match message.message_type.as_mut()? {
