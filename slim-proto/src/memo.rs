@@ -218,10 +218,16 @@ mod tests {
     #[test]
     fn a_header_counts_as_seen_twice_only_after_two_sightings() {
         let mut candidate = Candidate::default();
-        assert!(!candidate.seen_twice(&[]), "first sighting of the empty header");
+        assert!(
+            !candidate.seen_twice(&[]),
+            "first sighting of the empty header"
+        );
         assert!(candidate.seen_twice(&[]));
         assert!(!candidate.seen_twice(&[0; MEMO_MAX + 1]));
-        assert!(!candidate.seen_twice(&[]), "after a header too long to keep");
+        assert!(
+            !candidate.seen_twice(&[]),
+            "after a header too long to keep"
+        );
         assert!(!candidate.seen_twice(&[1, 2]));
         assert!(candidate.seen_twice(&[1, 2]));
         assert!(!candidate.seen_twice(&[1]));
