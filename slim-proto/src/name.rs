@@ -5,6 +5,7 @@
 //! which is what Rust's `Hash for str` feeds a hasher — the reference hashes that way, so we must too.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::pb;
 
@@ -114,9 +115,12 @@ fn name_id(id: u128) -> pb::NameId {
 }
 
 /// A full SLIM name: three string components and an instance id.
+///
+/// The components are shared: a session copies its peer's name into every message it
+/// builds, and a copy is then a reference count, not three allocations.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Name {
-    components: [String; 3],
+    components: Arc<[String; 3]>,
     key: NameKey,
 }
 
@@ -139,7 +143,7 @@ impl Name {
     }
 
     pub fn with_id(org: &str, namespace: &str, service: &str, id: u128) -> Self {
-        let components = [org.to_owned(), namespace.to_owned(), service.to_owned()];
+        let components = Arc::new([org.to_owned(), namespace.to_owned(), service.to_owned()]);
         let key = NameKey {
             components: [
                 component_hash(org),
@@ -211,13 +215,13 @@ impl Name {
     /// strings from `str_name` when present (empty otherwise).
     pub fn from_pb(name: &pb::Name) -> Option<Self> {
         let key = NameKey::from_pb(name)?;
-        let components = name.str_name.as_ref().map_or_else(Default::default, |s| {
+        let components = Arc::new(name.str_name.as_ref().map_or_else(Default::default, |s| {
             [
                 s.str_component_0.clone(),
                 s.str_component_1.clone(),
                 s.str_component_2.clone(),
             ]
-        });
+        }));
         Some(Self { components, key })
     }
 }
