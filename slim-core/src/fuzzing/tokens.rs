@@ -19,7 +19,7 @@ use crate::identity::{
     header_integrity_aad, is_command_message, message_signing_input, new_identity_id, payload_type,
     publish_aad, sign_control_message, verify_control_message, verify_e2e_header, verify_payload,
     verify_signature, ControlVerifyError, IdError, KeyError, PayloadSigStatus, SecretError,
-    SharedSecret, SigningKey, TokenError, VerifiedToken, PAYLOAD_SIG_EXCLUDED_KEYS,
+    SenderMemo, SharedSecret, SigningKey, TokenError, VerifiedToken, PAYLOAD_SIG_EXCLUDED_KEYS,
     PAYLOAD_SIG_KEY, TOKEN_CLOCK_SKEW_SECS, TOKEN_VALIDITY_SECS,
 };
 
@@ -51,12 +51,14 @@ fn key(which: usize) -> &'static SigningKey {
 pub fn identity(data: &[u8]) {
     let mut input = Input::new(data);
     let secret = SharedSecret::new(SECRET).expect("long enough");
+    // Spans the input's operations, so later tokens meet senders and tokens remembered earlier.
+    let mut memo = SenderMemo::default();
     let mut ops = 0;
     while !input.is_empty() && ops < MAX_OPS {
         ops += 1;
         match input.u8() % 8 {
-            0 => verify_text(&secret, &mut input),
-            1 | 2 => forged(&secret, &mut input),
+            0 => verify_text(&secret, &mut memo, &mut input),
+            1 | 2 => forged(&secret, &mut memo, &mut input),
             3 => round_trip(&mut input),
             4 => signatures(&mut input),
             5 => control_round_trip(&secret, &mut input),
@@ -123,12 +125,36 @@ fn in_window(issued_at: u64, now: u64) -> bool {
     }
 }
 
+/// `secret.verify`, with the memo's verdict beside it, twice (the second may take the memo's
+/// fast path): a memo may spare work but never change an answer.
+fn verify_remembering(
+    secret: &SharedSecret,
+    memo: &mut SenderMemo,
+    token: &str,
+    now: u64,
+) -> Result<VerifiedToken, TokenError> {
+    let outcome = secret.verify(token, now);
+    for _ in 0..2 {
+        match (&outcome, secret.verify_with_memo(token, now, memo)) {
+            (Ok(v), Ok(sender)) => {
+                assert_eq!(sender.pubkey, v.pubkey.as_slice());
+                assert_eq!(sender.app_instance_id, v.app_instance_id());
+            }
+            (Err(error), Err(remembered)) => assert_eq!(*error, remembered),
+            (outcome, remembered) => {
+                panic!("the memo disagrees: {remembered:?} against {outcome:?}: {token:?}")
+            }
+        }
+    }
+    outcome
+}
+
 /// Any text as a token.
-fn verify_text(secret: &SharedSecret, input: &mut Input) {
+fn verify_text(secret: &SharedSecret, memo: &mut SenderMemo, input: &mut Input) {
     let len = usize::from(input.u16() % 1024);
     let token = String::from_utf8_lossy(input.take(len)).into_owned();
     let now = fuzz_now(input);
-    let outcome = secret.verify(&token, now);
+    let outcome = verify_remembering(secret, memo, &token, now);
     check_outcome(&token, now, &outcome);
 }
 
@@ -142,7 +168,7 @@ fn mac(secret: &str, message: &str) -> String {
 }
 
 /// A token with arbitrary fields and a correct MAC: reaches the timestamp and claims checks.
-fn forged(secret: &SharedSecret, input: &mut Input) {
+fn forged(secret: &SharedSecret, memo: &mut SenderMemo, input: &mut Input) {
     let id = match input.u8() % 4 {
         0 => PEER_ID.to_owned(),
         1 => String::new(),
@@ -190,7 +216,7 @@ fn forged(secret: &SharedSecret, input: &mut Input) {
     let message = format!("{id}:{ts}:{nonce}:{claims}");
     let token = format!("{message}:{}", mac(SECRET, &message));
     let now = fuzz_now(input);
-    let outcome = secret.verify(&token, now);
+    let outcome = verify_remembering(secret, memo, &token, now);
     check_outcome(&token, now, &outcome);
 
     // The model: the split, the timestamp, the MAC (correct here), the window, the claims.

@@ -340,7 +340,8 @@ pub struct KnownSender<'m> {
 
 /// The last [`SenderMemo::ENTRIES`] distinct senders (id and claims) whose tokens were
 /// authentic, each with its latest such token: a p2p session has one peer; a group's recent
-/// senders take turns.
+/// senders take turns. A memo vouches for tokens under the secret that verified them: use
+/// one per [`SharedSecret`].
 #[derive(Debug, Default)]
 pub struct SenderMemo {
     senders: Vec<Sender>,
