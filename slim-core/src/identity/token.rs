@@ -138,9 +138,10 @@ impl SharedSecret {
     /// Issues a token for `id` carrying `claims_pubkey` in its `pubkey` claim.
     ///
     /// Real clients send a fresh token on every message (our session layer on every command
-    /// message), so this is cheap and takes the time and the nonce randomness from the caller. `id` should come from [`new_identity_id`]: an id
-    /// containing `:` yields a token no verifier accepts. An issuer whose key does not change
-    /// encodes its claims once ([`claims_field`]) and calls [`SharedSecret::issue_with_claims`].
+    /// message), so this is cheap and takes the time and the nonce randomness from the caller.
+    /// `id` should come from [`new_identity_id`]: an id containing `:` yields a token no
+    /// verifier accepts. An issuer whose key does not change encodes its claims once
+    /// ([`claims_field`]) and calls [`SharedSecret::issue_with_claims`].
     pub fn issue<R: CryptoRng + ?Sized>(
         &self,
         id: &str,
